@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates the virtual environment and installs a matching torch / fbgemm-gpu / torchrec triple.
+#
+# Version pairing (fbgemm-gpu and torchrec are built against one torch release):
+#   torch 2.13 <-> fbgemm-gpu(-cpu) 1.8.0 <-> torchrec 1.8.0   (default, CPU machines)
+#   torch 2.11 <-> fbgemm-gpu 1.6.0       <-> torchrec 1.6.x   (CUDA 13 machines)
+# Override with TORCH_VERSION / FBGEMM_PACKAGE / TORCHREC_VERSION.
+set -euo pipefail
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    TORCH_VERSION=${TORCH_VERSION:-2.11.0}
+    FBGEMM_PACKAGE=${FBGEMM_PACKAGE:-fbgemm-gpu==1.6.0}
+    TORCHREC_VERSION=${TORCHREC_VERSION:-1.6.0}
+else
+    TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+    FBGEMM_PACKAGE=${FBGEMM_PACKAGE:-fbgemm-gpu-cpu==1.8.0}
+    TORCHREC_VERSION=${TORCHREC_VERSION:-1.8.0}
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade "pip>=23" setuptools wheel ninja
+# torch first and pinned, so nothing below can replace it with another (CUDA) build.
+$PIP install -q "torch==$TORCH_VERSION"
+$PIP install -q "torch==$TORCH_VERSION" "$FBGEMM_PACKAGE"
+# torchrec's metadata asks for the CUDA fbgemm-gpu and pins torchmetrics: install it alone,
+# its real runtime dependencies come from our pyproject.
+$PIP install -q --no-deps "torchrec==$TORCHREC_VERSION"
+# The package itself (editable), its runtime and test dependencies, and the native extension
+# built from cuda_ops/ against the torch installed above.
+$PIP install -q "torch==$TORCH_VERSION" -e ".[test]" --no-build-isolation
+"$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, lightning; print('torch', torch.__version__, '| lightning', lightning.__version__)"
