@@ -1,0 +1,133 @@
+"""Typed configuration shared by the Python API, the CLI and YAML files.
+
+One dataclass or enum per concept. The strategy, ``lightning-sparse`` (LightningCLI/jsonargparse) and
+YAML configs all read these, so a typo in a YAML key or value is rejected with the allowed names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+
+class _NamedEnum(str, Enum):
+    """A string enum whose parser names the allowed values on a bad input."""
+
+    @classmethod
+    def parse(cls, value: "str | _NamedEnum", what: str) -> "_NamedEnum":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"{what}={value!r} is not valid; allowed values: {allowed}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ShardingType(_NamedEnum):
+    """How a table is split across ranks (TorchRec sharding types), or ``auto`` to let the planner pick.
+
+    ``auto`` lets TorchRec's planner choose among the fused sharding types (it never silently picks
+    ``data_parallel``, whose tables are trained by unfused dense kernels: ask for it explicitly).
+    ``row_wise`` and ``table_row_wise`` need a GPU.
+    """
+
+    AUTO = "auto"
+    TABLE_WISE = "table_wise"
+    COLUMN_WISE = "column_wise"
+    ROW_WISE = "row_wise"
+    TABLE_ROW_WISE = "table_row_wise"
+    TABLE_COLUMN_WISE = "table_column_wise"
+    DATA_PARALLEL = "data_parallel"
+
+
+class SparseOptimizerKind(_NamedEnum):
+    """The update rule applied to embedding rows, fused into the backward pass.
+
+    Memory per row of dimension ``d`` (fp32 state): ``sgd`` 0, ``adagrad`` d, ``rowwise_adagrad`` 1,
+    ``decayed_adagrad`` d, ``rowwise_adam`` 1 (+ d with ``rowwise_adam_first_moment``), ``adam`` 2d.
+    """
+
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    DECAYED_ADAGRAD = "decayed_adagrad"
+    ROWWISE_ADAM = "rowwise_adam"
+    ADAM = "adam"
+
+
+@dataclass
+class SparseOptimizerConfig:
+    """Hyper-parameters of the sparse (embedding) optimizer.
+
+    Args:
+        kind: the update rule, see :class:`SparseOptimizerKind`.
+        lr: learning rate of the embedding rows (independent of the dense optimizer's).
+        eps: term added to the denominator of adaptive rules.
+        weight_decay: L2 penalty applied to the rows present in the batch.
+        beta1: first-moment decay (``adam``, ``rowwise_adam`` with ``first_moment``).
+        beta2: second-moment decay (``adam``, ``rowwise_adam``).
+        first_moment: keep a per-element first moment in ``rowwise_adam``.
+        decay: accumulator decay of ``decayed_adagrad`` (``acc = acc * decay + g^2``).
+    """
+
+    kind: SparseOptimizerKind = SparseOptimizerKind.ROWWISE_ADAGRAD
+    lr: float = 0.01
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    first_moment: bool = False
+    decay: float = 0.95
+
+    def __post_init__(self) -> None:
+        self.kind = SparseOptimizerKind.parse(self.kind, "SparseOptimizerConfig.kind")
+        for name in ("lr", "eps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SparseOptimizerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0 + 1e-12:
+                raise ValueError(f"SparseOptimizerConfig.{name} must be in [0, 1], got {value}")
+
+
+@dataclass
+class TableConfig:
+    """Per-table overrides; unset fields take the strategy-wide defaults.
+
+    Args:
+        sharding: how this table is sharded (see :class:`ShardingType`).
+        optimizer: this table's sparse optimizer (default: the strategy's ``optimizer``).
+    """
+
+    sharding: Optional[ShardingType] = None
+    optimizer: Optional[SparseOptimizerConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.sharding is not None:
+            self.sharding = ShardingType.parse(self.sharding, "TableConfig.sharding")
+        if isinstance(self.optimizer, dict):
+            self.optimizer = build_dataclass(SparseOptimizerConfig, self.optimizer, "TableConfig.optimizer")
+
+
+def build_dataclass(cls: type, values: dict, what: str):
+    """Builds dataclass ``cls`` from a mapping, naming unknown keys and the allowed ones."""
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"{what}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls(**values)
+
+
+@dataclass
+class ResolvedTable:
+    """The effective settings of one table after defaults and overrides are merged."""
+
+    name: str
+    sharding: ShardingType
+    optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)

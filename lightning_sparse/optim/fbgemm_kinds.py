@@ -1,0 +1,83 @@
+"""Maps :class:`SparseOptimizerConfig` to the fused optimizers that TorchRec/fbgemm run in the backward pass.
+
+TorchRec turns an optimizer class attached with ``apply_optimizer_in_backward`` into an fbgemm
+``EmbOptimType`` when it shards the table; this module picks that class and its keyword arguments, and
+refuses kinds that fbgemm has no kernel for on the device (naming the ones it has).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchrec.optim as trec_optim
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+from lightning_sparse.config import SparseOptimizerConfig, SparseOptimizerKind
+
+# What fbgemm's fused TBE kernels implement, per device type.
+FBGEMM_KINDS: dict[str, dict[SparseOptimizerKind, EmbOptimType]] = {
+    "cpu": {
+        SparseOptimizerKind.SGD: EmbOptimType.EXACT_SGD,
+        SparseOptimizerKind.ADAGRAD: EmbOptimType.EXACT_ADAGRAD,
+        SparseOptimizerKind.ROWWISE_ADAGRAD: EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    },
+    "cuda": {
+        SparseOptimizerKind.SGD: EmbOptimType.EXACT_SGD,
+        SparseOptimizerKind.ADAGRAD: EmbOptimType.EXACT_ADAGRAD,
+        SparseOptimizerKind.ROWWISE_ADAGRAD: EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        SparseOptimizerKind.ADAM: EmbOptimType.ADAM,
+        SparseOptimizerKind.ROWWISE_ADAM: EmbOptimType.PARTIAL_ROWWISE_ADAM,
+    },
+}
+
+
+def supported_kinds(device_type: str) -> list[SparseOptimizerKind]:
+    """The sparse optimizer kinds that run fused on ``device_type`` ("cpu" or "cuda")."""
+    return list(FBGEMM_KINDS.get(device_type, {}))
+
+
+def fused_optimizer_for(config: SparseOptimizerConfig, device_type: str) -> tuple[type, dict[str, Any]]:
+    """The optimizer class and kwargs to attach with ``apply_optimizer_in_backward`` for one table."""
+    kinds = FBGEMM_KINDS.get(device_type)
+    if kinds is None or config.kind not in kinds:
+        allowed = ", ".join(k.value for k in supported_kinds(device_type)) or "none"
+        raise ValueError(
+            f"Sparse optimizer kind {config.kind.value!r} has no fused kernel on device type {device_type!r}. "
+            f"Supported there: {allowed}. Choose one of them in SparseOptimizerConfig(kind=...)."
+        )
+    kind = config.kind
+    if kind is SparseOptimizerKind.SGD:
+        return trec_optim.SGD, {"lr": config.lr, "weight_decay": config.weight_decay}
+    if kind is SparseOptimizerKind.ADAGRAD:
+        return trec_optim.Adagrad, {"lr": config.lr, "eps": config.eps, "weight_decay": config.weight_decay}
+    if kind is SparseOptimizerKind.ROWWISE_ADAGRAD:
+        return trec_optim.RowWiseAdagrad, {"lr": config.lr, "eps": config.eps, "weight_decay": config.weight_decay}
+    betas = (config.beta1, config.beta2)
+    if kind is SparseOptimizerKind.ADAM:
+        return trec_optim.Adam, {"lr": config.lr, "eps": config.eps, "betas": betas, "weight_decay": config.weight_decay}
+    return trec_optim.PartialRowWiseAdam, {
+        "lr": config.lr,
+        "eps": config.eps,
+        "betas": betas,
+        "weight_decay": config.weight_decay,
+    }
+
+
+def unfused_optimizer_for(config: SparseOptimizerConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """A regular torch optimizer with the same rule, for ``data_parallel`` tables (dense kernels)."""
+    kind = config.kind
+    if kind is SparseOptimizerKind.SGD:
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    if kind is SparseOptimizerKind.ADAGRAD:
+        return torch.optim.Adagrad(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    if kind is SparseOptimizerKind.ROWWISE_ADAGRAD:
+        return trec_optim.RowWiseAdagrad(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    if kind is SparseOptimizerKind.ADAM:
+        return torch.optim.Adam(
+            params, lr=config.lr, eps=config.eps, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+        )
+    raise ValueError(
+        f"Sparse optimizer kind {kind.value!r} is not available for data_parallel tables; "
+        "use sgd, adagrad, rowwise_adagrad or adam there."
+    )
