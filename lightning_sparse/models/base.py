@@ -1,0 +1,85 @@
+"""Shared training/evaluation logic of the click-prediction LightningModules.
+
+Subclasses hold TorchRec EmbeddingBagCollections anywhere in their module tree (SparseStrategy finds
+and shards them; register each one once) and implement :meth:`forward` returning one logit per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAUROC
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
+
+from lightning_sparse.models.metrics import LogLoss, NormalizedEntropy
+
+
+def embedding_bag_collection(
+    num_embeddings_per_feature: list[int], embedding_dim: int, feature_names: list[str], device: str = "cpu"
+) -> EmbeddingBagCollection:
+    """One table per sparse feature, named ``t_<feature>``."""
+    if len(feature_names) != len(num_embeddings_per_feature):
+        raise ValueError(
+            f"{len(feature_names)} feature names for {len(num_embeddings_per_feature)} table sizes; they must match"
+        )
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{name}", embedding_dim=embedding_dim, num_embeddings=num, feature_names=[name]
+        )
+        for name, num in zip(feature_names, num_embeddings_per_feature)
+    ]
+    return EmbeddingBagCollection(tables=tables, device=torch.device(device))
+
+
+class ClickModule(LightningModule):
+    """Binary click prediction: BCE loss, AUC / log-loss / normalized entropy in validation and test.
+
+    Args:
+        learning_rate: learning rate of the dense optimizer (Adam over the non-embedding parameters;
+            the embedding tables are updated by the strategy's fused sparse optimizer).
+    """
+
+    def __init__(self, learning_rate: float = 1e-3) -> None:
+        super().__init__()
+        self.learning_rate = learning_rate
+        metrics = MetricCollection({"auc": BinaryAUROC(), "log_loss": LogLoss(), "ne": NormalizedEntropy()})
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: Any) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        return self(batch.dense_features, batch.sparse_features).reshape(-1)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits = self._logits(batch)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.labels.numel())
+        return loss
+
+    def _evaluate(self, batch: Batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
+        logits = self._logits(batch)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        # Probabilities, not logits: BinaryAUROC would take a batch of logits that all fall in [0, 1] for probabilities.
+        metrics.update(torch.sigmoid(logits.detach().double()), batch.labels.long())
+        self.log(f"{prefix}/loss", loss, sync_dist=True, batch_size=batch.labels.numel())
+        self.log_dict(metrics, batch_size=batch.labels.numel())
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return torch.sigmoid(self._logits(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Passing every parameter is fine: SparseStrategy removes the fused embedding weights.
+        return torch.optim.Adam(self.parameters(), lr=self.learning_rate)

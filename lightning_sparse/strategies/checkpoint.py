@@ -1,0 +1,75 @@
+"""Sharded directory checkpoints: torch.distributed.checkpoint for tensors, one small file for the rest.
+
+Layout of a checkpoint directory::
+
+    .metadata, __<rank>_0.distcp   DCP: the model state dict (ShardedTensors of the tables) and the
+                                   sparse optimizer state; every rank writes its own shards,
+                                   replicated tensors are written once
+    trainer_state.pt               rank 0: everything else Lightning checkpoints (loops, dense optimizer,
+                                   schedulers, callbacks, hyper-parameters); it is replicated
+
+Loading reads into the current (possibly differently sharded) state dicts, so a checkpoint written by
+2 processes loads into 1 (and vice versa).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+MODEL_KEY = "model"
+SPARSE_OPTIMIZER_KEY = "sparse_optimizer"
+
+
+def is_sharded_checkpoint(path: "str | os.PathLike") -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / TRAINER_STATE_FILE).is_file()
+
+
+def save_sharded(
+    path: "str | os.PathLike",
+    model_state: dict[str, Any],
+    sparse_optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    is_global_zero: bool,
+) -> None:
+    """Called on every rank. Replaces any previous checkpoint at ``path``."""
+    path = Path(path)
+    if is_global_zero:
+        if path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)  # stale shards of a run with more ranks would otherwise linger
+        path.mkdir(parents=True)
+    _barrier()
+    dcp.save({MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: sparse_optimizer_state}, checkpoint_id=str(path))
+    if is_global_zero:
+        torch.save(trainer_state, path / TRAINER_STATE_FILE)
+    _barrier()
+
+
+def load_sharded(
+    path: "str | os.PathLike", model_state: dict[str, Any], sparse_optimizer_state: dict[str, Any]
+) -> dict[str, Any]:
+    """Loads tensors in place into the given (current) state dicts; returns the trainer state."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a SparseStrategy checkpoint: expected a directory holding '.metadata' "
+            f"(torch.distributed.checkpoint) and '{TRAINER_STATE_FILE}'. Checkpoints saved by SparseStrategy "
+            "are directories; a single-file .ckpt from another strategy cannot hold sharded tables."
+        )
+    dcp.load({MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: sparse_optimizer_state}, checkpoint_id=str(path))
+    return torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,194 @@
+"""Finding TorchRec embedding modules, resolving per-table settings, planning and DMP wrapping.
+
+Kept apart from the Lightning strategy so it can be used (and tested) on a plain ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from lightning_sparse.config import ResolvedTable, ShardingType, SparseOptimizerConfig, TableConfig
+from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
+
+EmbeddingModule = Union[EmbeddingBagCollection, EmbeddingCollection]
+
+# Sharding types TorchRec can run with fused fbgemm kernels, per device type. ``auto`` chooses among these.
+FUSED_SHARDING_TYPES: dict[str, list[ShardingType]] = {
+    "cpu": [ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.TABLE_COLUMN_WISE],
+    "cuda": [
+        ShardingType.TABLE_WISE,
+        ShardingType.COLUMN_WISE,
+        ShardingType.ROW_WISE,
+        ShardingType.TABLE_ROW_WISE,
+        ShardingType.TABLE_COLUMN_WISE,
+    ],
+}
+
+
+def available_sharding_types(device_type: str) -> list[ShardingType]:
+    """Sharding types a user may ask for on ``device_type`` (fused ones plus ``data_parallel``)."""
+    return FUSED_SHARDING_TYPES[device_type] + [ShardingType.DATA_PARALLEL]
+
+
+@dataclass
+class EmbeddingTables:
+    """The embedding modules of a model and the effective settings of each of their tables."""
+
+    modules: dict[str, EmbeddingModule]
+    tables: dict[str, ResolvedTable] = field(default_factory=dict)
+    # table name -> (module fqn, the table's weight before sharding)
+    weights: dict[str, tuple[str, nn.Parameter]] = field(default_factory=dict)
+
+
+def find_embedding_modules(model: nn.Module) -> dict[str, EmbeddingModule]:
+    """Every TorchRec EmbeddingBagCollection / EmbeddingCollection in ``model``, by fully qualified name."""
+    found = {}
+    for name, module in model.named_modules(remove_duplicate=True):
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+            found[name] = module
+    return found
+
+
+def _table_weights(module: EmbeddingModule) -> dict[str, nn.Parameter]:
+    if isinstance(module, EmbeddingBagCollection):
+        return {cfg.name: module.embedding_bags[cfg.name].weight for cfg in module.embedding_bag_configs()}
+    return {cfg.name: module.embeddings[cfg.name].weight for cfg in module.embedding_configs()}
+
+
+def resolve_tables(
+    model: nn.Module,
+    device_type: str,
+    default_sharding: ShardingType,
+    default_optimizer: SparseOptimizerConfig,
+    overrides: Optional[dict[str, TableConfig]],
+) -> EmbeddingTables:
+    """Merges strategy defaults with per-table overrides and validates them for ``device_type``."""
+    modules = find_embedding_modules(model)
+    if not modules:
+        raise ValueError(
+            f"SparseStrategy found no TorchRec EmbeddingBagCollection or EmbeddingCollection in "
+            f"{type(model).__name__}. Build the embedding tables with torchrec modules (see "
+            "lightning_sparse.models.DLRMModule), or use strategy='ddp' for a model without embedding tables."
+        )
+    result = EmbeddingTables(modules=modules)
+    for fqn, module in modules.items():
+        for table_name, weight in _table_weights(module).items():
+            if table_name in result.weights:
+                raise ValueError(
+                    f"Table name {table_name!r} is used in both {result.weights[table_name][0]!r} and {fqn!r}; "
+                    "table names must be unique across the model (they key the per-table config and checkpoints)."
+                )
+            result.weights[table_name] = (fqn, weight)
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(result.weights))
+    if unknown:
+        raise ValueError(f"SparseStrategy(tables=...) names unknown table(s) {unknown}; the model's tables are {sorted(result.weights)}")
+    allowed = available_sharding_types(device_type)
+    for table_name in result.weights:
+        override = overrides.get(table_name, TableConfig())
+        sharding = override.sharding or default_sharding
+        if sharding is not ShardingType.AUTO and sharding not in allowed:
+            raise ValueError(
+                f"Table {table_name!r}: sharding {sharding.value!r} is not available on {device_type}; "
+                f"allowed there: {', '.join(['auto'] + [s.value for s in allowed])}"
+            )
+        optimizer = override.optimizer or default_optimizer
+        if sharding is not ShardingType.DATA_PARALLEL:
+            fused_optimizer_for(optimizer, device_type)  # raises naming the supported kinds
+        result.tables[table_name] = ResolvedTable(name=table_name, sharding=sharding, optimizer=optimizer)
+    return result
+
+
+def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, ParameterConstraints]:
+    """Constraints that keep every table on fused kernels unless it asked for ``data_parallel``.
+
+    Left alone, TorchRec's planner puts small tables in ``data_parallel`` with dense (unfused) kernels.
+    """
+    constraints = {}
+    for name, table in tables.tables.items():
+        if table.sharding is ShardingType.DATA_PARALLEL:
+            types, kernels = [ShardingType.DATA_PARALLEL], [EmbeddingComputeKernel.DENSE.value]
+        elif table.sharding is ShardingType.AUTO:
+            types, kernels = FUSED_SHARDING_TYPES[device_type], [EmbeddingComputeKernel.FUSED.value]
+        else:
+            types, kernels = [table.sharding], [EmbeddingComputeKernel.FUSED.value]
+        constraints[name] = ParameterConstraints(sharding_types=[t.value for t in types], compute_kernels=kernels)
+    return constraints
+
+
+def attach_fused_optimizers(tables: EmbeddingTables, device_type: str) -> None:
+    """Attaches each fused table's optimizer so TorchRec builds the fbgemm kernel with it."""
+    for name, table in tables.tables.items():
+        if table.sharding is ShardingType.DATA_PARALLEL:
+            continue
+        optimizer_class, kwargs = fused_optimizer_for(table.optimizer, device_type)
+        apply_optimizer_in_backward(optimizer_class, [tables.weights[name][1]], kwargs)
+
+
+def sharders() -> list:
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+
+def plan_sharding(
+    model: nn.Module,
+    tables: EmbeddingTables,
+    device: torch.device,
+    process_group: dist.ProcessGroup,
+    local_world_size: Optional[int] = None,
+) -> ShardingPlan:
+    """A sharding plan agreed by all ranks (rank 0 plans, the plan is broadcast)."""
+    world_size = dist.get_world_size(process_group)
+    topology = Topology(
+        world_size=world_size,
+        compute_device=device.type,
+        local_world_size=local_world_size or world_size,
+    )
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=planner_constraints(tables, device.type))
+    return planner.collective_plan(model, sharders(), process_group)
+
+
+def shard_model(
+    model: nn.Module,
+    plan: ShardingPlan,
+    device: torch.device,
+    process_group: dist.ProcessGroup,
+    static_graph: bool = False,
+    find_unused_parameters: bool = False,
+) -> DistributedModelParallel:
+    """Wraps ``model`` in DistributedModelParallel: sharded fused tables, dense modules under DDP."""
+    return DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(process_group),
+        device=device,
+        plan=plan,
+        sharders=sharders(),
+        data_parallel_wrapper=DefaultDataParallelWrapper(
+            static_graph=static_graph, find_unused_parameters=find_unused_parameters
+        ),
+    )
+
+
+def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The embedding-table parameters of a sharded model (fused and data-parallel), by FQN."""
+    from torchrec.distributed.embedding import ShardedEmbeddingCollection
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+    params = {}
+    for fqn, module in model.named_modules():
+        if isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)):
+            for name, param in module.named_parameters():
+                params[f"{fqn}.{name}" if fqn else name] = param
+    return params

@@ -1,0 +1,304 @@
+"""SparseStrategy: Lightning's DDP strategy with TorchRec-sharded, fbgemm-fused embedding tables."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, Callable, Literal, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.optim import Optimizer
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+
+from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
+from lightning_sparse.optim.fbgemm_kinds import unfused_optimizer_for
+from lightning_sparse.strategies import checkpoint as sharded_checkpoint
+from lightning_sparse.strategies.sharding import (
+    EmbeddingTables,
+    attach_fused_optimizers,
+    embedding_parameters,
+    plan_sharding,
+    resolve_tables,
+    shard_model,
+)
+
+log = logging.getLogger(__name__)
+
+# The DistributedModelParallel that owns a LightningModule's sharded tables is kept on the module itself
+# (not as a submodule), so any later Trainer or stage reuses it instead of sharding twice.
+_DMP_ATTRIBUTE = "_lightning_sparse_dmp"
+_TABLES_ATTRIBUTE = "_lightning_sparse_tables"
+
+
+class SparseStrategy(DDPStrategy):
+    """Shards the LightningModule's TorchRec embedding tables and fuses their optimizer into backward.
+
+    Dense modules stay under DDP and are trained by whatever ``configure_optimizers`` returns (the
+    embedding weights are removed from those optimizers). Embedding tables are trained by the sparse
+    optimizer configured here, per table if wanted.
+
+    Args:
+        sharding: default sharding of every table (``auto`` lets TorchRec's planner choose among fused types).
+        optimizer: default sparse optimizer of every table.
+        tables: per-table overrides of ``sharding`` / ``optimizer``, keyed by table name.
+        static_graph: passed to the DDP wrapper of the dense modules.
+        find_unused_parameters: passed to the DDP wrapper of the dense modules.
+        process_group_backend: ``gloo`` / ``nccl``; default by accelerator.
+        start_method: how Lightning launches processes (``popen`` for scripts, ``spawn`` for notebooks/tests).
+    """
+
+    strategy_name = "sparse"
+
+    def __init__(
+        self,
+        sharding: ShardingType = ShardingType.AUTO,
+        optimizer: Optional[SparseOptimizerConfig] = None,
+        tables: Optional[dict[str, TableConfig]] = None,
+        static_graph: bool = False,
+        find_unused_parameters: bool = False,
+        accelerator: Optional[Any] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.sharding = ShardingType.parse(sharding, "SparseStrategy.sharding")
+        self.sparse_optimizer_config = optimizer or SparseOptimizerConfig()
+        self.table_configs = {name: _as_table_config(name, cfg) for name, cfg in (tables or {}).items()}
+        self.static_graph = static_graph
+        self.find_unused_parameters = find_unused_parameters
+        self._dmp: Optional[DistributedModelParallel] = None
+        self._sparse_optimizer: Optional[KeyedOptimizer] = None
+        self._loaded_sparse_optimizer_state: Optional[dict[str, Any]] = None
+        self._tables: Optional[EmbeddingTables] = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Checkpoints hold sharded tensors: they can only be read into the sharded model.
+        return True
+
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and trainer.accumulate_grad_batches > 1:
+            raise MisconfigurationException(
+                f"SparseStrategy: accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported. "
+                "Embedding rows are updated inside the backward pass by fused kernels, so gradients of sparse "
+                "tables cannot be accumulated across batches. Use accumulate_grad_batches=1 with a larger batch."
+            )
+        self.precision_plugin.convert_module(self.model)
+        self._dmp = self._shard(self.lightning_module)
+        self.model = self._dmp
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _shard(self, module: LightningModule) -> DistributedModelParallel:
+        """Plans and shards ``module`` once; later stages and Trainers reuse the same DMP."""
+        existing = getattr(module, _DMP_ATTRIBUTE, None)
+        if existing is not None:
+            self._tables = getattr(module, _TABLES_ATTRIBUTE)
+            self._sparse_optimizer = self._build_sparse_optimizer(existing)
+            return existing
+        device = self.root_device
+        tables = resolve_tables(module, device.type, self.sharding, self.sparse_optimizer_config, self.table_configs)
+        attach_fused_optimizers(tables, device.type)
+        # Dense modules go to the device now; DMP moves each table shard itself.
+        for name, child in module.named_children():
+            if name not in tables.modules:
+                child.to(device)
+        process_group = dist.group.WORLD
+        plan = plan_sharding(module, tables, device, process_group, local_world_size=self.num_processes)
+        log.info("SparseStrategy sharding plan:\n%s", plan)
+        dmp = shard_model(module, plan, device, process_group, self.static_graph, self.find_unused_parameters)
+        object.__setattr__(module, _DMP_ATTRIBUTE, dmp)
+        object.__setattr__(module, _TABLES_ATTRIBUTE, tables)
+        self._tables = tables
+        self._sparse_optimizer = self._build_sparse_optimizer(dmp)
+        return dmp
+
+    def _build_sparse_optimizer(self, dmp: DistributedModelParallel) -> KeyedOptimizer:
+        """The fused optimizers of sharded tables plus torch optimizers of data-parallel tables."""
+        existing = getattr(dmp, "_lightning_sparse_optimizer", None)
+        if existing is not None:
+            return existing
+        optimizers: list[KeyedOptimizer] = [dmp.fused_optimizer]
+        module = self.lightning_module
+        data_parallel = {
+            fqn: param
+            for fqn, param in embedding_parameters(module).items()
+            if not hasattr(param, "_in_backward_optimizers")
+        }
+        by_config: dict[str, tuple[SparseOptimizerConfig, dict[str, nn.Parameter]]] = {}
+        for fqn, param in data_parallel.items():
+            table = self._tables.tables[fqn.split(".")[-2]]
+            entry = by_config.setdefault(repr(table.optimizer), (table.optimizer, {}))
+            entry[1][fqn] = param
+        for config, params in by_config.values():
+            optimizers.append(KeyedOptimizerWrapper(params, _factory(config)))
+        combined = CombinedOptimizer(optimizers)
+        combined.save_param_groups(True)  # the sparse learning rate is part of the checkpoint
+        object.__setattr__(dmp, "_lightning_sparse_optimizer", combined)
+        return combined
+
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        """Builds the user's (dense) optimizers, then removes the embedding weights from them."""
+        super().setup_optimizers(trainer)
+        owned_by_sparse = {id(p) for p in embedding_parameters(self.lightning_module).values()}
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in owned_by_sparse]
+
+    # ------------------------------------------------------------- training
+    @property
+    def sparse_optimizer(self) -> KeyedOptimizer:
+        """The optimizer of every embedding table (fused fbgemm ones and data-parallel ones)."""
+        if self._sparse_optimizer is None:
+            raise RuntimeError("SparseStrategy.sparse_optimizer is available after the Trainer has set up the model.")
+        return self._sparse_optimizer
+
+    @property
+    def distributed_model(self) -> DistributedModelParallel:
+        """The DistributedModelParallel wrapping the LightningModule (kept across stages)."""
+        if self._dmp is None:
+            raise RuntimeError("SparseStrategy.distributed_model is available after the Trainer has set up the model.")
+        return self._dmp
+
+    @property
+    def embedding_tables(self) -> EmbeddingTables:
+        return self._tables
+
+    def set_sparse_lr(self, lr: float) -> None:
+        """Sets the learning rate of every embedding table (applied from the next step, checkpointed)."""
+        if lr < 0:
+            raise ValueError(f"sparse learning rate must be >= 0, got {lr}")
+        for group in self.sparse_optimizer.param_groups:
+            group["lr"] = lr
+        self._push_fused_learning_rates()
+
+    def _push_fused_learning_rates(self) -> None:
+        # fbgemm kernels read the learning rate from their own field; TorchRec copies it there on zero_grad().
+        self.distributed_model.fused_optimizer.zero_grad()
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._push_fused_learning_rates()
+        return super().training_step(*args, **kwargs)
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union[LightningModule, nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Steps the dense optimizer (its closure runs forward/backward, which updates fused tables),
+        then the data-parallel tables' optimizers."""
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        for _, keyed in self.sparse_optimizer.optimizers[1:]:
+            keyed.step()
+            keyed.zero_grad()
+        return output
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
+    ) -> None:
+        """Writes a sharded checkpoint directory; must run on every rank (Lightning calls it on all)."""
+        if storage_options is not None:
+            raise TypeError("SparseStrategy.save_checkpoint does not take storage_options")
+        trainer_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        sharded_checkpoint.save_sharded(
+            filepath,
+            model_state=checkpoint["state_dict"],
+            sparse_optimizer_state=self.sparse_optimizer.state_dict(),
+            trainer_state=trainer_state,
+            is_global_zero=self.is_global_zero,
+        )
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        model_state = self.lightning_module.state_dict()
+        for _, keyed in self.sparse_optimizer.optimizers[1:]:
+            if not keyed.state:
+                keyed.init_state()  # torch optimizers create their state lazily; DCP loads into existing tensors
+        sparse_state = self.sparse_optimizer.state_dict()
+        trainer_state = sharded_checkpoint.load_sharded(checkpoint_path, model_state, sparse_state)
+        trainer_state["state_dict"] = model_state
+        self._loaded_sparse_optimizer_state = sparse_state
+        return trainer_state
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        # load_checkpoint already read the tensors in place; this re-applies them through the modules'
+        # own load hooks (which keep TorchRec's sharded views consistent).
+        self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        super().load_optimizer_state_dict(checkpoint)
+        if self._loaded_sparse_optimizer_state is not None:
+            self.sparse_optimizer.load_state_dict(self._loaded_sparse_optimizer_state)
+            self._loaded_sparse_optimizer_state = None
+            self._push_fused_learning_rates()
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            self.checkpoint_io.remove_checkpoint(filepath)
+
+    # -------------------------------------------------------------- teardown
+    def teardown(self) -> None:
+        """Unwraps ``self.model`` as Lightning expects; the module keeps its sharded tables (and the DMP
+        reference) so a later ``trainer.test`` or another Trainer reuses them."""
+        self.model = self.lightning_module
+        _optimizers_to_device(self.optimizers, torch.device("cpu"))
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="TorchRec-sharded embedding tables with fused sparse optimizers"
+        )
+        strategy_registry.register(
+            "sparse_spawn", cls, description="SparseStrategy launched with start_method='spawn'", start_method="spawn"
+        )
+
+
+def _factory(config: SparseOptimizerConfig) -> Callable[[list[nn.Parameter]], Optimizer]:
+    return lambda params: unfused_optimizer_for(config, params)
+
+
+def _as_table_config(name: str, value: Union[TableConfig, Mapping[str, Any]]) -> TableConfig:
+    if isinstance(value, TableConfig):
+        return value
+    from lightning_sparse.config import build_dataclass
+
+    return build_dataclass(TableConfig, dict(value), f"SparseStrategy(tables[{name!r}])")
