@@ -1,5 +1,18 @@
-"""Sparse (embedding) optimizers: mapping to fbgemm fused kinds and memory accounting."""
+"""Sparse (embedding) optimizers: mapping to fbgemm fused kinds, fused row kernels for the kinds fbgemm
+lacks, a torch optimizer over them, and memory accounting."""
 
 from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for, supported_kinds, unfused_optimizer_for
+from lightning_sparse.optim.kernels import init_state, init_state_for, sparse_update, sparse_update_for
+from lightning_sparse.optim.sparse_row_optimizer import SparseRowOptimizer, sparse_rows
 
-__all__ = ["fused_optimizer_for", "supported_kinds", "unfused_optimizer_for"]
+__all__ = [
+    "SparseRowOptimizer",
+    "fused_optimizer_for",
+    "init_state",
+    "init_state_for",
+    "sparse_rows",
+    "sparse_update",
+    "sparse_update_for",
+    "supported_kinds",
+    "unfused_optimizer_for",
+]
