@@ -2,10 +2,14 @@
 lacks, a torch optimizer over them, and memory accounting."""
 
 from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for, supported_kinds, unfused_optimizer_for
+from lightning_sparse.optim.memory import MemoryReport, TableMemory, memory_report
 from lightning_sparse.optim.kernels import init_state, init_state_for, sparse_update, sparse_update_for
 from lightning_sparse.optim.sparse_row_optimizer import SparseRowOptimizer, sparse_rows
 
 __all__ = [
+    "MemoryReport",
+    "TableMemory",
+    "memory_report",
     "SparseRowOptimizer",
     "fused_optimizer_for",
     "init_state",
