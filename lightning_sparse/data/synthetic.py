@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -187,15 +187,26 @@ class SyntheticClickDataModule(LightningDataModule):
         self.val_set = SyntheticClickStream(num_val_batches, split_offset=num_train_batches, **common)
         self.test_set = SyntheticClickStream(num_test_batches, split_offset=num_train_batches + num_val_batches, **common)
 
+    def _loader(self, dataset: SyntheticClickStream) -> DataLoader:
+        """Batches in stream order, split across ranks (rank r reads batches r, r + W, ...).
+
+        The stream is time-ordered (drift makes order matter), so it is never shuffled. Giving Lightning a
+        ``DistributedSampler`` already keeps it from injecting a shuffling one, whose epoch-dependent order
+        would also make resuming at an epoch boundary replay a different order.
+        """
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=None, sampler=sampler)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=None, shuffle=False)
+        return self._loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=None, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=None, shuffle=False)
+        return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=None, shuffle=False)
-
+        return self._loader(self.test_set)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # (not as a submodule), so any later Trainer or stage reuses it instead of sharding twice.
 _DMP_ATTRIBUTE = "_lightning_sparse_dmp"
 _TABLES_ATTRIBUTE = "_lightning_sparse_tables"
+# Where the sparse optimizer's per-table hyper-parameters (lr, ...) live in the trainer state.
+_SPARSE_HYPERPARAMETERS_KEY = "sparse_optimizer_hyperparameters"
 
 
 class SparseStrategy(DDPStrategy):
@@ -95,6 +97,7 @@ class SparseStrategy(DDPStrategy):
         self._dmp: Optional[DistributedModelParallel] = None
         self._sparse_optimizer: Optional[KeyedOptimizer] = None
         self._loaded_sparse_optimizer_state: Optional[dict[str, Any]] = None
+        self._loaded_sparse_hyperparameters: Optional[dict[str, dict[str, Any]]] = None
         self._tables: Optional[EmbeddingTables] = None
 
     # ------------------------------------------------------------------ setup
@@ -166,7 +169,6 @@ class SparseStrategy(DDPStrategy):
         for config, params in by_config.values():
             optimizers.append(KeyedOptimizerWrapper(params, _factory(config)))
         combined = CombinedOptimizer(optimizers)
-        combined.save_param_groups(True)  # the sparse learning rate is part of the checkpoint
         object.__setattr__(dmp, "_lightning_sparse_optimizer", combined)
         return combined
 
@@ -236,6 +238,7 @@ class SparseStrategy(DDPStrategy):
         if storage_options is not None:
             raise TypeError("SparseStrategy.save_checkpoint does not take storage_options")
         trainer_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        trainer_state[_SPARSE_HYPERPARAMETERS_KEY] = self._gather_sparse_hyperparameters()
         sharded_checkpoint.save_sharded(
             filepath,
             model_state=checkpoint["state_dict"],
@@ -253,6 +256,7 @@ class SparseStrategy(DDPStrategy):
         trainer_state = sharded_checkpoint.load_sharded(checkpoint_path, model_state, sparse_state)
         trainer_state["state_dict"] = model_state
         self._loaded_sparse_optimizer_state = sparse_state
+        self._loaded_sparse_hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)
         return trainer_state
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -265,7 +269,42 @@ class SparseStrategy(DDPStrategy):
         if self._loaded_sparse_optimizer_state is not None:
             self.sparse_optimizer.load_state_dict(self._loaded_sparse_optimizer_state)
             self._loaded_sparse_optimizer_state = None
-            self._push_fused_learning_rates()
+        if self._loaded_sparse_hyperparameters:
+            self._apply_sparse_hyperparameters(self._loaded_sparse_hyperparameters)
+            self._loaded_sparse_hyperparameters = None
+        self._push_fused_learning_rates()
+
+    def _gather_sparse_hyperparameters(self) -> dict[str, dict[str, Any]]:
+        """Hyper-parameters (lr, eps, ...) of every table's sparse optimizer group, keyed by parameter FQN.
+
+        Param groups differ per rank (each holds its own shards' kernels), so they are gathered from all
+        ranks and stored by table, which also makes them independent of the sharding (resharding-safe).
+        """
+        optimizer = self.sparse_optimizer
+        key_of = {id(param): key for key, param in optimizer.params.items()}
+        local = {
+            key_of[id(param)]: {k: v for k, v in group.items() if k != "params"}
+            for group in optimizer.param_groups
+            for param in group["params"]
+        }
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return local
+        gathered: list[Optional[dict[str, dict[str, Any]]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        merged: dict[str, dict[str, Any]] = {}
+        for part in gathered:
+            merged.update(part or {})
+        return merged
+
+    def _apply_sparse_hyperparameters(self, hyperparameters: Mapping[str, Mapping[str, Any]]) -> None:
+        optimizer = self.sparse_optimizer
+        key_of = {id(param): key for key, param in optimizer.params.items()}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                saved = hyperparameters.get(key_of[id(param)])
+                if saved is not None:
+                    group.update({k: v for k, v in saved.items() if k in group})
+                    break
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
