@@ -1,0 +1,477 @@
+// Hash-table kernels of dynamic embedding tables (CPU, multi-threaded with at::parallel_for).
+//
+// Ops (namespace lightning_sparse):
+//   hash_remap  : batch remap of raw int64 ids to slots with admission (count-min sketch + coin),
+//                 counters, last-seen stamps, decayed scores, eviction when full.
+//   hash_lookup : read-only remap (evaluation).
+//   hash_expire : expiry sweep by TTL in steps and/or seconds.
+//
+// The policy and its tie-breaking are defined in lightning_sparse/dynamic/reference.py, whose pure
+// PyTorch twins give bit-identical state. Parallel phases only do order-independent work (lookups,
+// integer atomic adds, per-slot updates of distinct slots, per-thread candidate selection merged under
+// a total order); everything whose order matters (index inserts/erases, free-stack pops, pairing of
+// candidates with victims) runs sequentially in the documented order.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <queue>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr uint64_t kMixM1 = 0xBF58476D1CE4E5B9ULL;
+constexpr uint64_t kMixM2 = 0x94D049BB133111EBULL;
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kSaltIndex = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kSaltSketch = 0xA0761D6478BD642FULL;
+
+// positions in meta / counters (lightning_sparse/dynamic/state.py: Meta, Counter)
+constexpr int kFreeCount = 0, kSketchAdds = 1, kLastSweepStep = 2;
+constexpr int kAdmitted = 0, kEvicted = 1, kExpired = 2, kRejectedFull = 3, kRejectedAdmission = 4,
+              kLookups = 5, kHits = 6, kSketchHalvings = 7;
+constexpr int kLFU = 0, kLRU = 1, kFeatureScore = 2;
+// Work per thread below which a loop runs inline: waking pool threads costs far more than a small
+// batch's lookups (milliseconds on some VMs), so only large batches and tables fan out.
+constexpr int64_t kGrain = 1 << 15;
+constexpr int64_t kSlotGrain = 1 << 16;
+
+inline uint64_t mix64(uint64_t x) {
+  x = (x ^ (x >> 30)) * kMixM1;
+  x = (x ^ (x >> 27)) * kMixM2;
+  return x ^ (x >> 31);
+}
+
+struct Table {
+  int64_t* slot_ids;
+  int64_t* count;
+  int64_t* last_step;
+  double* last_time;
+  double* score;
+  int32_t* free_list;
+  int32_t* index;
+  int32_t* sketch;
+  int64_t* meta;
+  int64_t* counters;
+  int64_t capacity;
+  uint64_t mask;
+  int64_t depth;
+  int64_t width;
+
+  uint64_t home(int64_t id) const { return mix64(static_cast<uint64_t>(id) + kSaltIndex) & mask; }
+
+  int64_t find(int64_t id) const {
+    uint64_t pos = home(id);
+    while (true) {
+      const int32_t e = index[pos];
+      if (e < 0) return -1;
+      if (slot_ids[e] == id) return e;
+      pos = (pos + 1) & mask;
+    }
+  }
+
+  void insert(int64_t id, int32_t slot) {
+    uint64_t pos = home(id);
+    while (index[pos] >= 0) pos = (pos + 1) & mask;
+    index[pos] = slot;
+  }
+
+  // Linear-probing delete with backward shift; slot_ids of all indexed slots must still be valid.
+  void erase(int64_t id) {
+    uint64_t pos = home(id);
+    while (slot_ids[index[pos]] != id) pos = (pos + 1) & mask;
+    uint64_t hole = pos, probe = pos;
+    while (true) {
+      probe = (probe + 1) & mask;
+      const int32_t e = index[probe];
+      if (e < 0) break;
+      const uint64_t want = home(slot_ids[e]);
+      const bool stays = hole <= probe ? (hole < want && want <= probe) : (want > hole || want <= probe);
+      if (!stays) {
+        index[hole] = e;
+        hole = probe;
+      }
+    }
+    index[hole] = -1;
+  }
+
+  void clear(int64_t s) {
+    slot_ids[s] = 0;
+    count[s] = 0;
+    last_step[s] = 0;
+    last_time[s] = 0.0;
+    score[s] = 0.0;
+  }
+};
+
+// decay ** dt as the product of powers[b] (= decay ** 2**b) at the set bits of dt, ascending.
+inline double decay_pow(int64_t dt, const double* powers) {
+  double r = 1.0;
+  for (int b = 0; b < 63 && (dt >> b) > 0; ++b) {
+    if ((dt >> b) & 1) r = r * powers[b];
+  }
+  return r;
+}
+
+void check_state(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "hash table state '", name, "' must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, "hash table state '", name, "' must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "hash table state '", name, "' must be contiguous");
+}
+
+Table make_table(const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
+                 const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
+                 const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
+                 const at::Tensor& counters) {
+  check_state(slot_ids, at::kLong, "slot_ids");
+  check_state(slot_count, at::kLong, "slot_count");
+  check_state(slot_last_step, at::kLong, "slot_last_step");
+  check_state(slot_last_time, at::kDouble, "slot_last_time");
+  check_state(slot_score, at::kDouble, "slot_score");
+  check_state(free_list, at::kInt, "free_list");
+  check_state(index, at::kInt, "index");
+  check_state(sketch, at::kInt, "sketch");
+  check_state(meta, at::kLong, "meta");
+  check_state(counters, at::kLong, "counters");
+  const int64_t c = slot_ids.numel();
+  TORCH_CHECK(slot_count.numel() == c && slot_last_step.numel() == c && slot_last_time.numel() == c &&
+                  slot_score.numel() == c && free_list.numel() == c,
+              "hash table slot tensors must all have capacity ", c, " entries");
+  const int64_t h = index.numel();
+  TORCH_CHECK(h >= 2 * c && (h & (h - 1)) == 0, "hash table index must have a power-of-two size >= 2 * capacity");
+  TORCH_CHECK(sketch.dim() == 2, "hash table sketch must be 2-D (depth, width)");
+  const int64_t w = sketch.size(1);
+  TORCH_CHECK(sketch.size(0) == 0 || (w > 0 && (w & (w - 1)) == 0), "sketch width must be a power of two");
+  TORCH_CHECK(meta.numel() >= 3 && counters.numel() >= 8, "hash table meta/counters too short");
+  Table t;
+  t.slot_ids = slot_ids.data_ptr<int64_t>();
+  t.count = slot_count.data_ptr<int64_t>();
+  t.last_step = slot_last_step.data_ptr<int64_t>();
+  t.last_time = slot_last_time.data_ptr<double>();
+  t.score = slot_score.data_ptr<double>();
+  t.free_list = free_list.data_ptr<int32_t>();
+  t.index = index.data_ptr<int32_t>();
+  t.sketch = sketch.data_ptr<int32_t>();
+  t.meta = meta.data_ptr<int64_t>();
+  t.counters = counters.data_ptr<int64_t>();
+  t.capacity = c;
+  t.mask = static_cast<uint64_t>(h - 1);
+  t.depth = sketch.size(0);
+  t.width = w;
+  return t;
+}
+
+// Per-slot hit counts of the current call. Kept all-zero between calls (only touched entries are reset),
+// so a call costs O(batch), not O(capacity). One per calling thread; sized to the largest table seen.
+std::vector<int32_t>& hit_scratch(int64_t capacity) {
+  static thread_local std::vector<int32_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < capacity) scratch.resize(capacity, 0);
+  return scratch;
+}
+
+struct Candidate {
+  int64_t id;
+  int64_t count;  // batch occurrences, then the sketch estimate
+  double prio;
+};
+
+using Victim = std::pair<double, int64_t>;  // (priority, slot): total order, lowest evicted first
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
+    const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
+    const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
+    const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta, const at::Tensor& counters,
+    const at::Tensor& decay_powers, int64_t step, double now, int64_t policy, int64_t min_count,
+    int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "hash_remap: ids must be a CPU int64 tensor");
+  TORCH_CHECK(policy >= kLFU && policy <= kFeatureScore, "hash_remap: policy must be 0 (lfu), 1 (lru) or 2 (feature_score)");
+  TORCH_CHECK(halve_every >= 1, "hash_remap: halve_every must be >= 1");
+  check_state(decay_powers, at::kDouble, "decay_powers");
+  TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
+  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
+                       meta, counters);
+  const double* powers = decay_powers.data_ptr<double>();
+  const at::Tensor ids_c = ids.contiguous();
+  const int64_t n = ids_c.numel();
+  const int64_t* id = ids_c.data_ptr<int64_t>();
+  at::Tensor out = at::empty(ids_c.sizes(), ids_c.options());
+  int64_t* slot = out.data_ptr<int64_t>();
+  std::vector<int32_t>& scratch = hit_scratch(t.capacity);
+  int32_t* hits_per_slot = scratch.data();
+
+  // A. parallel lookup; hit counts per slot by atomic adds; each hit slot recorded once (first adder).
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<int32_t>> touched_by(nthreads);
+  std::vector<int64_t> misses_by(nthreads, 0);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    auto& touched = touched_by[at::get_thread_num()];
+    int64_t misses = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = t.find(id[i]);
+      slot[i] = s;
+      if (s < 0) {
+        ++misses;
+      } else if (__atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED) == 0) {
+        touched.push_back(static_cast<int32_t>(s));
+      }
+    }
+    misses_by[at::get_thread_num()] += misses;
+  });
+  std::vector<int32_t> touched;
+  int64_t n_miss = 0;
+  for (int k = 0; k < nthreads; ++k) {
+    touched.insert(touched.end(), touched_by[k].begin(), touched_by[k].end());
+    n_miss += misses_by[k];
+  }
+
+  // B. hits: one update per distinct slot (slots are distinct, so this is race-free and order-free).
+  const int64_t n_touched = static_cast<int64_t>(touched.size());
+  at::parallel_for(0, n_touched, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t s = touched[j];
+      const int64_t c = hits_per_slot[s];
+      const int64_t dt = std::max<int64_t>(step - t.last_step[s], 0);
+      volatile double decayed = t.score[s] * decay_pow(dt, powers);  // no fused multiply-add
+      t.score[s] = decayed + static_cast<double>(c);
+      t.count[s] += c;
+      t.last_step[s] = step;
+      t.last_time[s] = now;
+    }
+  });
+  t.counters[kLookups] += n;
+  t.counters[kHits] += n - n_miss;
+
+  // C. distinct missing ids with their batch counts (sequential small map, first-seen order).
+  std::vector<Candidate> cands;
+  if (n_miss > 0) {
+    int64_t msize = 2;
+    while (msize < 2 * n_miss) msize <<= 1;
+    const uint64_t mmask = static_cast<uint64_t>(msize - 1);
+    std::vector<int32_t> pos_of(msize, -1);
+    for (int64_t i = 0; i < n; ++i) {
+      if (slot[i] >= 0) continue;
+      uint64_t p = mix64(static_cast<uint64_t>(id[i])) & mmask;
+      while (true) {
+        const int32_t e = pos_of[p];
+        if (e < 0) {
+          pos_of[p] = static_cast<int32_t>(cands.size());
+          cands.push_back({id[i], 1, 0.0});
+          break;
+        }
+        if (cands[e].id == id[i]) {
+          ++cands[e].count;
+          break;
+        }
+        p = (p + 1) & mmask;
+      }
+    }
+  }
+  const int64_t n_cand = static_cast<int64_t>(cands.size());
+
+  // D. sketch: add batch counts (integer atomics), then estimate, coin and eligibility per distinct id.
+  const int64_t depth = t.depth, width = t.width;
+  at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t r = 0; r < depth; ++r) {
+        const uint64_t col = mix64(static_cast<uint64_t>(cands[j].id) + kSaltSketch * static_cast<uint64_t>(r + 1)) &
+                             static_cast<uint64_t>(width - 1);
+        __atomic_fetch_add(&t.sketch[r * width + col], static_cast<int32_t>(cands[j].count), __ATOMIC_RELAXED);
+      }
+    }
+  });
+  std::vector<uint8_t> eligible(n_cand, 0);
+  const uint64_t step_salt = static_cast<uint64_t>(step) * kGolden;
+  at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      int64_t est = INT64_MAX;
+      for (int64_t r = 0; r < depth; ++r) {
+        const uint64_t col = mix64(static_cast<uint64_t>(cands[j].id) + kSaltSketch * static_cast<uint64_t>(r + 1)) &
+                             static_cast<uint64_t>(width - 1);
+        est = std::min<int64_t>(est, t.sketch[r * width + col]);
+      }
+      if (depth == 0) est = 0;
+      bool ok = est >= min_count;
+      if (ok && coin_threshold < (int64_t(1) << 53)) {
+        const uint64_t coin = mix64(mix64(static_cast<uint64_t>(cands[j].id) + static_cast<uint64_t>(coin_key)) ^ step_salt) >> 11;
+        ok = static_cast<int64_t>(coin) < coin_threshold;
+      }
+      cands[j].count = est;
+      cands[j].prio = policy == kLRU ? static_cast<double>(step) : static_cast<double>(est);
+      eligible[j] = ok;
+    }
+  });
+  t.meta[kSketchAdds] += n_miss;
+  std::vector<Candidate> elig;
+  elig.reserve(n_cand);
+  for (int64_t j = 0; j < n_cand; ++j)
+    if (eligible[j]) elig.push_back(cands[j]);
+  t.counters[kRejectedAdmission] += n_cand - static_cast<int64_t>(elig.size());
+  if (t.meta[kSketchAdds] >= halve_every) {
+    const int64_t total = depth * width;
+    at::parallel_for(0, total, kSlotGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) t.sketch[k] >>= 1;
+    });
+    t.meta[kSketchAdds] = 0;
+    t.counters[kSketchHalvings] += 1;
+  }
+
+  // E. order eligible ids (priority desc, id asc) and hand out free slots (stack pops).
+  std::sort(elig.begin(), elig.end(), [](const Candidate& a, const Candidate& b) {
+    return a.prio != b.prio ? a.prio > b.prio : a.id < b.id;
+  });
+  const int64_t n_elig = static_cast<int64_t>(elig.size());
+  const int64_t free = t.meta[kFreeCount];
+  const int64_t n_free = std::min(free, n_elig);
+  std::vector<int64_t> assigned;
+  assigned.reserve(n_elig);
+  for (int64_t j = 0; j < n_free; ++j) assigned.push_back(t.free_list[free - 1 - j]);
+  t.meta[kFreeCount] = free - n_free;
+
+  // F. compete for evictable slots: the `rest` lowest (priority, slot), selected per thread then merged.
+  const int64_t rest = n_elig - n_free;
+  if (rest > 0) {
+    std::vector<std::vector<Victim>> heaps(nthreads);
+    at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
+      auto& heap = heaps[at::get_thread_num()];  // max-heap of the lowest `rest` seen by this thread
+      for (int64_t s = begin; s < end; ++s) {
+        if (t.count[s] <= 0 || hits_per_slot[s] != 0) continue;
+        double prio;
+        if (policy == kLFU) {
+          prio = static_cast<double>(t.count[s]);
+        } else if (policy == kLRU) {
+          prio = static_cast<double>(t.last_step[s]);
+        } else {
+          prio = t.score[s] * decay_pow(std::max<int64_t>(step - t.last_step[s], 0), powers);
+        }
+        const Victim v{prio, s};
+        if (static_cast<int64_t>(heap.size()) < rest) {
+          heap.push_back(v);
+          std::push_heap(heap.begin(), heap.end());
+        } else if (v < heap.front()) {
+          std::pop_heap(heap.begin(), heap.end());
+          heap.back() = v;
+          std::push_heap(heap.begin(), heap.end());
+        }
+      }
+    });
+    std::vector<Victim> all;
+    for (auto& h : heaps) all.insert(all.end(), h.begin(), h.end());
+    std::sort(all.begin(), all.end());
+    const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(all.size()));
+    int64_t wins = 0;
+    while (wins < k && elig[n_free + wins].prio > all[wins].first) ++wins;
+    for (int64_t j = 0; j < wins; ++j) t.erase(t.slot_ids[all[j].second]);
+    for (int64_t j = 0; j < wins; ++j) {
+      t.clear(all[j].second);
+      assigned.push_back(all[j].second);
+    }
+    t.counters[kEvicted] += wins;
+    t.counters[kRejectedFull] += rest - wins;
+  }
+  for (int32_t s : touched) hits_per_slot[s] = 0;  // restore the all-zero scratch
+
+  // G. write the admitted ids, index them in assignment order, then resolve the misses.
+  const int64_t n_assigned = static_cast<int64_t>(assigned.size());
+  for (int64_t j = 0; j < n_assigned; ++j) {
+    const int64_t s = assigned[j];
+    t.slot_ids[s] = elig[j].id;
+    t.count[s] = elig[j].count;
+    t.last_step[s] = step;
+    t.last_time[s] = now;
+    t.score[s] = static_cast<double>(elig[j].count);
+    t.insert(elig[j].id, static_cast<int32_t>(s));
+  }
+  t.counters[kAdmitted] += n_assigned;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t s = slot[i];
+      if (s < 0 && n_assigned > 0) s = t.find(id[i]);
+      slot[i] = s >= 0 ? s + slot_offset : -1;
+    }
+  });
+  at::Tensor assigned_t = at::empty({n_assigned}, ids.options());
+  int64_t* a = assigned_t.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n_assigned; ++j) a[j] = assigned[j] + slot_offset;
+  return {out.view(ids.sizes()), assigned_t};
+}
+
+at::Tensor hash_lookup_cpu(const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& index,
+                           int64_t slot_offset) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "hash_lookup: ids must be a CPU int64 tensor");
+  check_state(slot_ids, at::kLong, "slot_ids");
+  check_state(index, at::kInt, "index");
+  const int64_t h = index.numel();
+  TORCH_CHECK(h >= 2 * slot_ids.numel() && (h & (h - 1)) == 0, "hash_lookup: bad index size");
+  Table t{};
+  t.slot_ids = slot_ids.data_ptr<int64_t>();
+  t.index = index.data_ptr<int32_t>();
+  t.mask = static_cast<uint64_t>(h - 1);
+  const at::Tensor ids_c = ids.contiguous();
+  const int64_t* id = ids_c.data_ptr<int64_t>();
+  at::Tensor out = at::empty(ids_c.sizes(), ids_c.options());
+  int64_t* slot = out.data_ptr<int64_t>();
+  at::parallel_for(0, ids_c.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = t.find(id[i]);
+      slot[i] = s >= 0 ? s + slot_offset : -1;
+    }
+  });
+  return out.view(ids.sizes());
+}
+
+at::Tensor hash_expire_cpu(const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
+                           const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
+                           const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
+                           const at::Tensor& counters, int64_t step, double now, int64_t ttl_steps,
+                           double ttl_seconds) {
+  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
+                       meta, counters);
+  std::vector<uint8_t> quiet(t.capacity, 0);
+  at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      if (t.count[s] <= 0) continue;
+      const bool by_steps = ttl_steps > 0 && step - t.last_step[s] > ttl_steps;
+      const bool by_time = ttl_seconds > 0 && now - t.last_time[s] > ttl_seconds;
+      quiet[s] = by_steps || by_time;
+    }
+  });
+  std::vector<int64_t> expired;
+  for (int64_t s = 0; s < t.capacity; ++s)
+    if (quiet[s]) expired.push_back(s);
+  for (int64_t s : expired) t.erase(t.slot_ids[s]);
+  for (int64_t s : expired) t.clear(s);
+  int64_t free = t.meta[kFreeCount];
+  for (auto it = expired.rbegin(); it != expired.rend(); ++it) t.free_list[free++] = static_cast<int32_t>(*it);
+  t.meta[kFreeCount] = free;
+  t.meta[kLastSweepStep] = step;
+  t.counters[kExpired] += static_cast<int64_t>(expired.size());
+  at::Tensor result = at::empty({static_cast<int64_t>(expired.size())}, slot_ids.options());
+  std::copy(expired.begin(), expired.end(), result.data_ptr<int64_t>());
+  return result;
+}
+
+TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
+  m.def(
+      "hash_remap(Tensor ids, Tensor(a!) slot_ids, Tensor(b!) slot_count, Tensor(c!) slot_last_step, "
+      "Tensor(d!) slot_last_time, Tensor(e!) slot_score, Tensor(f!) free_list, Tensor(g!) index, Tensor(h!) sketch, "
+      "Tensor(i!) meta, Tensor(j!) counters, Tensor decay_powers, int step, float now, int policy, int min_count, "
+      "int coin_threshold, int coin_key, int halve_every, int slot_offset) -> (Tensor, Tensor)");
+  m.def("hash_lookup(Tensor ids, Tensor slot_ids, Tensor index, int slot_offset) -> Tensor");
+  m.def(
+      "hash_expire(Tensor(a!) slot_ids, Tensor(b!) slot_count, Tensor(c!) slot_last_step, Tensor(d!) slot_last_time, "
+      "Tensor(e!) slot_score, Tensor(f!) free_list, Tensor(g!) index, Tensor(h!) sketch, Tensor(i!) meta, "
+      "Tensor(j!) counters, int step, float now, int ttl_steps, float ttl_seconds) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) {
+  m.impl("hash_remap", hash_remap_cpu);
+  m.impl("hash_lookup", hash_lookup_cpu);
+  m.impl("hash_expire", hash_expire_cpu);
+}

@@ -1,0 +1,99 @@
+"""Remapping the raw ids of a TorchRec ``KeyedJaggedTensor`` to the rows of dynamic tables.
+
+Ids without a slot (not admitted yet, rejected when full, or unknown at evaluation) are *dropped* from
+the KJT and the lengths shrink accordingly, rather than pointed at a reserved all-zero row. Dropping
+gives exactly "reads a zero row, gets no update" for sum pooling without any coupling to the optimizer:
+a reserved row would receive gradients from fbgemm's fused backward+optimizer and would have to be
+re-zeroed (with its optimizer state) after every step, on whichever rank shards it, and under row-wise
+sharding all unknown ids would hit that one rank. For mean pooling, the mean is over the admitted ids;
+per-position (sequence) features lose the dropped positions.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightning_sparse.dynamic.table import DynamicIdRemapper, RemapResult
+
+
+def remap_kjt(
+    kjt: KeyedJaggedTensor,
+    remappers: Mapping[str, DynamicIdRemapper],
+    feature_to_table: Mapping[str, str],
+    step: int,
+    now: Optional[float] = None,
+    admit: bool = True,
+) -> tuple[KeyedJaggedTensor, dict[str, RemapResult]]:
+    """Replaces the values of the features in ``feature_to_table`` by table rows, dropping unslotted ids.
+
+    Features mapping to the same table are remapped in one call (one admission decision per id and step,
+    whichever feature it came from). Features not in ``feature_to_table`` pass through unchanged.
+
+    Args:
+        kjt: the batch's sparse features (raw ids).
+        remappers: table name -> its remapper.
+        feature_to_table: feature key -> table name, for the features of dynamic tables.
+        step: training step (stamps, admission coin, decay).
+        now: wall time in seconds (default: the clock).
+        admit: ``True`` in training (:meth:`DynamicIdRemapper.remap`); ``False`` for evaluation, which
+            only looks ids up (:meth:`DynamicIdRemapper.lookup`) and changes no state.
+
+    Returns:
+        The remapped KJT and, per table, its :class:`RemapResult` (in training the caller re-initialises
+        the ``assigned`` rows and resets their optimizer state before the embedding lookup). With
+        ``admit=False`` the results' ``assigned`` are empty.
+    """
+    unknown = sorted(set(feature_to_table.values()) - set(remappers))
+    if unknown:
+        raise KeyError(f"feature_to_table names table(s) {unknown} that have no remapper; tables: {sorted(remappers)}")
+    if kjt.variable_stride_per_key():
+        raise ValueError("remap_kjt does not support KeyedJaggedTensors with a variable stride per key")
+    keys = kjt.keys()
+    lengths = kjt.lengths()
+    values = kjt.values()
+    weights = kjt.weights_or_none()
+    stride = kjt.stride()
+    per_key = kjt.length_per_key()
+    starts = [0]
+    for n in per_key:
+        starts.append(starts[-1] + n)
+
+    by_table: dict[str, list[int]] = {}
+    for k, key in enumerate(keys):
+        if key in feature_to_table:
+            by_table.setdefault(feature_to_table[key], []).append(k)
+
+    new_values = values.clone()
+    keep = torch.ones(values.numel(), dtype=torch.bool, device=values.device)
+    results: dict[str, RemapResult] = {}
+    for table, key_indices in by_table.items():
+        pieces = [torch.arange(starts[k], starts[k + 1], device=values.device) for k in key_indices]
+        positions = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64, device=values.device)
+        raw = values[positions]
+        remapper = remappers[table]
+        if admit:
+            result = remapper.remap(raw, step, now)
+        else:
+            slots = remapper.lookup(raw)
+            result = RemapResult(slots, torch.zeros(0, dtype=torch.int64, device=slots.device))
+        results[table] = result
+        new_values[positions] = result.slots.to(values.dtype)
+        keep[positions] = result.slots >= 0
+
+    if bool(keep.all()):
+        out = KeyedJaggedTensor(keys=keys, values=new_values, weights=weights, lengths=lengths, stride=stride)
+        return out, results
+    # lengths are (key, sample)-major; count the kept values of each bag
+    bag_of_value = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    new_lengths = torch.zeros_like(lengths).index_add_(0, bag_of_value[keep], torch.ones_like(bag_of_value[keep]))
+    out = KeyedJaggedTensor(
+        keys=keys,
+        values=new_values[keep],
+        weights=None if weights is None else weights[keep],
+        lengths=new_lengths,
+        stride=stride,
+    )
+    return out, results

@@ -1,0 +1,244 @@
+"""Pure-PyTorch twins of the hash-table kernels in ``cuda_ops/hash_table.cpp``, with identical results.
+
+The policy is defined per batch (one remap call), not per id occurrence, which is what lets the native
+kernel run its lookups and counter updates in parallel and still be deterministic:
+
+1. Occurrences are grouped by distinct id. An id that has a slot (a hit) adds its batch count ``c`` to
+   ``slot_count``, its score becomes ``score * decay**(step - last_step) + c``, its stamps become
+   (step, now).
+2. Each distinct unadmitted id adds ``c`` to its count-min sketch counters; its estimate ``f`` (min over
+   rows, after this batch's additions) must reach ``min_count`` and its admission coin
+   ``hash(id, seed, step)`` must pass. Then, if ``sketch_adds >= halve_every``, all counters are halved
+   and ``sketch_adds`` reset to 0.
+3. Eligible ids are ordered by priority descending, then id ascending. Their priority is ``f`` (LFU,
+   FEATURE_SCORE) or ``step`` (LRU). They take free slots first (the free stack pops slot 0, 1, ... on
+   an empty table; expired slots are pushed so that the lowest pops first).
+4. The remaining eligible ids compete with the evictable slots (live, not hit nor assigned in this
+   batch), ordered by priority ascending then slot ascending. Slot priority: ``slot_count`` (LFU),
+   ``slot_last_step`` (LRU), ``score * decay**(step - last_step)`` (FEATURE_SCORE). The i-th remaining
+   id evicts the i-th victim iff its priority is strictly greater; the first failure ends the pairing
+   and every later one is rejected-when-full.
+5. A new slot starts with ``count = f``, ``score = f``, stamps (step, now). Index updates: victims are
+   erased in victim order, then new ids inserted in assignment order.
+
+Decay powers multiply the bit table of :func:`state.decay_powers` in ascending bit order, and the score
+update is one multiply then one add, so the float64 results are bit-identical to the C++.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_sparse.dynamic.hashing import coin_from_key, index_home, index_home_int, sketch_columns
+from lightning_sparse.dynamic.state import Counter, Meta, RemapParams, TableTensors
+
+LFU, LRU, FEATURE_SCORE = 0, 1, 2
+
+
+def decay_pow(dt: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
+    """``decay ** dt`` for int64 ``dt >= 0`` as a product of ``powers`` at the set bits, ascending."""
+    out = torch.ones(dt.shape, dtype=torch.float64)
+    if dt.numel() == 0:
+        return out
+    top = int(dt.max())
+    bit = 0
+    while bit < 63 and (top >> bit) > 0:
+        on = ((dt >> bit) & 1).bool()
+        out = torch.where(on, out * powers[bit], out)
+        bit += 1
+    return out
+
+
+def lookup_local(keys: torch.Tensor, t: TableTensors) -> torch.Tensor:
+    """Local slot of each id (int64), -1 when it has none: all probes of all ids advance together."""
+    mask = t.index.numel() - 1
+    result = torch.full(keys.shape, -1, dtype=torch.int64)
+    active = torch.arange(keys.numel())
+    pos = index_home(keys, mask)
+    while active.numel():
+        entry = t.index[pos].to(torch.int64)
+        empty = entry < 0
+        match = ~empty & (t.slot_ids[entry.clamp_min(0)] == keys[active])
+        result[active[match]] = entry[match]
+        more = ~empty & ~match
+        active, pos = active[more], (pos[more] + 1) & mask
+    return result
+
+
+def _index_insert(index, slot_ids, key: int, slot: int, home: int, mask: int) -> None:
+    pos = home
+    while index[pos] >= 0:
+        pos = (pos + 1) & mask
+    index[pos] = slot
+
+
+def _index_erase(index, slot_ids, homes_of, key: int, home: int, mask: int) -> None:
+    """Linear-probing delete with backward shift (no tombstones), as in the C++."""
+    pos = home
+    while slot_ids[index[pos]] != key:
+        pos = (pos + 1) & mask
+    hole, probe = pos, pos
+    while True:
+        probe = (probe + 1) & mask
+        entry = index[probe]
+        if entry < 0:
+            break
+        want = homes_of(int(slot_ids[entry]))
+        # the entry stays when its home lies cyclically in (hole, probe]
+        stays = (hole < want <= probe) if hole <= probe else (want > hole or want <= probe)
+        if not stays:
+            index[hole] = entry
+            hole = probe
+    index[hole] = -1
+
+
+def _erase_many(t: TableTensors, keys: torch.Tensor) -> None:
+    if keys.numel() == 0:
+        return
+    mask = t.index.numel() - 1
+    index, slot_ids = t.index.numpy(), t.slot_ids.numpy()
+
+    def home_of(key: int) -> int:
+        return index_home_int(key, mask)
+
+    for key, home in zip(keys.tolist(), index_home(keys, mask).tolist()):
+        _index_erase(index, slot_ids, home_of, key, home, mask)
+
+
+def _insert_many(t: TableTensors, keys: torch.Tensor, slots: torch.Tensor) -> None:
+    mask = t.index.numel() - 1
+    index, slot_ids = t.index.numpy(), t.slot_ids.numpy()
+    for key, slot, home in zip(keys.tolist(), slots.tolist(), index_home(keys, mask).tolist()):
+        _index_insert(index, slot_ids, key, slot, home, mask)
+
+
+def _clear_slots(t: TableTensors, slots: torch.Tensor) -> None:
+    for tensor in (t.slot_ids, t.slot_count, t.slot_last_step, t.slot_last_time, t.slot_score):
+        tensor[slots] = 0
+
+
+def slot_priority(t: TableTensors, slots: torch.Tensor, policy: int, step: int, powers: torch.Tensor) -> torch.Tensor:
+    """Eviction priority (float64) of live ``slots`` at ``step``: the lowest is evicted first."""
+    if policy == LFU:
+        return t.slot_count[slots].to(torch.float64)
+    if policy == LRU:
+        return t.slot_last_step[slots].to(torch.float64)
+    dt = (step - t.slot_last_step[slots]).clamp_min(0)
+    return t.slot_score[slots] * decay_pow(dt, powers)
+
+
+def remap(
+    ids: torch.Tensor, t: TableTensors, powers: torch.Tensor, step: int, now: float, p: RemapParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of ``hash_remap``: returns (slots of ``ids`` + offset or -1, slots assigned in this call)."""
+    flat = ids.reshape(-1).to(torch.int64)
+    capacity = t.slot_ids.numel()
+    uniq, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
+    slot = lookup_local(uniq, t)
+    hit = slot >= 0
+    t.counters[Counter.LOOKUPS] += flat.numel()
+
+    # 1. hits
+    hs, hc = slot[hit], counts[hit]
+    if hs.numel():
+        dt = (step - t.slot_last_step[hs]).clamp_min(0)
+        decayed = t.slot_score[hs] * decay_pow(dt, powers)
+        t.slot_score[hs] = decayed + hc.to(torch.float64)
+        t.slot_count[hs] += hc
+        t.slot_last_step[hs] = step
+        t.slot_last_time[hs] = now
+        t.counters[Counter.HITS] += hc.sum()
+
+    # 2. admission of misses
+    miss_ids, miss_counts = uniq[~hit], counts[~hit]
+    depth, width = t.sketch.shape
+    columns = sketch_columns(miss_ids, depth, width)
+    for row in range(depth):
+        t.sketch[row].index_add_(0, columns[row], miss_counts.to(torch.int32))
+    if miss_ids.numel():
+        estimate = torch.stack([t.sketch[row][columns[row]] for row in range(depth)]).amin(0).to(torch.int64)
+    else:
+        estimate = torch.zeros(0, dtype=torch.int64)
+    t.meta[Meta.SKETCH_ADDS] += miss_counts.sum()
+    eligible = estimate >= p.min_count
+    if p.coin_threshold < (1 << 53):
+        eligible &= coin_from_key(miss_ids, p.coin_key, step) < p.coin_threshold
+    t.counters[Counter.REJECTED_ADMISSION] += (~eligible).sum()
+    if int(t.meta[Meta.SKETCH_ADDS]) >= p.halve_every:
+        t.sketch.bitwise_right_shift_(1)
+        t.meta[Meta.SKETCH_ADDS] = 0
+        t.counters[Counter.SKETCH_HALVINGS] += 1
+
+    # 3. order the eligible ids, hand out free slots
+    cand, cand_f = miss_ids[eligible], estimate[eligible]
+    if p.policy == LRU:
+        cand_prio = torch.full(cand.shape, float(step), dtype=torch.float64)
+    else:
+        cand_prio = cand_f.to(torch.float64)
+    order = torch.sort(cand_prio, descending=True, stable=True).indices  # ties keep id-ascending order
+    cand, cand_f, cand_prio = cand[order], cand_f[order], cand_prio[order]
+    free = int(t.meta[Meta.FREE_COUNT])
+    n_free = min(free, cand.numel())
+    free_slots = t.free_list[free - n_free : free].flip(0).to(torch.int64)
+    t.meta[Meta.FREE_COUNT] = free - n_free
+
+    # 4. compete for the slots of evictable ids
+    victims = torch.zeros(0, dtype=torch.int64)
+    rest = cand.numel() - n_free
+    if rest > 0:
+        touched = torch.zeros(capacity, dtype=torch.bool)
+        touched[hs] = True
+        evictable = ((t.slot_count > 0) & ~touched).nonzero().flatten()
+        vprio = slot_priority(t, evictable, p.policy, step, powers)
+        vorder = torch.sort(vprio, stable=True).indices[:rest]  # ties keep slot-ascending order
+        k = vorder.numel()
+        wins = int((cand_prio[n_free : n_free + k] > vprio[vorder]).sum())  # wins form a prefix
+        victims = evictable[vorder[:wins]]
+        t.counters[Counter.EVICTED] += wins
+        t.counters[Counter.REJECTED_FULL] += rest - wins
+        _erase_many(t, t.slot_ids[victims].clone())
+        _clear_slots(t, victims)
+
+    # 5. write the new ids
+    assigned = torch.cat([free_slots, victims])
+    new_ids, new_f = cand[: assigned.numel()], cand_f[: assigned.numel()]
+    t.slot_ids[assigned] = new_ids
+    t.slot_count[assigned] = new_f
+    t.slot_last_step[assigned] = step
+    t.slot_last_time[assigned] = now
+    t.slot_score[assigned] = new_f.to(torch.float64)
+    _insert_many(t, new_ids, assigned)
+    t.counters[Counter.ADMITTED] += assigned.numel()
+
+    slot[~hit] = lookup_local(miss_ids, t)
+    out = torch.where(slot >= 0, slot + p.slot_offset, slot)[inverse].reshape(ids.shape)
+    return out, assigned + p.slot_offset
+
+
+def lookup(ids: torch.Tensor, t: TableTensors, slot_offset: int) -> torch.Tensor:
+    """Twin of ``hash_lookup``: read-only remap (no admission, no counters), -1 for unknown ids."""
+    slot = lookup_local(ids.reshape(-1).to(torch.int64), t)
+    return torch.where(slot >= 0, slot + slot_offset, slot).reshape(ids.shape)
+
+
+def expire(t: TableTensors, step: int, now: float, ttl_steps: int, ttl_seconds: float) -> torch.Tensor:
+    """Twin of ``hash_expire``: frees live slots idle longer than a TTL (``<= 0`` disables it).
+
+    Expired ids are erased from the index in ascending slot order; their slots are pushed on the free
+    stack in descending order, so the next admissions reuse the lowest first. Returns the slots (local,
+    ascending).
+    """
+    quiet = torch.zeros(t.slot_count.shape, dtype=torch.bool)
+    if ttl_steps > 0:
+        quiet |= (step - t.slot_last_step) > ttl_steps
+    if ttl_seconds > 0:
+        quiet |= (now - t.slot_last_time) > ttl_seconds
+    slots = ((t.slot_count > 0) & quiet).nonzero().flatten()
+    _erase_many(t, t.slot_ids[slots].clone())
+    _clear_slots(t, slots)
+    free = int(t.meta[Meta.FREE_COUNT])
+    t.free_list[free : free + slots.numel()] = slots.flip(0).to(torch.int32)
+    t.meta[Meta.FREE_COUNT] = free + slots.numel()
+    t.meta[Meta.LAST_SWEEP_STEP] = step
+    t.counters[Counter.EXPIRED] += slots.numel()
+    return slots

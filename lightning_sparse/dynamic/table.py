@@ -1,0 +1,186 @@
+"""``DynamicIdRemapper``: the hash table of one dynamic embedding table (or one rank's shard of it).
+
+It owns the table state as registered buffers, so ``state_dict`` / ``load_state_dict`` and
+``torch.distributed.checkpoint`` save and restore it exactly, and it runs the native kernels
+(``torch.ops.lightning_sparse.hash_*``) or their pure-PyTorch twins in ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from lightning_sparse.dynamic import reference
+from lightning_sparse.dynamic.config import DynamicTableConfig, RowInit
+from lightning_sparse.dynamic.hashing import shard_rows
+from lightning_sparse.dynamic.state import Counter, Meta, RemapParams, TableTensors, allocate, decay_powers
+from lightning_sparse.ops import native_op
+
+#: Largest batch one remap call takes (keeps int32 sketch counters far from overflow).
+MAX_BATCH = 1 << 29
+
+
+class RemapResult(NamedTuple):
+    """What one remap call did.
+
+    ``slots``: row of the table for each id (same shape as the ids; global rows, i.e. with this shard's
+    row offset), ``-1`` for ids that have no slot. ``assigned``: rows that were given to a new id in this
+    call; the caller re-initialises their weights and resets their optimizer state before the lookup.
+    """
+
+    slots: torch.Tensor
+    assigned: torch.Tensor
+
+
+class DynamicIdRemapper(nn.Module):
+    """Maps raw int64 ids to the rows of a fixed-capacity table, with admission, expiry and eviction.
+
+    Args:
+        config: the table's policy.
+        capacity: slots of this remapper; default ``config.capacity`` (use :meth:`for_rank` for a shard).
+        row_offset: added to every slot it hands out, so slots are rows of the whole table.
+
+    The state stays in host memory whatever ``.to()`` / ``.half()`` the enclosing model receives (the
+    kernels are CPU kernels and the float64 stamps must not be cast); ids on another device are remapped
+    on the host and the slots are returned on the ids' device.
+    """
+
+    def __init__(self, config: DynamicTableConfig, capacity: Optional[int] = None, row_offset: int = 0) -> None:
+        super().__init__()
+        if not isinstance(config, DynamicTableConfig):
+            raise TypeError(f"config must be a DynamicTableConfig, got {type(config).__name__}")
+        self.config = config
+        self.capacity = config.capacity if capacity is None else int(capacity)
+        self.row_offset = int(row_offset)
+        for name, tensor in zip(TableTensors._fields, allocate(self.capacity, config)):
+            self.register_buffer(name, tensor)
+        self.register_buffer("decay_powers", decay_powers(config.score_decay), persistent=False)
+        self.params = RemapParams.from_config(config, self.capacity, self.row_offset)
+
+    @classmethod
+    def for_rank(cls, config: DynamicTableConfig, rank: int, world_size: int) -> "DynamicIdRemapper":
+        """The remapper of ``rank``'s row-wise block; it must see exactly the ids ``shard_of`` gives it."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        offset, rows = shard_rows(config.capacity, world_size)[rank]
+        if rows == 0:
+            raise ValueError(
+                f"DynamicTableConfig.capacity={config.capacity} leaves rank {rank} of {world_size} no rows under "
+                f"row-wise sharding; use a capacity that is a multiple of world_size"
+            )
+        return cls(config, capacity=rows, row_offset=offset)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: D401 - see class docstring
+        return self
+
+    def tensors(self) -> TableTensors:
+        return TableTensors(*(getattr(self, name) for name in TableTensors._fields))
+
+    def remap(self, ids: torch.Tensor, step: int, now: Optional[float] = None) -> RemapResult:
+        """Remaps a batch of raw ids at training step ``step`` (wall time ``now``, default: the clock).
+
+        Updates counts, stamps and scores of known ids, admits new ones per the policy (evicting when
+        full) and returns their rows. Call it once per table per step with all of that step's ids.
+        """
+        ids = self._check_ids(ids)
+        step = self._check_step(step)
+        now = time.time() if now is None else float(now)
+        host_ids = ids.to("cpu", torch.int64)
+        op = native_op("hash_remap")
+        p = self.params
+        if op is not None:
+            slots, assigned = op(
+                host_ids, *self.tensors(), self.decay_powers, step, now,
+                p.policy, p.min_count, p.coin_threshold, p.coin_key, p.halve_every, p.slot_offset,
+            )  # fmt: skip
+        else:
+            slots, assigned = reference.remap(host_ids, self.tensors(), self.decay_powers, step, now, p)
+        return RemapResult(slots.to(ids.device), assigned.to(ids.device))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` without admitting, counting or stamping anything (evaluation); -1 if unknown."""
+        ids = self._check_ids(ids)
+        host_ids = ids.to("cpu", torch.int64)
+        op = native_op("hash_lookup")
+        if op is not None:
+            slots = op(host_ids, self.slot_ids, self.index, self.row_offset)
+        else:
+            slots = reference.lookup(host_ids, self.tensors(), self.row_offset)
+        return slots.to(ids.device)
+
+    def expire(self, step: int, now: Optional[float] = None) -> torch.Tensor:
+        """Frees the slots of ids unseen for longer than the TTL; returns those rows (ascending)."""
+        step = self._check_step(step)
+        now = time.time() if now is None else float(now)
+        expiry = self.config.expiry
+        ttl_steps = expiry.ttl_steps or 0
+        ttl_seconds = expiry.ttl_seconds or 0.0
+        op = native_op("hash_expire")
+        if op is not None:
+            slots = op(*self.tensors(), step, now, ttl_steps, ttl_seconds)
+        else:
+            slots = reference.expire(self.tensors(), step, now, ttl_steps, ttl_seconds)
+        return slots + self.row_offset
+
+    def maybe_expire(self, step: int, now: Optional[float] = None) -> Optional[torch.Tensor]:
+        """Runs :meth:`expire` when expiry is configured and ``sweep_every_steps`` have passed since the last."""
+        expiry = self.config.expiry
+        last = int(self.meta[Meta.LAST_SWEEP_STEP])
+        if not expiry.enabled or (last >= 0 and step - last < expiry.sweep_every_steps):
+            return None
+        return self.expire(step, now)
+
+    def metrics(self) -> dict[str, int]:
+        """Table counters: live ids, capacity, and the cumulative admission/eviction/expiry counts."""
+        values = self.counters.tolist()
+        out = {"live": self.capacity - int(self.meta[Meta.FREE_COUNT]), "capacity": self.capacity}
+        out.update({c.name.lower(): int(values[c]) for c in Counter})
+        return out
+
+    @torch.no_grad()
+    def init_rows(
+        self, weight: torch.Tensor, rows: torch.Tensor, generator: Optional[torch.Generator] = None, row_offset: int = 0
+    ) -> None:
+        """Re-initialises ``weight[rows - row_offset]`` per ``config.init`` (``row_offset``: first row of ``weight``)."""
+        local = rows.to(weight.device, torch.int64) - row_offset
+        if local.numel() == 0:
+            return
+        init = self.config.init
+        fresh = torch.empty((local.numel(),) + tuple(weight.shape[1:]), dtype=torch.float32)
+        scale = init.resolved_scale(self.config.capacity)
+        if init.kind == RowInit.UNIFORM:
+            fresh.uniform_(-scale, scale, generator=generator)
+        elif init.kind == RowInit.NORMAL:
+            fresh.normal_(0.0, scale, generator=generator)
+        else:
+            fresh.zero_()
+        weight[local] = fresh.to(weight.device, weight.dtype)
+
+    @staticmethod
+    @torch.no_grad()
+    def reset_rows(states: Iterable[torch.Tensor], rows: torch.Tensor, row_offset: int = 0) -> None:
+        """Zeroes rows of per-row optimizer states (e.g. Adagrad's accumulator, row-wise or element-wise)."""
+        for state in states:
+            local = rows.to(state.device, torch.int64) - row_offset
+            state[local] = 0
+
+    def extra_repr(self) -> str:
+        return f"capacity={self.capacity}, row_offset={self.row_offset}, eviction={self.config.eviction.value}"
+
+    @staticmethod
+    def _check_ids(ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ids must be an int64 or int32 tensor, got {getattr(ids, 'dtype', type(ids))}")
+        if ids.numel() >= MAX_BATCH:
+            raise ValueError(f"a remap call takes fewer than {MAX_BATCH} ids, got {ids.numel()}; split the batch")
+        return ids
+
+    @staticmethod
+    def _check_step(step: int) -> int:
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return step
