@@ -49,7 +49,8 @@ class EmbeddingTables:
 
     modules: dict[str, EmbeddingModule]
     tables: dict[str, ResolvedTable] = field(default_factory=dict)
-    # table name -> (module fqn, the table's weight before sharding)
+    # table name -> (module fqn, the table's weight before sharding); the weights are released once
+    # copied into the shards (see copy_initial_weights)
     weights: dict[str, tuple[str, nn.Parameter]] = field(default_factory=dict)
 
 
@@ -179,6 +180,32 @@ def shard_model(
             static_graph=static_graph, find_unused_parameters=find_unused_parameters
         ),
     )
+
+
+def _state_key(module: EmbeddingModule, fqn: str, table_name: str) -> str:
+    container = "embedding_bags" if isinstance(module, EmbeddingBagCollection) else "embeddings"
+    return f"{fqn}.{container}.{table_name}.weight" if fqn else f"{container}.{table_name}.weight"
+
+
+def copy_initial_weights(model: nn.Module, tables: EmbeddingTables) -> None:
+    """Copies the tables' weights from before sharding into the local shards, then releases them.
+
+    DistributedModelParallel allocates fresh shards and re-initialises them; without this the user's
+    initialisation (or pre-trained rows) would be silently replaced.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for table_name, (fqn, weight) in tables.weights.items():
+            target = state[_state_key(tables.modules[fqn], fqn, table_name)]
+            if isinstance(target, ShardedTensor):
+                for shard in target.local_shards():
+                    (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(weight[row : row + rows, col : col + cols])
+            else:
+                target.copy_(weight)
+    tables.weights.clear()
 
 
 def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -28,6 +28,7 @@ from lightning_sparse.strategies import checkpoint as sharded_checkpoint
 from lightning_sparse.strategies.sharding import (
     EmbeddingTables,
     attach_fused_optimizers,
+    copy_initial_weights,
     embedding_parameters,
     plan_sharding,
     resolve_tables,
@@ -143,6 +144,7 @@ class SparseStrategy(DDPStrategy):
         plan = plan_sharding(module, tables, device, process_group, local_world_size=self.num_processes)
         log.info("SparseStrategy sharding plan:\n%s", plan)
         dmp = shard_model(module, plan, device, process_group, self.static_graph, self.find_unused_parameters)
+        copy_initial_weights(module, tables)
         object.__setattr__(module, _DMP_ATTRIBUTE, dmp)
         object.__setattr__(module, _TABLES_ATTRIBUTE, tables)
         self._tables = tables

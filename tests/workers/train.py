@@ -1,0 +1,114 @@
+"""Runs one Lightning job with SparseStrategy on N CPU processes; used by the multi-process tests.
+
+Lightning's ``popen`` launcher re-executes this script for every extra rank, as it would a user's
+script. Rank 0 writes a JSON summary (metrics, paths) to ``--result``.
+"""
+
+import argparse
+import json
+import os
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+
+import lightning_sparse
+from lightning_sparse.config import SparseOptimizerConfig, TableConfig
+from lightning_sparse.data import SyntheticClickDataModule
+from lightning_sparse.models import DLRMModule
+
+
+class StepLR(DLRMModule):
+    """DLRM with a dense LR scheduler, so scheduler state takes part in the resume test."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SparseLRDecay(pl.Callback):
+    """Halves the sparse learning rate every epoch: proves the sparse lr is settable and checkpointed."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        strategy = trainer.strategy
+        strategy.set_sparse_lr(strategy.sparse_optimizer.param_groups[0]["lr"] * 0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--stage", default="fit", choices=["fit", "validate", "test", "predict"])
+    parser.add_argument("--sharding", default="auto")
+    parser.add_argument("--table-sharding", action="append", default=[], help="table=type")
+    parser.add_argument("--optimizer", default="rowwise_adagrad")
+    parser.add_argument("--sparse-lr", type=float, default=0.05)
+    parser.add_argument("--max-epochs", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--ckpt-in", default=None)
+    parser.add_argument("--ckpt-out", default=None, help="save a checkpoint here after the stage")
+    parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint directory: a checkpoint every epoch")
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+
+    pl.seed_everything(1234)
+    sizes = [200, 300, 50, 1000]
+    data = SyntheticClickDataModule(
+        num_embeddings_per_feature=sizes, batch_size=64, num_train_batches=args.batches, num_val_batches=2, num_test_batches=2
+    )
+    model = StepLR(num_embeddings_per_feature=sizes, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    tables = {}
+    for item in args.table_sharding:
+        name, sharding = item.split("=")
+        tables[name] = TableConfig(sharding=sharding)
+    strategy = lightning_sparse.SparseStrategy(
+        sharding=args.sharding,
+        optimizer=SparseOptimizerConfig(kind=args.optimizer, lr=args.sparse_lr),
+        tables=tables,
+    )
+    checkpointing = []
+    if args.ckpt_dir:
+        checkpointing.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_epochs=args.max_epochs,
+        accumulate_grad_batches=args.accumulate,
+        logger=False,
+        enable_checkpointing=args.ckpt_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SparseLRDecay()] + checkpointing,
+        deterministic=True,
+    )
+    result = {}
+    if args.stage == "fit":
+        trainer.fit(model, data, ckpt_path=args.ckpt_in)
+    elif args.stage == "predict":
+        predictions = trainer.predict(model, data, ckpt_path=args.ckpt_in)
+        result["predictions"] = [p.tolist() for p in predictions]
+    else:
+        getattr(trainer, args.stage)(model, data, ckpt_path=args.ckpt_in)
+    if args.ckpt_out:
+        trainer.save_checkpoint(args.ckpt_out)
+    plan = {}
+    for fqn, module_plan in strategy.distributed_model.plan.plan.items():
+        for table, sharding in module_plan.items():
+            plan[table] = [sharding.sharding_type, sharding.compute_kernel]
+    result.update(
+        metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+        plan=plan,
+        world_size=trainer.world_size,
+        global_step=trainer.global_step,
+        sparse_lr=strategy.sparse_optimizer.param_groups[0]["lr"],
+    )
+    if trainer.is_global_zero:
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
