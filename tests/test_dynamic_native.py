@@ -1,0 +1,65 @@
+"""The native hash-table kernels against their pure-PyTorch twins: bit-identical outputs and state.
+
+Batches and tables are large enough that the kernels' parallel loops really run on several threads.
+"""
+
+import pytest
+import torch
+
+from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, EvictionPolicy, ExpiryConfig
+from lightning_sparse.ops import native_op
+
+pytestmark = pytest.mark.skipif(native_op("hash_remap") is None, reason="native extension not built")
+
+
+def skewed_ids(generator: torch.Generator, n: int, universe: int, shift: int) -> torch.Tensor:
+    """Zipf-like ids spread over the int64 range, whose popular ids move with ``shift``."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    rank = (universe * u**3).to(torch.int64) + shift
+    return rank * 0x9E3779B97F4A7C1 - (1 << 62)
+
+
+def run(config, batches, native: bool, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
+    remapper = DynamicIdRemapper(config)
+    outputs = []
+    for step, ids in enumerate(batches):
+        result = remapper.remap(ids, step, now=0.5 * step)
+        outputs += [result.slots, result.assigned, remapper.lookup(ids[:1000])]
+        if step % 2 == 1:
+            outputs.append(remapper.expire(step, now=0.5 * step))
+    return remapper, outputs
+
+
+@pytest.mark.parametrize("policy", list(EvictionPolicy))
+def test_native_equals_fallback_large(policy, monkeypatch):
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(7)
+    batches = [skewed_ids(g, 70_000, 200_000, shift=4_000 * b) for b in range(4)]
+    config = DynamicTableConfig(
+        capacity=70_000,
+        eviction=policy,
+        score_decay=0.8,
+        admission=AdmissionConfig(min_count=2, probability=0.9, seed=3, sketch_halve_every=150_000),
+        expiry=ExpiryConfig(ttl_steps=1, ttl_seconds=0.75),
+    )
+    native, out_n = run(config, batches, True, monkeypatch)
+    fallback, out_f = run(config, batches, False, monkeypatch)
+    assert len(out_n) == len(out_f)
+    for a, b in zip(out_n, out_f):
+        assert torch.equal(a, b)
+    state_n, state_f = native.state_dict(), fallback.state_dict()
+    assert state_n.keys() == state_f.keys()
+    for key in state_n:
+        assert torch.equal(state_n[key], state_f[key]), key
+    metrics = native.metrics()
+    assert metrics == fallback.metrics()
+    assert metrics["admitted"] > 0 and metrics["evicted"] + metrics["expired"] > 0  # the test exercised churn
+
+
+def test_native_rejects_bad_state(monkeypatch):
+    monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1")
+    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8))
+    remapper.slot_score = remapper.slot_score.float()  # a float32 score buffer must be refused, not misread
+    with pytest.raises(RuntimeError, match="slot_score"):
+        remapper.remap(torch.tensor([1, 2]), 0, 0.0)
