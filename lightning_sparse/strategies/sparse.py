@@ -201,6 +201,14 @@ class SparseStrategy(DDPStrategy):
     def embedding_tables(self) -> EmbeddingTables:
         return self._tables
 
+    def all_reduce_bytes(self, value: int) -> int:
+        """Sum of an integer over all ranks (e.g. bytes of local shards), or the value without a process group."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        total = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total.item())
+
     def set_sparse_lr(self, lr: float) -> None:
         """Sets the learning rate of every embedding table (applied from the next step, checkpointed)."""
         if lr < 0:
