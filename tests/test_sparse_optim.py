@@ -26,7 +26,9 @@ VARIANTS = [
     (K.ADAM, False, False),
     (K.ADAM, False, True),
 ]
-needs_native = pytest.mark.skipif(not ops.native_available(), reason="native extension _C.so not built")
+needs_native = pytest.mark.skipif(
+    not (ops.native_enabled() and ops.native_available()), reason="native extension not built or LIGHTNING_SPARSE_NATIVE=0"
+)
 
 
 def batches(num_rows: int, dim: int, steps: int, n: int, seed: int):
@@ -177,7 +179,7 @@ def _call(fn, kind, w, state, idx, grad):
 )
 def test_matches_torch_sparse_optimizers(kind, eps, torch_opt, native, monkeypatch):
     """Without weight decay our kernels equal torch's own sparse optimizers fed the same EmbeddingBag grads."""
-    if native and not ops.native_available():
+    if native and not (ops.native_enabled() and ops.native_available()):
         pytest.skip("native extension _C.so not built")
     if not native:
         monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "0")
@@ -215,7 +217,7 @@ def test_rowwise_adagrad_matches_torchrec_dense_rowwise_adagrad(monkeypatch):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_per_row_step_counts_only_present_rows(native, monkeypatch):
-    if native and not ops.native_available():
+    if native and not (ops.native_enabled() and ops.native_available()):
         pytest.skip("native extension _C.so not built")
     if not native:
         monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "0")
@@ -235,7 +237,7 @@ def test_per_row_step_counts_only_present_rows(native, monkeypatch):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bad_inputs_name_the_problem(native, monkeypatch):
-    if native and not ops.native_available():
+    if native and not (ops.native_enabled() and ops.native_available()):
         pytest.skip("native extension _C.so not built")
     if not native:
         monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "0")

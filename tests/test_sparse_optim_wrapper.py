@@ -18,7 +18,7 @@ PATHS = [pytest.param(True, id="native"), pytest.param(False, id="fallback")]
 
 
 def _path(native, monkeypatch):
-    if native and not ops.native_available():
+    if native and not (ops.native_enabled() and ops.native_available()):
         pytest.skip("native extension _C.so not built")
     if not native:
         monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "0")
