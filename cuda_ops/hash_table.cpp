@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <queue>
 #include <utility>
 #include <vector>
 
@@ -64,8 +63,9 @@ struct Table {
 
   uint64_t home(int64_t id) const { return mix64(static_cast<uint64_t>(id) + kSaltIndex) & mask; }
 
-  int64_t find(int64_t id) const {
-    uint64_t pos = home(id);
+  int64_t find(int64_t id) const { return find_from(id, home(id)); }
+
+  int64_t find_from(int64_t id, uint64_t pos) const {
     while (true) {
       const int32_t e = index[pos];
       if (e < 0) return -1;
@@ -107,6 +107,26 @@ struct Table {
     score[s] = 0.0;
   }
 };
+
+// Looks up ids[begin, end) in blocks, prefetching each block's index entries and then the slots they
+// point to before probing: the two dependent cache misses per id overlap across the block.
+template <typename Emit>
+void find_block(const Table& t, const int64_t* id, int64_t begin, int64_t end, Emit&& emit) {
+  constexpr int64_t kBlock = 16;
+  uint64_t home[kBlock];
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, end - i0);
+    for (int64_t j = 0; j < m; ++j) {
+      home[j] = t.home(id[i0 + j]);
+      __builtin_prefetch(&t.index[home[j]]);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const int32_t e = t.index[home[j]];
+      if (e >= 0) __builtin_prefetch(&t.slot_ids[e]);
+    }
+    for (int64_t j = 0; j < m; ++j) emit(i0 + j, t.find_from(id[i0 + j], home[j]));
+  }
+}
 
 // decay ** dt as the product of powers[b] (= decay ** 2**b) at the set bits of dt, ascending.
 inline double decay_pow(int64_t dt, const double* powers) {
@@ -213,15 +233,14 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     auto& touched = touched_by[at::get_thread_num()];
     int64_t misses = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t s = t.find(id[i]);
+    find_block(t, id, begin, end, [&](int64_t i, int64_t s) {
       slot[i] = s;
       if (s < 0) {
         ++misses;
       } else if (__atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED) == 0) {
         touched.push_back(static_cast<int32_t>(s));
       }
-    }
+    });
     misses_by[at::get_thread_num()] += misses;
   });
   std::vector<int32_t> touched;
@@ -334,12 +353,15 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   for (int64_t j = 0; j < n_free; ++j) assigned.push_back(t.free_list[free - 1 - j]);
   t.meta[kFreeCount] = free - n_free;
 
-  // F. compete for evictable slots: the `rest` lowest (priority, slot), selected per thread then merged.
+  // F. compete for evictable slots: the `rest` lowest (priority, slot), paired in order. Only slots below
+  // the best remaining candidate's priority can ever lose theirs, so only those are collected: the
+  // lowest of them are the lowest overall, and in a steady state there are few or none.
   const int64_t rest = n_elig - n_free;
   if (rest > 0) {
-    std::vector<std::vector<Victim>> heaps(nthreads);
+    const double best = elig[n_free].prio;
+    std::vector<std::vector<Victim>> parts(nthreads);
     at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
-      auto& heap = heaps[at::get_thread_num()];  // max-heap of the lowest `rest` seen by this thread
+      auto& part = parts[at::get_thread_num()];
       for (int64_t s = begin; s < end; ++s) {
         if (t.count[s] <= 0 || hits_per_slot[s] != 0) continue;
         double prio;
@@ -350,21 +372,18 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
         } else {
           prio = t.score[s] * decay_pow(std::max<int64_t>(step - t.last_step[s], 0), powers);
         }
-        const Victim v{prio, s};
-        if (static_cast<int64_t>(heap.size()) < rest) {
-          heap.push_back(v);
-          std::push_heap(heap.begin(), heap.end());
-        } else if (v < heap.front()) {
-          std::pop_heap(heap.begin(), heap.end());
-          heap.back() = v;
-          std::push_heap(heap.begin(), heap.end());
-        }
+        if (prio < best) part.emplace_back(prio, s);
       }
     });
     std::vector<Victim> all;
-    for (auto& h : heaps) all.insert(all.end(), h.begin(), h.end());
-    std::sort(all.begin(), all.end());
-    const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(all.size()));
+    if (nthreads == 1) {
+      all.swap(parts[0]);
+    } else {
+      for (auto& part : parts) all.insert(all.end(), part.begin(), part.end());
+    }
+    const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(all.size()));  // victims that may lose
+    if (k < static_cast<int64_t>(all.size())) std::nth_element(all.begin(), all.begin() + k, all.end());
+    std::sort(all.begin(), all.begin() + k);  // (priority, slot) is a total order: same result as a stable sort
     int64_t wins = 0;
     while (wins < k && elig[n_free + wins].prio > all[wins].first) ++wins;
     for (int64_t j = 0; j < wins; ++j) t.erase(t.slot_ids[all[j].second]);
@@ -418,10 +437,7 @@ at::Tensor hash_lookup_cpu(const at::Tensor& ids, const at::Tensor& slot_ids, co
   at::Tensor out = at::empty(ids_c.sizes(), ids_c.options());
   int64_t* slot = out.data_ptr<int64_t>();
   at::parallel_for(0, ids_c.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t s = t.find(id[i]);
-      slot[i] = s >= 0 ? s + slot_offset : -1;
-    }
+    find_block(t, id, begin, end, [&](int64_t i, int64_t s) { slot[i] = s >= 0 ? s + slot_offset : -1; });
   });
   return out.view(ids.sizes());
 }
