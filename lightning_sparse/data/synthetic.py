@@ -6,6 +6,9 @@ most are rare, as in real click logs). The label is drawn from ``sigmoid(logit)`
 a hidden weight per (feature, id) and a hidden linear function of the dense features. Hidden weights
 come from a counter-based hash, so id spaces of any size cost no memory and every process agrees.
 
+With ``pooling_factor = k > 1`` every sparse feature of a sample holds k ids (multi-hot, as in
+histories of clicked items) and contributes the mean of their hidden weights.
+
 With ``drift_period > 0`` the mapping from popularity rank to id shifts every ``drift_period`` batches:
 the ids that are popular now stop being seen later and new ones appear (the setting of continual
 learning with feature admission/expiry).
@@ -79,6 +82,7 @@ class SyntheticClickStream(Dataset):
         drift_period: int = 0,
         seed: int = 0,
         split_offset: int = 0,
+        pooling_factor: int = 1,
     ) -> None:
         if num_batches < 1 or batch_size < 1:
             raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}")
@@ -86,6 +90,9 @@ class SyntheticClickStream(Dataset):
             raise ValueError(f"num_embeddings_per_feature must be a non-empty list of ints >= 1, got {num_embeddings_per_feature}")
         if zipf_exponent <= 0:
             raise ValueError(f"zipf_exponent must be > 0, got {zipf_exponent}")
+        if pooling_factor < 1:
+            raise ValueError(f"pooling_factor must be >= 1, got {pooling_factor}")
+        self.pooling_factor = pooling_factor
         self.num_batches = num_batches
         self.batch_size = batch_size
         self.num_embeddings_per_feature = list(num_embeddings_per_feature)
@@ -124,17 +131,22 @@ class SyntheticClickStream(Dataset):
         dense = _gaussian(base + positions.unsqueeze(1) * self.num_dense_features + torch.arange(self.num_dense_features) + (1 << 42))
         logit = (dense @ self._dense_weights) * self._dense_scale
         ids_per_feature = []
+        k = self.pooling_factor
+        slots = positions.unsqueeze(1) * k + torch.arange(k)  # [B, k]: the k ids of each sample
         for feature, num_ids in enumerate(self.num_embeddings_per_feature):
-            u = _uniform(base + positions * len(self.feature_names) + feature)
+            if k == 1:
+                u = _uniform(base + positions * len(self.feature_names) + feature).unsqueeze(1)
+            else:
+                u = _uniform(base + (slots * len(self.feature_names) + feature) * 3 + (1 << 41))
             ids = self.ids_at(zipf_ranks(u, num_ids, self.zipf_exponent), feature, stream_index)
-            logit = logit + self.hidden_weight(feature, ids) * self._sparse_scale
-            ids_per_feature.append(ids)
+            logit = logit + self.hidden_weight(feature, ids).mean(dim=1) * self._sparse_scale
+            ids_per_feature.append(ids.reshape(-1))
         labels = (_uniform(base + positions + (1 << 43)) < torch.sigmoid(logit).double()).float()
         values = torch.stack(ids_per_feature).reshape(-1)  # feature-major, as a KeyedJaggedTensor wants
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=self.feature_names,
             values=values,
-            lengths=torch.ones(values.numel(), dtype=torch.int32),
+            lengths=torch.full((self.batch_size * len(self.feature_names),), k, dtype=torch.int32),
         )
         return Batch(dense_features=dense, sparse_features=sparse, labels=labels)
 
@@ -155,6 +167,7 @@ class SyntheticClickDataModule(LightningDataModule):
         zipf_exponent: skew of id popularity (larger = more skewed).
         drift_period: shift popular ids every this many batches (0 = stationary stream).
         seed: seed of the hidden model and of the stream.
+        pooling_factor: ids per sparse feature per sample (1 = one-hot, as in Criteo).
     """
 
     def __init__(
@@ -168,6 +181,7 @@ class SyntheticClickDataModule(LightningDataModule):
         zipf_exponent: float = 1.1,
         drift_period: int = 0,
         seed: int = 0,
+        pooling_factor: int = 1,
     ) -> None:
         super().__init__()
         self.num_embeddings_per_feature = list(num_embeddings_per_feature)
@@ -181,6 +195,7 @@ class SyntheticClickDataModule(LightningDataModule):
             zipf_exponent=zipf_exponent,
             drift_period=drift_period,
             seed=seed,
+            pooling_factor=pooling_factor,
         )
         # Splits read consecutive stretches of one stream: train, then val, then test.
         self.train_set = SyntheticClickStream(num_train_batches, split_offset=0, **common)
