@@ -8,12 +8,10 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -71,25 +69,13 @@ class SparseStrategy(DDPStrategy):
         tables: Optional[dict[str, TableConfig]] = None,
         static_graph: bool = False,
         find_unused_parameters: bool = False,
-        accelerator: Optional[Any] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
+        # Accelerator, devices, cluster environment, precision and checkpoint IO are filled in by the
+        # Trainer (as for any registered strategy), which keeps this signature to what a YAML config sets.
+        super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method)
         self.sharding = ShardingType.parse(sharding, "SparseStrategy.sharding")
         self.sparse_optimizer_config = optimizer or SparseOptimizerConfig()
         self.table_configs = {name: _as_table_config(name, cfg) for name, cfg in (tables or {}).items()}
