@@ -197,14 +197,14 @@ def test_remap_kjt_drops_unadmitted_ids_and_shares_tables(path):
     kjt = KeyedJaggedTensor(
         keys=["a", "b", "c"],
         values=torch.tensor([5, 5, 7, 5, 8, 9, 100, 101]),
-        lengths=torch.tensor([2, 1, 1, 2, 1, 1]),
+        lengths=torch.tensor([2, 1, 1, 2, 1, 1], dtype=torch.int32),
         weights=torch.arange(8, dtype=torch.float32),
     )
     out, results = remap_kjt(kjt, remappers, {"a": "t", "b": "t"}, step=0, now=0.0)
     # id 5 appears 3 times across features a and b in one call: admitted; 7, 8, 9 seen once: dropped
     assert results["t"].assigned.tolist() == [0]
     assert out.keys() == ["a", "b", "c"]
-    assert out.lengths().tolist() == [2, 0, 1, 0, 1, 1]
+    assert out.lengths().tolist() == [2, 0, 1, 0, 1, 1] and out.lengths().dtype == torch.int32
     assert out.values().tolist() == [0, 0, 0, 100, 101]
     assert out.weights().tolist() == [0.0, 1.0, 3.0, 6.0, 7.0]
     # evaluation: look up only, nothing admitted (8 would have reached min_count otherwise)

@@ -88,7 +88,8 @@ def remap_kjt(
         return out, results
     # lengths are (key, sample)-major; count the kept values of each bag
     bag_of_value = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-    new_lengths = torch.zeros_like(lengths).index_add_(0, bag_of_value[keep], torch.ones_like(bag_of_value[keep]))
+    kept_bags = bag_of_value[keep]
+    new_lengths = torch.zeros_like(lengths).index_add_(0, kept_bags, torch.ones_like(kept_bags, dtype=lengths.dtype))
     out = KeyedJaggedTensor(
         keys=keys,
         values=new_values[keep],
