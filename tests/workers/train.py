@@ -38,6 +38,7 @@ class SparseLRDecay(pl.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--stage", default="fit", choices=["fit", "validate", "test", "predict"])
     parser.add_argument("--sharding", default="auto")
     parser.add_argument("--table-sharding", action="append", default=[], help="table=type")
@@ -71,7 +72,7 @@ def main() -> None:
     if args.ckpt_dir:
         checkpointing.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
         strategy=strategy,
         max_epochs=args.max_epochs,
