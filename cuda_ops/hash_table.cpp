@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -137,6 +138,17 @@ inline double decay_pow(int64_t dt, const double* powers) {
   return r;
 }
 
+// decay_pow with the common small gaps tabulated (same values: the table is filled by decay_pow).
+struct Decay {
+  static constexpr int64_t kSmall = 256;
+  double small[kSmall];
+  const double* powers;
+  explicit Decay(const double* p) : powers(p) {
+    for (int64_t dt = 0; dt < kSmall; ++dt) small[dt] = decay_pow(dt, p);
+  }
+  double operator()(int64_t dt) const { return dt < kSmall ? small[dt] : decay_pow(dt, powers); }
+};
+
 void check_state(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "hash table state '", name, "' must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == dtype, "hash table state '", name, "' must have dtype ", dtype, ", got ",
@@ -217,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
   Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
                        meta, counters);
-  const double* powers = decay_powers.data_ptr<double>();
+  const Decay decay(decay_powers.data_ptr<double>());
   const at::Tensor ids_c = ids.contiguous();
   const int64_t n = ids_c.numel();
   const int64_t* id = ids_c.data_ptr<int64_t>();
@@ -233,11 +245,12 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     auto& touched = touched_by[at::get_thread_num()];
     int64_t misses = 0;
+    const bool alone = begin == 0 && end == n;  // the only chunk: no other thread touches the counts
     find_block(t, id, begin, end, [&](int64_t i, int64_t s) {
       slot[i] = s;
       if (s < 0) {
         ++misses;
-      } else if (__atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED) == 0) {
+      } else if ((alone ? hits_per_slot[s]++ : __atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED)) == 0) {
         touched.push_back(static_cast<int32_t>(s));
       }
     });
@@ -253,11 +266,19 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   // B. hits: one update per distinct slot (slots are distinct, so this is race-free and order-free).
   const int64_t n_touched = static_cast<int64_t>(touched.size());
   at::parallel_for(0, n_touched, kGrain, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kAhead = 8;
     for (int64_t j = begin; j < end; ++j) {
+      if (j + kAhead < end) {  // the slots are scattered: fetch a few ahead
+        const int64_t ahead = touched[j + kAhead];
+        __builtin_prefetch(&t.count[ahead], 1);
+        __builtin_prefetch(&t.score[ahead], 1);
+        __builtin_prefetch(&t.last_step[ahead], 1);
+        __builtin_prefetch(&t.last_time[ahead], 1);
+      }
       const int64_t s = touched[j];
       const int64_t c = hits_per_slot[s];
       const int64_t dt = std::max<int64_t>(step - t.last_step[s], 0);
-      volatile double decayed = t.score[s] * decay_pow(dt, powers);  // no fused multiply-add
+      volatile double decayed = t.score[s] * decay(dt);  // no fused multiply-add
       t.score[s] = decayed + static_cast<double>(c);
       t.count[s] += c;
       t.last_step[s] = step;
@@ -359,22 +380,52 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   const int64_t rest = n_elig - n_free;
   if (rest > 0) {
     const double best = elig[n_free].prio;
-    std::vector<std::vector<Victim>> parts(nthreads);
-    at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
-      auto& part = parts[at::get_thread_num()];
-      for (int64_t s = begin; s < end; ++s) {
-        if (t.count[s] <= 0 || hits_per_slot[s] != 0) continue;
-        double prio;
-        if (policy == kLFU) {
-          prio = static_cast<double>(t.count[s]);
-        } else if (policy == kLRU) {
-          prio = static_cast<double>(t.last_step[s]);
-        } else {
-          prio = t.score[s] * decay_pow(std::max<int64_t>(step - t.last_step[s], 0), powers);
+    auto priority = [&](int64_t s) -> double {
+      if (policy == kLFU) return static_cast<double>(t.count[s]);
+      if (policy == kLRU) return static_cast<double>(t.last_step[s]);
+      return t.score[s] * decay(std::max<int64_t>(step - t.last_step[s], 0));
+    };
+    auto evictable = [&](int64_t s) { return (t.count[s] > 0) & (hits_per_slot[s] == 0); };
+    // Collects the evictable slots with priority < best and <= cut, per thread.
+    auto collect = [&](double cut) {
+      std::vector<std::vector<Victim>> parts(nthreads);
+      at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
+        auto& part = parts[at::get_thread_num()];
+        const size_t base = part.size();
+        part.resize(base + (end - begin));
+        Victim* out = part.data() + base;
+        int64_t kept = 0;
+        for (int64_t s = begin; s < end; ++s) {  // branch-free append: most tests are unpredictable
+          const double prio = priority(s);
+          out[kept] = Victim{prio, s};
+          kept += static_cast<int64_t>(evictable(s) & (prio < best) & (prio <= cut));
         }
-        if (prio < best) part.emplace_back(prio, s);
+        part.resize(base + kept);
+      });
+      return parts;
+    };
+    // When few victims are needed, an evenly spaced sample gives a cut below which about twice as many
+    // lie; if at least `rest` slots pass it, the `rest` lowest overall are among them (ties at the cut
+    // included), else fall back to every slot below `best`. Either way the same victims, just cheaper.
+    std::vector<std::vector<Victim>> parts;
+    if (rest * 8 < t.capacity) {
+      const int64_t stride = std::max<int64_t>(1, t.capacity / 8192);
+      std::vector<double> sample;
+      for (int64_t s = 0; s < t.capacity; s += stride) {
+        if (!evictable(s)) continue;
+        const double prio = priority(s);
+        if (prio < best) sample.push_back(prio);
       }
-    });
+      const int64_t q = 2 * rest / stride + 16;
+      if (q < static_cast<int64_t>(sample.size())) {
+        std::nth_element(sample.begin(), sample.begin() + q, sample.end());
+        parts = collect(sample[q]);
+        int64_t got = 0;
+        for (auto& part : parts) got += static_cast<int64_t>(part.size());
+        if (got < rest) parts.clear();
+      }
+    }
+    if (parts.empty()) parts = collect(std::numeric_limits<double>::infinity());
     std::vector<Victim> all;
     if (nthreads == 1) {
       all.swap(parts[0]);

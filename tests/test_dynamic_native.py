@@ -63,3 +63,25 @@ def test_native_rejects_bad_state(monkeypatch):
     remapper.slot_score = remapper.slot_score.float()  # a float32 score buffer must be refused, not misread
     with pytest.raises(RuntimeError, match="slot_score"):
         remapper.remap(torch.tensor([1, 2]), 0, 0.0)
+
+
+@pytest.mark.parametrize("policy", list(EvictionPolicy))
+def test_native_equals_fallback_few_victims_in_a_large_full_table(policy, monkeypatch):
+    """Few eligible ids against a large full table: the kernel's sampled victim search must pick exactly the
+    victims a full sort picks, ties (many equal counts) included."""
+    g = torch.Generator().manual_seed(11)
+    fill = torch.randint(0, 1 << 40, (60_000,), generator=g)
+    fill = torch.cat([fill, fill[: 20_000], fill[:5_000]])  # counts 1, 2 and 3: heavy ties
+    newcomers = torch.randint(1 << 41, 1 << 42, (300,), generator=g).repeat_interleave(torch.tensor([1, 2, 3, 4]).repeat(75))
+    config = DynamicTableConfig(capacity=50_000, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
+    states = []
+    for native in (True, False):
+        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
+        remapper = DynamicIdRemapper(config)
+        remapper.remap(fill, 0, 0.0)
+        out = [remapper.remap(newcomers, step, float(step)) for step in (1, 2, 5)]
+        states.append((remapper.state_dict(), out, remapper.metrics()))
+    (sn, on, mn), (sf, of, mf) = states
+    assert mn == mf and mn["evicted"] > 0
+    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
+    assert all(torch.equal(sn[k], sf[k]) for k in sn)
