@@ -13,7 +13,7 @@ three interleaved repeats, in wall-clock ids/s and in ids per CPU-second of the 
 robust to other jobs on a shared machine; with threads > 1 it also counts the pool's spinning).
 Threads: torch.set_num_threads(T) for every contender.
 
-    python benchmarks/dynamic_remap.py [--capacity 131072] [--batch 65536] [--steps 20] [--threads 1 2]
+    python benchmarks/dynamic_remap.py [--capacity 131072] [--batch 65536] [--steps 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1 << 16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scenarios", nargs="+", default=["steady", "churn"], choices=sorted(SCENARIOS))
     args = parser.parse_args()

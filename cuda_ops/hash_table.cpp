@@ -318,11 +318,18 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   // D. sketch: add batch counts (integer atomics), then estimate, coin and eligibility per distinct id.
   const int64_t depth = t.depth, width = t.width;
   at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
+    const bool alone = begin == 0 && end == n_cand;
     for (int64_t j = begin; j < end; ++j) {
       for (int64_t r = 0; r < depth; ++r) {
         const uint64_t col = mix64(static_cast<uint64_t>(cands[j].id) + kSaltSketch * static_cast<uint64_t>(r + 1)) &
                              static_cast<uint64_t>(width - 1);
-        __atomic_fetch_add(&t.sketch[r * width + col], static_cast<int32_t>(cands[j].count), __ATOMIC_RELAXED);
+        int32_t* counter = &t.sketch[r * width + col];
+        const int32_t add = static_cast<int32_t>(cands[j].count);
+        if (alone) {
+          *counter += add;
+        } else {
+          __atomic_fetch_add(counter, add, __ATOMIC_RELAXED);
+        }
       }
     }
   });
