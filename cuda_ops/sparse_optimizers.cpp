@@ -90,7 +90,9 @@ void for_each_unique_row(const at::Tensor& weight, const at::Tensor& indices, co
   const float wd = static_cast<float>(weight_decay);
   const int threads = at::get_num_threads();
 
-#pragma omp parallel num_threads(threads) if (unique * dim > 32768)
+  // Fork only for >= ~1M elements of work: below that a thread preempted on a busy machine stalls the
+  // barrier for a scheduler quantum (measured: 1.4 ms serial vs 11 ms median with 2 threads, 2 busy cores).
+#pragma omp parallel num_threads(threads) if (unique * dim >= (int64_t(1) << 20))
   {
     std::vector<float> buf(dim);
 #pragma omp for schedule(static)
