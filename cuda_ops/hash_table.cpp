@@ -224,7 +224,9 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset) {
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "hash_remap: ids must be a CPU int64 tensor");
   TORCH_CHECK(policy >= kLFU && policy <= kFeatureScore, "hash_remap: policy must be 0 (lfu), 1 (lru) or 2 (feature_score)");
-  TORCH_CHECK(halve_every >= 1, "hash_remap: halve_every must be >= 1");
+  // bounds that keep int32 sketch counters below 2**30 (lightning_sparse/dynamic/config.py)
+  TORCH_CHECK(halve_every >= 1 && halve_every <= (int64_t(1) << 28), "hash_remap: halve_every must be in [1, 2**28]");
+  TORCH_CHECK(ids.numel() < (int64_t(1) << 28), "hash_remap: a call takes fewer than 2**28 ids, got ", ids.numel());
   check_state(decay_powers, at::kDouble, "decay_powers");
   TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
   Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,

@@ -35,7 +35,7 @@ def run(config, batches, native: bool, monkeypatch):
 def test_native_equals_fallback_large(policy, monkeypatch):
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(7)
-    batches = [skewed_ids(g, 70_000, 200_000, shift=4_000 * b) for b in range(4)]
+    batches = [skewed_ids(g, 50_000, 200_000, shift=4_000 * b) for b in range(3)]
     config = DynamicTableConfig(
         capacity=70_000,
         eviction=policy,

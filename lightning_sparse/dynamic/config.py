@@ -13,8 +13,11 @@ from typing import Optional
 
 from lightning_sparse.config import _NamedEnum, build_dataclass
 
-#: Largest ``sketch_halve_every``; with it, int32 sketch counters cannot overflow (see ``AdmissionConfig``).
-MAX_SKETCH_HALVE_EVERY = 1 << 29
+#: Largest ``sketch_halve_every`` and largest remap batch. A counter halved at value ``c`` restarts at
+#: ``c / 2`` and gains at most ``halve_every + batch`` before the next halving, so it stays below
+#: ``2 * (2**28 + 2**28) = 2**30``: int32 sketch counters cannot overflow.
+MAX_SKETCH_HALVE_EVERY = 1 << 28
+MAX_REMAP_BATCH = 1 << 28
 
 
 class EvictionPolicy(_NamedEnum):

@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 from lightning_sparse.dynamic import reference
-from lightning_sparse.dynamic.config import DynamicTableConfig, RowInit
+from lightning_sparse.dynamic.config import MAX_REMAP_BATCH, DynamicTableConfig, RowInit
 from lightning_sparse.dynamic.hashing import shard_rows
 from lightning_sparse.dynamic.state import Counter, Meta, RemapParams, TableTensors, allocate, decay_powers
 from lightning_sparse.ops import native_op
 
-#: Largest batch one remap call takes (keeps int32 sketch counters far from overflow).
-MAX_BATCH = 1 << 29
+MAX_BATCH = MAX_REMAP_BATCH  # fewer ids than this per remap call (int32 sketch counters, see config)
 
 
 class RemapResult(NamedTuple):
