@@ -35,12 +35,12 @@ def run(config, batches, native: bool, monkeypatch):
 def test_native_equals_fallback_large(policy, monkeypatch):
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(7)
-    batches = [skewed_ids(g, 50_000, 200_000, shift=4_000 * b) for b in range(3)]
+    batches = [skewed_ids(g, 50_000, 400_000, shift=20_000 * b) for b in range(4)]
     config = DynamicTableConfig(
-        capacity=70_000,
+        capacity=66_000,
         eviction=policy,
         score_decay=0.8,
-        admission=AdmissionConfig(min_count=2, probability=0.9, seed=3, sketch_halve_every=150_000),
+        admission=AdmissionConfig(min_count=1, probability=0.9, seed=3, sketch_halve_every=150_000),
         expiry=ExpiryConfig(ttl_steps=1, ttl_seconds=0.75),
     )
     native, out_n = run(config, batches, True, monkeypatch)
@@ -54,7 +54,8 @@ def test_native_equals_fallback_large(policy, monkeypatch):
         assert torch.equal(state_n[key], state_f[key]), key
     metrics = native.metrics()
     assert metrics == fallback.metrics()
-    assert metrics["admitted"] > 0 and metrics["evicted"] + metrics["expired"] > 0  # the test exercised churn
+    assert metrics["evicted"] > 0 and metrics["rejected_admission"] > 0  # the test exercised churn
+    assert metrics["expired"] > 0 or policy == EvictionPolicy.LRU  # LRU evicts the idle ids before they expire
 
 
 def test_native_rejects_bad_state(monkeypatch):
