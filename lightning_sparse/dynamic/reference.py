@@ -11,8 +11,9 @@ kernel run its lookups and counter updates in parallel and still be deterministi
    ``hash(id, seed, step)`` must pass. Then, if ``sketch_adds >= halve_every``, all counters are halved
    and ``sketch_adds`` reset to 0.
 3. Eligible ids are ordered by priority descending, then id ascending. Their priority is ``f`` (LFU,
-   FEATURE_SCORE) or ``step`` (LRU). They take free slots first (the free stack pops slot 0, 1, ... on
-   an empty table; expired slots are pushed so that the lowest pops first).
+   FEATURE_SCORE) or ``step`` (LRU). They take free slots first, popped from the free stack: slot 0, 1,
+   ... on an empty table; a sweep pushes its expired slots so that they pop lowest first, before any
+   slot freed earlier.
 4. The remaining eligible ids compete with the evictable slots (live, not hit nor assigned in this
    batch), ordered by priority ascending then slot ascending. Slot priority: ``slot_count`` (LFU),
    ``slot_last_step`` (LRU), ``score * decay**(step - last_step)`` (FEATURE_SCORE). The i-th remaining
