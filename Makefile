@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(VENV)/bin/lightning-sparse fit --config examples/dlrm.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -1,14 +1,18 @@
-"""Lightning callbacks that report what recommendation training needs watched: throughput and memory."""
+"""Lightning callbacks that report what recommendation training needs watched: throughput, memory, curves."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_sparse.optim.memory import MemoryReport, memory_report
+from lightning_sparse.plotting import plot_training_curves
 
 
 def _batch_size(batch: Any) -> int:
@@ -82,3 +86,64 @@ class SparseMemoryMonitor(pl.Callback):
         metrics = strategy_memory_report(trainer).as_metrics(per_table=self.per_table)
         for name, value in metrics.items():
             pl_module.log(name, value, reduce_fx="sum", sync_dist=True, on_step=True, on_epoch=False)
+
+
+class TrainingCurvePlot(pl.Callback):
+    """Writes ``training_curves.png`` into the CSVLogger's log directory at the end of fit (global rank 0).
+
+    The figure is drawn from ``metrics.csv`` (see :mod:`lightning_sparse.plotting`), so it shows exactly
+    what was logged: loss, AUC, log-loss/NE, samples/s and embedding memory when those were logged.
+    Needs a ``CSVLogger`` among the Trainer's loggers; without one, setup fails rather than silently
+    producing nothing.
+    """
+
+    def __init__(self, filename: str = "training_curves.png") -> None:
+        self.filename = filename
+        self.path: Optional[str] = None
+
+    @staticmethod
+    def _csv_logger(trainer: pl.Trainer) -> Optional[CSVLogger]:
+        return next((logger for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._csv_logger(trainer) is None:
+            raise MisconfigurationException(
+                "TrainingCurvePlot draws from the CSVLogger's metrics.csv, but the Trainer has no CSVLogger; "
+                "add `lightning.pytorch.loggers.CSVLogger` to trainer.logger or remove the callback."
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        logger = self._csv_logger(trainer)
+        logger.save()  # on_fit_end runs before the loggers are finalized: flush the rows still in memory
+        path = os.path.join(logger.log_dir, self.filename)
+        self.path = str(plot_training_curves(os.path.join(logger.log_dir, "metrics.csv"), path))
+        print(f"training curves: {self.path}")
+
+
+class FitSummary(pl.Callback):
+    """Prints, on global rank 0 after fit, the numbers a reader checks first: the last validation AUC/NE,
+    mean training samples/s and embedding memory (from whatever of them was logged)."""
+
+    ROWS = [
+        ("val/auc", "validation AUC", "{:.4f}", 1.0),
+        ("val/ne", "validation NE", "{:.4f}", 1.0),
+        ("val/log_loss", "validation log-loss", "{:.4f}", 1.0),
+        ("train/epoch_samples_per_sec", "training samples/s", "{:,.0f}", 1.0),
+        ("memory/embedding_weight_bytes", "embedding weights (MiB)", "{:.1f}", 2.0**-20),
+        ("memory/sparse_optimizer_bytes", "sparse optimizer (MiB)", "{:.1f}", 2.0**-20),
+    ]
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        lines = [
+            f"{label:<26}{fmt.format(float(metrics[key]) * scale)}"
+            for key, label, fmt, scale in self.ROWS
+            if key in metrics
+        ]
+        if lines:
+            print(f"\nfit summary ({trainer.world_size} processes, step {trainer.global_step})")
+            print("\n".join(lines))

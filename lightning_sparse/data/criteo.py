@@ -452,7 +452,10 @@ class CriteoDataModule(LightningDataModule):
         self.dense_transform = DenseTransform.parse(dense_transform, "CriteoDataModule.dense_transform")
         self.num_workers, self.drop_last, self.pin_memory = num_workers, drop_last, pin_memory
         self.datasets: dict = {}
-        self.save_hyperparameters()
+        # Record the per-table list, not a one-int shorthand: models built from this module record the list,
+        # and Lightning refuses to log hparams that the model and the data module hold with different values.
+        self.save_hyperparameters(ignore="num_embeddings_per_feature")
+        self.hparams["num_embeddings_per_feature"] = self.num_embeddings_per_feature
 
     @property
     def num_dense_features(self) -> int:
