@@ -51,9 +51,16 @@ def test_model_without_embedding_tables_is_refused(single_process_env):
         _trainer(SparseStrategy()).fit(NoTables(), _data())
 
 
-def test_optimizer_kind_without_cpu_kernel_names_the_supported_ones(single_process_env):
-    strategy = SparseStrategy(optimizer=SparseOptimizerConfig(kind="adam"))
-    with pytest.raises(ValueError, match="'adam' has no fused kernel on device type 'cpu'.*sgd, adagrad, rowwise_adagrad"):
+def test_optimizer_kind_without_fbgemm_kernel_names_what_works(single_process_env):
+    """adam has no fused fbgemm kernel on CPU: it runs in our kernels, which need table_wise sharding."""
+    strategy = SparseStrategy(sharding="column_wise", optimizer=SparseOptimizerConfig(kind="adam"))
+    with pytest.raises(ValueError, match="'adam' has no fbgemm kernel on cpu.*need sharding 'table_wise'.*sgd, adagrad, rowwise_adagrad"):
+        _trainer(strategy).fit(_model(), _data())
+
+
+def test_data_parallel_tables_refuse_kinds_without_a_torch_optimizer(single_process_env):
+    strategy = SparseStrategy(sharding="data_parallel", optimizer=SparseOptimizerConfig(kind="decayed_adagrad"))
+    with pytest.raises(ValueError, match="'decayed_adagrad' is not available for data_parallel tables"):
         _trainer(strategy).fit(_model(), _data())
 
 

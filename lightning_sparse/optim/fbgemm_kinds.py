@@ -64,8 +64,22 @@ def fused_optimizer_for(config: SparseOptimizerConfig, device_type: str) -> tupl
     }
 
 
+# Kinds a regular torch optimizer implements, for data_parallel tables (dense kernels, dense gradients).
+UNFUSED_KINDS = (SparseOptimizerKind.SGD, SparseOptimizerKind.ADAGRAD, SparseOptimizerKind.ROWWISE_ADAGRAD, SparseOptimizerKind.ADAM)
+
+
+def check_unfused_kind(config: SparseOptimizerConfig) -> None:
+    """Raises, naming the allowed kinds, when a data_parallel table asks for a kind torch has no optimizer for."""
+    if config.kind not in UNFUSED_KINDS:
+        raise ValueError(
+            f"Sparse optimizer kind {config.kind.value!r} is not available for data_parallel tables; "
+            f"use {', '.join(k.value for k in UNFUSED_KINDS)} there."
+        )
+
+
 def unfused_optimizer_for(config: SparseOptimizerConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """A regular torch optimizer with the same rule, for ``data_parallel`` tables (dense kernels)."""
+    check_unfused_kind(config)
     kind = config.kind
     if kind is SparseOptimizerKind.SGD:
         return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -77,7 +91,4 @@ def unfused_optimizer_for(config: SparseOptimizerConfig, params: list[torch.nn.P
         return torch.optim.Adam(
             params, lr=config.lr, eps=config.eps, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
         )
-    raise ValueError(
-        f"Sparse optimizer kind {kind.value!r} is not available for data_parallel tables; "
-        "use sgd, adagrad, rowwise_adagrad or adam there."
-    )
+    raise AssertionError(kind)  # check_unfused_kind covers the rest

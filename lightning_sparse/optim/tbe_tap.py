@@ -28,13 +28,17 @@ def find_tbes(module: torch.nn.Module) -> list[Any]:
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 
     found: dict[int, Any] = {}
+    seen: set[int] = set()
 
     def visit(obj: Any, depth: int) -> None:
-        if depth > 8 or id(obj) in found:
+        if depth > 32 or id(obj) in found:  # DMP -> DDP -> LightningModule -> ... -> lookup -> TBE is deep
             return
         if isinstance(obj, SplitTableBatchedEmbeddingBagsCodegen):
             found[id(obj)] = obj
             return
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
         if isinstance(obj, (list, tuple)):
             for item in obj:
                 visit(item, depth + 1)

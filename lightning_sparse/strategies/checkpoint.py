@@ -49,7 +49,7 @@ def save_sharded(
             shutil.rmtree(path)  # stale shards of a run with more ranks would otherwise linger
         path.mkdir(parents=True)
     _barrier()
-    dcp.save({MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: sparse_optimizer_state}, checkpoint_id=str(path))
+    dcp.save({MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: _stateful_only(sparse_optimizer_state)}, checkpoint_id=str(path))
     if is_global_zero:
         torch.save(trainer_state, path / TRAINER_STATE_FILE)
     _barrier()
@@ -66,8 +66,17 @@ def load_sharded(
             f"(torch.distributed.checkpoint) and '{TRAINER_STATE_FILE}'. Checkpoints saved by SparseStrategy "
             "are directories; a single-file .ckpt from another strategy cannot hold sharded tables."
         )
-    dcp.load({MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: sparse_optimizer_state}, checkpoint_id=str(path))
+    dcp.load({MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: _stateful_only(sparse_optimizer_state)}, checkpoint_id=str(path))
     return torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _stateful_only(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state without parameters whose state is empty (fused SGD has none).
+
+    DCP writes no entry for an empty dict but then asks for one on load; the tensors are shared with the
+    full state dict, so loading in place still fills it.
+    """
+    return {**optimizer_state, "state": {key: value for key, value in optimizer_state["state"].items() if value}}
 
 
 def _barrier() -> None:

@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+import torchrec.optim as trec_optim
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -21,7 +22,8 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from lightning_sparse.config import ResolvedTable, ShardingType, SparseOptimizerConfig, TableConfig
-from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
+from lightning_sparse.optim.fbgemm_kinds import check_unfused_kind, fused_optimizer_for, supported_kinds
+from lightning_sparse.strategies.native_kernel_tables import NATIVE_KERNEL_SHARDING, fused_sgd_scale, needs_native_kernel
 
 EmbeddingModule = Union[EmbeddingBagCollection, EmbeddingCollection]
 
@@ -107,8 +109,17 @@ def resolve_tables(
                 f"allowed there: {', '.join(['auto'] + [s.value for s in allowed])}"
             )
         optimizer = override.optimizer or default_optimizer
-        if sharding is not ShardingType.DATA_PARALLEL:
-            fused_optimizer_for(optimizer, device_type)  # raises naming the supported kinds
+        if sharding is ShardingType.DATA_PARALLEL:
+            check_unfused_kind(optimizer)
+        elif needs_native_kernel(optimizer, device_type):
+            if sharding not in NATIVE_KERNEL_SHARDING:
+                fused = ", ".join(k.value for k in supported_kinds(device_type))
+                raise ValueError(
+                    f"Table {table_name!r}: sparse optimizer {optimizer.kind.value!r} has no fbgemm kernel on "
+                    f"{device_type} and runs in lightning_sparse kernels, which need sharding 'table_wise' (or "
+                    f"'auto'), not {sharding.value!r}. Use table_wise, or a kind fbgemm fuses there: {fused}."
+                )
+            sharding = ShardingType.TABLE_WISE
         result.tables[table_name] = ResolvedTable(name=table_name, sharding=sharding, optimizer=optimizer)
     return result
 
@@ -131,12 +142,28 @@ def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, 
 
 
 def attach_fused_optimizers(tables: EmbeddingTables, device_type: str) -> None:
-    """Attaches each fused table's optimizer so TorchRec builds the fbgemm kernel with it."""
+    """Attaches each fused table's optimizer so TorchRec builds the fbgemm kernel with it.
+
+    Tables whose rule fbgemm lacks on the device get fused SGD at the gradient-tap scale instead (see
+    ``native_kernel_tables``); TorchRec groups them into their own TBEs since their fused params differ.
+    """
     for name, table in tables.tables.items():
         if table.sharding is ShardingType.DATA_PARALLEL:
             continue
-        optimizer_class, kwargs = fused_optimizer_for(table.optimizer, device_type)
+        if needs_native_kernel(table.optimizer, device_type):
+            optimizer_class, kwargs = trec_optim.SGD, fused_sgd_scale()
+        else:
+            optimizer_class, kwargs = fused_optimizer_for(table.optimizer, device_type)
         apply_optimizer_in_backward(optimizer_class, [tables.weights[name][1]], kwargs)
+
+
+def native_kernel_configs(tables: EmbeddingTables, device_type: str) -> dict[str, SparseOptimizerConfig]:
+    """The tables trained by lightning_sparse kernels, with their optimizer configs."""
+    return {
+        name: table.optimizer
+        for name, table in tables.tables.items()
+        if table.sharding is not ShardingType.DATA_PARALLEL and needs_native_kernel(table.optimizer, device_type)
+    }
 
 
 def sharders() -> list:

@@ -23,11 +23,13 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.optim.fbgemm_kinds import unfused_optimizer_for
 from lightning_sparse.strategies import checkpoint as sharded_checkpoint
+from lightning_sparse.strategies.native_kernel_tables import NativeKernelOptimizer, table_owners
 from lightning_sparse.strategies.sharding import (
     EmbeddingTables,
     attach_fused_optimizers,
     copy_initial_weights,
     embedding_parameters,
+    native_kernel_configs,
     plan_sharding,
     resolve_tables,
     shard_model,
@@ -142,13 +144,15 @@ class SparseStrategy(DDPStrategy):
         existing = getattr(dmp, "_lightning_sparse_optimizer", None)
         if existing is not None:
             return existing
-        optimizers: list[KeyedOptimizer] = [dmp.fused_optimizer]
+        optimizers: list[Union[KeyedOptimizer, tuple[str, KeyedOptimizer]]] = [dmp.fused_optimizer]
         module = self.lightning_module
-        data_parallel = {
-            fqn: param
-            for fqn, param in embedding_parameters(module).items()
-            if not hasattr(param, "_in_backward_optimizers")
-        }
+        parameters = embedding_parameters(module)
+        native = native_kernel_configs(self._tables, self.root_device.type)
+        if native:
+            owners = table_owners(dmp, list(native))
+            # Named, so its keys differ from the fused SGD taps' keys of the same tables.
+            optimizers.append(("native_kernels", NativeKernelOptimizer(dmp, native, parameters, owners, self.global_rank)))
+        data_parallel = {fqn: param for fqn, param in parameters.items() if not hasattr(param, "_in_backward_optimizers")}
         by_config: dict[str, tuple[SparseOptimizerConfig, dict[str, nn.Parameter]]] = {}
         for fqn, param in data_parallel.items():
             table = self._tables.tables[fqn.split(".")[-2]]
@@ -199,9 +203,28 @@ class SparseStrategy(DDPStrategy):
         """Sets the learning rate of every embedding table (applied from the next step, checkpointed)."""
         if lr < 0:
             raise ValueError(f"sparse learning rate must be >= 0, got {lr}")
-        for group in self.sparse_optimizer.param_groups:
+        for group in self.sparse_param_groups():
             group["lr"] = lr
         self._push_fused_learning_rates()
+
+    def sparse_param_groups(self) -> list[dict[str, Any]]:
+        """The param groups that hold the tables' hyper-parameters (lr, eps, ...), one or more per table.
+
+        Fused SGD groups that only serve as gradient taps for lightning_sparse kernels are left out: their
+        ``lr`` is a fixed scale, the table's real lr lives in the NativeKernelOptimizer's group.
+        """
+        tapped = set(native_kernel_configs(self.embedding_tables, self.root_device.type))
+        optimizer = self.sparse_optimizer
+        key_of = {id(param): key for key, param in optimizer.params.items()}
+        groups = []
+        for name, sub in optimizer.optimizers:
+            for group in sub.param_groups:
+                is_tap = not isinstance(sub, NativeKernelOptimizer) and any(
+                    key_of[id(p)].split(".")[-2] in tapped for p in group["params"]
+                )
+                if not is_tap:
+                    groups.append(group)
+        return groups
 
     def _push_fused_learning_rates(self) -> None:
         # fbgemm kernels read the learning rate from their own field; TorchRec copies it there on zero_grad().

@@ -32,7 +32,7 @@ class SparseLRDecay(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         strategy = trainer.strategy
-        strategy.set_sparse_lr(strategy.sparse_optimizer.param_groups[0]["lr"] * 0.5)
+        strategy.set_sparse_lr(strategy.sparse_param_groups()[0]["lr"] * 0.5)
 
 
 def main() -> None:
@@ -103,7 +103,7 @@ def main() -> None:
         plan=plan,
         world_size=trainer.world_size,
         global_step=trainer.global_step,
-        sparse_lr=strategy.sparse_optimizer.param_groups[0]["lr"],
+        sparse_lr=strategy.sparse_param_groups()[0]["lr"],
     )
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
