@@ -88,6 +88,22 @@ class SparseMemoryMonitor(pl.Callback):
             pl_module.log(name, value, reduce_fx="sum", sync_dist=True, on_step=True, on_epoch=False)
 
 
+class DynamicTableMonitor(pl.Callback):
+    """Logs each dynamic table's counters (``dynamic/<table>/live``, admitted, evicted, expired,
+    rejected_full, ...) every ``every_n_steps``. The hash tables are replicas, identical on every rank."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        tables = getattr(trainer.strategy, "dynamic_tables", None)
+        if tables is None or (trainer.global_step - 1) % self.every_n_steps != 0:
+            return
+        for table, counters in tables.metrics().items():
+            for name, value in counters.items():
+                pl_module.log(f"dynamic/{table}/{name}", float(value), on_step=True, on_epoch=False)
+
+
 class TrainingCurvePlot(pl.Callback):
     """Writes ``training_curves.png`` into the CSVLogger's log directory at the end of fit (global rank 0).
 

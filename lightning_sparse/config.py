@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
+from lightning_sparse.dynamic.config import DynamicTableConfig
+
 
 class _NamedEnum(str, Enum):
     """A string enum whose parser names the allowed values on a bad input."""
@@ -103,16 +105,21 @@ class TableConfig:
     Args:
         sharding: how this table is sharded (see :class:`ShardingType`).
         optimizer: this table's sparse optimizer (default: the strategy's ``optimizer``).
+        dynamic: make this a dynamic table: raw int64 ids of any value are mapped to its rows by a hash
+            table with admission, expiry and eviction (its ``capacity`` must equal the table's rows).
     """
 
     sharding: Optional[ShardingType] = None
     optimizer: Optional[SparseOptimizerConfig] = None
+    dynamic: Optional[DynamicTableConfig] = None
 
     def __post_init__(self) -> None:
         if self.sharding is not None:
             self.sharding = ShardingType.parse(self.sharding, "TableConfig.sharding")
         if isinstance(self.optimizer, dict):
             self.optimizer = build_dataclass(SparseOptimizerConfig, self.optimizer, "TableConfig.optimizer")
+        if isinstance(self.dynamic, dict):
+            self.dynamic = build_dataclass(DynamicTableConfig, self.dynamic, "TableConfig.dynamic")
 
 
 def build_dataclass(cls: type, values: dict, what: str):
@@ -131,3 +138,4 @@ class ResolvedTable:
     name: str
     sharding: ShardingType
     optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
+    dynamic: Optional[DynamicTableConfig] = None

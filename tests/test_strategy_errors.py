@@ -150,6 +150,28 @@ def test_fit_then_validate_test_predict_reuse_the_sharded_model(single_process_e
     assert other.strategy.distributed_model is dmp
 
 
+def test_dynamic_table_capacity_must_match_its_rows(single_process_env):
+    from lightning_sparse.dynamic import DynamicTableConfig
+
+    strategy = SparseStrategy(tables={"t_cat_0": TableConfig(dynamic=DynamicTableConfig(capacity=64))})
+    with pytest.raises(ValueError, match="'t_cat_0': dynamic.capacity=64 must equal the table's rows .num_embeddings=100."):
+        _trainer(strategy).fit(_model(), _data())
+
+
+def test_dynamic_table_trains_and_logs_its_counters(single_process_env):
+    from lightning_sparse.callbacks import DynamicTableMonitor
+    from lightning_sparse.dynamic import DynamicTableConfig
+
+    data = SyntheticClickDataModule(num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=3, num_val_batches=1)
+    model = DLRMModule(num_embeddings_per_feature=[100, 200, 64], embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    strategy = SparseStrategy(tables={"t_cat_2": TableConfig(dynamic={"capacity": 64, "admission": {"min_count": 1}})})
+    trainer = _trainer(strategy, callbacks=[DynamicTableMonitor(every_n_steps=1)])
+    trainer.fit(model, data)
+    assert trainer.callback_metrics["dynamic/t_cat_2/live"] > 0
+    assert trainer.callback_metrics["dynamic/t_cat_2/capacity"] == 64
+    assert "val/auc" in trainer.callback_metrics
+
+
 def test_public_api():
     assert lightning_sparse.SparseStrategy is SparseStrategy
     assert {"ShardingType", "SparseOptimizerConfig", "SparseOptimizerKind", "TableConfig"} <= set(lightning_sparse.__all__)

@@ -52,10 +52,7 @@ def remap_kjt(
     if kjt.variable_stride_per_key():
         raise ValueError("remap_kjt does not support KeyedJaggedTensors with a variable stride per key")
     keys = kjt.keys()
-    lengths = kjt.lengths()
     values = kjt.values()
-    weights = kjt.weights_or_none()
-    stride = kjt.stride()
     per_key = kjt.length_per_key()
     starts = [0]
     for n in per_key:
@@ -66,13 +63,11 @@ def remap_kjt(
         if key in feature_to_table:
             by_table.setdefault(feature_to_table[key], []).append(k)
 
-    new_values = values.clone()
-    keep = torch.ones(values.numel(), dtype=torch.bool, device=values.device)
+    slots_by_key: dict[str, torch.Tensor] = {}
     results: dict[str, RemapResult] = {}
     for table, key_indices in by_table.items():
-        pieces = [torch.arange(starts[k], starts[k + 1], device=values.device) for k in key_indices]
-        positions = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64, device=values.device)
-        raw = values[positions]
+        pieces = [values[starts[k] : starts[k + 1]] for k in key_indices]
+        raw = torch.cat(pieces) if pieces else values.new_zeros(0)
         remapper = remappers[table]
         if admit:
             result = remapper.remap(raw, step, now)
@@ -80,21 +75,43 @@ def remap_kjt(
             slots = remapper.lookup(raw)
             result = RemapResult(slots, torch.zeros(0, dtype=torch.int64, device=slots.device))
         results[table] = result
-        new_values[positions] = result.slots.to(values.dtype)
-        keep[positions] = result.slots >= 0
+        for k, piece in zip(key_indices, result.slots.split([per_key[k] for k in key_indices])):
+            slots_by_key[keys[k]] = piece
+    return with_slots(kjt, slots_by_key), results
+
+
+def with_slots(kjt: KeyedJaggedTensor, slots_by_key: Mapping[str, torch.Tensor]) -> KeyedJaggedTensor:
+    """``kjt`` with the values of the given keys replaced by table rows; rows ``-1`` are dropped.
+
+    ``slots_by_key[key]`` holds one row per value of ``key``, in order. Other keys pass through unchanged.
+    """
+    keys = kjt.keys()
+    lengths = kjt.lengths()
+    values = kjt.values()
+    weights = kjt.weights_or_none()
+    stride = kjt.stride()
+    per_key = kjt.length_per_key()
+    starts = [0]
+    for n in per_key:
+        starts.append(starts[-1] + n)
+    new_values = values.clone()
+    keep = torch.ones(values.numel(), dtype=torch.bool, device=values.device)
+    for k, key in enumerate(keys):
+        if key in slots_by_key:
+            slots = slots_by_key[key].to(values.device)
+            new_values[starts[k] : starts[k + 1]] = slots.to(values.dtype)
+            keep[starts[k] : starts[k + 1]] = slots >= 0
 
     if bool(keep.all()):
-        out = KeyedJaggedTensor(keys=keys, values=new_values, weights=weights, lengths=lengths, stride=stride)
-        return out, results
+        return KeyedJaggedTensor(keys=keys, values=new_values, weights=weights, lengths=lengths, stride=stride)
     # lengths are (key, sample)-major; count the kept values of each bag
     bag_of_value = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     kept_bags = bag_of_value[keep]
     new_lengths = torch.zeros_like(lengths).index_add_(0, kept_bags, torch.ones_like(kept_bags, dtype=lengths.dtype))
-    out = KeyedJaggedTensor(
+    return KeyedJaggedTensor(
         keys=keys,
         values=new_values[keep],
         weights=None if weights is None else weights[keep],
         lengths=new_lengths,
         stride=stride,
     )
-    return out, results

@@ -2,9 +2,9 @@
 
 Layout of a checkpoint directory::
 
-    .metadata, __<rank>_0.distcp   DCP: the model state dict (ShardedTensors of the tables) and the
-                                   sparse optimizer state; every rank writes its own shards,
-                                   replicated tensors are written once
+    .metadata, __<rank>_0.distcp   DCP: the model state dict (ShardedTensors of the tables), the
+                                   sparse optimizer state and the dynamic tables' hash tables; every
+                                   rank writes its own shards, replicated tensors are written once
     trainer_state.pt               rank 0: everything else Lightning checkpoints (loops, dense optimizer,
                                    schedulers, callbacks, hyper-parameters); it is replicated
 
@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 TRAINER_STATE_FILE = "trainer_state.pt"
 MODEL_KEY = "model"
 SPARSE_OPTIMIZER_KEY = "sparse_optimizer"
+DYNAMIC_TABLES_KEY = "dynamic_tables"
 
 
 def is_sharded_checkpoint(path: "str | os.PathLike") -> bool:
@@ -37,6 +38,7 @@ def save_sharded(
     path: "str | os.PathLike",
     model_state: dict[str, Any],
     sparse_optimizer_state: dict[str, Any],
+    dynamic_tables_state: dict[str, Any],
     trainer_state: dict[str, Any],
     is_global_zero: bool,
 ) -> None:
@@ -49,14 +51,17 @@ def save_sharded(
             shutil.rmtree(path)  # stale shards of a run with more ranks would otherwise linger
         path.mkdir(parents=True)
     _barrier()
-    dcp.save({MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: _stateful_only(sparse_optimizer_state)}, checkpoint_id=str(path))
+    dcp.save(_tensors(model_state, sparse_optimizer_state, dynamic_tables_state), checkpoint_id=str(path))
     if is_global_zero:
         torch.save(trainer_state, path / TRAINER_STATE_FILE)
     _barrier()
 
 
 def load_sharded(
-    path: "str | os.PathLike", model_state: dict[str, Any], sparse_optimizer_state: dict[str, Any]
+    path: "str | os.PathLike",
+    model_state: dict[str, Any],
+    sparse_optimizer_state: dict[str, Any],
+    dynamic_tables_state: dict[str, Any],
 ) -> dict[str, Any]:
     """Loads tensors in place into the given (current) state dicts; returns the trainer state."""
     path = Path(path)
@@ -66,8 +71,15 @@ def load_sharded(
             f"(torch.distributed.checkpoint) and '{TRAINER_STATE_FILE}'. Checkpoints saved by SparseStrategy "
             "are directories; a single-file .ckpt from another strategy cannot hold sharded tables."
         )
-    dcp.load({MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: _stateful_only(sparse_optimizer_state)}, checkpoint_id=str(path))
+    dcp.load(_tensors(model_state, sparse_optimizer_state, dynamic_tables_state), checkpoint_id=str(path))
     return torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _tensors(model_state: dict, sparse_optimizer_state: dict, dynamic_tables_state: dict) -> dict[str, Any]:
+    parts = {MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: _stateful_only(sparse_optimizer_state)}
+    if dynamic_tables_state:
+        parts[DYNAMIC_TABLES_KEY] = dynamic_tables_state
+    return parts
 
 
 def _stateful_only(optimizer_state: dict[str, Any]) -> dict[str, Any]:

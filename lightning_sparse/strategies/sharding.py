@@ -54,6 +54,8 @@ class EmbeddingTables:
     # table name -> (module fqn, the table's weight before sharding); the weights are released once
     # copied into the shards (see copy_initial_weights)
     weights: dict[str, tuple[str, nn.Parameter]] = field(default_factory=dict)
+    # feature key -> table name
+    features: dict[str, str] = field(default_factory=dict)
 
 
 def find_embedding_modules(model: nn.Module) -> dict[str, EmbeddingModule]:
@@ -65,10 +67,15 @@ def find_embedding_modules(model: nn.Module) -> dict[str, EmbeddingModule]:
     return found
 
 
-def _table_weights(module: EmbeddingModule) -> dict[str, nn.Parameter]:
+def _table_configs(module: EmbeddingModule) -> list:
     if isinstance(module, EmbeddingBagCollection):
-        return {cfg.name: module.embedding_bags[cfg.name].weight for cfg in module.embedding_bag_configs()}
-    return {cfg.name: module.embeddings[cfg.name].weight for cfg in module.embedding_configs()}
+        return list(module.embedding_bag_configs())
+    return list(module.embedding_configs())
+
+
+def _table_weights(module: EmbeddingModule) -> dict[str, nn.Parameter]:
+    container = module.embedding_bags if isinstance(module, EmbeddingBagCollection) else module.embeddings
+    return {cfg.name: container[cfg.name].weight for cfg in _table_configs(module)}
 
 
 def resolve_tables(
@@ -95,6 +102,8 @@ def resolve_tables(
                     "table names must be unique across the model (they key the per-table config and checkpoints)."
                 )
             result.weights[table_name] = (fqn, weight)
+        for cfg in _table_configs(module):
+            result.features.update({feature: cfg.name for feature in cfg.feature_names})
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(result.weights))
     if unknown:
@@ -120,8 +129,24 @@ def resolve_tables(
                     f"'auto'), not {sharding.value!r}. Use table_wise, or a kind fbgemm fuses there: {fused}."
                 )
             sharding = ShardingType.TABLE_WISE
-        result.tables[table_name] = ResolvedTable(name=table_name, sharding=sharding, optimizer=optimizer)
+        dynamic = override.dynamic
+        if dynamic is not None and dynamic.capacity != result.weights[table_name][1].shape[0]:
+            raise ValueError(
+                f"Table {table_name!r}: dynamic.capacity={dynamic.capacity} must equal the table's rows "
+                f"(num_embeddings={result.weights[table_name][1].shape[0]}); set one to the other."
+            )
+        result.tables[table_name] = ResolvedTable(name=table_name, sharding=sharding, optimizer=optimizer, dynamic=dynamic)
     return result
+
+
+def dynamic_tables_of(tables: EmbeddingTables) -> Optional["DynamicTables"]:
+    """The hash tables of the model's dynamic tables, or None when no table is dynamic."""
+    from lightning_sparse.strategies.dynamic_tables import DynamicTables
+
+    configs = {name: table.dynamic for name, table in tables.tables.items() if table.dynamic is not None}
+    if not configs:
+        return None
+    return DynamicTables(configs, {f: t for f, t in tables.features.items() if t in configs})
 
 
 def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, ParameterConstraints]:

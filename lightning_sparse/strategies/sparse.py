@@ -18,16 +18,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import Optimizer
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from lightning_utilities.core.apply_func import apply_to_collection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.optim.fbgemm_kinds import unfused_optimizer_for
 from lightning_sparse.strategies import checkpoint as sharded_checkpoint
+from lightning_sparse.strategies.dynamic_tables import DynamicTables
 from lightning_sparse.strategies.native_kernel_tables import NativeKernelOptimizer, table_owners
 from lightning_sparse.strategies.sharding import (
     EmbeddingTables,
     attach_fused_optimizers,
     copy_initial_weights,
+    dynamic_tables_of,
     embedding_parameters,
     native_kernel_configs,
     plan_sharding,
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 # (not as a submodule), so any later Trainer or stage reuses it instead of sharding twice.
 _DMP_ATTRIBUTE = "_lightning_sparse_dmp"
 _TABLES_ATTRIBUTE = "_lightning_sparse_tables"
+_DYNAMIC_ATTRIBUTE = "_lightning_sparse_dynamic_tables"
 # Where the sparse optimizer's per-table hyper-parameters (lr, ...) live in the trainer state.
 _SPARSE_HYPERPARAMETERS_KEY = "sparse_optimizer_hyperparameters"
 
@@ -88,6 +93,8 @@ class SparseStrategy(DDPStrategy):
         self._loaded_sparse_optimizer_state: Optional[dict[str, Any]] = None
         self._loaded_sparse_hyperparameters: Optional[dict[str, dict[str, Any]]] = None
         self._tables: Optional[EmbeddingTables] = None
+        self._dynamic: Optional[DynamicTables] = None
+        self._dynamic_target_cache: Optional[tuple[dict[str, Any], dict[str, list[Any]]]] = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -119,6 +126,7 @@ class SparseStrategy(DDPStrategy):
         existing = getattr(module, _DMP_ATTRIBUTE, None)
         if existing is not None:
             self._tables = getattr(module, _TABLES_ATTRIBUTE)
+            self._dynamic = getattr(module, _DYNAMIC_ATTRIBUTE)
             self._sparse_optimizer = self._build_sparse_optimizer(existing)
             return existing
         device = self.root_device
@@ -136,6 +144,8 @@ class SparseStrategy(DDPStrategy):
         object.__setattr__(module, _DMP_ATTRIBUTE, dmp)
         object.__setattr__(module, _TABLES_ATTRIBUTE, tables)
         self._tables = tables
+        self._dynamic = dynamic_tables_of(tables)
+        object.__setattr__(module, _DYNAMIC_ATTRIBUTE, self._dynamic)
         self._sparse_optimizer = self._build_sparse_optimizer(dmp)
         return dmp
 
@@ -232,7 +242,63 @@ class SparseStrategy(DDPStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._push_fused_learning_rates()
+        if self._dynamic is not None:
+            args = (self._remap_for_training(args[0]),) + args[1:]
         return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return super().validation_step(*self._remap_for_evaluation(args), **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return super().test_step(*self._remap_for_evaluation(args), **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return super().predict_step(*self._remap_for_evaluation(args), **kwargs)
+
+    # --------------------------------------------------------- dynamic tables
+    @property
+    def dynamic_tables(self) -> Optional[DynamicTables]:
+        """The hash tables of the model's dynamic tables (None when it has none)."""
+        return self._dynamic
+
+    def _remap_for_training(self, batch: Any) -> Any:
+        step = self.lightning_module.trainer.global_step
+        assigned_rows: dict[str, torch.Tensor] = {}
+
+        def remap(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+            remapped, assigned = self._dynamic.remap_for_training(kjt, step)
+            assigned_rows.update(assigned)
+            return remapped
+
+        batch = apply_to_collection(batch, KeyedJaggedTensor, remap)
+        weights, states = self._dynamic_targets()
+        self._dynamic.recycle_rows(assigned_rows, weights, states, step)
+        return batch
+
+    def _remap_for_evaluation(self, args: tuple) -> tuple:
+        if self._dynamic is None or not args:
+            return args
+        return (apply_to_collection(args[0], KeyedJaggedTensor, self._dynamic.remap_for_evaluation),) + args[1:]
+
+    def _dynamic_targets(self) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+        """Each dynamic table's weight and optimizer state tensors (local shards are views of the live ones)."""
+        if self._dynamic_target_cache is None:
+            tables = set(self._dynamic.remappers)
+            weights = {}
+            for key, value in self.lightning_module.state_dict(keep_vars=True).items():
+                parts = key.split(".")
+                if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in tables:
+                    weights[parts[-2]] = value
+            states: dict[str, list[Any]] = {}
+            for key, state in self.sparse_optimizer.state_dict()["state"].items():
+                parts = key.split(".")
+                if len(parts) >= 2 and parts[-2] in tables:
+                    states.setdefault(parts[-2], []).extend(v for v in state.values() if hasattr(v, "dim"))
+            self._dynamic_target_cache = (weights, states)
+        return self._dynamic_target_cache
+
+    def _dynamic_tables_state(self) -> dict[str, Any]:
+        return self._dynamic.state_dict() if self._dynamic is not None else {}
 
     def optimizer_step(
         self,
@@ -262,6 +328,7 @@ class SparseStrategy(DDPStrategy):
             filepath,
             model_state=checkpoint["state_dict"],
             sparse_optimizer_state=self.sparse_optimizer.state_dict(),
+            dynamic_tables_state=self._dynamic_tables_state(),
             trainer_state=trainer_state,
             is_global_zero=self.is_global_zero,
         )
@@ -272,7 +339,10 @@ class SparseStrategy(DDPStrategy):
             if not keyed.state:
                 keyed.init_state()  # torch optimizers create their state lazily; DCP loads into existing tensors
         sparse_state = self.sparse_optimizer.state_dict()
-        trainer_state = sharded_checkpoint.load_sharded(checkpoint_path, model_state, sparse_state)
+        dynamic_state = self._dynamic_tables_state()
+        trainer_state = sharded_checkpoint.load_sharded(checkpoint_path, model_state, sparse_state, dynamic_state)
+        if self._dynamic is not None:
+            self._dynamic.load_state_dict(dynamic_state)
         trainer_state["state_dict"] = model_state
         self._loaded_sparse_optimizer_state = sparse_state
         self._loaded_sparse_hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)

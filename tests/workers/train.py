@@ -14,6 +14,7 @@ import torch
 
 import lightning_sparse
 from lightning_sparse.config import SparseOptimizerConfig, TableConfig
+from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig, ExpiryConfig
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.models import DLRMModule
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--ckpt-out", default=None, help="save a checkpoint here after the stage")
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint directory: a checkpoint every epoch")
+    parser.add_argument("--dynamic-capacity", type=int, default=0, help="make t_cat_3 a dynamic table of this many rows")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
 
@@ -58,11 +60,21 @@ def main() -> None:
     data = SyntheticClickDataModule(
         num_embeddings_per_feature=sizes, batch_size=64, num_train_batches=args.batches, num_val_batches=2, num_test_batches=2
     )
-    model = StepLR(num_embeddings_per_feature=sizes, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    table_sizes = list(sizes)
+    if args.dynamic_capacity:
+        table_sizes[3] = args.dynamic_capacity  # the data keeps its larger id space: raw ids are hashed to rows
+    model = StepLR(num_embeddings_per_feature=table_sizes, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
     tables = {}
     for item in args.table_sharding:
         name, sharding = item.split("=")
         tables[name] = TableConfig(sharding=sharding)
+    if args.dynamic_capacity:
+        dynamic = DynamicTableConfig(
+            capacity=args.dynamic_capacity,
+            admission=AdmissionConfig(min_count=2),
+            expiry=ExpiryConfig(ttl_steps=2, sweep_every_steps=1),
+        )
+        tables["t_cat_3"] = TableConfig(sharding=tables.get("t_cat_3", TableConfig()).sharding, dynamic=dynamic)
     strategy = lightning_sparse.SparseStrategy(
         sharding=args.sharding,
         optimizer=SparseOptimizerConfig(kind=args.optimizer, lr=args.sparse_lr),
@@ -105,6 +117,13 @@ def main() -> None:
         global_step=trainer.global_step,
         sparse_lr=strategy.sparse_param_groups()[0]["lr"],
     )
+    if strategy.dynamic_tables is not None:
+        result["dynamic_metrics"] = strategy.dynamic_tables.metrics()
+        # The hash-table replicas must stay identical on every rank.
+        digest = [float(t.double().sum()) for t in strategy.dynamic_tables.state_dict().values()]
+        digests = [None] * trainer.world_size
+        torch.distributed.all_gather_object(digests, digest)
+        result["replicas_identical"] = all(d == digests[0] for d in digests)
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
             json.dump(result, f)
