@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import lightning_sparse.data.criteo  # noqa: F401 - its enums and data module are selectable from YAML
 import lightning_sparse.dynamic.config  # noqa: F401 - its enums are registered below
 from lightning_sparse import __version__
-from lightning_sparse.config import _NamedEnum
+from lightning_sparse.typed_config import NamedEnum
 from lightning_sparse.loggers import default_wandb_to_offline
 from lightning_sparse.models import ClickModule
 from lightning_sparse.strategies import SparseStrategy  # noqa: F401 - registers strategy="sparse"
@@ -49,7 +49,7 @@ def _subclasses(cls: type) -> list[type]:
     return found
 
 
-def _enum_parser(cls: type[_NamedEnum]) -> Callable[[object], _NamedEnum]:
+def _enum_parser(cls: type[NamedEnum]) -> Callable[[object], NamedEnum]:
     return lambda value: cls.parse(value, cls.__name__)
 
 
@@ -57,10 +57,10 @@ def register_enums_by_value() -> None:
     """Makes jsonargparse read and write our enums by value (``sharding: table_wise``), not by member name.
 
     jsonargparse's own enum support uses member names (``TABLE_WISE``) and prints them; registering each
-    :class:`~lightning_sparse.config._NamedEnum` with its ``parse`` keeps one spelling everywhere (Python,
+    :class:`~lightning_sparse.typed_config.NamedEnum` with its ``parse`` keeps one spelling everywhere (Python,
     YAML, ``--print_config``) and the error that lists the allowed values.
     """
-    for cls in _subclasses(_NamedEnum):
+    for cls in _subclasses(NamedEnum):
         if get_registered_type(cls) is None:
             register_type(cls, serializer=_enum_value, deserializer=_enum_parser(cls))
 
@@ -90,7 +90,7 @@ def summarize_config_error(message: str) -> list[str]:
     """The root causes buried in a jsonargparse error (which nests one attempt per Union member), one line each.
 
     Unknown options get the list of accepted ones (jsonargparse names only the offending key); bad enum
-    values already carry the allowed values from :meth:`_NamedEnum.parse`.
+    values already carry the allowed values from :meth:`NamedEnum.parse`.
     """
     causes: list[str] = []
     for class_path, option in _UNKNOWN_OPTION.findall(message):

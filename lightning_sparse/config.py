@@ -6,32 +6,14 @@ YAML configs all read these, so a typo in a YAML key or value is rejected with t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Optional
 
 from lightning_sparse.dynamic.config import DynamicTableConfig
+from lightning_sparse.typed_config import NamedEnum, build_dataclass
 
 
-class _NamedEnum(str, Enum):
-    """A string enum whose parser names the allowed values on a bad input."""
-
-    @classmethod
-    def parse(cls, value: "str | _NamedEnum", what: str) -> "_NamedEnum":
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            allowed = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"{what}={value!r} is not valid; allowed values: {allowed}") from None
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class ShardingType(_NamedEnum):
+class ShardingType(NamedEnum):
     """How a table is split across ranks (TorchRec sharding types), or ``auto`` to let the planner pick.
 
     ``auto`` lets TorchRec's planner choose among the fused sharding types (it never silently picks
@@ -48,7 +30,7 @@ class ShardingType(_NamedEnum):
     DATA_PARALLEL = "data_parallel"
 
 
-class SparseOptimizerKind(_NamedEnum):
+class SparseOptimizerKind(NamedEnum):
     """The update rule applied to embedding rows, fused into the backward pass.
 
     Memory per row of dimension ``d`` (fp32 state): ``sgd`` 0, ``adagrad`` d, ``rowwise_adagrad`` 1,
@@ -120,15 +102,6 @@ class TableConfig:
             self.optimizer = build_dataclass(SparseOptimizerConfig, self.optimizer, "TableConfig.optimizer")
         if isinstance(self.dynamic, dict):
             self.dynamic = build_dataclass(DynamicTableConfig, self.dynamic, "TableConfig.dynamic")
-
-
-def build_dataclass(cls: type, values: dict, what: str):
-    """Builds dataclass ``cls`` from a mapping, naming unknown keys and the allowed ones."""
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ValueError(f"{what}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-    return cls(**values)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_sparse.config import _NamedEnum
+from lightning_sparse.typed_config import NamedEnum
 
 NUM_DENSE_FEATURES = 13
 NUM_SPARSE_FEATURES = 26
@@ -55,7 +55,7 @@ _MIX2 = 0x94D049BB133111EB
 PathsLike = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
 
 
-class OnError(_NamedEnum):
+class OnError(NamedEnum):
     """What to do with a malformed line: ``skip`` it (and count it) or ``raise`` :class:`CriteoFormatError`.
 
     Lower-case aliases exist so that YAML (jsonargparse parses enums by member name) accepts
@@ -68,7 +68,7 @@ class OnError(_NamedEnum):
     locals()["raise"] = "raise"
 
 
-class DenseTransform(_NamedEnum):
+class DenseTransform(NamedEnum):
     """How an integer feature ``x`` becomes a float: ``log1p`` is ``log(1 + max(x, 0))``, ``none`` keeps ``x``.
 
     Missing values become 0 in both cases.

@@ -7,14 +7,14 @@ that names the field and the allowed values.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Optional
 
-# This module imports nothing from lightning_sparse, so ``lightning_sparse/config.py`` can import it to
-# add a ``dynamic`` field to its per-table config without an import cycle.
+from lightning_sparse.typed_config import NamedEnum, build_dataclass
+
+# This module imports only ``typed_config`` from lightning_sparse, so ``lightning_sparse/config.py`` can
+# import it to add a ``dynamic`` field to its per-table config without an import cycle.
 
 #: Largest ``sketch_halve_every`` and largest remap batch. A counter halved at value ``c`` restarts at
 #: ``c / 2`` and gains at most ``halve_every + batch`` before the next halving, so it stays below
@@ -23,33 +23,7 @@ MAX_SKETCH_HALVE_EVERY = 1 << 28
 MAX_REMAP_BATCH = 1 << 28
 
 
-class _NamedEnum(str, Enum):
-    """A string enum whose parser names the allowed values on a bad input (as ``lightning_sparse.config``)."""
-
-    @classmethod
-    def parse(cls, value: "str | _NamedEnum", what: str) -> "_NamedEnum":
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            allowed = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"{what}={value!r} is not valid; allowed values: {allowed}") from None
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def build_dataclass(cls: type, values: dict, what: str):
-    """Builds dataclass ``cls`` from a mapping, naming unknown keys and the allowed ones."""
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ValueError(f"{what}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-    return cls(**values)
-
-
-class EvictionPolicy(_NamedEnum):
+class EvictionPolicy(NamedEnum):
     """Which live id loses its slot when the table is full and an admitted id needs one.
 
     ``lfu``: lowest occurrence count. ``lru``: oldest last-seen step. ``feature_score``: lowest
@@ -61,7 +35,7 @@ class EvictionPolicy(_NamedEnum):
     FEATURE_SCORE = "feature_score"
 
 
-class RowInit(_NamedEnum):
+class RowInit(NamedEnum):
     """How the embedding row of a newly (re)assigned slot is initialised."""
 
     UNIFORM = "uniform"

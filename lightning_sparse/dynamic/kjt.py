@@ -54,9 +54,7 @@ def remap_kjt(
     keys = kjt.keys()
     values = kjt.values()
     per_key = kjt.length_per_key()
-    starts = [0]
-    for n in per_key:
-        starts.append(starts[-1] + n)
+    starts = _key_starts(per_key)
 
     by_table: dict[str, list[int]] = {}
     for k, key in enumerate(keys):
@@ -80,6 +78,14 @@ def remap_kjt(
     return with_slots(kjt, slots_by_key), results
 
 
+def _key_starts(length_per_key: list[int]) -> list[int]:
+    """Offsets of each key's values in a KJT's ``values()`` (one more entry than keys)."""
+    starts = [0]
+    for n in length_per_key:
+        starts.append(starts[-1] + n)
+    return starts
+
+
 def with_slots(kjt: KeyedJaggedTensor, slots_by_key: Mapping[str, torch.Tensor]) -> KeyedJaggedTensor:
     """``kjt`` with the values of the given keys replaced by table rows; rows ``-1`` are dropped.
 
@@ -90,10 +96,7 @@ def with_slots(kjt: KeyedJaggedTensor, slots_by_key: Mapping[str, torch.Tensor])
     values = kjt.values()
     weights = kjt.weights_or_none()
     stride = kjt.stride()
-    per_key = kjt.length_per_key()
-    starts = [0]
-    for n in per_key:
-        starts.append(starts[-1] + n)
+    starts = _key_starts(kjt.length_per_key())
     new_values = values.clone()
     keep = torch.ones(values.numel(), dtype=torch.bool, device=values.device)
     for k, key in enumerate(keys):

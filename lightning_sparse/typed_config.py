@@ -1,0 +1,36 @@
+"""Building blocks of the typed configs: string enums and dataclass construction with clear errors.
+
+A module of its own (importing nothing from the package) so that ``config.py`` and ``dynamic/config.py``
+share it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+
+
+class NamedEnum(str, Enum):
+    """A string enum whose parser names the allowed values on a bad input."""
+
+    @classmethod
+    def parse(cls, value: "str | NamedEnum", what: str) -> "NamedEnum":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"{what}={value!r} is not valid; allowed values: {allowed}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def build_dataclass(cls: type, values: dict, what: str):
+    """Builds dataclass ``cls`` from a mapping, naming unknown keys and the allowed ones."""
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"{what}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls(**values)
