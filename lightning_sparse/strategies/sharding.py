@@ -195,6 +195,20 @@ def sharders() -> list:
     return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
+def move_dense_modules(model: nn.Module, device: torch.device, embedding_fqns: set[str], prefix: str = "") -> None:
+    """Moves everything but the embedding modules to ``device``; DMP places each table shard itself
+    (moving whole tables first would put every full table on every device)."""
+    model._apply(lambda t: t.to(device), recurse=False)
+    for name, child in model.named_children():
+        fqn = f"{prefix}{name}"
+        if fqn in embedding_fqns:
+            continue
+        if any(e.startswith(fqn + ".") for e in embedding_fqns):
+            move_dense_modules(child, device, embedding_fqns, prefix=fqn + ".")
+        else:
+            child.to(device)
+
+
 def plan_sharding(
     model: nn.Module,
     tables: EmbeddingTables,

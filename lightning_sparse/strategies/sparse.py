@@ -17,8 +17,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import Optimizer
-from torchrec.distributed.model_parallel import DistributedModelParallel
 from lightning_utilities.core.apply_func import apply_to_collection
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -33,6 +33,7 @@ from lightning_sparse.strategies.sharding import (
     copy_initial_weights,
     dynamic_tables_of,
     embedding_parameters,
+    move_dense_modules,
     native_kernel_configs,
     plan_sharding,
     resolve_tables,
@@ -132,10 +133,7 @@ class SparseStrategy(DDPStrategy):
         device = self.root_device
         tables = resolve_tables(module, device.type, self.sharding, self.sparse_optimizer_config, self.table_configs)
         attach_fused_optimizers(tables, device.type)
-        # Dense modules go to the device now; DMP moves each table shard itself.
-        for name, child in module.named_children():
-            if name not in tables.modules:
-                child.to(device)
+        move_dense_modules(module, device, set(tables.modules))
         process_group = dist.group.WORLD
         plan = plan_sharding(module, tables, device, process_group, local_world_size=self.num_processes)
         log.info("SparseStrategy sharding plan:\n%s", plan)
