@@ -148,7 +148,8 @@ class SparseStrategy(DDPStrategy):
         return dmp
 
     def _build_sparse_optimizer(self, dmp: DistributedModelParallel) -> KeyedOptimizer:
-        """The fused optimizers of sharded tables plus torch optimizers of data-parallel tables."""
+        """One KeyedOptimizer over every table: fbgemm's fused optimizers, our kernels' optimizer (kinds fbgemm
+        cannot fuse on the device) and torch optimizers of data-parallel tables. Built once per DMP."""
         existing = getattr(dmp, "_lightning_sparse_optimizer", None)
         if existing is not None:
             return existing
@@ -183,7 +184,7 @@ class SparseStrategy(DDPStrategy):
     # ------------------------------------------------------------- training
     @property
     def sparse_optimizer(self) -> KeyedOptimizer:
-        """The optimizer of every embedding table (fused fbgemm ones and data-parallel ones)."""
+        """The optimizer of every embedding table (see ``_build_sparse_optimizer``); its state is checkpointed."""
         if self._sparse_optimizer is None:
             raise RuntimeError("SparseStrategy.sparse_optimizer is available after the Trainer has set up the model.")
         return self._sparse_optimizer
@@ -225,7 +226,7 @@ class SparseStrategy(DDPStrategy):
         optimizer = self.sparse_optimizer
         key_of = {id(param): key for key, param in optimizer.params.items()}
         groups = []
-        for name, sub in optimizer.optimizers:
+        for _, sub in optimizer.optimizers:
             for group in sub.param_groups:
                 is_tap = not isinstance(sub, NativeKernelOptimizer) and any(
                     key_of[id(p)].split(".")[-2] in tapped for p in group["params"]
