@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_sparse.config import SparseOptimizerConfig, SparseOptimizerKind
-from lightning_sparse.optim.kernels import init_state, sparse_update
+from lightning_sparse.optim.kernels import init_state, sparse_update_for
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SparseOptimizerConfig))
 
@@ -85,19 +85,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 indices, values = sparse_rows(p.grad)
-                sparse_update(
-                    config.kind,
-                    p.data,
-                    self.state[p],
-                    indices,
-                    values,
-                    lr=config.lr,
-                    eps=config.eps,
-                    weight_decay=config.weight_decay,
-                    beta1=config.beta1,
-                    beta2=config.beta2,
-                    decay=config.decay,
-                )
+                sparse_update_for(config, p.data, self.state[p], indices, values)
         return loss
 
 
