@@ -264,6 +264,14 @@ BAD_CONFIGS = {
         STRATEGY + "      tables:\n        t_cat_1: {optimizer: {kind: sgd, momentum: 0.9}}\n",
         "SparseOptimizerConfig has no option 'momentum'; accepted options: kind, lr, eps, weight_decay",
     ),
+    "bad dynamic eviction policy": (
+        STRATEGY + "      tables:\n        t_cat_0: {dynamic: {capacity: 100, eviction: random}}\n",
+        "EvictionPolicy='random' is not valid; allowed values: 'lfu', 'lru', 'feature_score'",
+    ),
+    "unknown dynamic option": (
+        STRATEGY + "      tables:\n        t_cat_0: {dynamic: {capacity: 100, ttl: 5}}\n",
+        "DynamicTableConfig has no option 'ttl'; accepted options: capacity, admission, expiry",
+    ),
     "bad criteo enum": (
         "data:\n  class_path: lightning_sparse.data.criteo.CriteoDataModule\n"
         "  init_args: {train_paths: x.tsv, on_error: ignore}\n",

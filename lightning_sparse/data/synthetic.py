@@ -20,6 +20,8 @@ resuming from a checkpoint replays exactly the same stream.
 from __future__ import annotations
 
 import math
+from typing import Optional
+
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -160,7 +162,10 @@ class SyntheticClickDataModule(LightningDataModule):
     """Train/val/test/predict splits of :class:`SyntheticClickStream` (disjoint stream positions).
 
     Args:
-        num_embeddings_per_feature: id-space size of each sparse feature (one table per feature).
+        num_embeddings_per_feature: rows of each feature's table (what models read), and by default also
+            the range of its raw ids.
+        id_space_per_feature: range of each feature's raw ids when it is larger than its table: such a
+            table must be dynamic (``TableConfig(dynamic=...)``), which maps the raw ids to its rows.
         num_dense_features: number of dense (float) features.
         batch_size: samples per batch.
         num_train_batches / num_val_batches / num_test_batches: batches per split (per epoch).
@@ -173,6 +178,7 @@ class SyntheticClickDataModule(LightningDataModule):
     def __init__(
         self,
         num_embeddings_per_feature: list[int] = [1000] * 8,  # noqa: B006 - a YAML-friendly default, never mutated
+        id_space_per_feature: Optional[list[int]] = None,
         num_dense_features: int = 13,
         batch_size: int = 256,
         num_train_batches: int = 64,
@@ -185,12 +191,18 @@ class SyntheticClickDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.num_embeddings_per_feature = list(num_embeddings_per_feature)
+        id_space = list(id_space_per_feature) if id_space_per_feature is not None else self.num_embeddings_per_feature
+        if len(id_space) != len(self.num_embeddings_per_feature):
+            raise ValueError(
+                f"id_space_per_feature has {len(id_space)} entries for {len(self.num_embeddings_per_feature)} features; "
+                "give one per feature (or leave it out to use num_embeddings_per_feature)"
+            )
         self.num_dense_features = num_dense_features
         self.feature_names = feature_names(len(self.num_embeddings_per_feature))
         self.batch_size = batch_size
         common = dict(
             batch_size=batch_size,
-            num_embeddings_per_feature=self.num_embeddings_per_feature,
+            num_embeddings_per_feature=id_space,
             num_dense_features=num_dense_features,
             zipf_exponent=zipf_exponent,
             drift_period=drift_period,
