@@ -206,7 +206,11 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
     assert strategy["class_path"] == "lightning_sparse.SparseStrategy"
     args = strategy["init_args"]
     assert args["sharding"] == "table_wise" and args["optimizer"]["kind"] == "rowwise_adagrad"
-    assert args["tables"]["t_cat_7"] == {"sharding": "data_parallel", "optimizer": {**args["tables"]["t_cat_7"]["optimizer"], "kind": "adagrad"}}
+    assert args["tables"]["t_cat_7"] == {
+        "sharding": "data_parallel",
+        "optimizer": {**args["tables"]["t_cat_7"]["optimizer"], "kind": "adagrad"},
+        "dynamic": None,
+    }
     assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
                          "process_group_backend", "timeout", "start_method"}  # no accelerator/devices internals
     # Linked from the data module, so not settable on the model.
