@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -109,24 +110,45 @@ struct Table {
   }
 };
 
-// Looks up ids[begin, end) in blocks, prefetching each block's index entries and then the slots they
-// point to before probing: the two dependent cache misses per id overlap across the block.
+// Looks up ids[begin, end) in a software pipeline: the index entry of id i + 2D is prefetched, the
+// slot that the entry of id i + D points to is prefetched (and `touch`ed for the caller's own per-slot
+// data), and id i is probed, so the two dependent cache misses per id overlap across 2D ids in flight.
+template <typename Touch, typename Emit>
+inline void find_pipelined(const Table& t, const int64_t* id, int64_t begin, int64_t end, Touch&& touch, Emit&& emit) {
+  constexpr int64_t kD = 16, kRing = 64;  // kRing >= 2 * kD, a power of two
+  uint64_t home[kRing];
+  const int64_t pre_end = std::min(end, begin + 2 * kD);
+  for (int64_t i = begin; i < pre_end; ++i) {
+    home[i & (kRing - 1)] = t.home(id[i]);
+    __builtin_prefetch(&t.index[home[i & (kRing - 1)]]);
+  }
+  for (int64_t i = begin; i < std::min(end, begin + kD); ++i) {
+    const int32_t e = t.index[home[i & (kRing - 1)]];
+    if (e >= 0) {
+      __builtin_prefetch(&t.slot_ids[e]);
+      touch(e);
+    }
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t far = i + 2 * kD, near = i + kD;
+    if (far < end) {
+      home[far & (kRing - 1)] = t.home(id[far]);
+      __builtin_prefetch(&t.index[home[far & (kRing - 1)]]);
+    }
+    if (near < end) {
+      const int32_t e = t.index[home[near & (kRing - 1)]];
+      if (e >= 0) {
+        __builtin_prefetch(&t.slot_ids[e]);
+        touch(e);
+      }
+    }
+    emit(i, t.find_from(id[i], home[i & (kRing - 1)]));
+  }
+}
+
 template <typename Emit>
 void find_block(const Table& t, const int64_t* id, int64_t begin, int64_t end, Emit&& emit) {
-  constexpr int64_t kBlock = 16;
-  uint64_t home[kBlock];
-  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-    const int64_t m = std::min(kBlock, end - i0);
-    for (int64_t j = 0; j < m; ++j) {
-      home[j] = t.home(id[i0 + j]);
-      __builtin_prefetch(&t.index[home[j]]);
-    }
-    for (int64_t j = 0; j < m; ++j) {
-      const int32_t e = t.index[home[j]];
-      if (e >= 0) __builtin_prefetch(&t.slot_ids[e]);
-    }
-    for (int64_t j = 0; j < m; ++j) emit(i0 + j, t.find_from(id[i0 + j], home[j]));
-  }
+  find_pipelined(t, id, begin, end, [](int64_t) {}, emit);
 }
 
 // decay ** dt as the product of powers[b] (= decay ** 2**b) at the set bits of dt, ascending.
@@ -206,6 +228,16 @@ std::vector<int32_t>& hit_scratch(int64_t capacity) {
   return scratch;
 }
 
+// One bit per slot, set for the slots hit in the current call (all-zero between calls, like hit_scratch):
+// 1/32 of the counts' size, so the hit updates walk the slots in ascending order and the victim scan
+// tests "hit in this call" from cache.
+std::vector<uint64_t>& hit_bits_scratch(int64_t capacity) {
+  static thread_local std::vector<uint64_t> bits;
+  const int64_t words = (capacity + 63) / 64;
+  if (static_cast<int64_t>(bits.size()) < words) bits.resize(words, 0);
+  return bits;
+}
+
 struct Candidate {
   int64_t id;
   int64_t count;  // batch occurrences, then the sketch estimate
@@ -213,6 +245,33 @@ struct Candidate {
 };
 
 using Victim = std::pair<double, int64_t>;  // (priority, slot): total order, lowest evicted first
+
+// Stable LSD radix sort of v by the uint64 key(x), ascending, one byte per pass; passes whose byte is
+// the same for every element are skipped (all histograms come from one sweep).
+template <typename T, typename Key>
+void radix_sort(std::vector<T>& v, Key key) {
+  const size_t n = v.size();
+  if (n < 2) return;
+  std::vector<uint32_t> hist(8 * 256, 0);
+  for (const T& x : v) {
+    const uint64_t k = key(x);
+    for (int b = 0; b < 8; ++b) ++hist[b * 256 + ((k >> (8 * b)) & 255)];
+  }
+  std::vector<T> tmp(n);
+  for (int b = 0; b < 8; ++b) {
+    uint32_t* h = &hist[b * 256];
+    const uint64_t first = (key(v[0]) >> (8 * b)) & 255;
+    if (h[first] == n) continue;
+    uint32_t sum = 0;
+    for (int d = 0; d < 256; ++d) {
+      const uint32_t c = h[d];
+      h[d] = sum;
+      sum += c;
+    }
+    for (const T& x : v) tmp[h[(key(x) >> (8 * b)) & 255]++] = x;
+    v.swap(tmp);
+  }
+}
 
 }  // namespace
 
@@ -239,52 +298,49 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   int64_t* slot = out.data_ptr<int64_t>();
   std::vector<int32_t>& scratch = hit_scratch(t.capacity);
   int32_t* hits_per_slot = scratch.data();
+  uint64_t* hit_bits = hit_bits_scratch(t.capacity).data();
+  const int64_t n_words = (t.capacity + 63) / 64;
 
-  // A. parallel lookup; hit counts per slot by atomic adds; each hit slot recorded once (first adder).
+  // A. parallel lookup; hit counts per slot by atomic adds; the first adder of a slot sets its hit bit.
   const int nthreads = at::get_num_threads();
-  std::vector<std::vector<int32_t>> touched_by(nthreads);
   std::vector<int64_t> misses_by(nthreads, 0);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    auto& touched = touched_by[at::get_thread_num()];
     int64_t misses = 0;
     const bool alone = begin == 0 && end == n;  // the only chunk: no other thread touches the counts
-    find_block(t, id, begin, end, [&](int64_t i, int64_t s) {
+    find_pipelined(t, id, begin, end, [&](int64_t e) { __builtin_prefetch(&hits_per_slot[e], 1); },
+                   [&](int64_t i, int64_t s) {
       slot[i] = s;
       if (s < 0) {
         ++misses;
       } else if ((alone ? hits_per_slot[s]++ : __atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED)) == 0) {
-        touched.push_back(static_cast<int32_t>(s));
+        const uint64_t bit = uint64_t(1) << (s & 63);
+        if (alone) {
+          hit_bits[s >> 6] |= bit;
+        } else {
+          __atomic_fetch_or(&hit_bits[s >> 6], bit, __ATOMIC_RELAXED);
+        }
       }
     });
     misses_by[at::get_thread_num()] += misses;
   });
-  std::vector<int32_t> touched;
   int64_t n_miss = 0;
-  for (int k = 0; k < nthreads; ++k) {
-    touched.insert(touched.end(), touched_by[k].begin(), touched_by[k].end());
-    n_miss += misses_by[k];
-  }
+  for (int k = 0; k < nthreads; ++k) n_miss += misses_by[k];
 
-  // B. hits: one update per distinct slot (slots are distinct, so this is race-free and order-free).
-  const int64_t n_touched = static_cast<int64_t>(touched.size());
-  at::parallel_for(0, n_touched, kGrain, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kAhead = 8;
-    for (int64_t j = begin; j < end; ++j) {
-      if (j + kAhead < end) {  // the slots are scattered: fetch a few ahead
-        const int64_t ahead = touched[j + kAhead];
-        __builtin_prefetch(&t.count[ahead], 1);
-        __builtin_prefetch(&t.score[ahead], 1);
-        __builtin_prefetch(&t.last_step[ahead], 1);
-        __builtin_prefetch(&t.last_time[ahead], 1);
+  // B. hits: one update per distinct slot, in ascending slot order (race-free and order-free); the
+  // counts go back to zero as they are used, the hit bits stay for the victim scan.
+  at::parallel_for(0, n_words, kSlotGrain / 64, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (uint64_t bits = hit_bits[w]; bits != 0; bits &= bits - 1) {
+        const int64_t s = w * 64 + __builtin_ctzll(bits);
+        const int64_t c = hits_per_slot[s];
+        hits_per_slot[s] = 0;
+        const int64_t dt = std::max<int64_t>(step - t.last_step[s], 0);
+        volatile double decayed = t.score[s] * decay(dt);  // no fused multiply-add
+        t.score[s] = decayed + static_cast<double>(c);
+        t.count[s] += c;
+        t.last_step[s] = step;
+        t.last_time[s] = now;
       }
-      const int64_t s = touched[j];
-      const int64_t c = hits_per_slot[s];
-      const int64_t dt = std::max<int64_t>(step - t.last_step[s], 0);
-      volatile double decayed = t.score[s] * decay(dt);  // no fused multiply-add
-      t.score[s] = decayed + static_cast<double>(c);
-      t.count[s] += c;
-      t.last_step[s] = step;
-      t.last_time[s] = now;
     }
   });
   t.counters[kLookups] += n;
@@ -372,9 +428,14 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   }
 
   // E. order eligible ids (priority desc, id asc) and hand out free slots (stack pops).
-  std::sort(elig.begin(), elig.end(), [](const Candidate& a, const Candidate& b) {
-    return a.prio != b.prio ? a.prio > b.prio : a.id < b.id;
-  });
+  // The priority is the integer estimate (LFU, FEATURE_SCORE) or the same step for all (LRU): a stable
+  // radix sort by id ascending, then by estimate descending, gives exactly (prio desc, id asc).
+  radix_sort(elig, [](const Candidate& c) { return static_cast<uint64_t>(c.id) ^ (uint64_t(1) << 63); });
+  if (policy != kLRU && !elig.empty()) {
+    int64_t top = elig[0].count;
+    for (const Candidate& c : elig) top = std::max(top, c.count);
+    radix_sort(elig, [top](const Candidate& c) { return static_cast<uint64_t>(top - c.count); });
+  }
   const int64_t n_elig = static_cast<int64_t>(elig.size());
   const int64_t free = t.meta[kFreeCount];
   const int64_t n_free = std::min(free, n_elig);
@@ -394,22 +455,24 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
       if (policy == kLRU) return static_cast<double>(t.last_step[s]);
       return t.score[s] * decay(std::max<int64_t>(step - t.last_step[s], 0));
     };
-    auto evictable = [&](int64_t s) { return (t.count[s] > 0) & (hits_per_slot[s] == 0); };
+    auto evictable = [&](int64_t s) { return (t.count[s] > 0) & !((hit_bits[s >> 6] >> (s & 63)) & 1); };
     // Collects the evictable slots with priority < best and <= cut, per thread.
     auto collect = [&](double cut) {
       std::vector<std::vector<Victim>> parts(nthreads);
       at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
         auto& part = parts[at::get_thread_num()];
-        const size_t base = part.size();
-        part.resize(base + (end - begin));
-        Victim* out = part.data() + base;
-        int64_t kept = 0;
-        for (int64_t s = begin; s < end; ++s) {  // branch-free append: most tests are unpredictable
-          const double prio = priority(s);
-          out[kept] = Victim{prio, s};
-          kept += static_cast<int64_t>(evictable(s) & (prio < best) & (prio <= cut));
+        constexpr int64_t kChunk = 256;  // appended branch-free to a buffer that stays in L1
+        Victim buf[kChunk];
+        for (int64_t s0 = begin; s0 < end; s0 += kChunk) {
+          const int64_t s1 = std::min(end, s0 + kChunk);
+          int64_t kept = 0;
+          for (int64_t s = s0; s < s1; ++s) {  // most tests are unpredictable
+            const double prio = priority(s);
+            buf[kept] = Victim{prio, s};
+            kept += static_cast<int64_t>(evictable(s) & (prio < best) & (prio <= cut));
+          }
+          part.insert(part.end(), buf, buf + kept);
         }
-        part.resize(base + kept);
       });
       return parts;
     };
@@ -442,8 +505,30 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
       for (auto& part : parts) all.insert(all.end(), part.begin(), part.end());
     }
     const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(all.size()));  // victims that may lose
-    if (k < static_cast<int64_t>(all.size())) std::nth_element(all.begin(), all.begin() + k, all.end());
-    std::sort(all.begin(), all.begin() + k);  // (priority, slot) is a total order: same result as a stable sort
+    // LFU / LRU priorities are non-negative integers below `best`: (priority, slot) packs into one uint64
+    // with the same order, which selects and sorts much faster than pairs.
+    int slot_bits = 1;
+    while ((int64_t(1) << slot_bits) < t.capacity) ++slot_bits;
+    bool packed = policy != kFeatureScore && best >= 0.0 && best < std::ldexp(1.0, 62 - slot_bits);
+    std::vector<uint64_t> keys;
+    if (packed) {
+      keys.resize(all.size());
+      for (size_t j = 0; j < all.size() && packed; ++j) {
+        const double prio = all[j].first;
+        packed = prio >= 0.0 && prio == std::floor(prio);
+        keys[j] = (static_cast<uint64_t>(prio) << slot_bits) | static_cast<uint64_t>(all[j].second);
+      }
+    }
+    if (packed) {
+      if (k < static_cast<int64_t>(keys.size())) std::nth_element(keys.begin(), keys.begin() + k, keys.end());
+      std::sort(keys.begin(), keys.begin() + k);
+      const uint64_t slot_mask = (uint64_t(1) << slot_bits) - 1;
+      for (int64_t j = 0; j < k; ++j)
+        all[j] = Victim{static_cast<double>(keys[j] >> slot_bits), static_cast<int64_t>(keys[j] & slot_mask)};
+    } else {
+      if (k < static_cast<int64_t>(all.size())) std::nth_element(all.begin(), all.begin() + k, all.end());
+      std::sort(all.begin(), all.begin() + k);  // (priority, slot) is a total order: same as a stable sort
+    }
     int64_t wins = 0;
     while (wins < k && elig[n_free + wins].prio > all[wins].first) ++wins;
     for (int64_t j = 0; j < wins; ++j) t.erase(t.slot_ids[all[j].second]);
@@ -454,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     t.counters[kEvicted] += wins;
     t.counters[kRejectedFull] += rest - wins;
   }
-  for (int32_t s : touched) hits_per_slot[s] = 0;  // restore the all-zero scratch
+  std::fill(hit_bits, hit_bits + n_words, uint64_t(0));  // restore the all-zero scratch
 
   // G. write the admitted ids, index them in assignment order, then resolve the misses.
   const int64_t n_assigned = static_cast<int64_t>(assigned.size());
