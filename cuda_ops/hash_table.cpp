@@ -242,6 +242,7 @@ struct Candidate {
   int64_t id;
   int64_t count;  // batch occurrences, then the sketch estimate
   double prio;
+  int64_t src;  // position in the call's distinct missing ids
 };
 
 using Victim = std::pair<double, int64_t>;  // (priority, slot): total order, lowest evicted first
@@ -348,6 +349,9 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
 
   // C. distinct missing ids with their batch counts (sequential small map, first-seen order).
   std::vector<Candidate> cands;
+  std::vector<int32_t> miss_pos, miss_cand;  // each missing occurrence: its position, its distinct id
+  miss_pos.reserve(n_miss);
+  miss_cand.reserve(n_miss);
   if (n_miss > 0) {
     int64_t msize = 2;
     while (msize < 2 * n_miss) msize <<= 1;
@@ -355,16 +359,19 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     std::vector<int32_t> pos_of(msize, -1);
     for (int64_t i = 0; i < n; ++i) {
       if (slot[i] >= 0) continue;
+      miss_pos.push_back(static_cast<int32_t>(i));
       uint64_t p = mix64(static_cast<uint64_t>(id[i])) & mmask;
       while (true) {
         const int32_t e = pos_of[p];
         if (e < 0) {
           pos_of[p] = static_cast<int32_t>(cands.size());
-          cands.push_back({id[i], 1, 0.0});
+          miss_cand.push_back(pos_of[p]);
+          cands.push_back({id[i], 1, 0.0, static_cast<int64_t>(cands.size())});
           break;
         }
         if (cands[e].id == id[i]) {
           ++cands[e].count;
+          miss_cand.push_back(e);
           break;
         }
         p = (p + 1) & mmask;
@@ -375,13 +382,25 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
 
   // D. sketch: add batch counts (integer atomics), then estimate, coin and eligibility per distinct id.
   const int64_t depth = t.depth, width = t.width;
+  // cell[j * depth + r]: the counter of distinct id j in row r, hashed once for both passes
+  std::vector<int64_t> cell(n_cand * depth);
+  constexpr int64_t kAhead = 16;  // the counters are scattered: fetch a few ids ahead
   at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
-    const bool alone = begin == 0 && end == n_cand;
     for (int64_t j = begin; j < end; ++j) {
       for (int64_t r = 0; r < depth; ++r) {
         const uint64_t col = mix64(static_cast<uint64_t>(cands[j].id) + kSaltSketch * static_cast<uint64_t>(r + 1)) &
                              static_cast<uint64_t>(width - 1);
-        int32_t* counter = &t.sketch[r * width + col];
+        cell[j * depth + r] = r * width + static_cast<int64_t>(col);
+      }
+    }
+  });
+  at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
+    const bool alone = begin == 0 && end == n_cand;
+    for (int64_t j = begin; j < end; ++j) {
+      if (j + kAhead < end)
+        for (int64_t r = 0; r < depth; ++r) __builtin_prefetch(&t.sketch[cell[(j + kAhead) * depth + r]], 1);
+      for (int64_t r = 0; r < depth; ++r) {
+        int32_t* counter = &t.sketch[cell[j * depth + r]];
         const int32_t add = static_cast<int32_t>(cands[j].count);
         if (alone) {
           *counter += add;
@@ -395,12 +414,10 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   const uint64_t step_salt = static_cast<uint64_t>(step) * kGolden;
   at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
+      if (j + kAhead < end)
+        for (int64_t r = 0; r < depth; ++r) __builtin_prefetch(&t.sketch[cell[(j + kAhead) * depth + r]]);
       int64_t est = INT64_MAX;
-      for (int64_t r = 0; r < depth; ++r) {
-        const uint64_t col = mix64(static_cast<uint64_t>(cands[j].id) + kSaltSketch * static_cast<uint64_t>(r + 1)) &
-                             static_cast<uint64_t>(width - 1);
-        est = std::min<int64_t>(est, t.sketch[r * width + col]);
-      }
+      for (int64_t r = 0; r < depth; ++r) est = std::min<int64_t>(est, t.sketch[cell[j * depth + r]]);
       if (depth == 0) est = 0;
       bool ok = est >= min_count;
       if (ok && coin_threshold < (int64_t(1) << 53)) {
@@ -553,13 +570,20 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     t.insert(elig[j].id, static_cast<int32_t>(s));
   }
   t.counters[kAdmitted] += n_assigned;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t s = slot[i];
-      if (s < 0 && n_assigned > 0) s = t.find(id[i]);
-      slot[i] = s >= 0 ? s + slot_offset : -1;
-    }
-  });
+  // A missing id has a slot now iff it was just assigned one (erases only remove other ids), so the
+  // misses resolve through their distinct id instead of probing the index again.
+  if (slot_offset != 0) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (slot[i] >= 0) slot[i] += slot_offset;
+    });
+  }
+  if (n_assigned > 0) {
+    std::vector<int64_t> slot_of_cand(n_cand, -1);
+    for (int64_t j = 0; j < n_assigned; ++j) slot_of_cand[elig[j].src] = assigned[j] + slot_offset;
+    const int64_t n_miss_occ = static_cast<int64_t>(miss_pos.size());
+    for (int64_t k = 0; k < n_miss_occ; ++k) slot[miss_pos[k]] = slot_of_cand[miss_cand[k]];
+  }
   at::Tensor assigned_t = at::empty({n_assigned}, ids.options());
   int64_t* a = assigned_t.data_ptr<int64_t>();
   for (int64_t j = 0; j < n_assigned; ++j) a[j] = assigned[j] + slot_offset;
