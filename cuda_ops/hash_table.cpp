@@ -476,19 +476,23 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     // Collects the evictable slots with priority < best and <= cut, per thread.
     auto collect = [&](double cut) {
       std::vector<std::vector<Victim>> parts(nthreads);
-      at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
+      // 64 slots (one word of hit bits) at a time: the tests go branch-free into a bit mask, and only
+      // the slots that pass are appended.
+      at::parallel_for(0, n_words, kSlotGrain / 64, [&](int64_t begin, int64_t end) {
         auto& part = parts[at::get_thread_num()];
-        constexpr int64_t kChunk = 256;  // appended branch-free to a buffer that stays in L1
-        Victim buf[kChunk];
-        for (int64_t s0 = begin; s0 < end; s0 += kChunk) {
-          const int64_t s1 = std::min(end, s0 + kChunk);
-          int64_t kept = 0;
-          for (int64_t s = s0; s < s1; ++s) {  // most tests are unpredictable
-            const double prio = priority(s);
-            buf[kept] = Victim{prio, s};
-            kept += static_cast<int64_t>(evictable(s) & (prio < best) & (prio <= cut));
+        double prio[64];
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t s0 = w * 64, m = std::min<int64_t>(64, t.capacity - s0);
+          uint64_t pass = 0;
+          for (int64_t j = 0; j < m; ++j) {
+            const int64_t s = s0 + j;
+            prio[j] = priority(s);
+            pass |= static_cast<uint64_t>((t.count[s] > 0) & (prio[j] < best) & (prio[j] <= cut)) << j;
           }
-          part.insert(part.end(), buf, buf + kept);
+          for (pass &= ~hit_bits[w]; pass != 0; pass &= pass - 1) {
+            const int j = __builtin_ctzll(pass);
+            part.push_back(Victim{prio[j], s0 + j});
+          }
         }
       });
       return parts;
@@ -548,7 +552,11 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     }
     int64_t wins = 0;
     while (wins < k && elig[n_free + wins].prio > all[wins].first) ++wins;
-    for (int64_t j = 0; j < wins; ++j) t.erase(t.slot_ids[all[j].second]);
+    for (int64_t j = 0; j < wins; ++j) {  // the victims are scattered: fetch their ids, then index, ahead
+      if (j + 16 < wins) __builtin_prefetch(&t.slot_ids[all[j + 16].second]);
+      if (j + 8 < wins) __builtin_prefetch(&t.index[t.home(t.slot_ids[all[j + 8].second])]);
+      t.erase(t.slot_ids[all[j].second]);
+    }
     for (int64_t j = 0; j < wins; ++j) {
       t.clear(all[j].second);
       assigned.push_back(all[j].second);
@@ -561,6 +569,15 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   // G. write the admitted ids, index them in assignment order, then resolve the misses.
   const int64_t n_assigned = static_cast<int64_t>(assigned.size());
   for (int64_t j = 0; j < n_assigned; ++j) {
+    if (j + 8 < n_assigned) {
+      const int64_t ahead = assigned[j + 8];
+      __builtin_prefetch(&t.index[t.home(elig[j + 8].id)]);
+      __builtin_prefetch(&t.slot_ids[ahead], 1);
+      __builtin_prefetch(&t.count[ahead], 1);
+      __builtin_prefetch(&t.last_step[ahead], 1);
+      __builtin_prefetch(&t.last_time[ahead], 1);
+      __builtin_prefetch(&t.score[ahead], 1);
+    }
     const int64_t s = assigned[j];
     t.slot_ids[s] = elig[j].id;
     t.count[s] = elig[j].count;
