@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   uint64_t* hit_bits = hit_bits_scratch(t.capacity).data();
   const int64_t n_words = (t.capacity + 63) / 64;
 
-  // A. parallel lookup; hit counts per slot by atomic adds; the first adder of a slot sets its hit bit.
+  // A. parallel lookup; hit counts per slot (atomic adds when threads share them) and hit bits.
   const int nthreads = at::get_num_threads();
   std::vector<int64_t> misses_by(nthreads, 0);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
@@ -313,13 +313,11 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
       slot[i] = s;
       if (s < 0) {
         ++misses;
-      } else if ((alone ? hits_per_slot[s]++ : __atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED)) == 0) {
-        const uint64_t bit = uint64_t(1) << (s & 63);
-        if (alone) {
-          hit_bits[s >> 6] |= bit;
-        } else {
-          __atomic_fetch_or(&hit_bits[s >> 6], bit, __ATOMIC_RELAXED);
-        }
+      } else if (alone) {  // branch-free: whether a slot is hit for the first time is unpredictable
+        ++hits_per_slot[s];
+        hit_bits[s >> 6] |= uint64_t(1) << (s & 63);
+      } else if (__atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED) == 0) {
+        __atomic_fetch_or(&hit_bits[s >> 6], uint64_t(1) << (s & 63), __ATOMIC_RELAXED);
       }
     });
     misses_by[at::get_thread_num()] += misses;
