@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -540,13 +541,23 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     }
     if (packed) {
       if (k < static_cast<int64_t>(keys.size())) std::nth_element(keys.begin(), keys.begin() + k, keys.end());
-      std::sort(keys.begin(), keys.begin() + k);
+      keys.resize(k);
+      radix_sort(keys, [](uint64_t key) { return key; });
       const uint64_t slot_mask = (uint64_t(1) << slot_bits) - 1;
       for (int64_t j = 0; j < k; ++j)
         all[j] = Victim{static_cast<double>(keys[j] >> slot_bits), static_cast<int64_t>(keys[j] & slot_mask)};
     } else {
       if (k < static_cast<int64_t>(all.size())) std::nth_element(all.begin(), all.begin() + k, all.end());
-      std::sort(all.begin(), all.begin() + k);  // (priority, slot) is a total order: same as a stable sort
+      // (priority, slot) is a total order: stable radix sorts by slot, then by the priority's bits mapped
+      // to an order-preserving uint64 (-0.0 taken as +0.0, as the double comparison does), give the same.
+      all.resize(k);
+      radix_sort(all, [](const Victim& v) { return static_cast<uint64_t>(v.second); });
+      radix_sort(all, [](const Victim& v) {
+        uint64_t bits;
+        const double prio = v.first + 0.0;
+        std::memcpy(&bits, &prio, sizeof bits);
+        return (bits >> 63) ? ~bits : bits | (uint64_t(1) << 63);
+      });
     }
     int64_t wins = 0;
     while (wins < k && elig[n_free + wins].prio > all[wins].first) ++wins;
