@@ -496,11 +496,11 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
       });
       return parts;
     };
-    // When few victims are needed, an evenly spaced sample gives a cut below which about twice as many
+    // When not too many victims are needed, an evenly spaced sample gives a cut below which about twice as many
     // lie; if at least `rest` slots pass it, the `rest` lowest overall are among them (ties at the cut
     // included), else fall back to every slot below `best`. Either way the same victims, just cheaper.
     std::vector<std::vector<Victim>> parts;
-    if (rest * 8 < t.capacity) {
+    if (rest * 3 < t.capacity) {
       const int64_t stride = std::max<int64_t>(1, t.capacity / 8192);
       std::vector<double> sample;
       for (int64_t s = 0; s < t.capacity; s += stride) {
