@@ -175,3 +175,13 @@ def test_dynamic_table_trains_and_logs_its_counters(single_process_env):
 def test_public_api():
     assert lightning_sparse.SparseStrategy is SparseStrategy
     assert {"ShardingType", "SparseOptimizerConfig", "SparseOptimizerKind", "TableConfig"} <= set(lightning_sparse.__all__)
+
+
+def test_rowwise_adam_without_first_moment_never_takes_fbgemms_partial_rowwise_adam():
+    from lightning_sparse.strategies.native_kernel_tables import needs_native_kernel
+
+    lean = SparseOptimizerConfig(kind="rowwise_adam", first_moment=False)
+    assert needs_native_kernel(lean, "cuda") and needs_native_kernel(lean, "cpu")
+    assert not needs_native_kernel(SparseOptimizerConfig(kind="rowwise_adam", first_moment=True), "cuda")
+    assert not needs_native_kernel(SparseOptimizerConfig(kind="adam"), "cuda")
+    assert needs_native_kernel(SparseOptimizerConfig(kind="adam"), "cpu")

@@ -27,7 +27,7 @@ FBGEMM_KINDS: dict[str, dict[SparseOptimizerKind, EmbOptimType]] = {
         SparseOptimizerKind.ADAGRAD: EmbOptimType.EXACT_ADAGRAD,
         SparseOptimizerKind.ROWWISE_ADAGRAD: EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         SparseOptimizerKind.ADAM: EmbOptimType.ADAM,
-        SparseOptimizerKind.ROWWISE_ADAM: EmbOptimType.PARTIAL_ROWWISE_ADAM,
+        SparseOptimizerKind.ROWWISE_ADAM: EmbOptimType.PARTIAL_ROWWISE_ADAM,  # with first_moment=True only
     },
 }
 

@@ -21,7 +21,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, Sharde
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import KeyedOptimizer
 
-from lightning_sparse.config import ShardingType, SparseOptimizerConfig
+from lightning_sparse.config import ShardingType, SparseOptimizerConfig, SparseOptimizerKind
 from lightning_sparse.optim.fbgemm_kinds import FBGEMM_KINDS
 from lightning_sparse.optim.kernels import init_state_for
 from lightning_sparse.optim.tbe_tap import GRADIENT_SCALE, TBEGradientTap, find_tbes
@@ -32,7 +32,13 @@ _HYPERPARAMETERS = ("lr", "eps", "weight_decay", "beta1", "beta2", "decay")
 
 
 def needs_native_kernel(config: SparseOptimizerConfig, device_type: str) -> bool:
-    """True when fbgemm has no fused kernel for ``config.kind`` on ``device_type``."""
+    """True when fbgemm has no fused kernel for ``config`` on ``device_type``.
+
+    Row-wise Adam without a first moment counts as missing everywhere: fbgemm's PARTIAL_ROWWISE_ADAM always
+    keeps a per-element first moment, which would silently cost ``d`` more floats per row.
+    """
+    if config.kind is SparseOptimizerKind.ROWWISE_ADAM and not config.first_moment:
+        return True
     return config.kind not in FBGEMM_KINDS.get(device_type, {})
 
 
