@@ -95,6 +95,8 @@ def main() -> None:
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
             json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit (see train.py)
 
 
 if __name__ == "__main__":

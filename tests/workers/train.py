@@ -127,6 +127,10 @@ def main() -> None:
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
             json.dump(result, f)
+    # Leave the process group before interpreter shutdown: gloo's threads torn down at exit sometimes
+    # end the process with "terminate called without an active exception".
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
