@@ -61,6 +61,11 @@ class SamplesPerSecond(pl.Callback):
             pl_module.log("train/epoch_samples_per_sec", self.mean_samples_per_sec)
 
 
+def _due(trainer: pl.Trainer, every_n_steps: int) -> bool:
+    """True on the first optimizer step and every ``every_n_steps`` after (global_step is 1 after the first)."""
+    return (trainer.global_step - 1) % every_n_steps == 0
+
+
 def strategy_memory_report(trainer: pl.Trainer) -> MemoryReport:
     """This rank's bytes of embedding weights, sparse optimizer state, dense weights and dense optimizer state."""
     optimizers = list(trainer.optimizers)
@@ -81,7 +86,7 @@ class SparseMemoryMonitor(pl.Callback):
         self.per_table = per_table
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (trainer.global_step - 1) % self.every_n_steps != 0:  # global_step is 1 after the first step
+        if not _due(trainer, self.every_n_steps):
             return
         metrics = strategy_memory_report(trainer).as_metrics(per_table=self.per_table)
         for name, value in metrics.items():
@@ -97,7 +102,7 @@ class DynamicTableMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         tables = getattr(trainer.strategy, "dynamic_tables", None)
-        if tables is None or (trainer.global_step - 1) % self.every_n_steps != 0:
+        if tables is None or not _due(trainer, self.every_n_steps):
             return
         for table, counters in tables.metrics().items():
             for name, value in counters.items():

@@ -35,6 +35,16 @@ def embedding_bag_collection(
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))
 
 
+def check_dlrm_layer_sizes(embedding_dim: int, dense_arch_layer_sizes: list[int], over_arch_layer_sizes: list[int]) -> None:
+    """DLRM-style nets (DLRM, DCN-v2): the bottom MLP ends at the embedding width, the top MLP at one logit."""
+    if dense_arch_layer_sizes[-1] != embedding_dim:
+        raise ValueError(
+            f"dense_arch_layer_sizes[-1]={dense_arch_layer_sizes[-1]} must equal embedding_dim={embedding_dim}"
+        )
+    if over_arch_layer_sizes[-1] != 1:
+        raise ValueError(f"over_arch_layer_sizes[-1] must be 1 (one logit), got {over_arch_layer_sizes[-1]}")
+
+
 class ClickModule(LightningModule):
     """Binary click prediction: BCE loss, AUC / log-loss / normalized entropy in validation and test.
 

@@ -9,7 +9,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.data.synthetic import feature_names as default_feature_names
-from lightning_sparse.models.base import ClickModule, embedding_bag_collection
+from lightning_sparse.models.base import ClickModule, check_dlrm_layer_sizes, embedding_bag_collection
 
 
 class DLRMModule(ClickModule):
@@ -36,12 +36,7 @@ class DLRMModule(ClickModule):
         learning_rate: float = 1e-3,
     ) -> None:
         super().__init__(learning_rate=learning_rate)
-        if dense_arch_layer_sizes[-1] != embedding_dim:
-            raise ValueError(
-                f"dense_arch_layer_sizes[-1]={dense_arch_layer_sizes[-1]} must equal embedding_dim={embedding_dim}"
-            )
-        if over_arch_layer_sizes[-1] != 1:
-            raise ValueError(f"over_arch_layer_sizes[-1] must be 1 (one logit), got {over_arch_layer_sizes[-1]}")
+        check_dlrm_layer_sizes(embedding_dim, dense_arch_layer_sizes, over_arch_layer_sizes)
         self.save_hyperparameters()
         names = feature_names or default_feature_names(len(num_embeddings_per_feature))
         self.dlrm = DLRM(

@@ -34,7 +34,6 @@ class DynamicTables(nn.Module):
     Args:
         configs: table name -> its dynamic config.
         feature_to_table: every feature key of those tables -> table name.
-        table_rows: table name -> rows of the table (must equal the capacity).
     """
 
     def __init__(self, configs: dict[str, DynamicTableConfig], feature_to_table: dict[str, str]) -> None:
