@@ -306,8 +306,8 @@ class SparseStrategy(DDPStrategy):
         model: Optional[Union[LightningModule, nn.Module]] = None,
         **kwargs: Any,
     ) -> Any:
-        """Steps the dense optimizer (its closure runs forward/backward, which updates fused tables),
-        then the data-parallel tables' optimizers."""
+        """Steps the dense optimizer (its closure runs forward/backward, which updates fbgemm-fused tables),
+        then the sparse optimizers that run after backward: our kernels' and the data-parallel tables'."""
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         for _, keyed in self.sparse_optimizer.optimizers[1:]:
             keyed.step()
