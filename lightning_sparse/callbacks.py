@@ -95,7 +95,8 @@ class SparseMemoryMonitor(pl.Callback):
 
 class DynamicTableMonitor(pl.Callback):
     """Logs each dynamic table's counters (``dynamic/<table>/live``, admitted, evicted, expired,
-    rejected_full, ...) every ``every_n_steps``. The hash tables are replicas, identical on every rank."""
+    rejected_full, ...) every ``every_n_steps``: whole-table counts, summed over the ranks' partitions for
+    tables with sharded hash tables (a collective; every rank logs the same values)."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
@@ -104,7 +105,7 @@ class DynamicTableMonitor(pl.Callback):
         tables = getattr(trainer.strategy, "dynamic_tables", None)
         if tables is None or not _due(trainer, self.every_n_steps):
             return
-        for table, counters in tables.metrics().items():
+        for table, counters in tables.global_metrics().items():
             for name, value in counters.items():
                 pl_module.log(f"dynamic/{table}/{name}", float(value), on_step=True, on_epoch=False)
 

@@ -87,21 +87,44 @@ def test_data_parallel_gradients_match_unsharded_reference(tmp_path):
 
 
 def test_dynamic_table_on_two_processes_resumes_exactly(tmp_path):
-    """Raw ids from a 1000-id space share 128 rows: admission, eviction and recycled rows, replicas in step."""
+    """Raw ids from a 1000-id space share 128 rows: admission, eviction and recycled rows; the hash table
+    (placement 'sharded', one partition for a table_wise table) lives on the rank holding the table."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["--devices", 2, "--sharding", "table_wise", "--dynamic-capacity", 128, "--max-epochs", 2]
     result = run_worker("train.py", *common, "--ckpt-dir", straight, result=tmp_path / "a.json")
     counters = result["dynamic_metrics"]["t_cat_3"]
-    assert result["replicas_identical"]
     assert counters["capacity"] == 128 and 0 < counters["live"] <= 128
     assert counters["admitted"] > 128 and counters["evicted"] > 0  # the table filled and recycled rows
     assert counters["rejected_admission"] > 0  # min_count=2 kept one-off ids out
+    held = [[k for k in keys if k.startswith("partitions.t_cat_3.0_of_1.")] for keys in result["hash_state_keys_per_rank"]]
+    assert sorted(map(bool, held)) == [False, True]  # exactly one rank keeps the partition
     run_worker("train.py", *common, "--ckpt-dir", resumed, "--ckpt-in", straight / "epoch=0.ckpt", result=tmp_path / "b.json")
     tensors_a, state_a = read_checkpoint(straight / "epoch=1.ckpt")
     tensors_b, state_b = read_checkpoint(resumed / "epoch=1.ckpt")
-    assert any(k.startswith("dynamic_tables.remappers.t_cat_3.") for k in tensors_a)
+    assert any(k.startswith("dynamic_tables.partitions.t_cat_3.0_of_1.") for k in tensors_a)
     # Wall-clock stamps differ between two runs by nature; everything else must be identical.
-    clock = "dynamic_tables.remappers.t_cat_3.slot_last_time"
+    clock = "dynamic_tables.partitions.t_cat_3.0_of_1.slot_last_time"
     tensors_a.pop(clock), tensors_b.pop(clock)
     assert_trees_equal(tensors_a, tensors_b, "weights, sparse optimizer state and hash tables")
     assert_trees_equal(state_a["optimizer_states"], state_b["optimizer_states"], "dense optimizer")
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_dynamic_hash_placements_train_identically(tmp_path, sharding):
+    """Routed partitions and replicas see the same global batches, so training ends in the same state."""
+    common = ["--devices", 2, "--sharding", sharding, "--dynamic-capacity", 128, "--max-epochs", 2]
+    tensors = {}
+    for placement in ("sharded", "replicated"):
+        result = run_worker(
+            "train.py", *common, "--dynamic-placement", placement, "--ckpt-out", tmp_path / placement, result=tmp_path / f"{placement}.json"
+        )
+        assert result["dynamic_metrics"]["t_cat_3"]["evicted"] > 0
+        found, _ = read_checkpoint(tmp_path / placement)
+        renamed = {}
+        for key, value in found.items():
+            key = key.replace("partitions.t_cat_3.0_of_1.", "").replace("remappers.t_cat_3.", "")
+            if not key.endswith("slot_last_time"):
+                renamed[key] = value
+        tensors[placement] = renamed
+    assert result["replicas_identical"]
+    assert_trees_equal(tensors["sharded"], tensors["replicated"], "weights, optimizer states and hash tables")

@@ -10,6 +10,7 @@ from lightning_sparse.dynamic.config import (
     DynamicTableConfig,
     EvictionPolicy,
     ExpiryConfig,
+    HashPlacement,
     RowInit,
     RowInitConfig,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "DynamicTableConfig",
     "EvictionPolicy",
     "ExpiryConfig",
+    "HashPlacement",
     "RemapResult",
     "RowInit",
     "RowInitConfig",

@@ -35,6 +35,21 @@ class EvictionPolicy(NamedEnum):
     FEATURE_SCORE = "feature_score"
 
 
+class HashPlacement(NamedEnum):
+    """Where a dynamic table's hash table lives when the strategy shards the table over several ranks.
+
+    ``sharded``: the hash table is split into one partition per row block of the table's shards, kept on
+    the rank that holds that block (for table_wise and column_wise tables: one partition, next to the
+    first shard). Each raw id is routed by hash to its partition's rank, which admits, evicts and
+    remaps it and sends the row back; memory and remap work are spread with the rows.
+    ``replicated``: every rank keeps a full replica and remaps the all-gathered global batch; simplest,
+    and its checkpoints load at any world size, but every rank holds and updates all of the metadata.
+    """
+
+    SHARDED = "sharded"
+    REPLICATED = "replicated"
+
+
 class RowInit(NamedEnum):
     """How the embedding row of a newly (re)assigned slot is initialised."""
 
@@ -179,6 +194,7 @@ class DynamicTableConfig:
         eviction: who is evicted when the table is full (:class:`EvictionPolicy`).
         score_decay: per-step decay of the feature score, in (0, 1]; 1 means no decay.
         init: how a reassigned row is re-initialised (:class:`RowInitConfig`).
+        placement: where the hash table lives under a multi-rank strategy (:class:`HashPlacement`).
     """
 
     capacity: int
@@ -187,6 +203,7 @@ class DynamicTableConfig:
     eviction: EvictionPolicy = EvictionPolicy.FEATURE_SCORE
     score_decay: float = 0.99
     init: RowInitConfig = field(default_factory=RowInitConfig)
+    placement: HashPlacement = HashPlacement.SHARDED
 
     def __post_init__(self) -> None:
         _check_int("DynamicTableConfig", "capacity", self.capacity, 1, (1 << 31) - 1)
@@ -197,6 +214,7 @@ class DynamicTableConfig:
             elif not isinstance(value, cls):
                 raise TypeError(f"DynamicTableConfig.{name} must be a {cls.__name__} or a mapping, got {value!r}")
         self.eviction = EvictionPolicy.parse(self.eviction, "DynamicTableConfig.eviction")
+        self.placement = HashPlacement.parse(self.placement, "DynamicTableConfig.placement")
         if isinstance(self.score_decay, bool) or not isinstance(self.score_decay, (int, float)):
             raise TypeError(f"DynamicTableConfig.score_decay must be a float, got {self.score_decay!r}")
         if not (0.0 < float(self.score_decay) <= 1.0):

@@ -147,15 +147,8 @@ class DynamicIdRemapper(nn.Module):
         local = rows.to(weight.device, torch.int64) - row_offset
         if local.numel() == 0:
             return
-        init = self.config.init
         fresh = torch.empty((local.numel(),) + tuple(weight.shape[1:]), dtype=torch.float32)
-        scale = init.resolved_scale(self.config.capacity)
-        if init.kind == RowInit.UNIFORM:
-            fresh.uniform_(-scale, scale, generator=generator)
-        elif init.kind == RowInit.NORMAL:
-            fresh.normal_(0.0, scale, generator=generator)
-        else:
-            fresh.zero_()
+        initial_rows(fresh, self.config, generator)
         weight[local] = fresh.to(weight.device, weight.dtype)
 
     @staticmethod
@@ -183,3 +176,17 @@ class DynamicIdRemapper(nn.Module):
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         return step
+
+
+@torch.no_grad()
+def initial_rows(out: torch.Tensor, config: DynamicTableConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Fills ``out`` (rows of a float tensor) with the initial values of newly assigned rows, per ``config.init``."""
+    init = config.init
+    scale = init.resolved_scale(config.capacity)
+    if init.kind == RowInit.UNIFORM:
+        out.uniform_(-scale, scale, generator=generator)
+    elif init.kind == RowInit.NORMAL:
+        out.normal_(0.0, scale, generator=generator)
+    else:
+        out.zero_()
+    return out

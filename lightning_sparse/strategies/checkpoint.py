@@ -71,6 +71,7 @@ def load_sharded(
             f"(torch.distributed.checkpoint) and '{TRAINER_STATE_FILE}'. Checkpoints saved by SparseStrategy "
             "are directories; a single-file .ckpt from another strategy cannot hold sharded tables."
         )
+    _check_dynamic_tables_present(path, dynamic_tables_state)
     dcp.load(_tensors(model_state, sparse_optimizer_state, dynamic_tables_state), checkpoint_id=str(path))
     return torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
 
@@ -80,6 +81,30 @@ def _tensors(model_state: dict, sparse_optimizer_state: dict, dynamic_tables_sta
     if dynamic_tables_state:
         parts[DYNAMIC_TABLES_KEY] = dynamic_tables_state
     return parts
+
+
+def _check_dynamic_tables_present(path: Path, dynamic_tables_state: dict[str, Any]) -> None:
+    """Names the hash-table state this run needs and the checkpoint lacks, instead of DCP's bare missing key.
+
+    The usual cause is a sharded hash table whose partitions (one per row block of the table) do not
+    match the checkpoint's: a row_wise table resumed on a different number of ranks, or a changed
+    ``placement``.
+    """
+    if not dynamic_tables_state:
+        return
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    missing = sorted(key for key in dynamic_tables_state if f"{DYNAMIC_TABLES_KEY}.{key}" not in saved)
+    if not missing:
+        return
+    prefix = f"{DYNAMIC_TABLES_KEY}."
+    held = sorted({".".join(key[len(prefix) :].split(".")[:-1]) for key in saved if key.startswith(prefix)})
+    wanted = sorted({".".join(key.split(".")[:-1]) for key in missing})
+    raise ValueError(
+        f"Checkpoint {str(path)!r} has no state for the dynamic-table hash tables {wanted} of this run; it holds "
+        f"{held or 'none'}. A table with placement 'sharded' keeps one hash partition per row block of its "
+        "shards ('partitions.<table>.<i>_of_<n>'), one with placement 'replicated' a single 'remappers.<table>'. "
+        "Resume with the same DynamicTableConfig.placement and, for row_wise tables, the same number of ranks."
+    )
 
 
 def _stateful_only(optimizer_state: dict[str, Any]) -> dict[str, Any]:

@@ -1,16 +1,21 @@
 """Dynamic tables under SparseStrategy: raw ids -> rows before the sharded lookup, rows recycled in place.
 
-Every rank keeps an identical replica of each dynamic table's hash table (``DynamicIdRemapper``: a few
-bytes per slot, against ``4 * dim`` bytes per embedding row). In training the ranks all-gather the raw
-ids of the dynamic features, every replica remaps the global batch in rank order with the same step and
-clock, and each rank keeps the rows of its own samples: the replicas stay identical without any other
-communication, and the policy sees the whole batch, exactly as one process would. Rows handed to a new
-id are re-initialised, and their optimizer state zeroed, in whichever rank's shard holds them. In
-evaluation ids are only looked up, locally.
+Each dynamic table's hash table is placed per its ``DynamicTableConfig.placement``:
 
-Why replicas instead of hash tables partitioned by id hash next to each row-wise shard: CPU TorchRec has
-no row-wise sharding, the metadata is small next to the rows, and replicas keep the policy exact and the
-checkpoint independent of the world size (resharding needs nothing).
+``sharded`` (default): one hash partition per row block of the table's shards, kept on the rank that
+holds the block (``sharding.row_blocks``: one block for table_wise / column_wise / data_parallel tables,
+one per rank for row_wise ones). A raw id belongs to partition ``shard_of(id, n_partitions)``; in every
+step each rank sends its ids to the partitions' ranks (``all_to_all``), every partition remaps the ids it
+received from all ranks as one batch, and the rows travel back the same way. The rows a partition hands
+out lie in its own block, so under row-wise sharding the hash table sits next to the rows it lends.
+
+``replicated``: every rank keeps an identical replica. The ranks all-gather the raw ids, every replica
+remaps the global batch with the same step and clock, and each rank keeps its own samples' rows.
+
+Either way the policy sees the same batch a single process would (remapping depends on the distinct ids
+and their counts, not on their order), so a table_wise table ends in the same state under both
+placements. Rows handed to a new id are re-initialised, and their optimizer state zeroed, on whichever
+ranks hold pieces of them; the assigned rows are shared with every rank for that.
 """
 
 from __future__ import annotations
@@ -24,61 +29,160 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, remap_kjt
+from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, HashPlacement, shard_of
 from lightning_sparse.dynamic.kjt import with_slots
+from lightning_sparse.dynamic.table import initial_rows
+from lightning_sparse.strategies.sharding import RowBlock
+
+
+def partition_key(index: int, count: int) -> str:
+    """Name of hash partition ``index`` of ``count`` in state dicts and checkpoints (e.g. ``0_of_2``)."""
+    return f"{index}_of_{count}"
 
 
 class DynamicTables(nn.Module):
-    """The hash tables of a model's dynamic tables, and the per-step remapping of its batches.
+    """The hash tables of a model's dynamic tables (this rank's part of them) and the per-step remapping.
 
     Args:
         configs: table name -> its dynamic config.
         feature_to_table: every feature key of those tables -> table name.
+        blocks: table name -> its row blocks under the sharding plan (needed for ``sharded`` placement).
+        rank: this process's rank; it keeps the partitions of the blocks placed on it.
+
+    State: ``remappers.<table>.*`` for replicated tables, ``partitions.<table>.<i>_of_<n>.*`` for the
+    partitions of sharded tables that this rank keeps.
     """
 
-    def __init__(self, configs: dict[str, DynamicTableConfig], feature_to_table: dict[str, str]) -> None:
+    def __init__(
+        self,
+        configs: dict[str, DynamicTableConfig],
+        feature_to_table: dict[str, str],
+        blocks: Optional[dict[str, list[RowBlock]]] = None,
+        rank: int = 0,
+    ) -> None:
         super().__init__()
-        self.remappers = nn.ModuleDict({name: DynamicIdRemapper(config) for name, config in sorted(configs.items())})
+        self.configs = dict(configs)
         self.feature_to_table = dict(feature_to_table)
+        self.rank = rank
+        self.remappers = nn.ModuleDict()
+        self.partitions = nn.ModuleDict()
+        self.partition_ranks: dict[str, list[int]] = {}
+        for name, config in sorted(configs.items()):
+            if config.placement is HashPlacement.REPLICATED:
+                self.remappers[name] = DynamicIdRemapper(config)
+                continue
+            table_blocks = (blocks or {}).get(name) or [RowBlock(0, config.capacity, 0)]
+            self.partition_ranks[name] = [block.rank for block in table_blocks]
+            self.partitions[name] = nn.ModuleDict(
+                {
+                    partition_key(i, len(table_blocks)): DynamicIdRemapper(config, block.rows, block.row_offset)
+                    for i, block in enumerate(table_blocks)
+                    if block.rank == rank
+                }
+            )
         self._seed_of = {name: index for index, name in enumerate(sorted(configs))}
 
+    # ------------------------------------------------------------- remapping
     def remap_for_training(self, kjt: KeyedJaggedTensor, step: int) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
-        """This rank's batch with dynamic ids replaced by rows; also the rows assigned to new ids (global)."""
-        keys = [k for k in kjt.keys() if k in self.feature_to_table]
-        local = {key: kjt[key] for key in keys}
-        payload = ({key: (jt.values(), jt.lengths()) for key, jt in local.items()}, time.time())
-        gathered = _all_gather(payload)
-        now = gathered[0][1]  # one clock for every replica
-        rank = dist.get_rank() if _distributed() else 0
-        global_kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=keys,
-            values=torch.cat([part[0][key][0] for key in keys for part in gathered]),
-            lengths=torch.cat([part[0][key][1] for key in keys for part in gathered]),
-        )
-        slots_by_key = {}
-        assigned = {}
-        for table in sorted({self.feature_to_table[k] for k in keys}):
-            table_keys = [k for k in keys if self.feature_to_table[k] == table]
-            _, results = remap_kjt(
-                _select(global_kjt, table_keys), {table: self.remappers[table]}, self.feature_to_table, step, now
-            )
-            slots = results[table].slots
-            assigned[table] = results[table].assigned
-            # Slots come feature by feature, rank by rank: cut out this rank's values of each feature.
-            offset = 0
-            for key in table_keys:
-                counts = [int(part[0][key][0].numel()) for part in gathered]
-                start = offset + sum(counts[:rank])
-                slots_by_key[key] = slots[start : start + counts[rank]]
-                offset += sum(counts)
-            self.remappers[table].maybe_expire(step, now)
+        """This rank's batch with dynamic ids replaced by rows; also the rows assigned to new ids (global, all ranks')."""
+        slots_by_key, assigned = self._remap_replicated(kjt, step)
+        for table in self.partitions:
+            keys = self._keys_of(kjt, table)
+            if keys:
+                slots, assigned[table] = self._remap_routed(table, _values_of(kjt, keys), step, admit=True)
+                slots_by_key.update(_split_by_key(kjt, keys, slots))
         return with_slots(kjt, slots_by_key), assigned
 
     def remap_for_evaluation(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Looks ids up without admitting, expiring or counting anything."""
-        out, _ = remap_kjt(kjt, dict(self.remappers.items()), self.feature_to_table, step=0, admit=False)
-        return out
+        """Looks ids up without admitting, expiring or counting anything (collective for sharded tables)."""
+        slots_by_key = {}
+        for table, remapper in self.remappers.items():
+            keys = self._keys_of(kjt, table)
+            if keys:
+                slots_by_key.update(_split_by_key(kjt, keys, remapper.lookup(_values_of(kjt, keys))))
+        for table in self.partitions:
+            keys = self._keys_of(kjt, table)
+            if keys:
+                slots, _ = self._remap_routed(table, _values_of(kjt, keys), step=0, admit=False)
+                slots_by_key.update(_split_by_key(kjt, keys, slots))
+        return with_slots(kjt, slots_by_key)
 
+    def _keys_of(self, kjt: KeyedJaggedTensor, table: str) -> list[str]:
+        return [key for key in kjt.keys() if self.feature_to_table.get(key) == table]
+
+    def _remap_replicated(self, kjt: KeyedJaggedTensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Replicated tables: every rank remaps the all-gathered batch and keeps its own samples' rows."""
+        keys = [k for k in kjt.keys() if self.feature_to_table.get(k) in self.remappers]
+        if not keys:
+            return {}, {}
+        gathered = _all_gather(({key: kjt[key].values() for key in keys}, time.time()))
+        now = gathered[0][1]  # one clock for every replica
+        rank = _rank()
+        slots_by_key, assigned = {}, {}
+        for table, remapper in self.remappers.items():
+            table_keys = [k for k in keys if self.feature_to_table[k] == table]
+            if not table_keys:
+                continue
+            # the global batch of this table, feature by feature and rank by rank
+            result = remapper.remap(torch.cat([part[0][key] for key in table_keys for part in gathered]), step, now)
+            assigned[table] = result.assigned
+            offset = 0
+            for key in table_keys:
+                counts = [int(part[0][key].numel()) for part in gathered]
+                start = offset + sum(counts[:rank])
+                slots_by_key[key] = result.slots[start : start + counts[rank]]
+                offset += sum(counts)
+            remapper.maybe_expire(step, now)
+        return slots_by_key, assigned
+
+    def _remap_routed(self, table: str, ids: torch.Tensor, step: int, admit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sharded tables: ids travel to their partition's rank and rows come back (``all_to_all``).
+
+        Returns the rows of ``ids`` (``-1``: no row) and, when admitting, the rows assigned in this step by
+        every partition, in partition order (the same on every rank).
+        """
+        owners = self.partition_ranks[table]
+        n_partitions = len(owners)
+        world = _world_size()
+        if world > 1:
+            destination = torch.tensor(owners, device=ids.device)[_partition_of(ids, n_partitions)]
+            order = torch.argsort(destination, stable=True)
+            send_counts = torch.bincount(destination, minlength=world)
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts)
+            send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+            received = ids.new_empty(sum(recv_splits))
+            dist.all_to_all_single(received, ids[order].contiguous(), recv_splits, send_splits)
+        else:
+            received = ids
+        partition = _partition_of(received, n_partitions)
+        rows = torch.full(received.shape, -1, dtype=torch.int64, device=received.device)
+        assigned_here: dict[int, torch.Tensor] = {}
+        now = time.time()
+        for key, remapper in self.partitions[table].items():
+            index = int(key.split("_of_")[0])
+            mine = partition == index
+            if admit:
+                result = remapper.remap(received[mine], step, now)
+                rows[mine] = result.slots.to(rows.device)
+                assigned_here[index] = result.assigned.cpu()
+                remapper.maybe_expire(step, now)
+            else:
+                rows[mine] = remapper.lookup(received[mine]).to(rows.device)
+        if world > 1:
+            returned = rows.new_empty(ids.shape)
+            dist.all_to_all_single(returned, rows, send_splits, recv_splits)
+            rows = torch.empty_like(returned)
+            rows[order] = returned
+        if not admit:
+            return rows, torch.zeros(0, dtype=torch.int64)
+        by_partition: dict[int, torch.Tensor] = {}
+        for part in _all_gather(assigned_here):
+            by_partition.update(part)
+        assigned = [by_partition[i] for i in sorted(by_partition)]
+        return rows, torch.cat(assigned) if assigned else torch.zeros(0, dtype=torch.int64)
+
+    # ------------------------------------------------------ recycled rows
     @torch.no_grad()
     def recycle_rows(
         self, assigned: dict[str, torch.Tensor], weights: dict[str, Any], optimizer_states: dict[str, list[Any]], step: int
@@ -91,31 +195,64 @@ class DynamicTables(nn.Module):
         for table, rows in assigned.items():
             if rows.numel() == 0:
                 continue
-            remapper = self.remappers[table]
-            capacity = remapper.capacity
+            config = self.configs[table]
             weight = weights[table]
-            full_dim = weight.size(1)
             generator = torch.Generator().manual_seed((step + 1) * 1_000_003 + self._seed_of[table])
-            fresh = torch.empty(rows.numel(), full_dim)
-            remapper.init_rows(fresh, torch.arange(rows.numel()), generator=generator)
+            fresh = torch.empty(rows.numel(), weight.size(1))
+            initial_rows(fresh, config, generator)
             for shard, (row0, col0) in _local_pieces(weight):
                 inside = (rows >= row0) & (rows < row0 + shard.size(0))
                 if bool(inside.any()):
                     shard[rows[inside] - row0] = fresh[inside][:, col0 : col0 + shard.size(1)].to(shard.dtype)
             for state in optimizer_states.get(table, []):
-                if state.dim() == 0 or state.size(0) != capacity:
+                if state.dim() == 0 or state.size(0) != config.capacity:
                     continue  # not per-row (e.g. a global step counter)
                 for shard, (row0, _) in _local_pieces(state):
                     inside = (rows >= row0) & (rows < row0 + shard.size(0))
                     if bool(inside.any()):
                         shard[rows[inside] - row0] = 0
 
+    # ------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, dict[str, int]]:
-        return {name: remapper.metrics() for name, remapper in self.remappers.items()}
+        """Counters of the hash tables this rank keeps: whole replicas, or the sum of its partitions."""
+        out = {name: remapper.metrics() for name, remapper in self.remappers.items()}
+        for name, parts in self.partitions.items():
+            total: dict[str, int] = {}
+            for remapper in parts.values():
+                for counter, value in remapper.metrics().items():
+                    total[counter] = total.get(counter, 0) + value
+            out[name] = total
+        return out
+
+    def global_metrics(self) -> dict[str, dict[str, int]]:
+        """Counters of the whole tables: partitions summed over ranks. Collective: call it on every rank."""
+        local = self.metrics()
+        if not self.partitions or not _distributed():
+            return local
+        out = {name: local[name] for name in self.remappers}
+        for name in self.partitions:
+            total: dict[str, int] = {}
+            for part in _all_gather(local[name]):
+                for counter, value in part.items():
+                    total[counter] = total.get(counter, 0) + value
+            out[name] = total
+        return out
 
 
-def _select(kjt: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
-    return kjt if kjt.keys() == keys else kjt.permute([kjt.keys().index(k) for k in keys])
+def _partition_of(ids: torch.Tensor, n_partitions: int) -> torch.Tensor:
+    if n_partitions == 1:
+        return torch.zeros(ids.shape, dtype=torch.int64, device=ids.device)
+    return shard_of(ids, n_partitions)
+
+
+def _values_of(kjt: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
+    """The values of ``keys`` (in that order) concatenated: one table's ids of this batch."""
+    return torch.cat([kjt[key].values() for key in keys])
+
+
+def _split_by_key(kjt: KeyedJaggedTensor, keys: list[str], slots: torch.Tensor) -> dict[str, torch.Tensor]:
+    lengths = [int(kjt[key].values().numel()) for key in keys]
+    return dict(zip(keys, slots.split(lengths)))
 
 
 def _local_pieces(tensor: Any) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -131,6 +268,14 @@ def _local_pieces(tensor: Any) -> list[tuple[torch.Tensor, tuple[int, int]]]:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
 
 
 def _all_gather(obj: Any) -> list[Any]:

@@ -139,14 +139,46 @@ def resolve_tables(
     return result
 
 
-def dynamic_tables_of(tables: EmbeddingTables) -> Optional["DynamicTables"]:
-    """The hash tables of the model's dynamic tables, or None when no table is dynamic."""
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``[row_offset, row_offset + rows)`` of a table as the plan shards them, and the rank keeping
+    the hash partition of those rows (the rank of the block's first column shard)."""
+
+    row_offset: int
+    rows: int
+    rank: int
+
+
+def row_blocks(plan: ShardingPlan, table_name: str, rows: int) -> list[RowBlock]:
+    """The non-empty row blocks of ``table_name`` (of ``rows`` rows) under ``plan``, by ascending first row.
+
+    table_wise and column_wise tables have one block (all rows), row_wise ones a block per rank;
+    data_parallel tables (every rank holds every row) have one block, kept by rank 0.
+    """
+    shardings = [module_plan[table_name] for module_plan in plan.plan.values() if table_name in module_plan]
+    if len(shardings) != 1:
+        raise ValueError(f"the sharding plan has {len(shardings)} entries for table {table_name!r}, expected 1")
+    spec = shardings[0].sharding_spec
+    if spec is None:
+        return [RowBlock(0, rows, 0)]
+    first_column: dict[int, tuple[int, int, int]] = {}  # row offset -> (column offset, rows, rank)
+    for shard in spec.shards:
+        row0, col0 = shard.shard_offsets[0], shard.shard_offsets[1]
+        candidate = (col0, shard.shard_sizes[0], shard.placement.rank())
+        if row0 not in first_column or candidate < first_column[row0]:
+            first_column[row0] = candidate
+    return [RowBlock(row0, rows, rank) for row0, (_, rows, rank) in sorted(first_column.items()) if rows > 0]
+
+
+def dynamic_tables_of(tables: EmbeddingTables, plan: ShardingPlan, rank: int) -> Optional["DynamicTables"]:
+    """The hash tables of the model's dynamic tables (this rank's part of them), or None when none is dynamic."""
     from lightning_sparse.strategies.dynamic_tables import DynamicTables
 
     configs = {name: table.dynamic for name, table in tables.tables.items() if table.dynamic is not None}
     if not configs:
         return None
-    return DynamicTables(configs, {f: t for f, t in tables.features.items() if t in configs})
+    blocks = {name: row_blocks(plan, name, config.capacity) for name, config in configs.items()}
+    return DynamicTables(configs, {f: t for f, t in tables.features.items() if t in configs}, blocks, rank)
 
 
 def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, ParameterConstraints]:

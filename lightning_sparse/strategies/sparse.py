@@ -142,7 +142,7 @@ class SparseStrategy(DDPStrategy):
         object.__setattr__(module, _DMP_ATTRIBUTE, dmp)
         object.__setattr__(module, _TABLES_ATTRIBUTE, tables)
         self._tables = tables
-        self._dynamic = dynamic_tables_of(tables)
+        self._dynamic = dynamic_tables_of(tables, plan, dist.get_rank(process_group))
         object.__setattr__(module, _DYNAMIC_ATTRIBUTE, self._dynamic)
         self._sparse_optimizer = self._build_sparse_optimizer(dmp)
         return dmp
@@ -282,7 +282,7 @@ class SparseStrategy(DDPStrategy):
     def _dynamic_targets(self) -> tuple[dict[str, Any], dict[str, list[Any]]]:
         """Each dynamic table's weight and optimizer state tensors (local shards are views of the live ones)."""
         if self._dynamic_target_cache is None:
-            tables = set(self._dynamic.remappers)
+            tables = set(self._dynamic.configs)
             weights = {}
             for key, value in self.lightning_module.state_dict(keep_vars=True).items():
                 parts = key.split(".")

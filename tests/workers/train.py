@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--ckpt-out", default=None, help="save a checkpoint here after the stage")
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint directory: a checkpoint every epoch")
     parser.add_argument("--dynamic-capacity", type=int, default=0, help="make t_cat_3 a dynamic table of this many rows")
+    parser.add_argument("--dynamic-placement", default="sharded", choices=["sharded", "replicated"])
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
 
@@ -73,6 +74,7 @@ def main() -> None:
             capacity=args.dynamic_capacity,
             admission=AdmissionConfig(min_count=2),
             expiry=ExpiryConfig(ttl_steps=2, sweep_every_steps=1),
+            placement=args.dynamic_placement,
         )
         tables["t_cat_3"] = TableConfig(sharding=tables.get("t_cat_3", TableConfig()).sharding, dynamic=dynamic)
     strategy = lightning_sparse.SparseStrategy(
@@ -118,12 +120,13 @@ def main() -> None:
         sparse_lr=strategy.sparse_param_groups()[0]["lr"],
     )
     if strategy.dynamic_tables is not None:
-        result["dynamic_metrics"] = strategy.dynamic_tables.metrics()
-        # The hash-table replicas must stay identical on every rank.
-        digest = [float(t.double().sum()) for t in strategy.dynamic_tables.state_dict().values()]
-        digests = [None] * trainer.world_size
-        torch.distributed.all_gather_object(digests, digest)
-        result["replicas_identical"] = all(d == digests[0] for d in digests)
+        result["dynamic_metrics"] = strategy.dynamic_tables.global_metrics()
+        # Replicas must stay identical on every rank; a sharded hash table's partitions live on one rank each.
+        state = {k: float(t.double().sum()) for k, t in strategy.dynamic_tables.state_dict().items()}
+        states = [None] * trainer.world_size
+        torch.distributed.all_gather_object(states, state)
+        result["replicas_identical"] = all(s == states[0] for s in states)
+        result["hash_state_keys_per_rank"] = [sorted(s) for s in states]
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
             json.dump(result, f)
