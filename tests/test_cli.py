@@ -183,6 +183,17 @@ def test_criteo_fit_then_test_from_checkpoint_skipping_malformed_lines(tmp_path)
     assert tested["test/auc"][-1] > 0.65
 
 
+def test_dynamic_example_fits_on_two_processes_and_logs_table_counters(tmp_path):
+    config = str(EXAMPLES / "dynamic.yaml")
+    run_cli("fit", "--config", config, "--data.init_args.num_train_batches", "40", "--trainer.val_check_interval", "10", cwd=tmp_path)
+    metrics = read_csv_metrics(tmp_path / "outputs" / "dynamic" / "csv" / "version_0" / "metrics.csv")
+    assert metrics["dynamic/t_cat_0/capacity"][-1] == 20000
+    assert 0 < metrics["dynamic/t_cat_0/live"][-1] == metrics["dynamic/t_cat_0/admitted"][-1] - metrics["dynamic/t_cat_0/evicted"][-1] - metrics["dynamic/t_cat_0/expired"][-1]
+    assert metrics["dynamic/t_cat_0/rejected_admission"][-1] > 0  # min_count: 2 keeps one-off ids out
+    lookups = metrics["dynamic/t_cat_0/lookups"][-1]
+    assert lookups > 0 and lookups % (2 * 1024) == 0  # whole steps of both ranks' 1024 ids (one per sample)
+
+
 # -------------------------------------------------------------------------- parsing (in-process, no training)
 def _main_exit(args: list[str], capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as info:
