@@ -14,6 +14,7 @@ from lightning_sparse.strategies.dynamic_tables import DynamicTables
 from lightning_sparse.strategies.sharding import RowBlock
 
 from conftest import run_worker
+from workers.partition_replay import replay_partitions
 
 FEATURES = {"f_a": "t", "f_b": "t"}
 
@@ -43,18 +44,11 @@ def test_two_partitions_behave_as_two_independent_tables():
     for step in range(12):
         kjt = batch(step, g)
         out, assigned = tables.remap_for_training(kjt, step)
-        ids = kjt.values()
-        part = shard_of(ids, 2)
-        expected = torch.full_like(ids, -1)
-        expected_assigned = []
-        for p, remapper in enumerate(reference):
-            result = remapper.remap(ids[part == p], step, now=0.0)
-            expected[part == p] = result.slots
-            expected_assigned.append(result.assigned)
-            remapper.maybe_expire(step, now=0.0)
+        expected, looked_up, expected_assigned = replay_partitions(reference, kjt.values(), step)
         assert torch.equal(out.values(), expected[expected >= 0])
-        assert torch.equal(assigned["t"], torch.cat(expected_assigned))
-        assert bool(((expected[part == 1] >= 48) | (expected[part == 1] == -1)).all())  # rows of its own block
+        assert torch.equal(assigned["t"], expected_assigned)
+        mine = shard_of(kjt.values(), 2) == 1
+        assert bool(((expected[mine] >= 48) | (expected[mine] == -1)).all())  # rows of its own block
     for p, remapper in enumerate(reference):
         mine = tables.partitions["t"][f"{p}_of_2"]
         for name in ("slot_ids", "slot_count", "slot_last_step", "index", "sketch", "counters", "free_list"):
@@ -62,13 +56,7 @@ def test_two_partitions_behave_as_two_independent_tables():
     metrics = tables.global_metrics()["t"]
     assert metrics["capacity"] == 96
     assert metrics["admitted"] == sum(r.metrics()["admitted"] for r in reference) > 0
-    looked_up = tables.remap_for_evaluation(kjt)
-    ids = kjt.values()
-    part = shard_of(ids, 2)
-    expected = torch.full_like(ids, -1)
-    for p, remapper in enumerate(reference):
-        expected[part == p] = remapper.lookup(ids[part == p])
-    assert torch.equal(looked_up.values(), expected[expected >= 0])
+    assert torch.equal(tables.remap_for_evaluation(kjt).values(), looked_up[looked_up >= 0])
 
 
 def test_one_partition_equals_the_replica():

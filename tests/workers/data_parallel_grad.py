@@ -6,14 +6,12 @@ back to a composite implementation for data_parallel tables: this proves the gra
 
 import argparse
 import json
-import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
+from gloo_spawn import spawn_gloo
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.strategies.sharding import (
     attach_fused_optimizers,
@@ -62,9 +60,7 @@ def reference_grad() -> torch.Tensor:
     return model.ebc.embedding_bags["dp"].weight.grad.clone()
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+def worker(rank: int, out: str) -> None:
     torch.manual_seed(0)
     model = Model()
     tables = resolve_tables(
@@ -97,17 +93,10 @@ def worker(rank: int, port: int, out: str) -> None:
                 },
                 f,
             )
-    dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
-    mp.spawn(worker, args=(free_port(), args.result), nprocs=WORLD_SIZE)
+    spawn_gloo(worker, WORLD_SIZE, args.result)

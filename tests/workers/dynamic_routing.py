@@ -9,14 +9,14 @@ rows, the assigned rows, the evaluation lookups, the summed counters and a DCP s
 import argparse
 import json
 import os
-import socket
 import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from gloo_spawn import spawn_gloo
+from partition_replay import replay_partitions
 from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, ExpiryConfig, shard_of
 from lightning_sparse.strategies import checkpoint
 from lightning_sparse.strategies.dynamic_tables import DynamicTables
@@ -45,9 +45,7 @@ def make_tables(rank: int) -> DynamicTables:
     return DynamicTables({"t": config()}, FEATURES, {"t": BLOCKS}, rank=rank)
 
 
-def worker(rank: int, port: int, out: str, ckpt_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+def worker(rank: int, out: str, ckpt_dir: str) -> None:
     tables = make_tables(rank)
     reference = [DynamicIdRemapper(config(), block.rows, block.row_offset) for block in BLOCKS] if rank == 0 else None
     checked = 0
@@ -79,25 +77,13 @@ def worker(rank: int, port: int, out: str, ckpt_dir: str) -> None:
         assert all(flags), flags
         with open(out, "w") as f:
             json.dump({"checked_steps": checked, "keys_per_rank": keys, **metrics}, f)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def check_step(reference: list[DynamicIdRemapper], step: int, gathered: list) -> int:
     """Replays ``step``'s global batch (rank 0's ids, then rank 1's) through one table per partition."""
     batches = [batch_of(rank, step) for rank in range(WORLD_SIZE)]
     ids = torch.cat([b.values() for b in batches])
-    part = shard_of(ids, len(BLOCKS))
-    expected = torch.full_like(ids, -1)
-    expected_assigned = []
-    for p, remapper in enumerate(reference):
-        result = remapper.remap(ids[part == p], step, now=0.0)
-        expected[part == p] = result.slots
-        expected_assigned.append(result.assigned)
-        remapper.maybe_expire(step, now=0.0)
-    looked_up = torch.full_like(ids, -1)
-    for p, remapper in enumerate(reference):
-        looked_up[part == p] = remapper.lookup(ids[part == p])
+    expected, looked_up, expected_assigned = replay_partitions(reference, ids, step)
     start = 0
     for rank, b in enumerate(batches):
         values, lengths, evaluated, assigned = gathered[rank]
@@ -107,16 +93,11 @@ def check_step(reference: list[DynamicIdRemapper], step: int, gathered: list) ->
         assert torch.equal(values, mine[mine >= 0]), (step, rank)
         assert int(lengths.sum()) == int((mine >= 0).sum())
         assert torch.equal(evaluated, mine_eval[mine_eval >= 0]), (step, rank)
-        assert torch.equal(assigned, torch.cat(expected_assigned)), (step, rank)
+        assert torch.equal(assigned, expected_assigned), (step, rank)
     # partition 1 lends only rows of its own block
+    part = shard_of(ids, len(BLOCKS))
     assert bool(((expected[part == 1] >= 40) | (expected[part == 1] < 0)).all())
     return 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
@@ -124,4 +105,4 @@ if __name__ == "__main__":
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(free_port(), args.result, tmp), nprocs=WORLD_SIZE)
+        spawn_gloo(worker, WORLD_SIZE, args.result, tmp)
