@@ -48,6 +48,21 @@ def native_op(name: str) -> Optional[Callable]:
     return getattr(namespace, name) if hasattr(namespace, name) else None
 
 
+def native_op_for(name: str, device: torch.device) -> Optional[Callable]:
+    """:func:`native_op`, but None also when the extension has no kernel of it for ``device``.
+
+    The CUDA kernels are compiled only when the extension was built with a CUDA toolkit; without them an
+    op given CUDA tensors would fail inside the dispatcher, so callers check first and fall back.
+    """
+    op = native_op(name)
+    if op is None:
+        return None
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key):
+        return None
+    return op
+
+
 def require_native() -> str:
     """Path of the loaded extension; raises a clear error if it was not built."""
     path = _load_library()

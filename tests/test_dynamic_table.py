@@ -137,6 +137,23 @@ def test_state_stays_on_host_in_its_dtypes():
     assert model["t"].slot_last_time.dtype == torch.float64 and model["t"].slot_ids.dtype == torch.int64
 
 
+def test_dtype_casts_never_touch_state_and_host_moves_keep_working(path):
+    """``.to(float16)`` / ``.half()`` must not cast the state (a float16 stamp or score would silently
+    change the policy); ``.to("cpu")`` is a move to where it already is, and the table carries on exactly."""
+    moved, untouched = DynamicIdRemapper(config()), DynamicIdRemapper(config())
+    drive(moved, range(0, 6))
+    drive(untouched, range(0, 6))
+    dtypes = {name: buffer.dtype for name, buffer in moved.named_buffers()}
+    model = torch.nn.ModuleDict({"t": moved})
+    model.to(torch.float16).half().to("cpu").to("cpu", torch.float16).cpu().float().double()
+    assert {name: buffer.dtype for name, buffer in moved.named_buffers()} == dtypes
+    assert moved.device == torch.device("cpu") and moved.slot_score.dtype == torch.float64
+    assert all(torch.equal(v, untouched.state_dict()[k]) for k, v in moved.state_dict().items())
+    a, b = drive(moved, range(6, 14)), drive(untouched, range(6, 14))
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(v, untouched.state_dict()[k]) for k, v in moved.state_dict().items())
+
+
 # --- behaviour -----------------------------------------------------------------------------------
 
 

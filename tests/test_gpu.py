@@ -1,4 +1,5 @@
-"""The strategy on CUDA (nccl, fbgemm CUDA kernels, row_wise sharding). Skipped on machines without a GPU."""
+"""The strategy on CUDA (nccl, fbgemm CUDA kernels, row_wise sharding) and the CUDA hash-table kernels of
+dynamic tables. Skipped on machines without a GPU."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import pytest
 import torch
 
 from conftest import assert_trees_equal, read_checkpoint, run_worker
+from lightning_sparse.dynamic import (
+    AdmissionConfig,
+    DynamicIdRemapper,
+    DynamicTableConfig,
+    EvictionPolicy,
+    ExpiryConfig,
+)
+from lightning_sparse.ops import native_op_for
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,3 +57,126 @@ def test_gpu_only_fused_optimizer_kinds(tmp_path, kind):
         "train.py", "--accelerator", "gpu", "--devices", 1, "--sharding", "table_wise", "--optimizer", kind, result=tmp_path / "r.json"
     )
     assert result["metrics"]["val/loss"] < 1.0
+
+
+# --- dynamic tables: CUDA kernels (cuda_ops/hash_table.cu) against the CPU twin ------------------------
+
+needs_cuda_kernels = pytest.mark.skipif(
+    native_op_for("hash_remap", torch.device("cuda")) is None, reason="lightning_sparse._C built without CUDA kernels"
+)
+
+
+def _skewed_ids(generator: torch.Generator, n: int, universe: int, shift: int) -> torch.Tensor:
+    """Zipf-like ids spread over the int64 range, whose popular ids move with ``shift``."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    return ((universe * u**3).to(torch.int64) + shift) * 0x9E3779B97F4A7C1 - (1 << 62)
+
+
+def _dynamic_config(policy: EvictionPolicy, capacity: int) -> DynamicTableConfig:
+    return DynamicTableConfig(
+        capacity=capacity,
+        eviction=policy,
+        score_decay=0.8,
+        admission=AdmissionConfig(min_count=1, probability=0.9, seed=3, sketch_halve_every=2 * capacity),
+        expiry=ExpiryConfig(ttl_steps=2, ttl_seconds=1.75),
+    )
+
+
+def _drive_dynamic(remapper: DynamicIdRemapper, batches: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    outputs = []
+    for step, ids in enumerate(batches):
+        ids = ids.to(device)
+        result = remapper.remap(ids, step, now=0.5 * step)
+        assert result.slots.device == ids.device and result.slots.shape == ids.shape
+        lookup = remapper.lookup(ids.reshape(-1)[:500])
+        outputs += [result.slots.cpu(), result.assigned.cpu(), lookup.cpu()]
+        if step % 2 == 1:
+            outputs.append(remapper.expire(step, now=0.5 * step).cpu())
+    return outputs
+
+
+def _assert_same_table(a: DynamicIdRemapper, b: DynamicIdRemapper) -> None:
+    names = a.tensors()._fields + ("decay_powers",)
+    for name, x, y in zip(names, (*a.tensors(), a.decay_powers), (*b.tensors(), b.decay_powers)):
+        assert x.dtype == y.dtype and torch.equal(x.cpu(), y.cpu()), name
+    assert a.metrics() == b.metrics()
+
+
+def _twin_and_cuda(config, batches, monkeypatch, row_offset=0):
+    monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "0")
+    twin = DynamicIdRemapper(config, row_offset=row_offset)
+    out_twin = _drive_dynamic(twin, batches, "cpu")
+    monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1")
+    gpu = DynamicIdRemapper(config, row_offset=row_offset).to("cuda")
+    out_gpu = _drive_dynamic(gpu, batches, "cuda")
+    return twin, out_twin, gpu, out_gpu
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("policy", list(EvictionPolicy))
+@pytest.mark.parametrize("capacity, batch", [(600, 1_000), (20_000, 40_000)])
+def test_cuda_kernels_equal_cpu_twin(policy, capacity, batch, monkeypatch):
+    """Outputs and every state tensor bit-identical over batches with admission coins, sketch aging,
+    eviction and expiry; one batch empty, one 2-D."""
+    g = torch.Generator().manual_seed(5)
+    batches = [_skewed_ids(g, batch, 10 * capacity, (capacity // 2) * b) for b in range(10)]
+    batches[3] = batches[3][:0]
+    batches[4] = batches[4].view(batch // 50, 50)
+    twin, out_twin, gpu, out_gpu = _twin_and_cuda(_dynamic_config(policy, capacity), batches, monkeypatch, row_offset=7)
+    assert len(out_twin) == len(out_gpu)
+    for k, (a, b) in enumerate(zip(out_twin, out_gpu)):
+        assert torch.equal(a, b), k
+    _assert_same_table(twin, gpu)
+    metrics = gpu.metrics()
+    assert metrics["evicted"] > 0 and metrics["rejected_admission"] > 0 and metrics["sketch_halvings"] > 0
+    assert metrics["expired"] > 0 or policy == EvictionPolicy.LRU
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("policy", list(EvictionPolicy))
+def test_cuda_kernels_pick_the_twins_victims_among_ties(policy, monkeypatch):
+    """Few newcomers against a large full table with many equal priorities: ties are broken by slot."""
+    g = torch.Generator().manual_seed(11)
+    fill = torch.randint(0, 1 << 40, (60_000,), generator=g)
+    fill = torch.cat([fill, fill[:20_000], fill[:5_000]])
+    repeats = torch.tensor([1, 2, 3, 4]).repeat(75)
+    newcomers = torch.randint(1 << 41, 1 << 42, (300,), generator=g).repeat_interleave(repeats)
+    config = DynamicTableConfig(
+        capacity=50_000, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1)
+    )
+    twin, out_twin, gpu, out_gpu = _twin_and_cuda(config, [fill, newcomers, newcomers, newcomers], monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(out_twin, out_gpu))
+    _assert_same_table(twin, gpu)
+    assert gpu.metrics()["evicted"] > 0
+
+
+def test_cuda_state_falls_back_to_the_twin_on_host_copies(monkeypatch):
+    """Without the CUDA kernels (here: forced off) a CUDA-resident table still gives the twin's results."""
+    g = torch.Generator().manual_seed(3)
+    batches = [_skewed_ids(g, 2_000, 6_000, 300 * b) for b in range(6)]
+    config = _dynamic_config(EvictionPolicy.FEATURE_SCORE, 600)
+    monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "0")
+    twin, gpu = DynamicIdRemapper(config), DynamicIdRemapper(config).cuda()
+    out_twin, out_gpu = _drive_dynamic(twin, batches, "cpu"), _drive_dynamic(gpu, batches, "cuda")
+    assert all(torch.equal(a, b) for a, b in zip(out_twin, out_gpu))
+    assert gpu.slot_ids.is_cuda
+    _assert_same_table(twin, gpu)
+
+
+def test_cuda_resident_remapper_moves_without_casting_and_returns_slots_on_the_ids_device():
+    remapper = DynamicIdRemapper(_dynamic_config(EvictionPolicy.LFU, 64))
+    model = torch.nn.ModuleDict({"t": remapper}).to("cuda").half().to(torch.float16)
+    assert all(buffer.is_cuda for buffer in remapper.buffers()) and remapper.device.type == "cuda"
+    assert remapper.slot_last_time.dtype == torch.float64 and remapper.slot_score.dtype == torch.float64
+    assert remapper.decay_powers.dtype == torch.float64 and remapper.slot_ids.dtype == torch.int64
+    ids = torch.arange(40) * 1_000_003
+    assert remapper.remap(ids, 0, now=0.0).slots.device.type == "cpu"  # host ids in, host slots out
+    result = remapper.remap(ids.cuda(), 1, now=1.0)
+    assert result.slots.is_cuda and result.assigned.is_cuda
+    assert remapper.lookup(ids.int()).device.type == "cpu"
+    assert remapper.expire(1, now=1.0).is_cuda
+    before = {k: v.cpu() for k, v in remapper.state_dict().items()}
+    model.cpu()
+    assert all(buffer.device.type == "cpu" for buffer in remapper.buffers())
+    assert all(torch.equal(v, before[k]) for k, v in remapper.state_dict().items())
+    assert torch.equal(remapper.lookup(ids), result.slots.cpu())

@@ -1,8 +1,9 @@
 """Dynamic (hash-backed) embedding tables: raw int64 ids -> rows of a fixed-capacity table.
 
 Admission (count-min frequency + deterministic coin), expiry (TTL in steps or seconds) and eviction
-(LFU, LRU, Kraken-style decayed score) run in native kernels (``cuda_ops/hash_table.cpp``) or their
-pure-PyTorch twins (``reference.py``), with identical results and exactly checkpointable state.
+(LFU, LRU, Kraken-style decayed score) run in native kernels (``cuda_ops/hash_table.cpp``, and
+``hash_table.cu`` for state on a GPU) or their pure-PyTorch twins (``reference.py``), with identical results
+and exactly checkpointable state.
 """
 
 from lightning_sparse.dynamic.config import (

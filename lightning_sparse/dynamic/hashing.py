@@ -3,7 +3,7 @@
 Each is defined on unsigned 64-bit integers (splitmix64's finaliser ``mix64``) and implemented three
 times with identical results: here on int64 tensors (wrapping two's-complement arithmetic, logical
 shifts emulated by masking), here on Python ints (the readable definition the tests use), and in
-``cuda_ops/hash_table.cpp``. Every use adds its own salt first, so that e.g. the ids routed to one shard
+``cuda_ops/hash_table.cpp`` (whose GPU copy is ``hash_table.cu``). Every use adds its own salt first, so that e.g. the ids routed to one shard
 do not all share the low bits that pick their position in that shard's index.
 """
 

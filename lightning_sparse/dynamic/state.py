@@ -1,7 +1,7 @@
 """Layout of a dynamic table's hash-table state: which tensors, their dtypes, and named positions.
 
-Both implementations of the kernels (``cuda_ops/hash_table.cpp`` and ``reference.py``) read and write
-exactly these tensors, in this order, so a checkpoint written by one is read by the other.
+Every implementation of the kernels (``cuda_ops/hash_table.cpp``, ``hash_table.cu`` and ``reference.py``)
+reads and writes exactly these tensors, in this order, so a checkpoint written by one is read by the others.
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 
 It owns the table state as registered buffers, so ``state_dict`` / ``load_state_dict`` and
 ``torch.distributed.checkpoint`` save and restore it exactly, and it runs the native kernels
-(``torch.ops.lightning_sparse.hash_*``) or their pure-PyTorch twins in ``reference.py``.
+(``torch.ops.lightning_sparse.hash_*``, CPU or CUDA, wherever the state is) or their pure-PyTorch twins
+in ``reference.py``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Iterable, NamedTuple, Optional
+import warnings
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ from lightning_sparse.dynamic import reference
 from lightning_sparse.dynamic.config import MAX_REMAP_BATCH, DynamicTableConfig, RowInit
 from lightning_sparse.dynamic.hashing import shard_rows
 from lightning_sparse.dynamic.state import Counter, Meta, RemapParams, TableTensors, allocate, decay_powers
-from lightning_sparse.ops import native_op
+from lightning_sparse.ops import native_enabled, native_op_for
 
 MAX_BATCH = MAX_REMAP_BATCH  # fewer ids than this per remap call (int32 sketch counters, see config)
 
@@ -42,9 +44,11 @@ class DynamicIdRemapper(nn.Module):
         capacity: slots of this remapper; default ``config.capacity`` (use :meth:`for_rank` for a shard).
         row_offset: added to every slot it hands out, so slots are rows of the whole table.
 
-    The state stays in host memory whatever ``.to()`` / ``.half()`` the enclosing model receives (the
-    kernels are CPU kernels and the float64 stamps must not be cast); ids on another device are remapped
-    on the host and the slots are returned on the ids' device.
+    The state is never cast (``.half()``, ``.to(dtype)`` leave it alone: the float64 stamps and int64
+    counts must stay exact), but it moves between the host and a CUDA device with the enclosing model
+    (``.to("cuda")``, ``.cuda()``, ``.cpu()``); moves to other device types leave it where it is. The
+    kernels run where the state is: ids on another device are moved there, and the slots come back on
+    the ids' device.
     """
 
     def __init__(self, config: DynamicTableConfig, capacity: Optional[int] = None, row_offset: int = 0) -> None:
@@ -73,7 +77,20 @@ class DynamicIdRemapper(nn.Module):
         return cls(config, capacity=rows, row_offset=offset)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: D401 - see class docstring
+        # Where does `fn` send tensors? Ask it with an empty int64 probe, which no dtype cast touches,
+        # then move every buffer there in its own dtype.
+        probe = fn(torch.empty(0, dtype=torch.int64, device=self.slot_ids.device))
+        device = probe.device if isinstance(probe, torch.Tensor) else self.slot_ids.device
+        if device.type in ("cpu", "cuda") and device != self.slot_ids.device:
+            for name, buffer in self._buffers.items():
+                if buffer is not None:
+                    self._buffers[name] = buffer.to(device)
         return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the state is, and so where the kernels run."""
+        return self.slot_ids.device
 
     def tensors(self) -> TableTensors:
         return TableTensors(*(getattr(self, name) for name in TableTensors._fields))
@@ -87,27 +104,27 @@ class DynamicIdRemapper(nn.Module):
         ids = self._check_ids(ids)
         step = self._check_step(step)
         now = time.time() if now is None else float(now)
-        host_ids = ids.to("cpu", torch.int64)
-        op = native_op("hash_remap")
+        state_ids = ids.to(self.device, torch.int64)
+        op = self._op("hash_remap")
         p = self.params
         if op is not None:
             slots, assigned = op(
-                host_ids, *self.tensors(), self.decay_powers, step, now,
+                state_ids, *self.tensors(), self.decay_powers, step, now,
                 p.policy, p.min_count, p.coin_threshold, p.coin_key, p.halve_every, p.slot_offset,
             )  # fmt: skip
         else:
-            slots, assigned = reference.remap(host_ids, self.tensors(), self.decay_powers, step, now, p)
+            slots, assigned = self._twin(lambda t, powers: reference.remap(state_ids.cpu(), t, powers, step, now, p))
         return RemapResult(slots.to(ids.device), assigned.to(ids.device))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``ids`` without admitting, counting or stamping anything (evaluation); -1 if unknown."""
         ids = self._check_ids(ids)
-        host_ids = ids.to("cpu", torch.int64)
-        op = native_op("hash_lookup")
+        state_ids = ids.to(self.device, torch.int64)
+        op = self._op("hash_lookup")
         if op is not None:
-            slots = op(host_ids, self.slot_ids, self.index, self.row_offset)
+            slots = op(state_ids, self.slot_ids, self.index, self.row_offset)
         else:
-            slots = reference.lookup(host_ids, self.tensors(), self.row_offset)
+            slots = self._twin(lambda t, _: reference.lookup(state_ids.cpu(), t, self.row_offset), writes=False)
         return slots.to(ids.device)
 
     def expire(self, step: int, now: Optional[float] = None) -> torch.Tensor:
@@ -117,12 +134,12 @@ class DynamicIdRemapper(nn.Module):
         expiry = self.config.expiry
         ttl_steps = expiry.ttl_steps or 0
         ttl_seconds = expiry.ttl_seconds or 0.0
-        op = native_op("hash_expire")
+        op = self._op("hash_expire")
         if op is not None:
             slots = op(*self.tensors(), step, now, ttl_steps, ttl_seconds)
         else:
-            slots = reference.expire(self.tensors(), step, now, ttl_steps, ttl_seconds)
-        return slots + self.row_offset
+            slots = self._twin(lambda t, _: reference.expire(t, step, now, ttl_steps, ttl_seconds))
+        return slots.to(self.device) + self.row_offset
 
     def maybe_expire(self, step: int, now: Optional[float] = None) -> Optional[torch.Tensor]:
         """Runs :meth:`expire` when expiry is configured and ``sweep_every_steps`` have passed since the last."""
@@ -131,6 +148,34 @@ class DynamicIdRemapper(nn.Module):
         if not expiry.enabled or (last >= 0 and step - last < expiry.sweep_every_steps):
             return None
         return self.expire(step, now)
+
+    def _op(self, name: str) -> Optional[Callable]:
+        """The compiled op for the state's device, or None when the twin must run instead."""
+        op = native_op_for(name, self.device)
+        if op is None and self.device.type != "cpu" and native_enabled() and native_op_for(name, "cpu") is not None:
+            warnings.warn(
+                f"DynamicIdRemapper state is on {self.device} but lightning_sparse._C was built without CUDA "
+                "kernels: running the PyTorch twin on host copies of the state (slow). Rebuild the extension "
+                "with a CUDA toolkit (CUDA_HOME set, torch with CUDA): `pip install -e . --no-build-isolation`.",
+                stacklevel=3,
+            )
+        return op
+
+    def _twin(self, run: Callable, writes: bool = True):
+        """Runs a twin from ``reference.py`` as ``run(state, decay_powers)``.
+
+        The twin uses host-only calls (``.numpy()``, tensors created without a device), so for state on
+        another device it runs on host copies, which are then copied back in place.
+        """
+        if self.device.type == "cpu":
+            return run(self.tensors(), self.decay_powers)
+        state = self.tensors()
+        host = TableTensors(*(tensor.cpu() for tensor in state))
+        result = run(host, self.decay_powers.cpu())
+        if writes:
+            for tensor, copy in zip(state, host):
+                tensor.copy_(copy)
+        return result
 
     def metrics(self) -> dict[str, int]:
         """Table counters: live ids, capacity, and the cumulative admission/eviction/expiry counts."""

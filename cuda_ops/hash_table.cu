@@ -1,0 +1,533 @@
+// Hash-table kernels of dynamic embedding tables on CUDA: the ops of hash_table.cpp (schemas defined
+// there) for state that lives on a GPU, with the same results and bit-identical state.
+//
+// The policy and its tie-breaking are defined in lightning_sparse/dynamic/reference.py. Parallel kernels
+// only do order-independent work: probes of distinct ids, updates of distinct slots, integer atomic adds
+// to the sketch (estimates are read in a second kernel, after every add), coins, victim priorities.
+// unique / sort / compaction are ATen's CUDA ops (sorted unique, stable sorts), which give the twin's
+// orders exactly. Everything whose order shapes the state (index erases with backward shift, then
+// inserts; free-stack pushes) runs in a single-thread kernel in the documented order, so the index
+// layout matches the CPU's position by position.
+//
+// Host syncs per remap: the free count, unique's size, the eligible ids' count, and only when the table
+// is full the evictable slots' count and the number of wins. lookup has none; expire has one.
+//
+// Floating point: decayed scores are float64 products of decay powers at the set bits (ascending), then
+// one multiply and one add. The __dmul_rn / __dadd_rn intrinsics round each step and are never fused
+// into an FMA, whatever flags nvcc gets, so they round exactly as the C++ and PyTorch twins do.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+namespace {
+
+constexpr uint64_t kMixM1 = 0xBF58476D1CE4E5B9ULL;
+constexpr uint64_t kMixM2 = 0x94D049BB133111EBULL;
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kSaltIndex = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kSaltSketch = 0xA0761D6478BD642FULL;
+
+// positions in meta / counters (lightning_sparse/dynamic/state.py: Meta, Counter)
+constexpr int kFreeCount = 0, kSketchAdds = 1, kLastSweepStep = 2;
+constexpr int kAdmitted = 0, kEvicted = 1, kExpired = 2, kRejectedFull = 3, kRejectedAdmission = 4,
+              kLookups = 5, kHits = 6, kSketchHalvings = 7;
+constexpr int kLFU = 0, kLRU = 1, kFeatureScore = 2;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;  // grid-stride loops cover the rest
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+  x = (x ^ (x >> 30)) * kMixM1;
+  x = (x ^ (x >> 27)) * kMixM2;
+  return x ^ (x >> 31);
+}
+
+// Raw pointers into the state (all on one device); passed to kernels by value.
+struct Table {
+  int64_t* slot_ids;
+  int64_t* count;
+  int64_t* last_step;
+  double* last_time;
+  double* score;
+  int32_t* free_list;
+  int32_t* index;
+  int32_t* sketch;
+  int64_t* meta;
+  int64_t* counters;
+  int64_t capacity;
+  uint64_t mask;
+  int64_t depth;
+  int64_t width;
+
+  __device__ uint64_t home(int64_t id) const { return mix64(static_cast<uint64_t>(id) + kSaltIndex) & mask; }
+
+  __device__ int64_t find(int64_t id) const {
+    uint64_t pos = home(id);
+    while (true) {
+      const int32_t e = index[pos];
+      if (e < 0) return -1;
+      if (slot_ids[e] == id) return e;
+      pos = (pos + 1) & mask;
+    }
+  }
+
+  __device__ void insert(int64_t id, int32_t slot) {
+    uint64_t pos = home(id);
+    while (index[pos] >= 0) pos = (pos + 1) & mask;
+    index[pos] = slot;
+  }
+
+  // Linear-probing delete with backward shift, as in hash_table.cpp; slot_ids of all indexed slots must
+  // still be valid. An id that is not indexed (only in a corrupt state) is left alone rather than
+  // probing forever.
+  __device__ void erase(int64_t id) {
+    uint64_t pos = home(id);
+    while (true) {
+      const int32_t e = index[pos];
+      if (e < 0) return;
+      if (slot_ids[e] == id) break;
+      pos = (pos + 1) & mask;
+    }
+    uint64_t hole = pos, probe = pos;
+    while (true) {
+      probe = (probe + 1) & mask;
+      const int32_t e = index[probe];
+      if (e < 0) break;
+      const uint64_t want = home(slot_ids[e]);
+      const bool stays = hole <= probe ? (hole < want && want <= probe) : (want > hole || want <= probe);
+      if (!stays) {
+        index[hole] = e;
+        hole = probe;
+      }
+    }
+    index[hole] = -1;
+  }
+};
+
+// decay ** dt as the product of powers[b] (= decay ** 2**b) at the set bits of dt, ascending.
+__device__ __forceinline__ double decay_pow(int64_t dt, const double* powers) {
+  double r = 1.0;
+  for (int b = 0; b < 63 && (dt >> b) > 0; ++b) {
+    if ((dt >> b) & 1) r = __dmul_rn(r, powers[b]);
+  }
+  return r;
+}
+
+inline int blocks_for(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+#define GRID_STRIDE(i, n)                                                             \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// Slot of each id (+ offset), -1 when it has none.
+__global__ void lookup_kernel(Table t, const int64_t* __restrict__ ids, int64_t n, int64_t offset,
+                              int64_t* __restrict__ out) {
+  GRID_STRIDE(i, n) {
+    const int64_t s = t.find(ids[i]);
+    out[i] = s >= 0 ? s + offset : -1;
+  }
+}
+
+// Hits: distinct ids have distinct slots, so every slot is written by one thread.
+__global__ void hit_kernel(Table t, const int64_t* __restrict__ slot, const int64_t* __restrict__ counts, int64_t u,
+                           int64_t step, double now, const double* __restrict__ powers, uint8_t* __restrict__ touched) {
+  GRID_STRIDE(j, u) {
+    const int64_t s = slot[j];
+    if (s < 0) continue;
+    const int64_t c = counts[j];
+    const int64_t dt = max(step - t.last_step[s], int64_t(0));
+    const double decayed = __dmul_rn(t.score[s], decay_pow(dt, powers));
+    t.score[s] = __dadd_rn(decayed, static_cast<double>(c));
+    t.count[s] += c;
+    t.last_step[s] = step;
+    t.last_time[s] = now;
+    touched[s] = 1;
+  }
+}
+
+__device__ __forceinline__ int64_t sketch_cell(const Table& t, int64_t id, int64_t r) {
+  const uint64_t col = mix64(static_cast<uint64_t>(id) + kSaltSketch * static_cast<uint64_t>(r + 1)) &
+                       static_cast<uint64_t>(t.width - 1);
+  return r * t.width + static_cast<int64_t>(col);
+}
+
+// Batch counts of the missing distinct ids into the sketch (integer adds: any order gives the same sums).
+__global__ void sketch_add_kernel(Table t, const int64_t* __restrict__ uniq, const int64_t* __restrict__ counts,
+                                  const int64_t* __restrict__ slot, int64_t u) {
+  GRID_STRIDE(j, u) {
+    if (slot[j] >= 0) continue;
+    const int add = static_cast<int>(counts[j]);
+    for (int64_t r = 0; r < t.depth; ++r) atomicAdd(&t.sketch[sketch_cell(t, uniq[j], r)], add);
+  }
+}
+
+// Estimate (min over rows, after all of this call's adds), min_count and coin of each missing distinct id.
+__global__ void admit_kernel(Table t, const int64_t* __restrict__ uniq, const int64_t* __restrict__ slot, int64_t u,
+                             int64_t min_count, int64_t coin_threshold, int64_t coin_key, int64_t step,
+                             int64_t* __restrict__ estimate, bool* __restrict__ eligible) {
+  const uint64_t step_salt = static_cast<uint64_t>(step) * kGolden;
+  GRID_STRIDE(j, u) {
+    if (slot[j] >= 0) {
+      estimate[j] = 0;
+      eligible[j] = false;
+      continue;
+    }
+    const int64_t id = uniq[j];
+    int64_t est = INT64_MAX;
+    for (int64_t r = 0; r < t.depth; ++r) est = min(est, static_cast<int64_t>(t.sketch[sketch_cell(t, id, r)]));
+    if (t.depth == 0) est = 0;
+    bool ok = est >= min_count;
+    if (ok && coin_threshold < (int64_t(1) << 53)) {
+      const uint64_t coin = mix64(mix64(static_cast<uint64_t>(id) + static_cast<uint64_t>(coin_key)) ^ step_salt) >> 11;
+      ok = static_cast<int64_t>(coin) < coin_threshold;
+    }
+    estimate[j] = est;
+    eligible[j] = ok;
+  }
+}
+
+// Ages the sketch when this call's adds reached halve_every (decided on the device: no sync). The
+// reset of the add count runs in the next kernel, after every thread has read it.
+__global__ void halve_sketch_kernel(int32_t* __restrict__ sketch, int64_t cells, const int64_t* __restrict__ meta,
+                                    int64_t halve_every) {
+  if (meta[kSketchAdds] < halve_every) return;
+  GRID_STRIDE(k, cells) { sketch[k] >>= 1; }
+}
+
+__global__ void finish_aging_kernel(int64_t* meta, int64_t* counters, int64_t halve_every) {
+  if (meta[kSketchAdds] >= halve_every) {
+    meta[kSketchAdds] = 0;
+    counters[kSketchHalvings] += 1;
+  }
+}
+
+// Eviction priority (float64) of live slots at `step`: the lowest is evicted first.
+__global__ void victim_priority_kernel(Table t, const int64_t* __restrict__ slots, int64_t m, int64_t policy,
+                                       int64_t step, const double* __restrict__ powers, double* __restrict__ prio) {
+  GRID_STRIDE(j, m) {
+    const int64_t s = slots[j];
+    if (policy == kLFU) {
+      prio[j] = static_cast<double>(t.count[s]);
+    } else if (policy == kLRU) {
+      prio[j] = static_cast<double>(t.last_step[s]);
+    } else {
+      prio[j] = __dmul_rn(t.score[s], decay_pow(max(step - t.last_step[s], int64_t(0)), powers));
+    }
+  }
+}
+
+// The order-dependent index mutations of a remap, in one thread: victims erased in victim order (their
+// slot_ids still hold the evicted ids), then the new ids inserted in assignment order.
+__global__ void remap_index_kernel(Table t, const int64_t* __restrict__ victims, int64_t n_victims,
+                                   const int64_t* __restrict__ new_ids, const int64_t* __restrict__ assigned,
+                                   int64_t n_assigned) {
+  for (int64_t j = 0; j < n_victims; ++j) t.erase(t.slot_ids[victims[j]]);
+  for (int64_t j = 0; j < n_assigned; ++j) t.insert(new_ids[j], static_cast<int32_t>(assigned[j]));
+}
+
+// A new slot: count = score = the sketch estimate, stamps (step, now). Runs after the erases (which read
+// the victims' old slot_ids); every field is written, so an evicted slot needs no clearing first.
+__global__ void write_slots_kernel(Table t, const int64_t* __restrict__ assigned, const int64_t* __restrict__ new_ids,
+                                   const int64_t* __restrict__ new_f, int64_t n, int64_t step, double now) {
+  GRID_STRIDE(j, n) {
+    const int64_t s = assigned[j];
+    t.slot_ids[s] = new_ids[j];
+    t.count[s] = new_f[j];
+    t.last_step[s] = step;
+    t.last_time[s] = now;
+    t.score[s] = static_cast<double>(new_f[j]);
+  }
+}
+
+__global__ void expire_mark_kernel(Table t, int64_t step, double now, int64_t ttl_steps, double ttl_seconds,
+                                   bool* __restrict__ quiet) {
+  GRID_STRIDE(s, t.capacity) {
+    const bool by_steps = ttl_steps > 0 && step - t.last_step[s] > ttl_steps;
+    const bool by_time = ttl_seconds > 0 && __dsub_rn(now, t.last_time[s]) > ttl_seconds;
+    quiet[s] = t.count[s] > 0 && (by_steps || by_time);
+  }
+}
+
+// The order-dependent part of a sweep, in one thread: erase the expired ids in ascending slot order,
+// push their slots so the lowest pops first, and update meta / counters.
+__global__ void expire_index_kernel(Table t, const int64_t* __restrict__ slots, int64_t m, int64_t step) {
+  for (int64_t j = 0; j < m; ++j) t.erase(t.slot_ids[slots[j]]);
+  int64_t free = t.meta[kFreeCount];
+  for (int64_t j = m - 1; j >= 0; --j) t.free_list[free++] = static_cast<int32_t>(slots[j]);
+  t.meta[kFreeCount] = free;
+  t.meta[kLastSweepStep] = step;
+  t.counters[kExpired] += m;
+}
+
+__global__ void clear_slots_kernel(Table t, const int64_t* __restrict__ slots, int64_t m) {
+  GRID_STRIDE(j, m) {
+    const int64_t s = slots[j];
+    t.slot_ids[s] = 0;
+    t.count[s] = 0;
+    t.last_step[s] = 0;
+    t.last_time[s] = 0.0;
+    t.score[s] = 0.0;
+  }
+}
+
+#undef GRID_STRIDE
+
+void check_state(const at::Tensor& t, at::ScalarType dtype, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "hash table state '", name, "' must be on ", device,
+              " (with the other state), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "hash table state '", name, "' must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "hash table state '", name, "' must be contiguous");
+}
+
+Table make_table(const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
+                 const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
+                 const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
+                 const at::Tensor& counters) {
+  const at::Device device = slot_ids.device();
+  TORCH_CHECK(device.is_cuda(), "hash table state 'slot_ids' must be a CUDA tensor here, got ", device);
+  check_state(slot_ids, at::kLong, "slot_ids", device);
+  check_state(slot_count, at::kLong, "slot_count", device);
+  check_state(slot_last_step, at::kLong, "slot_last_step", device);
+  check_state(slot_last_time, at::kDouble, "slot_last_time", device);
+  check_state(slot_score, at::kDouble, "slot_score", device);
+  check_state(free_list, at::kInt, "free_list", device);
+  check_state(index, at::kInt, "index", device);
+  check_state(sketch, at::kInt, "sketch", device);
+  check_state(meta, at::kLong, "meta", device);
+  check_state(counters, at::kLong, "counters", device);
+  const int64_t c = slot_ids.numel();
+  TORCH_CHECK(slot_count.numel() == c && slot_last_step.numel() == c && slot_last_time.numel() == c &&
+                  slot_score.numel() == c && free_list.numel() == c,
+              "hash table slot tensors must all have capacity ", c, " entries");
+  const int64_t h = index.numel();
+  TORCH_CHECK(h >= 2 * c && (h & (h - 1)) == 0, "hash table index must have a power-of-two size >= 2 * capacity");
+  TORCH_CHECK(sketch.dim() == 2, "hash table sketch must be 2-D (depth, width)");
+  const int64_t w = sketch.size(1);
+  TORCH_CHECK(sketch.size(0) == 0 || (w > 0 && (w & (w - 1)) == 0), "sketch width must be a power of two");
+  TORCH_CHECK(meta.numel() >= 3 && counters.numel() >= 8, "hash table meta/counters too short");
+  Table t;
+  t.slot_ids = slot_ids.data_ptr<int64_t>();
+  t.count = slot_count.data_ptr<int64_t>();
+  t.last_step = slot_last_step.data_ptr<int64_t>();
+  t.last_time = slot_last_time.data_ptr<double>();
+  t.score = slot_score.data_ptr<double>();
+  t.free_list = free_list.data_ptr<int32_t>();
+  t.index = index.data_ptr<int32_t>();
+  t.sketch = sketch.data_ptr<int32_t>();
+  t.meta = meta.data_ptr<int64_t>();
+  t.counters = counters.data_ptr<int64_t>();
+  t.capacity = c;
+  t.mask = static_cast<uint64_t>(h - 1);
+  t.depth = sketch.size(0);
+  t.width = w;
+  return t;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
+    const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
+    const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
+    const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta, const at::Tensor& counters,
+    const at::Tensor& decay_powers, int64_t step, double now, int64_t policy, int64_t min_count,
+    int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset) {
+  TORCH_CHECK(ids.device() == slot_ids.device() && ids.scalar_type() == at::kLong,
+              "hash_remap: ids must be an int64 tensor on the state's device (", slot_ids.device(), "), got ",
+              ids.scalar_type(), " on ", ids.device());
+  TORCH_CHECK(policy >= kLFU && policy <= kFeatureScore,
+              "hash_remap: policy must be 0 (lfu), 1 (lru) or 2 (feature_score)");
+  // bounds that keep int32 sketch counters below 2**30 (lightning_sparse/dynamic/config.py)
+  TORCH_CHECK(halve_every >= 1 && halve_every <= (int64_t(1) << 28), "hash_remap: halve_every must be in [1, 2**28]");
+  TORCH_CHECK(ids.numel() < (int64_t(1) << 28), "hash_remap: a call takes fewer than 2**28 ids, got ", ids.numel());
+  const c10::cuda::CUDAGuard guard(slot_ids.device());
+  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
+                       meta, counters);
+  check_state(decay_powers, at::kDouble, "decay_powers", slot_ids.device());
+  TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
+  const double* powers = decay_powers.data_ptr<double>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = ids.numel();
+  // Nothing in this call changes the free count before the pops (E), so read it now.
+  const int64_t free = meta[kFreeCount].item<int64_t>();
+
+  // A. distinct ids (ascending), their batch counts, and their slots.
+  const at::Tensor flat = ids.reshape({-1});
+  at::Tensor uniq, inverse, counts;
+  std::tie(uniq, inverse, counts) =
+      at::_unique2(flat, /*sorted=*/true, /*return_inverse=*/true, /*return_counts=*/true);
+  uniq = uniq.contiguous();
+  counts = counts.contiguous();
+  const int64_t u = uniq.numel();
+  at::Tensor slot_u = at::empty({u}, uniq.options());
+  at::Tensor touched = at::zeros({t.capacity}, slot_ids.options().dtype(at::kByte));  // hit in this call
+  at::Tensor estimate = at::empty({u}, uniq.options());
+  at::Tensor eligible = at::empty({u}, uniq.options().dtype(at::kBool));
+  if (u > 0) {
+    lookup_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), u, 0,
+                                                          slot_u.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    // B. hits: one update per distinct slot.
+    hit_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, slot_u.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), u,
+                                                       step, now, powers, touched.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    // C/D. sketch adds of the misses, then estimates, coins and eligibility (a second kernel: every add done).
+    sketch_add_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+                                                              slot_u.data_ptr<int64_t>(), u);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    admit_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), slot_u.data_ptr<int64_t>(), u,
+                                                         min_count, coin_threshold, coin_key, step,
+                                                         estimate.data_ptr<int64_t>(), eligible.data_ptr<bool>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const at::Tensor miss = slot_u.lt(0);
+  const at::Tensor hit_occurrences = counts.masked_fill(miss, 0).sum();
+  counters.narrow(0, kLookups, 1).add_(n);
+  counters.narrow(0, kHits, 1).add_(hit_occurrences);
+  counters.narrow(0, kRejectedAdmission, 1).add_(miss.logical_and(eligible.logical_not()).sum());
+  meta.narrow(0, kSketchAdds, 1).add_(hit_occurrences.neg().add_(n));  // += missing occurrences
+  const int64_t cells = t.depth * t.width;
+  if (cells > 0) {
+    halve_sketch_kernel<<<blocks_for(cells), kThreads, 0, stream>>>(t.sketch, cells, t.meta, halve_every);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  finish_aging_kernel<<<1, 1, 0, stream>>>(t.meta, t.counters, halve_every);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // E. eligible ids by priority desc, id asc: nonzero keeps id order, and a stable ascending sort of the
+  // negated integer estimate orders them as the twin's stable descending sort of its float64 copy (exact
+  // below 2**53). Under LRU every priority is `step`: id order stands. Then the free-stack pops.
+  const at::Tensor elig_pos = at::nonzero(eligible).view({-1});
+  const int64_t n_elig = elig_pos.numel();
+  at::Tensor cand = uniq.index_select(0, elig_pos);
+  at::Tensor cand_f = estimate.index_select(0, elig_pos);
+  if (policy != kLRU && n_elig > 1) {
+    const at::Tensor order = std::get<1>(at::sort(cand_f.neg(), /*stable=*/true, /*dim=*/0, /*descending=*/false));
+    cand = cand.index_select(0, order);
+    cand_f = cand_f.index_select(0, order);
+  }
+  const at::Tensor cand_prio =
+      policy == kLRU ? at::full({n_elig}, static_cast<double>(step), cand_f.options().dtype(at::kDouble))
+                     : cand_f.to(at::kDouble);
+  const int64_t n_free = std::min(free, n_elig);
+  const at::Tensor free_slots = free_list.narrow(0, free - n_free, n_free).flip({0}).to(at::kLong);
+  meta.narrow(0, kFreeCount, 1).fill_(free - n_free);
+
+  // F. the remaining eligible ids compete with the evictable slots, lowest (priority, slot) first; the
+  // i-th id wins the i-th victim iff its priority is strictly greater (wins form a prefix).
+  at::Tensor victims = at::empty({0}, uniq.options());
+  const int64_t rest = n_elig - n_free;
+  if (rest > 0) {
+    const at::Tensor evictable = at::nonzero(slot_count.gt(0).logical_and(touched.eq(0))).view({-1});
+    const int64_t m = evictable.numel();
+    at::Tensor vprio = at::empty({m}, slot_score.options());
+    if (m > 0) {
+      victim_priority_kernel<<<blocks_for(m), kThreads, 0, stream>>>(t, evictable.data_ptr<int64_t>(), m, policy, step,
+                                                                     powers, vprio.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    // stable: ties keep slot-ascending order (priorities are >= +0.0, never -0.0 or NaN)
+    const int64_t k = std::min(rest, m);
+    const at::Tensor vorder =
+        std::get<1>(at::sort(vprio, /*stable=*/true, /*dim=*/0, /*descending=*/false)).narrow(0, 0, k);
+    const int64_t wins =
+        k > 0 ? cand_prio.narrow(0, n_free, k).gt(vprio.index_select(0, vorder)).sum().item<int64_t>() : 0;
+    victims = evictable.index_select(0, vorder.narrow(0, 0, wins));
+    counters.narrow(0, kEvicted, 1).add_(wins);
+    counters.narrow(0, kRejectedFull, 1).add_(rest - wins);
+  }
+
+  // G. index updates (one thread, in order), then the new slots' fields, then the output slots: a hit's
+  // slot never moves (victims are never hit slots), a miss has one now iff it was assigned one.
+  const at::Tensor assigned = at::cat({free_slots, victims});
+  const int64_t n_assigned = assigned.numel();
+  const at::Tensor new_ids = cand.narrow(0, 0, n_assigned).contiguous();
+  const at::Tensor new_f = cand_f.narrow(0, 0, n_assigned).contiguous();
+  if (n_assigned > 0) {
+    remap_index_kernel<<<1, 1, 0, stream>>>(t, victims.data_ptr<int64_t>(), victims.numel(),
+                                            new_ids.data_ptr<int64_t>(), assigned.data_ptr<int64_t>(), n_assigned);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    write_slots_kernel<<<blocks_for(n_assigned), kThreads, 0, stream>>>(
+        t, assigned.data_ptr<int64_t>(), new_ids.data_ptr<int64_t>(), new_f.data_ptr<int64_t>(), n_assigned, step, now);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  counters.narrow(0, kAdmitted, 1).add_(n_assigned);
+  at::Tensor out_u = at::empty({u}, uniq.options());
+  if (u > 0) {
+    lookup_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), u, slot_offset,
+                                                          out_u.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor out = out_u.index_select(0, inverse.reshape({-1})).view(ids.sizes());
+  return {out, assigned.add(slot_offset)};
+}
+
+at::Tensor hash_lookup_cuda(const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& index,
+                            int64_t slot_offset) {
+  const at::Device device = slot_ids.device();
+  TORCH_CHECK(device.is_cuda(), "hash_lookup: slot_ids must be a CUDA tensor here, got ", device);
+  TORCH_CHECK(ids.device() == device && ids.scalar_type() == at::kLong,
+              "hash_lookup: ids must be an int64 tensor on the state's device (", device, "), got ", ids.scalar_type(),
+              " on ", ids.device());
+  check_state(slot_ids, at::kLong, "slot_ids", device);
+  check_state(index, at::kInt, "index", device);
+  const int64_t h = index.numel();
+  TORCH_CHECK(h >= 2 * slot_ids.numel() && (h & (h - 1)) == 0, "hash_lookup: bad index size");
+  const c10::cuda::CUDAGuard guard(device);
+  Table t{};
+  t.slot_ids = slot_ids.data_ptr<int64_t>();
+  t.index = index.data_ptr<int32_t>();
+  t.mask = static_cast<uint64_t>(h - 1);
+  const at::Tensor ids_c = ids.contiguous();
+  at::Tensor out = at::empty(ids_c.sizes(), ids_c.options());
+  const int64_t n = ids_c.numel();
+  if (n > 0) {
+    lookup_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        t, ids_c.data_ptr<int64_t>(), n, slot_offset, out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out.view(ids.sizes());
+}
+
+at::Tensor hash_expire_cuda(const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
+                            const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
+                            const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
+                            const at::Tensor& counters, int64_t step, double now, int64_t ttl_steps,
+                            double ttl_seconds) {
+  const c10::cuda::CUDAGuard guard(slot_ids.device());
+  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
+                       meta, counters);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor quiet = at::empty({t.capacity}, slot_ids.options().dtype(at::kBool));
+  expire_mark_kernel<<<blocks_for(t.capacity), kThreads, 0, stream>>>(t, step, now, ttl_steps, ttl_seconds,
+                                                                       quiet.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor expired = at::nonzero(quiet).view({-1}).contiguous();  // ascending slots
+  const int64_t m = expired.numel();
+  // also when nothing expired: it stamps the sweep step
+  expire_index_kernel<<<1, 1, 0, stream>>>(t, expired.data_ptr<int64_t>(), m, step);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (m > 0) {
+    clear_slots_kernel<<<blocks_for(m), kThreads, 0, stream>>>(t, expired.data_ptr<int64_t>(), m);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return expired;
+}
+
+TORCH_LIBRARY_IMPL(lightning_sparse, CUDA, m) {
+  m.impl("hash_remap", hash_remap_cuda);
+  m.impl("hash_lookup", hash_lookup_cuda);
+  m.impl("hash_expire", hash_expire_cuda);
+}
