@@ -32,6 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, HashPlacement, shard_of
 from lightning_sparse.dynamic.kjt import with_slots
 from lightning_sparse.dynamic.table import initial_rows
+from lightning_sparse.ops import native_op_for
 from lightning_sparse.strategies.sharding import RowBlock
 
 
@@ -81,6 +82,13 @@ class DynamicTables(nn.Module):
                 }
             )
         self._seed_of = {name: index for index, name in enumerate(sorted(configs))}
+
+    def place_partitions(self, device: torch.device) -> None:
+        """Moves the sharded tables' partitions to ``device`` (next to the rows they lend) when the native
+        extension has kernels there; otherwise they stay on the host, where the CPU kernels run.
+        Replicas always stay on the host."""
+        if device.type != "cpu" and native_op_for("hash_remap", device) is not None:
+            self.partitions.to(device)
 
     # ------------------------------------------------------------- remapping
     def remap_for_training(self, kjt: KeyedJaggedTensor, step: int) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:

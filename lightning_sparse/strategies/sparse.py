@@ -143,6 +143,8 @@ class SparseStrategy(DDPStrategy):
         object.__setattr__(module, _TABLES_ATTRIBUTE, tables)
         self._tables = tables
         self._dynamic = dynamic_tables_of(tables, plan, dist.get_rank(process_group))
+        if self._dynamic is not None:
+            self._dynamic.place_partitions(device)
         object.__setattr__(module, _DYNAMIC_ATTRIBUTE, self._dynamic)
         self._sparse_optimizer = self._build_sparse_optimizer(dmp)
         return dmp
