@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATIVE_SOURCES := $(wildcard cuda_ops/*.cpp cuda_ops/*.cu cuda_ops/*.h)
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench check-cuda clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+
+# compile-only check of cuda_ops/*.cu with nvcc from pip wheels (no GPU needed; not part of `make test`)
+check-cuda: $(STAMP)
+	bash scripts/check_cuda_compile.sh
 
 clean:
 	rm -rf build *.egg-info lightning_sparse/*.so lightning_logs outputs
