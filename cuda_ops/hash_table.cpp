@@ -416,9 +416,10 @@ struct SlotPriority {
 // The slots that the remaining candidates (priorities `cand_prio`, descending) evict, in pairing order:
 // the evictable slots (live, not hit in this call) ordered by (priority, slot) ascending, the i-th lost
 // iff cand_prio[i] exceeds its priority, up to the first that holds. Only slots below the best
-// candidate can lose. Those are bucketed by an order-preserving uint64 key over their key range (at
-// most 2**16 buckets); a walk over the histogram finds how far the pairing can reach, so only those
-// slots are gathered, in slot order (the tie order), and sorted only where a bucket spans several keys.
+// candidate can lose. Those are bucketed by an order-preserving uint64 key over their key range (about
+// one bucket per slot, at most 2**16); a walk over the histogram finds how far the pairing can reach,
+// so only those slots are gathered, in slot order (the tie order), and sorted only where a bucket spans
+// several keys.
 // LFU counts and LRU steps are integer keys: usually every bucket is one key and nothing is sorted.
 std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, const std::vector<double>& cand_prio,
                                     const SlotPriority& priority) {
@@ -428,43 +429,76 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
   const bool int_keys = priority.policy != kFeatureScore && best < std::ldexp(1.0, 53);
   auto cand_key = [&](double prio) { return int_keys ? int_key(static_cast<int64_t>(prio)) : double_key(prio); };
   const int64_t n_words = (t.capacity + 63) / 64;
-  std::vector<uint64_t>& keys = scratch<uint64_t, 2>(int_keys ? 0 : t.capacity);
   std::vector<uint64_t>& can_lose = scratch<uint64_t, 3>(n_words);  // one bit per slot
-  // 1. bit mask and key range of the slots that can lose. Integer keys are read again from their array
-  // later; FEATURE_SCORE keys (a decay each) are kept.
+  // 1. bit mask and key range of the slots that can lose, below `cut` too. Keys are not kept: the
+  // later passes recompute them for the marked slots only (fewer than all when a cut applies).
   const int64_t* int_value = priority.policy == kLFU ? t.count : t.last_step;
   const int64_t int_best = static_cast<int64_t>(best);
-  auto key_at = [&](int64_t s) { return int_keys ? int_key(int_value[s]) : keys[s]; };
+  auto key_at = [&](int64_t s) { return int_keys ? int_key(int_value[s]) : double_key(priority(s)); };
   const int nthreads = at::get_num_threads();
-  std::vector<uint64_t> lo_by(nthreads, ~uint64_t(0)), hi_by(nthreads, 0);
-  at::parallel_for(0, n_words, kSlotGrain / 64, [&](int64_t begin, int64_t end) {
-    uint64_t lo = ~uint64_t(0), hi = 0;
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t s0 = w * 64, m = std::min<int64_t>(64, t.capacity - s0);
-      uint64_t bits = 0;
-      for (int64_t j = 0; j < m; ++j) {  // branch-free: 64 slots into one mask
-        const int64_t s = s0 + j;
-        bool ok;
-        uint64_t key;
-        if (int_keys) {
-          ok = (t.count[s] > 0) & (int_value[s] < int_best);
-          key = int_key(int_value[s]);
-        } else {
-          const double prio = priority(s);
-          ok = (t.count[s] > 0) & (prio < best);
-          key = keys[s] = double_key(prio);
+  std::vector<uint64_t> lo_by(nthreads), hi_by(nthreads);
+  std::vector<int64_t> n_by(nthreads);
+  auto mark = [&](double cut) {
+    const int64_t int_cut = cut < std::ldexp(1.0, 62) ? static_cast<int64_t>(cut) : std::numeric_limits<int64_t>::max();
+    std::fill(lo_by.begin(), lo_by.end(), ~uint64_t(0));
+    std::fill(hi_by.begin(), hi_by.end(), 0);
+    std::fill(n_by.begin(), n_by.end(), 0);
+    at::parallel_for(0, n_words, kSlotGrain / 64, [&](int64_t begin, int64_t end) {
+      uint64_t lo = ~uint64_t(0), hi = 0;
+      int64_t marked = 0;
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t s0 = w * 64, m = std::min<int64_t>(64, t.capacity - s0);
+        uint64_t bits = 0;
+        for (int64_t j = 0; j < m; ++j) {  // branch-free: 64 slots into one mask
+          const int64_t s = s0 + j;
+          bool ok;
+          uint64_t key;
+          if (int_keys) {
+            ok = (t.count[s] > 0) & (int_value[s] < int_best) & (int_value[s] <= int_cut);
+            key = int_key(int_value[s]);
+          } else {
+            const double prio = priority(s);
+            ok = (t.count[s] > 0) & (prio < best) & (prio <= cut);
+            key = double_key(prio);
+          }
+          ok &= !((hit_bits[w] >> j) & 1);
+          bits |= static_cast<uint64_t>(ok) << j;
+          lo = std::min(lo, ok ? key : ~uint64_t(0));
+          hi = std::max(hi, ok ? key : 0);
         }
-        ok &= !((hit_bits[w] >> j) & 1);
-        bits |= static_cast<uint64_t>(ok) << j;
-        lo = std::min(lo, ok ? key : ~uint64_t(0));
-        hi = std::max(hi, ok ? key : 0);
+        can_lose[w] = bits;
+        marked += __builtin_popcountll(bits);
       }
-      can_lose[w] = bits;
+      const int k = at::get_thread_num();
+      lo_by[k] = std::min(lo_by[k], lo);
+      hi_by[k] = std::max(hi_by[k], hi);
+      n_by[k] += marked;
+    });
+    int64_t marked = 0;
+    for (int64_t c : n_by) marked += c;
+    return marked;
+  };
+  // When few victims are needed, an evenly spaced sample gives a cut below which about twice as many
+  // lie: if at least `rest` slots are below it, the `rest` lowest overall are among them (ties at the
+  // cut included), and the later passes touch only those; else mark every slot below `best`.
+  const double inf = std::numeric_limits<double>::infinity();
+  double cut = inf;
+  if (rest * 3 < t.capacity) {
+    const int64_t stride = std::max<int64_t>(1, t.capacity / 8192);
+    std::vector<double> sample;
+    for (int64_t s = 0; s < t.capacity; s += stride) {
+      if (t.count[s] <= 0 || ((hit_bits[s >> 6] >> (s & 63)) & 1)) continue;
+      const double prio = priority(s);
+      if (prio < best) sample.push_back(prio);
     }
-    const int k = at::get_thread_num();
-    lo_by[k] = std::min(lo_by[k], lo);
-    hi_by[k] = std::max(hi_by[k], hi);
-  });
+    const int64_t q = 2 * rest / stride + 16;
+    if (q < static_cast<int64_t>(sample.size())) {
+      std::nth_element(sample.begin(), sample.begin() + q, sample.end());
+      cut = sample[q];
+    }
+  }
+  int64_t marked = mark(cut);
+  if (marked < rest && cut != inf) marked = mark(inf);
   const uint64_t lo = *std::min_element(lo_by.begin(), lo_by.end());
   const uint64_t hi = *std::max_element(hi_by.begin(), hi_by.end());
   if (lo > hi) return {};
@@ -472,9 +506,10 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
     for (int64_t w = 0; w < n_words; ++w)
       for (uint64_t bits = can_lose[w]; bits != 0; bits &= bits - 1) f(w * 64 + __builtin_ctzll(bits));
   };
-  // 2. histogram over the key range
+  // 2. histogram over the key range, about one bucket per marked slot (at most 2**16)
   const uint64_t range = hi - lo;
-  const int shift = range < (uint64_t(1) << 16) ? 0 : 64 - __builtin_clzll(range) - 16;
+  const int bucket_bits = std::min(16, std::max(4, 64 - __builtin_clzll(static_cast<uint64_t>(marked))));
+  const int shift = range < (uint64_t(1) << bucket_bits) ? 0 : 64 - __builtin_clzll(range) - bucket_bits;
   const bool exact = shift == 0;  // one key per bucket
   const int64_t n_buckets = static_cast<int64_t>(range >> shift) + 1;
   std::vector<uint32_t> take(n_buckets + 1, 0);
