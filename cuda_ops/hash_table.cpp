@@ -83,10 +83,12 @@ struct Table {
     index[pos] = slot;
   }
 
-  // Linear-probing delete with backward shift; slot_ids of all indexed slots must still be valid.
-  void erase(int64_t id) {
+  // Linear-probing delete with backward shift (reference.py: _index_erase) of the entry of `slot`, which
+  // holds `id`; found by its slot number, so the search reads no slot ids. The slot_ids of all indexed
+  // slots must still be valid.
+  void erase_entry(int64_t id, int32_t slot) {
     uint64_t pos = home(id);
-    while (slot_ids[index[pos]] != id) pos = (pos + 1) & mask;
+    while (index[pos] != slot) pos = (pos + 1) & mask;
     uint64_t hole = pos, probe = pos;
     while (true) {
       probe = (probe + 1) & mask;
@@ -111,6 +113,22 @@ struct Table {
   }
 };
 
+// Fetches the slot ids that a probe from `pos` compares: the first entry's (the hit when the id is
+// known, `touch`ed for the caller) and the next two's, which a missing id usually compares as well.
+template <typename Touch>
+inline void prefetch_probe(const Table& t, uint64_t pos, Touch&& touch) {
+  const int32_t e = t.index[pos];
+  if (e < 0) return;
+  __builtin_prefetch(&t.slot_ids[e]);
+  touch(e);
+  for (int k = 0; k < 2; ++k) {
+    pos = (pos + 1) & t.mask;
+    const int32_t f = t.index[pos];
+    if (f < 0) return;
+    __builtin_prefetch(&t.slot_ids[f]);
+  }
+}
+
 // Looks up ids[begin, end) in a software pipeline: the index entry of id i + 2D is prefetched, the
 // slot that the entry of id i + D points to is prefetched (and `touch`ed for the caller's own per-slot
 // data), and id i is probed, so the two dependent cache misses per id overlap across 2D ids in flight.
@@ -123,26 +141,14 @@ inline void find_pipelined(const Table& t, const int64_t* id, int64_t begin, int
     home[i & (kRing - 1)] = t.home(id[i]);
     __builtin_prefetch(&t.index[home[i & (kRing - 1)]]);
   }
-  for (int64_t i = begin; i < std::min(end, begin + kD); ++i) {
-    const int32_t e = t.index[home[i & (kRing - 1)]];
-    if (e >= 0) {
-      __builtin_prefetch(&t.slot_ids[e]);
-      touch(e);
-    }
-  }
+  for (int64_t i = begin; i < std::min(end, begin + kD); ++i) prefetch_probe(t, home[i & (kRing - 1)], touch);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t far = i + 2 * kD, near = i + kD;
     if (far < end) {
       home[far & (kRing - 1)] = t.home(id[far]);
       __builtin_prefetch(&t.index[home[far & (kRing - 1)]]);
     }
-    if (near < end) {
-      const int32_t e = t.index[home[near & (kRing - 1)]];
-      if (e >= 0) {
-        __builtin_prefetch(&t.slot_ids[e]);
-        touch(e);
-      }
-    }
+    if (near < end) prefetch_probe(t, home[near & (kRing - 1)], touch);
     emit(i, t.find_from(id[i], home[i & (kRing - 1)]));
   }
 }
@@ -239,39 +245,344 @@ std::vector<uint64_t>& hit_bits_scratch(int64_t capacity) {
   return bits;
 }
 
-struct Candidate {
-  int64_t id;
-  int64_t count;  // batch occurrences, then the sketch estimate
-  double prio;
-  int64_t src;  // position in the call's distinct missing ids
+// Scratch memory reused across calls by the calling thread: a fresh multi-megabyte vector per call costs
+// page faults and zeroing that can exceed the work done in it.
+template <typename T, int kTag>
+std::vector<T>& scratch(size_t n) {
+  static thread_local std::vector<T> v;
+  if (v.size() < n) v.resize(n);
+  return v;
+}
+
+// Insertion sort of v[0, n) by key(x): linear when every element is already near its place.
+template <typename T, typename Key>
+void insertion_sort(T* v, size_t n, Key key) {
+  for (size_t i = 1; i < n; ++i) {
+    if (key(v[i - 1]) <= key(v[i])) continue;
+    const T x = v[i];
+    const uint64_t kx = key(x);
+    size_t j = i;
+    for (; j > 0 && key(v[j - 1]) > kx; --j) v[j] = v[j - 1];
+    v[j] = x;
+  }
+}
+
+// Sorts v[0, n) ascending by the uint64 key(x) (equal keys in any order), MSD radix: one scatter by the
+// highest bits in which the keys differ, into about n buckets, then the rare large buckets alike and
+// one insertion-sort pass that finishes all the small ones (cheaper than a call per tiny bucket).
+// Keys spread over the int64 range and dense small keys both take a single scatter.
+template <typename T, typename Key>
+void msd_sort(T* v, T* tmp, size_t n, Key key) {
+  constexpr size_t kSmall = 64;
+  if (n > kSmall) {
+    uint64_t lo = ~uint64_t(0), hi = 0;
+    for (size_t i = 0; i < n; ++i) {
+      lo = std::min(lo, key(v[i]));
+      hi = std::max(hi, key(v[i]));
+    }
+    if (lo == hi) return;
+    const int top = 64 - __builtin_clzll(lo ^ hi);  // the bits below the common prefix
+    const int bits = std::min({top, 16, 63 - __builtin_clzll(n)});
+    const int shift = top - bits;
+    const uint64_t digit_mask = (uint64_t(1) << bits) - 1;
+    std::vector<uint32_t> start((size_t(1) << bits) + 1, 0);
+    for (size_t i = 0; i < n; ++i) ++start[((key(v[i]) >> shift) & digit_mask) + 1];
+    for (size_t d = 1; d < start.size(); ++d) start[d] += start[d - 1];
+    std::vector<uint32_t> next(start.begin(), start.end() - 1);
+    for (size_t i = 0; i < n; ++i) tmp[next[(key(v[i]) >> shift) & digit_mask]++] = v[i];
+    std::copy(tmp, tmp + n, v);
+    for (size_t d = 0; d + 1 < start.size(); ++d)
+      if (start[d + 1] - start[d] > kSmall) msd_sort(v + start[d], tmp + start[d], start[d + 1] - start[d], key);
+  }
+  insertion_sort(v, n, key);
+}
+
+// uint64 keys whose unsigned order is the order of the values: int64, and double (-0.0 taken as +0.0,
+// as the double comparison does; NaN never reaches here, it fails every `<` filter).
+inline uint64_t int_key(int64_t v) { return static_cast<uint64_t>(v) ^ (uint64_t(1) << 63); }
+inline uint64_t double_key(double v) {
+  uint64_t bits;
+  v += 0.0;
+  std::memcpy(&bits, &v, sizeof bits);
+  return (bits >> 63) ? ~bits : bits | (uint64_t(1) << 63);
+}
+
+// The distinct ids among a call's missing occurrences, ascending, with their batch counts.
+struct Misses {
+  struct Occurrence {
+    int64_t id;
+    int64_t pos;  // in the batch
+  };
+  const Occurrence* occ;  // the missing occurrences by id (the calling thread's scratch)
+  std::vector<int64_t> ids;
+  std::vector<int32_t> count;
+  std::vector<int32_t> first;  // occurrences of ids[j]: occ[first[j], first[j + 1])
 };
 
-using Victim = std::pair<double, int64_t>;  // (priority, slot): total order, lowest evicted first
-
-// Stable LSD radix sort of v by the uint64 key(x), ascending, one byte per pass; passes whose byte is
-// the same for every element are skipped (all histograms come from one sweep).
-template <typename T, typename Key>
-void radix_sort(std::vector<T>& v, Key key) {
-  const size_t n = v.size();
-  if (n < 2) return;
-  std::vector<uint32_t> hist(8 * 256, 0);
-  for (const T& x : v) {
-    const uint64_t k = key(x);
-    for (int b = 0; b < 8; ++b) ++hist[b * 256 + ((k >> (8 * b)) & 255)];
+Misses distinct_misses(const int64_t* id, const int64_t* slot, int64_t n, int64_t n_miss) {
+  using Occurrence = Misses::Occurrence;
+  Misses m;
+  Occurrence* occ = scratch<Occurrence, 0>(2 * n_miss + 1).data();
+  int64_t k = 0;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free: hits and misses interleave unpredictably
+    occ[k] = Occurrence{id[i], i};
+    k += slot[i] < 0;
   }
-  std::vector<T> tmp(n);
-  for (int b = 0; b < 8; ++b) {
-    uint32_t* h = &hist[b * 256];
-    const uint64_t first = (key(v[0]) >> (8 * b)) & 255;
-    if (h[first] == n) continue;
-    uint32_t sum = 0;
-    for (int d = 0; d < 256; ++d) {
-      const uint32_t c = h[d];
-      h[d] = sum;
-      sum += c;
+  msd_sort(occ, occ + n_miss + 1, n_miss, [](const Occurrence& o) { return int_key(o.id); });
+  m.occ = occ;
+  m.ids.reserve(n_miss);
+  m.first.reserve(n_miss + 1);
+  for (int64_t j = 0; j < n_miss; ++j) {
+    if (j == 0 || m.occ[j].id != m.occ[j - 1].id) {
+      m.ids.push_back(m.occ[j].id);
+      m.first.push_back(static_cast<int32_t>(j));
     }
-    for (const T& x : v) tmp[h[(key(x) >> (8 * b)) & 255]++] = x;
-    v.swap(tmp);
+  }
+  m.first.push_back(static_cast<int32_t>(n_miss));
+  m.count.resize(m.ids.size());
+  for (size_t j = 0; j < m.ids.size(); ++j) m.count[j] = m.first[j + 1] - m.first[j];
+  return m;
+}
+
+// Adds each distinct missing id's batch count to its counter in every sketch row and returns its
+// estimate, the minimum over rows after all of the call's additions. Row by row, adding then reading,
+// so that the row's counters stay in cache while its scattered counters are touched.
+std::vector<int32_t> sketch_add_and_estimate(const Table& t, const Misses& m) {
+  const int64_t nc = static_cast<int64_t>(m.ids.size()), depth = t.depth, width = t.width;
+  std::vector<int32_t> est(nc, depth == 0 ? 0 : std::numeric_limits<int32_t>::max());
+  std::vector<int32_t>& col = scratch<int32_t, 1>(nc);
+  const uint64_t col_mask = static_cast<uint64_t>(width - 1);
+  for (int64_t r = 0; r < depth; ++r) {
+    int32_t* row = t.sketch + r * width;
+    int32_t* c = col.data();
+    const uint64_t salt = kSaltSketch * static_cast<uint64_t>(r + 1);
+    at::parallel_for(0, nc, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) c[j] = static_cast<int32_t>(mix64(static_cast<uint64_t>(m.ids[j]) + salt) & col_mask);
+      if (begin == 0 && end == nc) {  // the only chunk: no other thread touches the counters
+        for (int64_t j = begin; j < end; ++j) row[c[j]] += m.count[j];
+      } else {
+        for (int64_t j = begin; j < end; ++j) __atomic_fetch_add(&row[c[j]], m.count[j], __ATOMIC_RELAXED);
+      }
+    });
+    at::parallel_for(0, nc, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) est[j] = std::min(est[j], row[c[j]]);
+    });
+  }
+  return est;
+}
+
+struct Eligible {
+  int64_t id;
+  int64_t at;  // its index in Misses
+};
+
+// The eligible ids (given in id-ascending order) in admission order, priority descending then id
+// ascending: a stable counting sort by the integer estimate (LFU, FEATURE_SCORE; LRU gives every
+// candidate the same priority).
+void order_eligible(std::vector<Eligible>& elig, const std::vector<int32_t>& est, int64_t policy) {
+  const size_t n = elig.size();
+  if (n < 2) return;
+  if (policy == kLRU) return;
+  std::vector<Eligible> tmp(n);
+  int32_t lo = est[elig[0].at], hi = lo;
+  for (const Eligible& e : elig) {
+    lo = std::min(lo, est[e.at]);
+    hi = std::max(hi, est[e.at]);
+  }
+  if (static_cast<int64_t>(hi) - lo >= (1 << 20)) {
+    std::stable_sort(elig.begin(), elig.end(), [&](const Eligible& a, const Eligible& b) { return est[a.at] > est[b.at]; });
+    return;
+  }
+  std::vector<uint32_t> start(hi - lo + 2, 0);  // bucket d holds estimate hi - d
+  for (const Eligible& e : elig) ++start[hi - est[e.at] + 1];
+  for (size_t d = 1; d < start.size(); ++d) start[d] += start[d - 1];
+  for (const Eligible& e : elig) tmp[start[hi - est[e.at]]++] = e;
+  elig.swap(tmp);
+}
+
+// Eviction priority of a live slot at `step`, the lowest evicted first (reference.py: slot_priority).
+struct SlotPriority {
+  const Table& t;
+  int64_t policy;
+  int64_t step;
+  const Decay& decay;
+  double operator()(int64_t s) const {
+    if (policy == kLFU) return static_cast<double>(t.count[s]);
+    if (policy == kLRU) return static_cast<double>(t.last_step[s]);
+    return t.score[s] * decay(std::max<int64_t>(step - t.last_step[s], 0));
+  }
+};
+
+// The slots that the remaining candidates (priorities `cand_prio`, descending) evict, in pairing order:
+// the evictable slots (live, not hit in this call) ordered by (priority, slot) ascending, the i-th lost
+// iff cand_prio[i] exceeds its priority, up to the first that holds. Only slots below the best
+// candidate can lose. Those are bucketed by an order-preserving uint64 key over their key range (about
+// one bucket per slot, at most 2**16); a walk over the histogram finds how far the pairing can reach,
+// so only those slots are gathered, in slot order (the tie order), and sorted only where a bucket spans
+// several keys.
+// LFU counts and LRU steps are integer keys: usually every bucket is one key and nothing is sorted.
+std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, const std::vector<double>& cand_prio,
+                                    const SlotPriority& priority) {
+  const int64_t rest = static_cast<int64_t>(cand_prio.size());
+  const double best = cand_prio[0];
+  // integer keys order like the doubles they convert to while below 2**53 (every slot that can lose is)
+  const bool int_keys = priority.policy != kFeatureScore && best < std::ldexp(1.0, 53);
+  auto cand_key = [&](double prio) { return int_keys ? int_key(static_cast<int64_t>(prio)) : double_key(prio); };
+  const int64_t n_words = (t.capacity + 63) / 64;
+  std::vector<uint64_t>& can_lose = scratch<uint64_t, 3>(n_words);  // one bit per slot
+  // 1. bit mask and key range of the slots that can lose, below `cut` too. Keys are not kept: the
+  // later passes recompute them for the marked slots only (fewer than all when a cut applies).
+  const int64_t* int_value = priority.policy == kLFU ? t.count : t.last_step;
+  const int64_t int_best = static_cast<int64_t>(best);
+  auto key_at = [&](int64_t s) { return int_keys ? int_key(int_value[s]) : double_key(priority(s)); };
+  const int nthreads = at::get_num_threads();
+  std::vector<uint64_t> lo_by(nthreads), hi_by(nthreads);
+  std::vector<int64_t> n_by(nthreads);
+  auto mark = [&](double cut) {
+    const int64_t int_cut = cut < std::ldexp(1.0, 62) ? static_cast<int64_t>(cut) : std::numeric_limits<int64_t>::max();
+    std::fill(lo_by.begin(), lo_by.end(), ~uint64_t(0));
+    std::fill(hi_by.begin(), hi_by.end(), 0);
+    std::fill(n_by.begin(), n_by.end(), 0);
+    at::parallel_for(0, n_words, kSlotGrain / 64, [&](int64_t begin, int64_t end) {
+      uint64_t lo = ~uint64_t(0), hi = 0;
+      int64_t marked = 0;
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t s0 = w * 64, m = std::min<int64_t>(64, t.capacity - s0);
+        uint64_t bits = 0;
+        for (int64_t j = 0; j < m; ++j) {  // branch-free: 64 slots into one mask
+          const int64_t s = s0 + j;
+          bool ok;
+          uint64_t key;
+          if (int_keys) {
+            ok = (t.count[s] > 0) & (int_value[s] < int_best) & (int_value[s] <= int_cut);
+            key = int_key(int_value[s]);
+          } else {
+            const double prio = priority(s);
+            ok = (t.count[s] > 0) & (prio < best) & (prio <= cut);
+            key = double_key(prio);
+          }
+          ok &= !((hit_bits[w] >> j) & 1);
+          bits |= static_cast<uint64_t>(ok) << j;
+          lo = std::min(lo, ok ? key : ~uint64_t(0));
+          hi = std::max(hi, ok ? key : 0);
+        }
+        can_lose[w] = bits;
+        marked += __builtin_popcountll(bits);
+      }
+      const int k = at::get_thread_num();
+      lo_by[k] = std::min(lo_by[k], lo);
+      hi_by[k] = std::max(hi_by[k], hi);
+      n_by[k] += marked;
+    });
+    int64_t marked = 0;
+    for (int64_t c : n_by) marked += c;
+    return marked;
+  };
+  // When few victims are needed, an evenly spaced sample gives a cut below which about twice as many
+  // lie: if at least `rest` slots are below it, the `rest` lowest overall are among them (ties at the
+  // cut included), and the later passes touch only those; else mark every slot below `best`.
+  const double inf = std::numeric_limits<double>::infinity();
+  double cut = inf;
+  if (rest * 3 < t.capacity) {
+    const int64_t stride = std::max<int64_t>(1, t.capacity / 8192);
+    std::vector<double> sample;
+    for (int64_t s = 0; s < t.capacity; s += stride) {
+      if (t.count[s] <= 0 || ((hit_bits[s >> 6] >> (s & 63)) & 1)) continue;
+      const double prio = priority(s);
+      if (prio < best) sample.push_back(prio);
+    }
+    const int64_t q = 2 * rest / stride + 16;
+    if (q < static_cast<int64_t>(sample.size())) {
+      std::nth_element(sample.begin(), sample.begin() + q, sample.end());
+      cut = sample[q];
+    }
+  }
+  int64_t marked = mark(cut);
+  if (marked < rest && cut != inf) marked = mark(inf);
+  const uint64_t lo = *std::min_element(lo_by.begin(), lo_by.end());
+  const uint64_t hi = *std::max_element(hi_by.begin(), hi_by.end());
+  if (lo > hi) return {};
+  auto for_each_candidate = [&](auto&& f) {
+    for (int64_t w = 0; w < n_words; ++w)
+      for (uint64_t bits = can_lose[w]; bits != 0; bits &= bits - 1) f(w * 64 + __builtin_ctzll(bits));
+  };
+  // 2. histogram over the key range, about one bucket per marked slot (at most 2**16)
+  const uint64_t range = hi - lo;
+  const int bucket_bits = std::min(16, std::max(4, 64 - __builtin_clzll(static_cast<uint64_t>(marked))));
+  const int shift = range < (uint64_t(1) << bucket_bits) ? 0 : 64 - __builtin_clzll(range) - bucket_bits;
+  const bool exact = shift == 0;  // one key per bucket
+  const int64_t n_buckets = static_cast<int64_t>(range >> shift) + 1;
+  std::vector<uint32_t> take(n_buckets + 1, 0);
+  for_each_candidate([&](int64_t s) { ++take[(key_at(s) - lo) >> shift]; });
+  // 3. walk the buckets in priority order alongside the candidates: stop where the next victim holds its
+  // slot (its bucket's lowest key is not below the candidate's) or no candidate is left.
+  int64_t reach = 0, b = 0;
+  for (; b < n_buckets && reach < rest; ++b) {
+    const int64_t c = take[b];
+    if (c == 0) continue;
+    const uint64_t bucket_lo = lo + (static_cast<uint64_t>(b) << shift);
+    if (cand_key(cand_prio[reach]) <= bucket_lo) break;
+    if (!exact) {
+      reach += c;
+      continue;
+    }
+    int64_t i = reach;  // every slot here has key bucket_lo: the first ones (by slot) lose, up to a failure
+    const int64_t end = std::min(reach + c, rest);
+    while (i < end && cand_key(cand_prio[i]) > bucket_lo) ++i;
+    take[b] = static_cast<uint32_t>(i - reach);
+    reach = i;
+    if (take[b] < c) {
+      ++b;
+      break;
+    }
+  }
+  const int64_t b_end = b;
+  // 4. gather those buckets' slots in slot order into their places, then sort multi-key buckets.
+  std::vector<uint32_t> start(b_end + 1, 0);
+  for (int64_t d = 0; d < b_end; ++d) start[d + 1] = start[d] + take[d];
+  std::vector<uint32_t> next(start.begin(), start.end() - 1);
+  struct Ranked {
+    uint64_t key;
+    int64_t slot;
+  };
+  std::vector<Ranked> ranked(start[b_end]);
+  for_each_candidate([&](int64_t s) {
+    const uint64_t key = key_at(s), d = (key - lo) >> shift;
+    if (static_cast<int64_t>(d) < b_end && next[d] < start[d + 1]) ranked[next[d]++] = Ranked{key, s};
+  });
+  if (!exact) {
+    for (int64_t d = 0; d < b_end; ++d)
+      if (start[d + 1] - start[d] > 1)
+        std::sort(ranked.begin() + start[d], ranked.begin() + start[d + 1],
+                  [](const Ranked& x, const Ranked& y) { return x.key < y.key || (x.key == y.key && x.slot < y.slot); });
+  }
+  const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(ranked.size()));
+  std::vector<int64_t> victims;
+  victims.reserve(k);
+  while (static_cast<int64_t>(victims.size()) < k && cand_prio[victims.size()] > priority(ranked[victims.size()].slot))
+    victims.push_back(ranked[victims.size()].slot);
+  return victims;
+}
+
+// Erases the index entries of `slots` in order. The victims are scattered: their ids are fetched 16
+// ahead, their home lines 8 ahead, and 4 ahead the ids of the entries after theirs, which the backward
+// shift rehashes.
+void erase_all(Table& t, const std::vector<int64_t>& slots) {
+  const int64_t n = static_cast<int64_t>(slots.size());
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + 16 < n) __builtin_prefetch(&t.slot_ids[slots[j + 16]]);
+    if (j + 8 < n) __builtin_prefetch(&t.index[t.home(t.slot_ids[slots[j + 8]])]);
+    if (j + 4 < n) {
+      uint64_t pos = t.home(t.slot_ids[slots[j + 4]]);
+      while (t.index[pos] >= 0 && t.index[pos] != slots[j + 4]) pos = (pos + 1) & t.mask;
+      for (int k = 0; k < 4; ++k) {
+        pos = (pos + 1) & t.mask;
+        const int32_t e = t.index[pos];
+        if (e < 0) break;
+        __builtin_prefetch(&t.slot_ids[e]);
+      }
+    }
+    t.erase_entry(t.slot_ids[slots[j]], static_cast<int32_t>(slots[j]));
   }
 }
 
@@ -302,7 +613,6 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   int32_t* hits_per_slot = scratch.data();
   uint64_t* hit_bits = hit_bits_scratch(t.capacity).data();
   const int64_t n_words = (t.capacity + 63) / 64;
-
   // A. parallel lookup; hit counts per slot (atomic adds when threads share them) and hit bits.
   const int nthreads = at::get_num_threads();
   std::vector<int64_t> misses_by(nthreads, 0);
@@ -325,7 +635,6 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   });
   int64_t n_miss = 0;
   for (int k = 0; k < nthreads; ++k) n_miss += misses_by[k];
-
   // B. hits: one update per distinct slot, in ascending slot order (race-free and order-free); the
   // counts go back to zero as they are used, the hit bits stay for the victim scan.
   at::parallel_for(0, n_words, kSlotGrain / 64, [&](int64_t begin, int64_t end) {
@@ -345,113 +654,37 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   });
   t.counters[kLookups] += n;
   t.counters[kHits] += n - n_miss;
-
-  // C. distinct missing ids with their batch counts (sequential small map, first-seen order).
-  std::vector<Candidate> cands;
-  std::vector<int32_t> miss_pos, miss_cand;  // each missing occurrence: its position, its distinct id
-  miss_pos.reserve(n_miss);
-  miss_cand.reserve(n_miss);
-  if (n_miss > 0) {
-    int64_t msize = 2;
-    while (msize < 2 * n_miss) msize <<= 1;
-    const uint64_t mmask = static_cast<uint64_t>(msize - 1);
-    std::vector<int32_t> pos_of(msize, -1);
-    for (int64_t i = 0; i < n; ++i) {
-      if (slot[i] >= 0) continue;
-      miss_pos.push_back(static_cast<int32_t>(i));
-      uint64_t p = mix64(static_cast<uint64_t>(id[i])) & mmask;
-      while (true) {
-        const int32_t e = pos_of[p];
-        if (e < 0) {
-          pos_of[p] = static_cast<int32_t>(cands.size());
-          miss_cand.push_back(pos_of[p]);
-          cands.push_back({id[i], 1, 0.0, static_cast<int64_t>(cands.size())});
-          break;
-        }
-        if (cands[e].id == id[i]) {
-          ++cands[e].count;
-          miss_cand.push_back(e);
-          break;
-        }
-        p = (p + 1) & mmask;
-      }
-    }
-  }
-  const int64_t n_cand = static_cast<int64_t>(cands.size());
-
-  // D. sketch: add batch counts (integer atomics), then estimate, coin and eligibility per distinct id.
-  const int64_t depth = t.depth, width = t.width;
-  // cell[j * depth + r]: the counter of distinct id j in row r, hashed once for both passes
-  std::vector<int64_t> cell(n_cand * depth);
-  constexpr int64_t kAhead = 16;  // the counters are scattered: fetch a few ids ahead
-  at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      for (int64_t r = 0; r < depth; ++r) {
-        const uint64_t col = mix64(static_cast<uint64_t>(cands[j].id) + kSaltSketch * static_cast<uint64_t>(r + 1)) &
-                             static_cast<uint64_t>(width - 1);
-        cell[j * depth + r] = r * width + static_cast<int64_t>(col);
-      }
-    }
-  });
-  at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
-    const bool alone = begin == 0 && end == n_cand;
-    for (int64_t j = begin; j < end; ++j) {
-      if (j + kAhead < end)
-        for (int64_t r = 0; r < depth; ++r) __builtin_prefetch(&t.sketch[cell[(j + kAhead) * depth + r]], 1);
-      for (int64_t r = 0; r < depth; ++r) {
-        int32_t* counter = &t.sketch[cell[j * depth + r]];
-        const int32_t add = static_cast<int32_t>(cands[j].count);
-        if (alone) {
-          *counter += add;
-        } else {
-          __atomic_fetch_add(counter, add, __ATOMIC_RELAXED);
-        }
-      }
-    }
-  });
-  std::vector<uint8_t> eligible(n_cand, 0);
-  const uint64_t step_salt = static_cast<uint64_t>(step) * kGolden;
-  at::parallel_for(0, n_cand, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      if (j + kAhead < end)
-        for (int64_t r = 0; r < depth; ++r) __builtin_prefetch(&t.sketch[cell[(j + kAhead) * depth + r]]);
-      int64_t est = INT64_MAX;
-      for (int64_t r = 0; r < depth; ++r) est = std::min<int64_t>(est, t.sketch[cell[j * depth + r]]);
-      if (depth == 0) est = 0;
-      bool ok = est >= min_count;
-      if (ok && coin_threshold < (int64_t(1) << 53)) {
-        const uint64_t coin = mix64(mix64(static_cast<uint64_t>(cands[j].id) + static_cast<uint64_t>(coin_key)) ^ step_salt) >> 11;
-        ok = static_cast<int64_t>(coin) < coin_threshold;
-      }
-      cands[j].count = est;
-      cands[j].prio = policy == kLRU ? static_cast<double>(step) : static_cast<double>(est);
-      eligible[j] = ok;
-    }
-  });
-  t.meta[kSketchAdds] += n_miss;
-  std::vector<Candidate> elig;
+  // C. distinct missing ids with their batch counts (id order).
+  const Misses m = distinct_misses(id, slot, n, n_miss);
+  const int64_t n_cand = static_cast<int64_t>(m.ids.size());
+  // D. sketch: add batch counts, then estimate, coin and eligibility per distinct id.
+  const std::vector<int32_t> est = sketch_add_and_estimate(t, m);
+  std::vector<Eligible> elig;
   elig.reserve(n_cand);
-  for (int64_t j = 0; j < n_cand; ++j)
-    if (eligible[j]) elig.push_back(cands[j]);
+  const uint64_t step_salt = static_cast<uint64_t>(step) * kGolden;
+  for (int64_t j = 0; j < n_cand; ++j) {
+    bool ok = est[j] >= min_count;
+    if (ok && coin_threshold < (int64_t(1) << 53)) {
+      const uint64_t coin = mix64(mix64(static_cast<uint64_t>(m.ids[j]) + static_cast<uint64_t>(coin_key)) ^ step_salt) >> 11;
+      ok = static_cast<int64_t>(coin) < coin_threshold;
+    }
+    if (ok) elig.push_back(Eligible{m.ids[j], j});
+  }
+  t.meta[kSketchAdds] += n_miss;
   t.counters[kRejectedAdmission] += n_cand - static_cast<int64_t>(elig.size());
   if (t.meta[kSketchAdds] >= halve_every) {
-    const int64_t total = depth * width;
+    const int64_t total = t.depth * t.width;
     at::parallel_for(0, total, kSlotGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) t.sketch[k] >>= 1;
     });
     t.meta[kSketchAdds] = 0;
     t.counters[kSketchHalvings] += 1;
   }
-
   // E. order eligible ids (priority desc, id asc) and hand out free slots (stack pops).
-  // The priority is the integer estimate (LFU, FEATURE_SCORE) or the same step for all (LRU): a stable
-  // radix sort by id ascending, then by estimate descending, gives exactly (prio desc, id asc).
-  radix_sort(elig, [](const Candidate& c) { return static_cast<uint64_t>(c.id) ^ (uint64_t(1) << 63); });
-  if (policy != kLRU && !elig.empty()) {
-    int64_t top = elig[0].count;
-    for (const Candidate& c : elig) top = std::max(top, c.count);
-    radix_sort(elig, [top](const Candidate& c) { return static_cast<uint64_t>(top - c.count); });
-  }
+  order_eligible(elig, est, policy);
+  auto cand_prio = [&](int64_t j) {
+    return policy == kLRU ? static_cast<double>(step) : static_cast<double>(est[elig[j].at]);
+  };
   const int64_t n_elig = static_cast<int64_t>(elig.size());
   const int64_t free = t.meta[kFreeCount];
   const int64_t n_free = std::min(free, n_elig);
@@ -459,122 +692,22 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   assigned.reserve(n_elig);
   for (int64_t j = 0; j < n_free; ++j) assigned.push_back(t.free_list[free - 1 - j]);
   t.meta[kFreeCount] = free - n_free;
-
-  // F. compete for evictable slots: the `rest` lowest (priority, slot), paired in order. Only slots below
-  // the best remaining candidate's priority can ever lose theirs, so only those are collected: the
-  // lowest of them are the lowest overall, and in a steady state there are few or none.
+  // F. the remaining ids compete for evictable slots; the victims leave the index in victim order.
   const int64_t rest = n_elig - n_free;
   if (rest > 0) {
-    const double best = elig[n_free].prio;
-    auto priority = [&](int64_t s) -> double {
-      if (policy == kLFU) return static_cast<double>(t.count[s]);
-      if (policy == kLRU) return static_cast<double>(t.last_step[s]);
-      return t.score[s] * decay(std::max<int64_t>(step - t.last_step[s], 0));
-    };
-    auto evictable = [&](int64_t s) { return (t.count[s] > 0) & !((hit_bits[s >> 6] >> (s & 63)) & 1); };
-    // Collects the evictable slots with priority < best and <= cut, per thread.
-    auto collect = [&](double cut) {
-      std::vector<std::vector<Victim>> parts(nthreads);
-      // 64 slots (one word of hit bits) at a time: the tests go branch-free into a bit mask, and only
-      // the slots that pass are appended.
-      at::parallel_for(0, n_words, kSlotGrain / 64, [&](int64_t begin, int64_t end) {
-        auto& part = parts[at::get_thread_num()];
-        double prio[64];
-        for (int64_t w = begin; w < end; ++w) {
-          const int64_t s0 = w * 64, m = std::min<int64_t>(64, t.capacity - s0);
-          uint64_t pass = 0;
-          for (int64_t j = 0; j < m; ++j) {
-            const int64_t s = s0 + j;
-            prio[j] = priority(s);
-            pass |= static_cast<uint64_t>((t.count[s] > 0) & (prio[j] < best) & (prio[j] <= cut)) << j;
-          }
-          for (pass &= ~hit_bits[w]; pass != 0; pass &= pass - 1) {
-            const int j = __builtin_ctzll(pass);
-            part.push_back(Victim{prio[j], s0 + j});
-          }
-        }
-      });
-      return parts;
-    };
-    // When not too many victims are needed, an evenly spaced sample gives a cut below which about twice as many
-    // lie; if at least `rest` slots pass it, the `rest` lowest overall are among them (ties at the cut
-    // included), else fall back to every slot below `best`. Either way the same victims, just cheaper.
-    std::vector<std::vector<Victim>> parts;
-    if (rest * 3 < t.capacity) {
-      const int64_t stride = std::max<int64_t>(1, t.capacity / 8192);
-      std::vector<double> sample;
-      for (int64_t s = 0; s < t.capacity; s += stride) {
-        if (!evictable(s)) continue;
-        const double prio = priority(s);
-        if (prio < best) sample.push_back(prio);
-      }
-      const int64_t q = 2 * rest / stride + 16;
-      if (q < static_cast<int64_t>(sample.size())) {
-        std::nth_element(sample.begin(), sample.begin() + q, sample.end());
-        parts = collect(sample[q]);
-        int64_t got = 0;
-        for (auto& part : parts) got += static_cast<int64_t>(part.size());
-        if (got < rest) parts.clear();
-      }
+    std::vector<double> rest_prio(rest);
+    for (int64_t j = 0; j < rest; ++j) rest_prio[j] = cand_prio(n_free + j);
+    const std::vector<int64_t> victims = select_victims(t, hit_bits, rest_prio, SlotPriority{t, policy, step, decay});
+    erase_all(t, victims);
+    for (const int64_t s : victims) {
+      t.clear(s);
+      assigned.push_back(s);
     }
-    if (parts.empty()) parts = collect(std::numeric_limits<double>::infinity());
-    std::vector<Victim> all;
-    if (nthreads == 1) {
-      all.swap(parts[0]);
-    } else {
-      for (auto& part : parts) all.insert(all.end(), part.begin(), part.end());
-    }
-    const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(all.size()));  // victims that may lose
-    // LFU / LRU priorities are non-negative integers below `best`: (priority, slot) packs into one uint64
-    // with the same order, which selects and sorts much faster than pairs.
-    int slot_bits = 1;
-    while ((int64_t(1) << slot_bits) < t.capacity) ++slot_bits;
-    bool packed = policy != kFeatureScore && best >= 0.0 && best < std::ldexp(1.0, 62 - slot_bits);
-    std::vector<uint64_t> keys;
-    if (packed) {
-      keys.resize(all.size());
-      for (size_t j = 0; j < all.size() && packed; ++j) {
-        const double prio = all[j].first;
-        packed = prio >= 0.0 && prio == std::floor(prio);
-        keys[j] = (static_cast<uint64_t>(prio) << slot_bits) | static_cast<uint64_t>(all[j].second);
-      }
-    }
-    if (packed) {
-      if (k < static_cast<int64_t>(keys.size())) std::nth_element(keys.begin(), keys.begin() + k, keys.end());
-      keys.resize(k);
-      radix_sort(keys, [](uint64_t key) { return key; });
-      const uint64_t slot_mask = (uint64_t(1) << slot_bits) - 1;
-      for (int64_t j = 0; j < k; ++j)
-        all[j] = Victim{static_cast<double>(keys[j] >> slot_bits), static_cast<int64_t>(keys[j] & slot_mask)};
-    } else {
-      if (k < static_cast<int64_t>(all.size())) std::nth_element(all.begin(), all.begin() + k, all.end());
-      // (priority, slot) is a total order: stable radix sorts by slot, then by the priority's bits mapped
-      // to an order-preserving uint64 (-0.0 taken as +0.0, as the double comparison does), give the same.
-      all.resize(k);
-      radix_sort(all, [](const Victim& v) { return static_cast<uint64_t>(v.second); });
-      radix_sort(all, [](const Victim& v) {
-        uint64_t bits;
-        const double prio = v.first + 0.0;
-        std::memcpy(&bits, &prio, sizeof bits);
-        return (bits >> 63) ? ~bits : bits | (uint64_t(1) << 63);
-      });
-    }
-    int64_t wins = 0;
-    while (wins < k && elig[n_free + wins].prio > all[wins].first) ++wins;
-    for (int64_t j = 0; j < wins; ++j) {  // the victims are scattered: fetch their ids, then index, ahead
-      if (j + 16 < wins) __builtin_prefetch(&t.slot_ids[all[j + 16].second]);
-      if (j + 8 < wins) __builtin_prefetch(&t.index[t.home(t.slot_ids[all[j + 8].second])]);
-      t.erase(t.slot_ids[all[j].second]);
-    }
-    for (int64_t j = 0; j < wins; ++j) {
-      t.clear(all[j].second);
-      assigned.push_back(all[j].second);
-    }
+    const int64_t wins = static_cast<int64_t>(victims.size());
     t.counters[kEvicted] += wins;
     t.counters[kRejectedFull] += rest - wins;
   }
   std::fill(hit_bits, hit_bits + n_words, uint64_t(0));  // restore the all-zero scratch
-
   // G. write the admitted ids, index them in assignment order, then resolve the misses.
   const int64_t n_assigned = static_cast<int64_t>(assigned.size());
   for (int64_t j = 0; j < n_assigned; ++j) {
@@ -588,11 +721,12 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
       __builtin_prefetch(&t.score[ahead], 1);
     }
     const int64_t s = assigned[j];
+    const int64_t f = est[elig[j].at];
     t.slot_ids[s] = elig[j].id;
-    t.count[s] = elig[j].count;
+    t.count[s] = f;
     t.last_step[s] = step;
     t.last_time[s] = now;
-    t.score[s] = static_cast<double>(elig[j].count);
+    t.score[s] = static_cast<double>(f);
     t.insert(elig[j].id, static_cast<int32_t>(s));
   }
   t.counters[kAdmitted] += n_assigned;
@@ -604,12 +738,8 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
         if (slot[i] >= 0) slot[i] += slot_offset;
     });
   }
-  if (n_assigned > 0) {
-    std::vector<int64_t> slot_of_cand(n_cand, -1);
-    for (int64_t j = 0; j < n_assigned; ++j) slot_of_cand[elig[j].src] = assigned[j] + slot_offset;
-    const int64_t n_miss_occ = static_cast<int64_t>(miss_pos.size());
-    for (int64_t k = 0; k < n_miss_occ; ++k) slot[miss_pos[k]] = slot_of_cand[miss_cand[k]];
-  }
+  for (int64_t j = 0; j < n_assigned; ++j)
+    for (int32_t k = m.first[elig[j].at]; k < m.first[elig[j].at + 1]; ++k) slot[m.occ[k].pos] = assigned[j] + slot_offset;
   at::Tensor assigned_t = at::empty({n_assigned}, ids.options());
   int64_t* a = assigned_t.data_ptr<int64_t>();
   for (int64_t j = 0; j < n_assigned; ++j) a[j] = assigned[j] + slot_offset;
@@ -656,7 +786,7 @@ at::Tensor hash_expire_cpu(const at::Tensor& slot_ids, const at::Tensor& slot_co
   std::vector<int64_t> expired;
   for (int64_t s = 0; s < t.capacity; ++s)
     if (quiet[s]) expired.push_back(s);
-  for (int64_t s : expired) t.erase(t.slot_ids[s]);
+  for (int64_t s : expired) t.erase_entry(t.slot_ids[s], static_cast<int32_t>(s));
   for (int64_t s : expired) t.clear(s);
   int64_t free = t.meta[kFreeCount];
   for (auto it = expired.rbegin(); it != expired.rend(); ++it) t.free_list[free++] = static_cast<int32_t>(*it);

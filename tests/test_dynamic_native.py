@@ -86,3 +86,31 @@ def test_native_equals_fallback_few_victims_in_a_large_full_table(policy, monkey
     assert mn == mf and mn["evicted"] > 0
     assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
     assert all(torch.equal(sn[k], sf[k]) for k in sn)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("policy", list(EvictionPolicy))
+def test_native_equals_fallback_victim_buckets(policy, threads, monkeypatch):
+    """The kernel buckets the victims' priorities by key range: ranges wider than its histogram (counts
+    and steps spread over > 2**16, scores over many binades), every slot tied, and more candidates than
+    evictable slots must all pick exactly the victims a full sort picks."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 1 << 40, (3_000,), generator=g)
+    heavy = ids[:3].repeat_interleave(torch.tensor([70_000, 300, 5]))  # counts 1 .. 70_001
+    wide = torch.cat([ids, heavy])
+    tied = torch.randint(1 << 41, 1 << 42, (5_000,), generator=g)  # more newcomers than slots, all count 1
+    newcomers = torch.randint(1 << 43, 1 << 44, (900,), generator=g)
+    newcomers = torch.cat([newcomers[:2].repeat(90_000), newcomers.repeat_interleave(torch.tensor([1, 3]).repeat(450))])
+    config = DynamicTableConfig(capacity=2_048, eviction=policy, score_decay=0.7, admission=AdmissionConfig(min_count=1))
+    steps = [(wide, 0), (ids[1_000:2_500], 1), (newcomers, 100_000), (tied, 100_001), (tied.flip(0), 100_002), (wide, 250_000)]
+    states = []
+    for native in (True, False):
+        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
+        remapper = DynamicIdRemapper(config)
+        out = [remapper.remap(batch, step, float(step)) for batch, step in steps]
+        states.append((remapper.state_dict(), out, remapper.metrics()))
+    (sn, on, mn), (sf, of, mf) = states
+    assert mn == mf and mn["evicted"] > 0 and mn["rejected_full"] > 0
+    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
+    assert all(torch.equal(sn[k], sf[k]) for k in sn)
