@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "hash_table_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -26,46 +28,15 @@
 
 namespace {
 
-constexpr uint64_t kMixM1 = 0xBF58476D1CE4E5B9ULL;
-constexpr uint64_t kMixM2 = 0x94D049BB133111EBULL;
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-constexpr uint64_t kSaltIndex = 0x9E3779B97F4A7C15ULL;
-constexpr uint64_t kSaltSketch = 0xA0761D6478BD642FULL;
+using namespace lightning_sparse_hash;
 
-// positions in meta / counters (lightning_sparse/dynamic/state.py: Meta, Counter)
-constexpr int kFreeCount = 0, kSketchAdds = 1, kLastSweepStep = 2;
-constexpr int kAdmitted = 0, kEvicted = 1, kExpired = 2, kRejectedFull = 3, kRejectedAdmission = 4,
-              kLookups = 5, kHits = 6, kSketchHalvings = 7;
-constexpr int kLFU = 0, kLRU = 1, kFeatureScore = 2;
 // Work per thread below which a loop runs inline: waking pool threads costs far more than a small
 // batch's lookups (milliseconds on some VMs), so only large batches and tables fan out.
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kSlotGrain = 1 << 16;
 
-inline uint64_t mix64(uint64_t x) {
-  x = (x ^ (x >> 30)) * kMixM1;
-  x = (x ^ (x >> 27)) * kMixM2;
-  return x ^ (x >> 31);
-}
-
-struct Table {
-  int64_t* slot_ids;
-  int64_t* count;
-  int64_t* last_step;
-  double* last_time;
-  double* score;
-  int32_t* free_list;
-  int32_t* index;
-  int32_t* sketch;
-  int64_t* meta;
-  int64_t* counters;
-  int64_t capacity;
-  uint64_t mask;
-  int64_t depth;
-  int64_t width;
-
-  uint64_t home(int64_t id) const { return mix64(static_cast<uint64_t>(id) + kSaltIndex) & mask; }
-
+// The state with the CPU's index operations.
+struct Table : TableView {
   int64_t find(int64_t id) const { return find_from(id, home(id)); }
 
   int64_t find_from(int64_t id, uint64_t pos) const {
@@ -178,52 +149,14 @@ struct Decay {
   double operator()(int64_t dt) const { return dt < kSmall ? small[dt] : decay_pow(dt, powers); }
 };
 
-void check_state(const at::Tensor& t, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "hash table state '", name, "' must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, "hash table state '", name, "' must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "hash table state '", name, "' must be contiguous");
-}
-
 Table make_table(const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
                  const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
                  const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
                  const at::Tensor& counters) {
-  check_state(slot_ids, at::kLong, "slot_ids");
-  check_state(slot_count, at::kLong, "slot_count");
-  check_state(slot_last_step, at::kLong, "slot_last_step");
-  check_state(slot_last_time, at::kDouble, "slot_last_time");
-  check_state(slot_score, at::kDouble, "slot_score");
-  check_state(free_list, at::kInt, "free_list");
-  check_state(index, at::kInt, "index");
-  check_state(sketch, at::kInt, "sketch");
-  check_state(meta, at::kLong, "meta");
-  check_state(counters, at::kLong, "counters");
-  const int64_t c = slot_ids.numel();
-  TORCH_CHECK(slot_count.numel() == c && slot_last_step.numel() == c && slot_last_time.numel() == c &&
-                  slot_score.numel() == c && free_list.numel() == c,
-              "hash table slot tensors must all have capacity ", c, " entries");
-  const int64_t h = index.numel();
-  TORCH_CHECK(h >= 2 * c && (h & (h - 1)) == 0, "hash table index must have a power-of-two size >= 2 * capacity");
-  TORCH_CHECK(sketch.dim() == 2, "hash table sketch must be 2-D (depth, width)");
-  const int64_t w = sketch.size(1);
-  TORCH_CHECK(sketch.size(0) == 0 || (w > 0 && (w & (w - 1)) == 0), "sketch width must be a power of two");
-  TORCH_CHECK(meta.numel() >= 3 && counters.numel() >= 8, "hash table meta/counters too short");
+  TORCH_CHECK(slot_ids.device().is_cpu(), "hash table state must be CPU tensors here, got ", slot_ids.device());
   Table t;
-  t.slot_ids = slot_ids.data_ptr<int64_t>();
-  t.count = slot_count.data_ptr<int64_t>();
-  t.last_step = slot_last_step.data_ptr<int64_t>();
-  t.last_time = slot_last_time.data_ptr<double>();
-  t.score = slot_score.data_ptr<double>();
-  t.free_list = free_list.data_ptr<int32_t>();
-  t.index = index.data_ptr<int32_t>();
-  t.sketch = sketch.data_ptr<int32_t>();
-  t.meta = meta.data_ptr<int64_t>();
-  t.counters = counters.data_ptr<int64_t>();
-  t.capacity = c;
-  t.mask = static_cast<uint64_t>(h - 1);
-  t.depth = sketch.size(0);
-  t.width = w;
+  static_cast<TableView&>(t) = view_state(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list,
+                                          index, sketch, meta, counters);
   return t;
 }
 
@@ -355,7 +288,7 @@ std::vector<int32_t> sketch_add_and_estimate(const Table& t, const Misses& m) {
   for (int64_t r = 0; r < depth; ++r) {
     int32_t* row = t.sketch + r * width;
     int32_t* c = col.data();
-    const uint64_t salt = kSaltSketch * static_cast<uint64_t>(r + 1);
+    const uint64_t salt = sketch_salt(r);
     at::parallel_for(0, nc, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) c[j] = static_cast<int32_t>(mix64(static_cast<uint64_t>(m.ids[j]) + salt) & col_mask);
       if (begin == 0 && end == nc) {  // the only chunk: no other thread touches the counters
@@ -599,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   // bounds that keep int32 sketch counters below 2**30 (lightning_sparse/dynamic/config.py)
   TORCH_CHECK(halve_every >= 1 && halve_every <= (int64_t(1) << 28), "hash_remap: halve_every must be in [1, 2**28]");
   TORCH_CHECK(ids.numel() < (int64_t(1) << 28), "hash_remap: a call takes fewer than 2**28 ids, got ", ids.numel());
-  check_state(decay_powers, at::kDouble, "decay_powers");
+  check_state(decay_powers, at::kDouble, "decay_powers", at::kCPU);
   TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
   Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
                        meta, counters);
@@ -665,8 +598,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   for (int64_t j = 0; j < n_cand; ++j) {
     bool ok = est[j] >= min_count;
     if (ok && coin_threshold < (int64_t(1) << 53)) {
-      const uint64_t coin = mix64(mix64(static_cast<uint64_t>(m.ids[j]) + static_cast<uint64_t>(coin_key)) ^ step_salt) >> 11;
-      ok = static_cast<int64_t>(coin) < coin_threshold;
+      ok = admission_coin(m.ids[j], coin_key, step_salt) < coin_threshold;
     }
     if (ok) elig.push_back(Eligible{m.ids[j], j});
   }
@@ -749,8 +681,8 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
 at::Tensor hash_lookup_cpu(const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& index,
                            int64_t slot_offset) {
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "hash_lookup: ids must be a CPU int64 tensor");
-  check_state(slot_ids, at::kLong, "slot_ids");
-  check_state(index, at::kInt, "index");
+  check_state(slot_ids, at::kLong, "slot_ids", at::kCPU);
+  check_state(index, at::kInt, "index", at::kCPU);
   const int64_t h = index.numel();
   TORCH_CHECK(h >= 2 * slot_ids.numel() && (h & (h - 1)) == 0, "hash_lookup: bad index size");
   Table t{};

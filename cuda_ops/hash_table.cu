@@ -23,52 +23,21 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "hash_table_common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
 
 namespace {
 
-constexpr uint64_t kMixM1 = 0xBF58476D1CE4E5B9ULL;
-constexpr uint64_t kMixM2 = 0x94D049BB133111EBULL;
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-constexpr uint64_t kSaltIndex = 0x9E3779B97F4A7C15ULL;
-constexpr uint64_t kSaltSketch = 0xA0761D6478BD642FULL;
-
-// positions in meta / counters (lightning_sparse/dynamic/state.py: Meta, Counter)
-constexpr int kFreeCount = 0, kSketchAdds = 1, kLastSweepStep = 2;
-constexpr int kAdmitted = 0, kEvicted = 1, kExpired = 2, kRejectedFull = 3, kRejectedAdmission = 4,
-              kLookups = 5, kHits = 6, kSketchHalvings = 7;
-constexpr int kLFU = 0, kLRU = 1, kFeatureScore = 2;
+using namespace lightning_sparse_hash;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;  // grid-stride loops cover the rest
 
-__device__ __forceinline__ uint64_t mix64(uint64_t x) {
-  x = (x ^ (x >> 30)) * kMixM1;
-  x = (x ^ (x >> 27)) * kMixM2;
-  return x ^ (x >> 31);
-}
-
-// Raw pointers into the state (all on one device); passed to kernels by value.
-struct Table {
-  int64_t* slot_ids;
-  int64_t* count;
-  int64_t* last_step;
-  double* last_time;
-  double* score;
-  int32_t* free_list;
-  int32_t* index;
-  int32_t* sketch;
-  int64_t* meta;
-  int64_t* counters;
-  int64_t capacity;
-  uint64_t mask;
-  int64_t depth;
-  int64_t width;
-
-  __device__ uint64_t home(int64_t id) const { return mix64(static_cast<uint64_t>(id) + kSaltIndex) & mask; }
-
+// The state with the device's index operations.
+struct Table : TableView {
   __device__ int64_t find(int64_t id) const {
     uint64_t pos = home(id);
     while (true) {
@@ -156,7 +125,7 @@ __global__ void hit_kernel(Table t, const int64_t* __restrict__ slot, const int6
 }
 
 __device__ __forceinline__ int64_t sketch_cell(const Table& t, int64_t id, int64_t r) {
-  const uint64_t col = mix64(static_cast<uint64_t>(id) + kSaltSketch * static_cast<uint64_t>(r + 1)) &
+  const uint64_t col = mix64(static_cast<uint64_t>(id) + sketch_salt(r)) &
                        static_cast<uint64_t>(t.width - 1);
   return r * t.width + static_cast<int64_t>(col);
 }
@@ -188,8 +157,7 @@ __global__ void admit_kernel(Table t, const int64_t* __restrict__ uniq, const in
     if (t.depth == 0) est = 0;
     bool ok = est >= min_count;
     if (ok && coin_threshold < (int64_t(1) << 53)) {
-      const uint64_t coin = mix64(mix64(static_cast<uint64_t>(id) + static_cast<uint64_t>(coin_key)) ^ step_salt) >> 11;
-      ok = static_cast<int64_t>(coin) < coin_threshold;
+      ok = admission_coin(id, coin_key, step_salt) < coin_threshold;
     }
     estimate[j] = est;
     eligible[j] = ok;
@@ -282,55 +250,14 @@ __global__ void clear_slots_kernel(Table t, const int64_t* __restrict__ slots, i
 
 #undef GRID_STRIDE
 
-void check_state(const at::Tensor& t, at::ScalarType dtype, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "hash table state '", name, "' must be on ", device,
-              " (with the other state), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "hash table state '", name, "' must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "hash table state '", name, "' must be contiguous");
-}
-
 Table make_table(const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
                  const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
                  const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
                  const at::Tensor& counters) {
-  const at::Device device = slot_ids.device();
-  TORCH_CHECK(device.is_cuda(), "hash table state 'slot_ids' must be a CUDA tensor here, got ", device);
-  check_state(slot_ids, at::kLong, "slot_ids", device);
-  check_state(slot_count, at::kLong, "slot_count", device);
-  check_state(slot_last_step, at::kLong, "slot_last_step", device);
-  check_state(slot_last_time, at::kDouble, "slot_last_time", device);
-  check_state(slot_score, at::kDouble, "slot_score", device);
-  check_state(free_list, at::kInt, "free_list", device);
-  check_state(index, at::kInt, "index", device);
-  check_state(sketch, at::kInt, "sketch", device);
-  check_state(meta, at::kLong, "meta", device);
-  check_state(counters, at::kLong, "counters", device);
-  const int64_t c = slot_ids.numel();
-  TORCH_CHECK(slot_count.numel() == c && slot_last_step.numel() == c && slot_last_time.numel() == c &&
-                  slot_score.numel() == c && free_list.numel() == c,
-              "hash table slot tensors must all have capacity ", c, " entries");
-  const int64_t h = index.numel();
-  TORCH_CHECK(h >= 2 * c && (h & (h - 1)) == 0, "hash table index must have a power-of-two size >= 2 * capacity");
-  TORCH_CHECK(sketch.dim() == 2, "hash table sketch must be 2-D (depth, width)");
-  const int64_t w = sketch.size(1);
-  TORCH_CHECK(sketch.size(0) == 0 || (w > 0 && (w & (w - 1)) == 0), "sketch width must be a power of two");
-  TORCH_CHECK(meta.numel() >= 3 && counters.numel() >= 8, "hash table meta/counters too short");
+  TORCH_CHECK(slot_ids.device().is_cuda(), "hash table state 'slot_ids' must be a CUDA tensor here, got ", slot_ids.device());
   Table t;
-  t.slot_ids = slot_ids.data_ptr<int64_t>();
-  t.count = slot_count.data_ptr<int64_t>();
-  t.last_step = slot_last_step.data_ptr<int64_t>();
-  t.last_time = slot_last_time.data_ptr<double>();
-  t.score = slot_score.data_ptr<double>();
-  t.free_list = free_list.data_ptr<int32_t>();
-  t.index = index.data_ptr<int32_t>();
-  t.sketch = sketch.data_ptr<int32_t>();
-  t.meta = meta.data_ptr<int64_t>();
-  t.counters = counters.data_ptr<int64_t>();
-  t.capacity = c;
-  t.mask = static_cast<uint64_t>(h - 1);
-  t.depth = sketch.size(0);
-  t.width = w;
+  static_cast<TableView&>(t) = view_state(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list,
+                                          index, sketch, meta, counters);
   return t;
 }
 
