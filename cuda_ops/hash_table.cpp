@@ -35,44 +35,13 @@ using namespace lightning_sparse_hash;
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kSlotGrain = 1 << 16;
 
-// The state with the CPU's index operations.
+// The state with the CPU's erase by slot and slot reset.
 struct Table : TableView {
-  int64_t find(int64_t id) const { return find_from(id, home(id)); }
-
-  int64_t find_from(int64_t id, uint64_t pos) const {
-    while (true) {
-      const int32_t e = index[pos];
-      if (e < 0) return -1;
-      if (slot_ids[e] == id) return e;
-      pos = (pos + 1) & mask;
-    }
-  }
-
-  void insert(int64_t id, int32_t slot) {
-    uint64_t pos = home(id);
-    while (index[pos] >= 0) pos = (pos + 1) & mask;
-    index[pos] = slot;
-  }
-
-  // Linear-probing delete with backward shift (reference.py: _index_erase) of the entry of `slot`, which
-  // holds `id`; found by its slot number, so the search reads no slot ids. The slot_ids of all indexed
-  // slots must still be valid.
+  // Deletes the entry of `slot`, which holds `id`; found by its slot number, so the search reads no slot ids.
   void erase_entry(int64_t id, int32_t slot) {
     uint64_t pos = home(id);
     while (index[pos] != slot) pos = (pos + 1) & mask;
-    uint64_t hole = pos, probe = pos;
-    while (true) {
-      probe = (probe + 1) & mask;
-      const int32_t e = index[probe];
-      if (e < 0) break;
-      const uint64_t want = home(slot_ids[e]);
-      const bool stays = hole <= probe ? (hole < want && want <= probe) : (want > hole || want <= probe);
-      if (!stays) {
-        index[hole] = e;
-        hole = probe;
-      }
-    }
-    index[hole] = -1;
+    erase_at(pos);
   }
 
   void clear(int64_t s) {

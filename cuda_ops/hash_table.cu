@@ -36,27 +36,10 @@ using namespace lightning_sparse_hash;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;  // grid-stride loops cover the rest
 
-// The state with the device's index operations.
+// The state with the device's erase by id.
 struct Table : TableView {
-  __device__ int64_t find(int64_t id) const {
-    uint64_t pos = home(id);
-    while (true) {
-      const int32_t e = index[pos];
-      if (e < 0) return -1;
-      if (slot_ids[e] == id) return e;
-      pos = (pos + 1) & mask;
-    }
-  }
-
-  __device__ void insert(int64_t id, int32_t slot) {
-    uint64_t pos = home(id);
-    while (index[pos] >= 0) pos = (pos + 1) & mask;
-    index[pos] = slot;
-  }
-
-  // Linear-probing delete with backward shift, as in hash_table.cpp; slot_ids of all indexed slots must
-  // still be valid. An id that is not indexed (only in a corrupt state) is left alone rather than
-  // probing forever.
+  // Deletes the entry of `id`. An id that is not indexed (only in a corrupt state) is left alone rather
+  // than probing forever.
   __device__ void erase(int64_t id) {
     uint64_t pos = home(id);
     while (true) {
@@ -65,19 +48,7 @@ struct Table : TableView {
       if (slot_ids[e] == id) break;
       pos = (pos + 1) & mask;
     }
-    uint64_t hole = pos, probe = pos;
-    while (true) {
-      probe = (probe + 1) & mask;
-      const int32_t e = index[probe];
-      if (e < 0) break;
-      const uint64_t want = home(slot_ids[e]);
-      const bool stays = hole <= probe ? (hole < want && want <= probe) : (want > hole || want <= probe);
-      if (!stays) {
-        index[hole] = e;
-        hole = probe;
-      }
-    }
-    index[hole] = -1;
+    erase_at(pos);
   }
 };
 

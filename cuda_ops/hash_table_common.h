@@ -62,6 +62,43 @@ struct TableView {
 
   // home position of an id in the index (hashing.py: index_home)
   LS_HOST_DEVICE uint64_t home(int64_t id) const { return mix64(static_cast<uint64_t>(id) + kSaltIndex) & mask; }
+
+  // The index maps id -> slot by linear probing (reference.py: lookup_local, _index_insert, _index_erase).
+  LS_HOST_DEVICE int64_t find(int64_t id) const { return find_from(id, home(id)); }
+
+  LS_HOST_DEVICE int64_t find_from(int64_t id, uint64_t pos) const {
+    while (true) {
+      const int32_t e = index[pos];
+      if (e < 0) return -1;
+      if (slot_ids[e] == id) return e;
+      pos = (pos + 1) & mask;
+    }
+  }
+
+  LS_HOST_DEVICE void insert(int64_t id, int32_t slot) {
+    uint64_t pos = home(id);
+    while (index[pos] >= 0) pos = (pos + 1) & mask;
+    index[pos] = slot;
+  }
+
+  // Deletes the entry at `pos` with backward shift (no tombstones): later entries of the probe run move
+  // into the hole unless their home lies cyclically in (hole, probe]. The slot_ids of all indexed slots
+  // must still be valid.
+  LS_HOST_DEVICE void erase_at(uint64_t pos) {
+    uint64_t hole = pos, probe = pos;
+    while (true) {
+      probe = (probe + 1) & mask;
+      const int32_t e = index[probe];
+      if (e < 0) break;
+      const uint64_t want = home(slot_ids[e]);
+      const bool stays = hole <= probe ? (hole < want && want <= probe) : (want > hole || want <= probe);
+      if (!stays) {
+        index[hole] = e;
+        hole = probe;
+      }
+    }
+    index[hole] = -1;
+  }
 };
 
 inline void check_state(const at::Tensor& t, at::ScalarType dtype, const char* name, const at::Device& device) {
