@@ -26,6 +26,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace {
 
 using namespace lightning_sparse_hash;
@@ -302,6 +306,22 @@ void order_eligible(std::vector<Eligible>& elig, const std::vector<int32_t>& est
   elig.swap(tmp);
 }
 
+// Bit j of the result is the top bit of flag[j] (flags are 0 or 0xFF).
+inline uint64_t pack_flags(const uint8_t* flag) {
+#if defined(__SSE2__)
+  uint64_t bits = 0;
+  for (int k = 0; k < 4; ++k) {
+    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(flag + 16 * k));
+    bits |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(v))) << (16 * k);
+  }
+  return bits;
+#else
+  uint64_t bits = 0;
+  for (int j = 0; j < 64; ++j) bits |= static_cast<uint64_t>(flag[j] >> 7) << j;
+  return bits;
+#endif
+}
+
 // Eviction priority of a live slot at `step`, the lowest evicted first (reference.py: slot_priority).
 struct SlotPriority {
   const Table& t;
@@ -332,49 +352,58 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
   auto cand_key = [&](double prio) { return int_keys ? int_key(static_cast<int64_t>(prio)) : double_key(prio); };
   const int64_t n_words = (t.capacity + 63) / 64;
   std::vector<uint64_t>& can_lose = scratch<uint64_t, 3>(n_words);  // one bit per slot
-  // 1. bit mask and key range of the slots that can lose, below `cut` too. Keys are not kept: the
-  // later passes recompute them for the marked slots only (fewer than all when a cut applies).
+  // 1. bit mask of the slots that can lose, below `cut` too: a pass over every slot, kept to flag tests
+  // (the keys and their range are then computed for the marked slots only, fewer than all when a cut applies).
   const int64_t* int_value = priority.policy == kLFU ? t.count : t.last_step;
   const int64_t int_best = static_cast<int64_t>(best);
   auto key_at = [&](int64_t s) { return int_keys ? int_key(int_value[s]) : double_key(priority(s)); };
   const int nthreads = at::get_num_threads();
-  std::vector<uint64_t> lo_by(nthreads), hi_by(nthreads);
   std::vector<int64_t> n_by(nthreads);
+  // One flag byte per slot of a 64-slot word (0xFF: can lose), computed without branches or loop-carried
+  // state so that the compiler can unroll it, then packed into the word's bits.
+  const int64_t* count = t.count;
+  const int64_t* last_step = t.last_step;
+  const double* score = t.score;
+  const double* small = priority.decay.small;
+  const int64_t step = priority.step;
   auto mark = [&](double cut) {
     const int64_t int_cut = cut < std::ldexp(1.0, 62) ? static_cast<int64_t>(cut) : std::numeric_limits<int64_t>::max();
-    std::fill(lo_by.begin(), lo_by.end(), ~uint64_t(0));
-    std::fill(hi_by.begin(), hi_by.end(), 0);
+    const int64_t int_lim = std::min(int_best - 1, int_cut);  // int_best >= 0: a value can lose iff <= int_lim
     std::fill(n_by.begin(), n_by.end(), 0);
     at::parallel_for(0, n_words, kSlotGrain / 64, [&](int64_t begin, int64_t end) {
-      uint64_t lo = ~uint64_t(0), hi = 0;
       int64_t marked = 0;
+      alignas(16) uint8_t flag[64];
       for (int64_t w = begin; w < end; ++w) {
         const int64_t s0 = w * 64, m = std::min<int64_t>(64, t.capacity - s0);
-        uint64_t bits = 0;
-        for (int64_t j = 0; j < m; ++j) {  // branch-free: 64 slots into one mask
-          const int64_t s = s0 + j;
-          bool ok;
-          uint64_t key;
-          if (int_keys) {
-            ok = (t.count[s] > 0) & (int_value[s] < int_best) & (int_value[s] <= int_cut);
-            key = int_key(int_value[s]);
-          } else {
-            const double prio = priority(s);
-            ok = (t.count[s] > 0) & (prio < best) & (prio <= cut);
-            key = double_key(prio);
+        if (int_keys) {
+          const int64_t* v = int_value + s0;
+          const int64_t* c = count + s0;
+          for (int64_t j = 0; j < m; ++j) flag[j] = -static_cast<uint8_t>((c[j] > 0) & (v[j] <= int_lim));
+        } else {
+          const int64_t* c = count + s0;
+          const int64_t* ls = last_step + s0;
+          const double* sc = score + s0;
+          bool far = false;
+          for (int64_t j = 0; j < m; ++j) {
+            const int64_t dt = std::max<int64_t>(step - ls[j], 0);
+            far |= dt >= Decay::kSmall;
+            const double prio = sc[j] * small[std::min<int64_t>(dt, Decay::kSmall - 1)];
+            flag[j] = -static_cast<uint8_t>((c[j] > 0) & (prio < best) & (prio <= cut));
           }
-          ok &= !((hit_bits[w] >> j) & 1);
-          bits |= static_cast<uint64_t>(ok) << j;
-          lo = std::min(lo, ok ? key : ~uint64_t(0));
-          hi = std::max(hi, ok ? key : 0);
+          if (far) {  // gaps beyond the table: the exact priority
+            for (int64_t j = 0; j < m; ++j) {
+              if (step - ls[j] < Decay::kSmall) continue;
+              const double prio = priority(s0 + j);
+              flag[j] = -static_cast<uint8_t>((c[j] > 0) & (prio < best) & (prio <= cut));
+            }
+          }
         }
+        for (int64_t j = m; j < 64; ++j) flag[j] = 0;
+        const uint64_t bits = pack_flags(flag) & ~hit_bits[w];
         can_lose[w] = bits;
         marked += __builtin_popcountll(bits);
       }
-      const int k = at::get_thread_num();
-      lo_by[k] = std::min(lo_by[k], lo);
-      hi_by[k] = std::max(hi_by[k], hi);
-      n_by[k] += marked;
+      n_by[at::get_thread_num()] += marked;
     });
     int64_t marked = 0;
     for (int64_t c : n_by) marked += c;
@@ -401,12 +430,27 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
   }
   int64_t marked = mark(cut);
   if (marked < rest && cut != inf) marked = mark(inf);
-  const uint64_t lo = *std::min_element(lo_by.begin(), lo_by.end());
-  const uint64_t hi = *std::max_element(hi_by.begin(), hi_by.end());
+  // the marked slots with their keys, in slot order (the tie order)
+  struct Ranked {
+    uint64_t key;
+    int64_t slot;
+  };
+  std::vector<Ranked>& marked_slots = scratch<Ranked, 4>(marked);
+  uint64_t lo = ~uint64_t(0), hi = 0;
+  {
+    int64_t k = 0;
+    for (int64_t w = 0; w < n_words; ++w)
+      for (uint64_t bits = can_lose[w]; bits != 0; bits &= bits - 1) {
+        const int64_t s = w * 64 + __builtin_ctzll(bits);
+        const uint64_t key = key_at(s);
+        lo = std::min(lo, key);
+        hi = std::max(hi, key);
+        marked_slots[k++] = Ranked{key, s};
+      }
+  }
   if (lo > hi) return {};
   auto for_each_candidate = [&](auto&& f) {
-    for (int64_t w = 0; w < n_words; ++w)
-      for (uint64_t bits = can_lose[w]; bits != 0; bits &= bits - 1) f(w * 64 + __builtin_ctzll(bits));
+    for (int64_t k = 0; k < marked; ++k) f(marked_slots[k]);
   };
   // 2. histogram over the key range, about one bucket per marked slot (at most 2**16)
   const uint64_t range = hi - lo;
@@ -415,7 +459,7 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
   const bool exact = shift == 0;  // one key per bucket
   const int64_t n_buckets = static_cast<int64_t>(range >> shift) + 1;
   std::vector<uint32_t> take(n_buckets + 1, 0);
-  for_each_candidate([&](int64_t s) { ++take[(key_at(s) - lo) >> shift]; });
+  for_each_candidate([&](const Ranked& r) { ++take[(r.key - lo) >> shift]; });
   // 3. walk the buckets in priority order alongside the candidates: stop where the next victim holds its
   // slot (its bucket's lowest key is not below the candidate's) or no candidate is left.
   int64_t reach = 0, b = 0;
@@ -443,14 +487,10 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
   std::vector<uint32_t> start(b_end + 1, 0);
   for (int64_t d = 0; d < b_end; ++d) start[d + 1] = start[d] + take[d];
   std::vector<uint32_t> next(start.begin(), start.end() - 1);
-  struct Ranked {
-    uint64_t key;
-    int64_t slot;
-  };
   std::vector<Ranked> ranked(start[b_end]);
-  for_each_candidate([&](int64_t s) {
-    const uint64_t key = key_at(s), d = (key - lo) >> shift;
-    if (static_cast<int64_t>(d) < b_end && next[d] < start[d + 1]) ranked[next[d]++] = Ranked{key, s};
+  for_each_candidate([&](const Ranked& r) {
+    const uint64_t d = (r.key - lo) >> shift;
+    if (static_cast<int64_t>(d) < b_end && next[d] < start[d + 1]) ranked[next[d]++] = r;
   });
   if (!exact) {
     for (int64_t d = 0; d < b_end; ++d)

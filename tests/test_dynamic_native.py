@@ -114,3 +114,29 @@ def test_native_equals_fallback_victim_buckets(policy, threads, monkeypatch):
     assert mn == mf and mn["evicted"] > 0 and mn["rejected_full"] > 0
     assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
     assert all(torch.equal(sn[k], sf[k]) for k in sn)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_equals_fallback_decay_gaps_around_the_table(threads, monkeypatch):
+    """FEATURE_SCORE victims whose gaps since their last step straddle the kernel's tabulated decay powers
+    (gaps below 256 are looked up, longer ones multiplied out), mixed within each 64-slot word."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(0, 1 << 40, (4_000,), generator=g)
+    fill = torch.cat([ids, ids[::3], ids[::7]])  # scores 1, 2, 3 at step 0
+    newcomers = torch.randint(1 << 41, 1 << 42, (600,), generator=g).repeat_interleave(torch.tensor([1, 2, 3]).repeat(200))
+    config = DynamicTableConfig(
+        capacity=4_096, eviction=EvictionPolicy.FEATURE_SCORE, score_decay=0.995, admission=AdmissionConfig(min_count=1)
+    )
+    steps = [(fill, 0), (ids[::2], 1), (ids[::5], 200), (ids[1::4], 2)]
+    steps += [(newcomers[i::4], s) for i, s in enumerate((255, 256, 257, 458))]
+    states = []
+    for native in (True, False):
+        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
+        remapper = DynamicIdRemapper(config)
+        out = [remapper.remap(batch, step, float(step)) for batch, step in steps]
+        states.append((remapper.state_dict(), out, remapper.metrics()))
+    (sn, on, mn), (sf, of, mf) = states
+    assert mn == mf and mn["evicted"] > 0
+    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
+    assert all(torch.equal(sn[k], sf[k]) for k in sn)
