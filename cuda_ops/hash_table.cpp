@@ -338,7 +338,8 @@ struct SlotPriority {
 // The slots that the remaining candidates (priorities `cand_prio`, descending) evict, in pairing order:
 // the evictable slots (live, not hit in this call) ordered by (priority, slot) ascending, the i-th lost
 // iff cand_prio[i] exceeds its priority, up to the first that holds. Only slots below the best
-// candidate can lose. Those are bucketed by an order-preserving uint64 key over their key range (about
+// candidate can lose; of those, first only the ones below a cut that a sample of slots suggests (see
+// below). They are bucketed by an order-preserving uint64 key over their key range (about
 // one bucket per slot, at most 2**16); a walk over the histogram finds how far the pairing can reach,
 // so only those slots are gathered, in slot order (the tie order), and sorted only where a bucket spans
 // several keys.
@@ -409,13 +410,97 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
     for (int64_t c : n_by) marked += c;
     return marked;
   };
-  // When few victims are needed, an evenly spaced sample gives a cut below which about twice as many
-  // lie: if at least `rest` slots are below it, the `rest` lowest overall are among them (ties at the
-  // cut included), and the later passes touch only those; else mark every slot below `best`.
+  // The marked slots with their keys, in slot order (the tie order), and how they pair with the
+  // candidates. With a cut, the marked slots are the lowest of all (ties at the cut included), so the
+  // pairing over them is the true one as far as it goes: final when it ends by a failure or runs out
+  // of candidates, else the next cut is tried.
+  struct Ranked {
+    uint64_t key;
+    int64_t slot;
+  };
+  auto attempt = [&](double cut, bool& final_) -> std::vector<int64_t> {
+    const int64_t marked = mark(cut);
+    std::vector<Ranked>& marked_slots = scratch<Ranked, 4>(marked);
+    uint64_t lo = ~uint64_t(0), hi = 0;
+    {
+      int64_t k = 0;
+      for (int64_t w = 0; w < n_words; ++w)
+        for (uint64_t bits = can_lose[w]; bits != 0; bits &= bits - 1) {
+          const int64_t s = w * 64 + __builtin_ctzll(bits);
+          const uint64_t key = key_at(s);
+          lo = std::min(lo, key);
+          hi = std::max(hi, key);
+          marked_slots[k++] = Ranked{key, s};
+        }
+    }
+    final_ = cut == std::numeric_limits<double>::infinity();
+    if (lo > hi) return {};
+    // 2. histogram over the key range, about one bucket per marked slot (at most 2**16)
+    const uint64_t range = hi - lo;
+    const int bucket_bits = std::min(16, std::max(4, 64 - __builtin_clzll(static_cast<uint64_t>(marked))));
+    const int shift = range < (uint64_t(1) << bucket_bits) ? 0 : 64 - __builtin_clzll(range) - bucket_bits;
+    const bool exact = shift == 0;  // one key per bucket
+    const int64_t n_buckets = static_cast<int64_t>(range >> shift) + 1;
+    std::vector<uint32_t> take(n_buckets + 1, 0);
+    for (int64_t k = 0; k < marked; ++k) ++take[(marked_slots[k].key - lo) >> shift];
+    // 3. walk the buckets in priority order alongside the candidates: stop where the next victim holds
+    // its slot (its bucket's lowest key is not below the candidate's) or no candidate is left.
+    int64_t reach = 0, b = 0;
+    for (; b < n_buckets && reach < rest; ++b) {
+      const int64_t c = take[b];
+      if (c == 0) continue;
+      const uint64_t bucket_lo = lo + (static_cast<uint64_t>(b) << shift);
+      if (cand_key(cand_prio[reach]) <= bucket_lo) {
+        final_ = true;
+        break;
+      }
+      if (!exact) {
+        reach += c;
+        continue;
+      }
+      int64_t i = reach;  // every slot here has key bucket_lo: the first ones (by slot) lose, up to a failure
+      const int64_t end = std::min(reach + c, rest);
+      while (i < end && cand_key(cand_prio[i]) > bucket_lo) ++i;
+      take[b] = static_cast<uint32_t>(i - reach);
+      reach = i;
+      if (take[b] < c) {
+        final_ = true;
+        ++b;
+        break;
+      }
+    }
+    const int64_t b_end = b;
+    // 4. gather those buckets' slots in slot order into their places, then sort multi-key buckets.
+    std::vector<uint32_t> start(b_end + 1, 0);
+    for (int64_t d = 0; d < b_end; ++d) start[d + 1] = start[d] + take[d];
+    std::vector<uint32_t> next(start.begin(), start.end() - 1);
+    std::vector<Ranked> ranked(start[b_end]);
+    for (int64_t k = 0; k < marked; ++k) {
+      const Ranked& r = marked_slots[k];
+      const uint64_t d = (r.key - lo) >> shift;
+      if (static_cast<int64_t>(d) < b_end && next[d] < start[d + 1]) ranked[next[d]++] = r;
+    }
+    if (!exact) {
+      for (int64_t d = 0; d < b_end; ++d)
+        if (start[d + 1] - start[d] > 1)
+          std::sort(ranked.begin() + start[d], ranked.begin() + start[d + 1],
+                    [](const Ranked& x, const Ranked& y) { return x.key < y.key || (x.key == y.key && x.slot < y.slot); });
+    }
+    const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(ranked.size()));
+    std::vector<int64_t> victims;
+    victims.reserve(k);
+    while (static_cast<int64_t>(victims.size()) < k && cand_prio[victims.size()] > priority(ranked[victims.size()].slot))
+      victims.push_back(ranked[victims.size()].slot);
+    if (static_cast<int64_t>(victims.size()) < k || static_cast<int64_t>(victims.size()) == rest) final_ = true;
+    return victims;
+  };
+  // An evenly spaced sample estimates the priorities of the lowest slots: the narrow cut lies about twice
+  // as far as the sampled pairing reaches (enough when few candidates win), the wide one about twice as
+  // far as there are candidates (enough unless nearly all win), then every slot below `best`.
   const double inf = std::numeric_limits<double>::infinity();
-  double cut = inf;
+  std::vector<double> cuts;
   if (rest * 3 < t.capacity) {
-    const int64_t stride = std::max<int64_t>(1, t.capacity / 8192);
+    const int64_t stride = std::max<int64_t>(1, t.capacity / 4096);
     std::vector<double> sample;
     for (int64_t s = 0; s < t.capacity; s += stride) {
       if (t.count[s] <= 0 || ((hit_bits[s >> 6] >> (s & 63)) & 1)) continue;
@@ -425,85 +510,21 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
     const int64_t q = 2 * rest / stride + 16;
     if (q < static_cast<int64_t>(sample.size())) {
       std::nth_element(sample.begin(), sample.begin() + q, sample.end());
-      cut = sample[q];
+      std::sort(sample.begin(), sample.begin() + q);
+      int64_t cross = 0;  // the first sampled slot that holds against the candidate of its estimated rank
+      while (cross < q && cross * stride < rest && cand_prio[cross * stride] > sample[cross]) ++cross;
+      const int64_t narrow = 2 * cross + 16;
+      if (narrow < q) cuts.push_back(sample[narrow]);
+      cuts.push_back(sample[q]);
     }
   }
-  int64_t marked = mark(cut);
-  if (marked < rest && cut != inf) marked = mark(inf);
-  // the marked slots with their keys, in slot order (the tie order)
-  struct Ranked {
-    uint64_t key;
-    int64_t slot;
-  };
-  std::vector<Ranked>& marked_slots = scratch<Ranked, 4>(marked);
-  uint64_t lo = ~uint64_t(0), hi = 0;
-  {
-    int64_t k = 0;
-    for (int64_t w = 0; w < n_words; ++w)
-      for (uint64_t bits = can_lose[w]; bits != 0; bits &= bits - 1) {
-        const int64_t s = w * 64 + __builtin_ctzll(bits);
-        const uint64_t key = key_at(s);
-        lo = std::min(lo, key);
-        hi = std::max(hi, key);
-        marked_slots[k++] = Ranked{key, s};
-      }
+  cuts.push_back(inf);
+  for (const double cut : cuts) {
+    bool final_ = false;
+    std::vector<int64_t> victims = attempt(cut, final_);
+    if (final_) return victims;
   }
-  if (lo > hi) return {};
-  auto for_each_candidate = [&](auto&& f) {
-    for (int64_t k = 0; k < marked; ++k) f(marked_slots[k]);
-  };
-  // 2. histogram over the key range, about one bucket per marked slot (at most 2**16)
-  const uint64_t range = hi - lo;
-  const int bucket_bits = std::min(16, std::max(4, 64 - __builtin_clzll(static_cast<uint64_t>(marked))));
-  const int shift = range < (uint64_t(1) << bucket_bits) ? 0 : 64 - __builtin_clzll(range) - bucket_bits;
-  const bool exact = shift == 0;  // one key per bucket
-  const int64_t n_buckets = static_cast<int64_t>(range >> shift) + 1;
-  std::vector<uint32_t> take(n_buckets + 1, 0);
-  for_each_candidate([&](const Ranked& r) { ++take[(r.key - lo) >> shift]; });
-  // 3. walk the buckets in priority order alongside the candidates: stop where the next victim holds its
-  // slot (its bucket's lowest key is not below the candidate's) or no candidate is left.
-  int64_t reach = 0, b = 0;
-  for (; b < n_buckets && reach < rest; ++b) {
-    const int64_t c = take[b];
-    if (c == 0) continue;
-    const uint64_t bucket_lo = lo + (static_cast<uint64_t>(b) << shift);
-    if (cand_key(cand_prio[reach]) <= bucket_lo) break;
-    if (!exact) {
-      reach += c;
-      continue;
-    }
-    int64_t i = reach;  // every slot here has key bucket_lo: the first ones (by slot) lose, up to a failure
-    const int64_t end = std::min(reach + c, rest);
-    while (i < end && cand_key(cand_prio[i]) > bucket_lo) ++i;
-    take[b] = static_cast<uint32_t>(i - reach);
-    reach = i;
-    if (take[b] < c) {
-      ++b;
-      break;
-    }
-  }
-  const int64_t b_end = b;
-  // 4. gather those buckets' slots in slot order into their places, then sort multi-key buckets.
-  std::vector<uint32_t> start(b_end + 1, 0);
-  for (int64_t d = 0; d < b_end; ++d) start[d + 1] = start[d] + take[d];
-  std::vector<uint32_t> next(start.begin(), start.end() - 1);
-  std::vector<Ranked> ranked(start[b_end]);
-  for_each_candidate([&](const Ranked& r) {
-    const uint64_t d = (r.key - lo) >> shift;
-    if (static_cast<int64_t>(d) < b_end && next[d] < start[d + 1]) ranked[next[d]++] = r;
-  });
-  if (!exact) {
-    for (int64_t d = 0; d < b_end; ++d)
-      if (start[d + 1] - start[d] > 1)
-        std::sort(ranked.begin() + start[d], ranked.begin() + start[d + 1],
-                  [](const Ranked& x, const Ranked& y) { return x.key < y.key || (x.key == y.key && x.slot < y.slot); });
-  }
-  const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(ranked.size()));
-  std::vector<int64_t> victims;
-  victims.reserve(k);
-  while (static_cast<int64_t>(victims.size()) < k && cand_prio[victims.size()] > priority(ranked[victims.size()].slot))
-    victims.push_back(ranked[victims.size()].slot);
-  return victims;
+  return {};  // not reached: the cut inf is final
 }
 
 // Erases the index entries of `slots` in order. The victims are scattered: their ids are fetched 16

@@ -140,3 +140,35 @@ def test_native_equals_fallback_decay_gaps_around_the_table(threads, monkeypatch
     assert mn == mf and mn["evicted"] > 0
     assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
     assert all(torch.equal(sn[k], sf[k]) for k in sn)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("policy", [EvictionPolicy.LFU, EvictionPolicy.FEATURE_SCORE])
+def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads, monkeypatch):
+    """The kernel estimates from an evenly spaced sample of slots how far the pairing reaches and first
+    looks only at slots below a cut taken from it. Here the sampled slots (every 12th of 50k, the stride)
+    rank low and rise steeply, the others sit above the cut yet below the strongest newcomers: the first
+    cut must prove too short and the kernel still pick the victims of the full sort."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(17)
+    capacity = 50_000
+    fill = torch.randint(0, 1 << 40, (capacity,), generator=g).unique()[:capacity]
+    strong = torch.randint(1 << 41, 1 << 42, (40,), generator=g).repeat_interleave(500)
+    weak = torch.randint(1 << 43, 1 << 44, (960,), generator=g)
+    config = DynamicTableConfig(capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
+    s = torch.arange(capacity)
+    crafted = torch.where(s % 12 == 0, 1 + s // 12, torch.full_like(s, 1_000))
+    states = []
+    for native in (True, False):
+        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
+        remapper = DynamicIdRemapper(config)
+        remapper.remap(fill, 0, 0.0)
+        live = remapper.slot_count > 0
+        remapper.slot_count[live] = crafted[live]
+        remapper.slot_score[live] = crafted[live].double()
+        out = [remapper.remap(torch.cat([strong, weak]), 1, 1.0)]
+        states.append((remapper.state_dict(), out, remapper.metrics()))
+    (sn, on, mn), (sf, of, mf) = states
+    assert mn == mf and mn["evicted"] >= 40
+    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
+    assert all(torch.equal(sn[k], sf[k]) for k in sn)
