@@ -661,10 +661,8 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     for (int64_t j = 0; j < rest; ++j) rest_prio[j] = cand_prio(n_free + j);
     const std::vector<int64_t> victims = select_victims(t, hit_bits, rest_prio, SlotPriority{t, policy, step, decay});
     erase_all(t, victims);
-    for (const int64_t s : victims) {
-      t.clear(s);
-      assigned.push_back(s);
-    }
+    // every victim is assigned below, which writes all of its fields: no need to clear them first
+    assigned.insert(assigned.end(), victims.begin(), victims.end());
     const int64_t wins = static_cast<int64_t>(victims.size());
     t.counters[kEvicted] += wins;
     t.counters[kRejectedFull] += rest - wins;
