@@ -500,7 +500,7 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
   const double inf = std::numeric_limits<double>::infinity();
   std::vector<double> cuts;
   if (rest * 3 < t.capacity) {
-    const int64_t stride = std::max<int64_t>(1, t.capacity / 4096);
+    const int64_t stride = std::max<int64_t>(1, t.capacity / 2048);
     std::vector<double> sample;
     for (int64_t s = 0; s < t.capacity; s += stride) {
       if (t.count[s] <= 0 || ((hit_bits[s >> 6] >> (s & 63)) & 1)) continue;
@@ -510,9 +510,19 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
     const int64_t q = 2 * rest / stride + 16;
     if (q < static_cast<int64_t>(sample.size())) {
       std::nth_element(sample.begin(), sample.begin() + q, sample.end());
-      std::sort(sample.begin(), sample.begin() + q);
+      // sorted only as far as the walk goes: usually a small prefix (few of the candidates win)
+      int64_t sorted = std::min<int64_t>(q, q / 4 + 16);
+      std::nth_element(sample.begin(), sample.begin() + sorted, sample.begin() + q);
+      std::sort(sample.begin(), sample.begin() + sorted);
       int64_t cross = 0;  // the first sampled slot that holds against the candidate of its estimated rank
-      while (cross < q && cross * stride < rest && cand_prio[cross * stride] > sample[cross]) ++cross;
+      while (cross < q && cross * stride < rest) {
+        if (cross == sorted) {
+          std::sort(sample.begin() + sorted, sample.begin() + q);
+          sorted = q;
+        }
+        if (cand_prio[cross * stride] <= sample[cross]) break;
+        ++cross;
+      }
       const int64_t narrow = 2 * cross + 16;
       if (narrow < q) cuts.push_back(sample[narrow]);
       cuts.push_back(sample[q]);

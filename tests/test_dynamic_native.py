@@ -146,7 +146,7 @@ def test_native_equals_fallback_decay_gaps_around_the_table(threads, monkeypatch
 @pytest.mark.parametrize("policy", [EvictionPolicy.LFU, EvictionPolicy.FEATURE_SCORE])
 def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads, monkeypatch):
     """The kernel estimates from an evenly spaced sample of slots how far the pairing reaches and first
-    looks only at slots below a cut taken from it. Here the sampled slots (every 12th of 50k, the stride)
+    looks only at slots below a cut taken from it. Here the sampled slots (every 24th of 50k, the stride)
     rank low and rise steeply, the others sit above the cut yet below the strongest newcomers: the first
     cut must prove too short and the kernel still pick the victims of the full sort."""
     torch.set_num_threads(threads)
@@ -157,7 +157,7 @@ def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads,
     weak = torch.randint(1 << 43, 1 << 44, (960,), generator=g)
     config = DynamicTableConfig(capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
     s = torch.arange(capacity)
-    crafted = torch.where(s % 12 == 0, 1 + s // 12, torch.full_like(s, 1_000))
+    crafted = torch.where(s % 24 == 0, 1 + s // 24, torch.full_like(s, 1_000))
     states = []
     for native in (True, False):
         monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
