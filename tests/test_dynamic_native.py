@@ -31,6 +31,25 @@ def run(config, batches, native: bool, monkeypatch):
     return remapper, outputs
 
 
+def remap_on_both_paths(config, steps, monkeypatch, prepare=None) -> dict:
+    """Runs ``steps`` ((ids, step) pairs) through a fresh remapper on the native and on the fallback path
+    (``prepare(remapper)`` first, if given), asserts identical slots, assigned rows, state and counters,
+    and returns the counters."""
+    runs = []
+    for native in (True, False):
+        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
+        remapper = DynamicIdRemapper(config)
+        if prepare is not None:
+            prepare(remapper)
+        out = [remapper.remap(batch, step, float(step)) for batch, step in steps]
+        runs.append((remapper.state_dict(), out, remapper.metrics()))
+    (sn, on, mn), (sf, of, mf) = runs
+    assert mn == mf
+    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
+    assert all(torch.equal(sn[k], sf[k]) for k in sn)
+    return mn
+
+
 @pytest.mark.parametrize("policy", list(EvictionPolicy))
 def test_native_equals_fallback_large(policy, monkeypatch):
     torch.set_num_threads(2)
@@ -75,17 +94,8 @@ def test_native_equals_fallback_few_victims_in_a_large_full_table(policy, monkey
     fill = torch.cat([fill, fill[: 20_000], fill[:5_000]])  # counts 1, 2 and 3: heavy ties
     newcomers = torch.randint(1 << 41, 1 << 42, (300,), generator=g).repeat_interleave(torch.tensor([1, 2, 3, 4]).repeat(75))
     config = DynamicTableConfig(capacity=50_000, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
-    states = []
-    for native in (True, False):
-        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
-        remapper = DynamicIdRemapper(config)
-        remapper.remap(fill, 0, 0.0)
-        out = [remapper.remap(newcomers, step, float(step)) for step in (1, 2, 5)]
-        states.append((remapper.state_dict(), out, remapper.metrics()))
-    (sn, on, mn), (sf, of, mf) = states
-    assert mn == mf and mn["evicted"] > 0
-    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
-    assert all(torch.equal(sn[k], sf[k]) for k in sn)
+    counters = remap_on_both_paths(config, [(fill, 0)] + [(newcomers, step) for step in (1, 2, 5)], monkeypatch)
+    assert counters["evicted"] > 0
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -104,16 +114,8 @@ def test_native_equals_fallback_victim_buckets(policy, threads, monkeypatch):
     newcomers = torch.cat([newcomers[:2].repeat(90_000), newcomers.repeat_interleave(torch.tensor([1, 3]).repeat(450))])
     config = DynamicTableConfig(capacity=2_048, eviction=policy, score_decay=0.7, admission=AdmissionConfig(min_count=1))
     steps = [(wide, 0), (ids[1_000:2_500], 1), (newcomers, 100_000), (tied, 100_001), (tied.flip(0), 100_002), (wide, 250_000)]
-    states = []
-    for native in (True, False):
-        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
-        remapper = DynamicIdRemapper(config)
-        out = [remapper.remap(batch, step, float(step)) for batch, step in steps]
-        states.append((remapper.state_dict(), out, remapper.metrics()))
-    (sn, on, mn), (sf, of, mf) = states
-    assert mn == mf and mn["evicted"] > 0 and mn["rejected_full"] > 0
-    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
-    assert all(torch.equal(sn[k], sf[k]) for k in sn)
+    counters = remap_on_both_paths(config, steps, monkeypatch)
+    assert counters["evicted"] > 0 and counters["rejected_full"] > 0
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -130,16 +132,8 @@ def test_native_equals_fallback_decay_gaps_around_the_table(threads, monkeypatch
     )
     steps = [(fill, 0), (ids[::2], 1), (ids[::5], 200), (ids[1::4], 2)]
     steps += [(newcomers[i::4], s) for i, s in enumerate((255, 256, 257, 458))]
-    states = []
-    for native in (True, False):
-        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
-        remapper = DynamicIdRemapper(config)
-        out = [remapper.remap(batch, step, float(step)) for batch, step in steps]
-        states.append((remapper.state_dict(), out, remapper.metrics()))
-    (sn, on, mn), (sf, of, mf) = states
-    assert mn == mf and mn["evicted"] > 0
-    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
-    assert all(torch.equal(sn[k], sf[k]) for k in sn)
+    counters = remap_on_both_paths(config, steps, monkeypatch)
+    assert counters["evicted"] > 0
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -158,17 +152,12 @@ def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads,
     config = DynamicTableConfig(capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
     s = torch.arange(capacity)
     crafted = torch.where(s % 24 == 0, 1 + s // 24, torch.full_like(s, 1_000))
-    states = []
-    for native in (True, False):
-        monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if native else "0")
-        remapper = DynamicIdRemapper(config)
+
+    def craft(remapper):
         remapper.remap(fill, 0, 0.0)
         live = remapper.slot_count > 0
         remapper.slot_count[live] = crafted[live]
         remapper.slot_score[live] = crafted[live].double()
-        out = [remapper.remap(torch.cat([strong, weak]), 1, 1.0)]
-        states.append((remapper.state_dict(), out, remapper.metrics()))
-    (sn, on, mn), (sf, of, mf) = states
-    assert mn == mf and mn["evicted"] >= 40
-    assert all(torch.equal(a.slots, b.slots) and torch.equal(a.assigned, b.assigned) for a, b in zip(on, of))
-    assert all(torch.equal(sn[k], sf[k]) for k in sn)
+
+    counters = remap_on_both_paths(config, [(torch.cat([strong, weak]), 1)], monkeypatch, prepare=craft)
+    assert counters["evicted"] >= 40
