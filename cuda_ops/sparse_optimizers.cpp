@@ -168,7 +168,15 @@ void decayed_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::
   });
 }
 
-// Bias corrections 1 - beta^t, computed in double like the reference.
+// Adam's bias corrections 1 - beta^t of both moments, computed in double like the reference.
+struct BiasCorrections {
+  float first, second;
+  BiasCorrections(double beta1, double beta2, int64_t t)
+      : first(static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(t)))),
+        second(static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(t)))) {}
+};
+
+// The Adam step count of a row: a per-row counter, or one global counter advanced once per call.
 struct StepView {
   int64_t* p;
   bool global;
@@ -198,9 +206,8 @@ void rowwise_adam(const at::Tensor& weight, const c10::optional<at::Tensor>& exp
   const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
   for_each_unique_row(weight, indices, grad, weight_decay, [&](int64_t row, float* w, const float* g, int64_t dim) {
-    const int64_t t = steps.advance(row);
-    const float bc1 = static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(t)));
-    const float bc2 = static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(t)));
+    const BiasCorrections bc(beta1, beta2, steps.advance(row));
+    const float bc1 = bc.first, bc2 = bc.second;
     v_p[row] = b2 * v_p[row] + (1.0f - b2) * mean_square(g, dim);
     const float denom = std::sqrt(v_p[row] / bc2) + eps_f;
     if (first_moment) {
@@ -226,9 +233,8 @@ void adam(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor&
   const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
   for_each_unique_row(weight, indices, grad, weight_decay, [&](int64_t row, float* w, const float* g, int64_t dim) {
-    const int64_t t = steps.advance(row);
-    const float bc1 = static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(t)));
-    const float bc2 = static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(t)));
+    const BiasCorrections bc(beta1, beta2, steps.advance(row));
+    const float bc1 = bc.first, bc2 = bc.second;
     float* m = m_p + row * dim;
     float* v = v_p + row * dim;
     for (int64_t d = 0; d < dim; ++d) {
