@@ -51,21 +51,15 @@ def remap_kjt(
         raise KeyError(f"feature_to_table names table(s) {unknown} that have no remapper; tables: {sorted(remappers)}")
     if kjt.variable_stride_per_key():
         raise ValueError("remap_kjt does not support KeyedJaggedTensors with a variable stride per key")
-    keys = kjt.keys()
-    values = kjt.values()
-    per_key = kjt.length_per_key()
-    starts = _key_starts(per_key)
-
-    by_table: dict[str, list[int]] = {}
-    for k, key in enumerate(keys):
+    by_table: dict[str, list[str]] = {}
+    for key in kjt.keys():
         if key in feature_to_table:
-            by_table.setdefault(feature_to_table[key], []).append(k)
+            by_table.setdefault(feature_to_table[key], []).append(key)
 
     slots_by_key: dict[str, torch.Tensor] = {}
     results: dict[str, RemapResult] = {}
-    for table, key_indices in by_table.items():
-        pieces = [values[starts[k] : starts[k + 1]] for k in key_indices]
-        raw = torch.cat(pieces) if pieces else values.new_zeros(0)
+    for table, table_keys in by_table.items():
+        raw = values_of(kjt, table_keys)
         remapper = remappers[table]
         if admit:
             result = remapper.remap(raw, step, now)
@@ -73,9 +67,23 @@ def remap_kjt(
             slots = remapper.lookup(raw)
             result = RemapResult(slots, torch.zeros(0, dtype=torch.int64, device=slots.device))
         results[table] = result
-        for k, piece in zip(key_indices, result.slots.split([per_key[k] for k in key_indices])):
-            slots_by_key[keys[k]] = piece
+        slots_by_key.update(split_by_key(kjt, table_keys, result.slots))
     return with_slots(kjt, slots_by_key), results
+
+
+def values_of(kjt: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
+    """The values of ``keys`` (in that order) concatenated: e.g. one table's ids of the batch."""
+    starts = _key_starts(kjt.length_per_key())
+    position = {key: k for k, key in enumerate(kjt.keys())}
+    values = kjt.values()
+    pieces = [values[starts[position[key]] : starts[position[key] + 1]] for key in keys]
+    return torch.cat(pieces) if pieces else values.new_zeros(0)
+
+
+def split_by_key(kjt: KeyedJaggedTensor, keys: list[str], per_value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cuts ``per_value`` (one entry per value of ``values_of(kjt, keys)``) back into one tensor per key."""
+    length_per_key = dict(zip(kjt.keys(), kjt.length_per_key()))
+    return dict(zip(keys, per_value.split([length_per_key[key] for key in keys])))
 
 
 def _key_starts(length_per_key: list[int]) -> list[int]:

@@ -30,7 +30,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, HashPlacement, shard_of
-from lightning_sparse.dynamic.kjt import with_slots
+from lightning_sparse.dynamic.kjt import split_by_key, values_of, with_slots
 from lightning_sparse.dynamic.table import initial_rows
 from lightning_sparse.ops import native_op_for
 from lightning_sparse.strategies.sharding import RowBlock
@@ -97,8 +97,8 @@ class DynamicTables(nn.Module):
         for table in self.partitions:
             keys = self._keys_of(kjt, table)
             if keys:
-                slots, assigned[table] = self._remap_routed(table, _values_of(kjt, keys), step, admit=True)
-                slots_by_key.update(_split_by_key(kjt, keys, slots))
+                slots, assigned[table] = self._remap_routed(table, values_of(kjt, keys), step, admit=True)
+                slots_by_key.update(split_by_key(kjt, keys, slots))
         return with_slots(kjt, slots_by_key), assigned
 
     def remap_for_evaluation(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -107,12 +107,12 @@ class DynamicTables(nn.Module):
         for table, remapper in self.remappers.items():
             keys = self._keys_of(kjt, table)
             if keys:
-                slots_by_key.update(_split_by_key(kjt, keys, remapper.lookup(_values_of(kjt, keys))))
+                slots_by_key.update(split_by_key(kjt, keys, remapper.lookup(values_of(kjt, keys))))
         for table in self.partitions:
             keys = self._keys_of(kjt, table)
             if keys:
-                slots, _ = self._remap_routed(table, _values_of(kjt, keys), step=0, admit=False)
-                slots_by_key.update(_split_by_key(kjt, keys, slots))
+                slots, _ = self._remap_routed(table, values_of(kjt, keys), step=0, admit=False)
+                slots_by_key.update(split_by_key(kjt, keys, slots))
         return with_slots(kjt, slots_by_key)
 
     def _keys_of(self, kjt: KeyedJaggedTensor, table: str) -> list[str]:
@@ -123,7 +123,7 @@ class DynamicTables(nn.Module):
         keys = [k for k in kjt.keys() if self.feature_to_table.get(k) in self.remappers]
         if not keys:
             return {}, {}
-        gathered = _all_gather(({key: kjt[key].values() for key in keys}, time.time()))
+        gathered = _all_gather(({key: values_of(kjt, [key]) for key in keys}, time.time()))
         now = gathered[0][1]  # one clock for every replica
         rank = _rank()
         slots_by_key, assigned = {}, {}
@@ -167,8 +167,10 @@ class DynamicTables(nn.Module):
         rows = torch.full(received.shape, -1, dtype=torch.int64, device=received.device)
         assigned_here: dict[int, torch.Tensor] = {}
         now = time.time()
-        for key, remapper in self.partitions[table].items():
-            index = int(key.split("_of_")[0])
+        for index, owner in enumerate(owners):
+            if owner != self.rank:
+                continue
+            remapper = self.partitions[table][partition_key(index, n_partitions)]
             mine = partition == index
             if admit:
                 result = remapper.remap(received[mine], step, now)
@@ -225,11 +227,7 @@ class DynamicTables(nn.Module):
         """Counters of the hash tables this rank keeps: whole replicas, or the sum of its partitions."""
         out = {name: remapper.metrics() for name, remapper in self.remappers.items()}
         for name, parts in self.partitions.items():
-            total: dict[str, int] = {}
-            for remapper in parts.values():
-                for counter, value in remapper.metrics().items():
-                    total[counter] = total.get(counter, 0) + value
-            out[name] = total
+            out[name] = _sum_counters([remapper.metrics() for remapper in parts.values()])
         return out
 
     def global_metrics(self) -> dict[str, dict[str, int]]:
@@ -237,30 +235,24 @@ class DynamicTables(nn.Module):
         local = self.metrics()
         if not self.partitions or not _distributed():
             return local
-        out = {name: local[name] for name in self.remappers}
-        for name in self.partitions:
-            total: dict[str, int] = {}
-            for part in _all_gather(local[name]):
-                for counter, value in part.items():
-                    total[counter] = total.get(counter, 0) + value
-            out[name] = total
-        return out
+        sharded = {name: local[name] for name in self.partitions}
+        gathered = _all_gather(sharded)
+        local.update({name: _sum_counters([part[name] for part in gathered]) for name in sharded})
+        return local
+
+
+def _sum_counters(counters: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counters:
+        for name, value in one.items():
+            total[name] = total.get(name, 0) + value
+    return total
 
 
 def _partition_of(ids: torch.Tensor, n_partitions: int) -> torch.Tensor:
     if n_partitions == 1:
         return torch.zeros(ids.shape, dtype=torch.int64, device=ids.device)
     return shard_of(ids, n_partitions)
-
-
-def _values_of(kjt: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
-    """The values of ``keys`` (in that order) concatenated: one table's ids of this batch."""
-    return torch.cat([kjt[key].values() for key in keys])
-
-
-def _split_by_key(kjt: KeyedJaggedTensor, keys: list[str], slots: torch.Tensor) -> dict[str, torch.Tensor]:
-    lengths = [int(kjt[key].values().numel()) for key in keys]
-    return dict(zip(keys, slots.split(lengths)))
 
 
 def _local_pieces(tensor: Any) -> list[tuple[torch.Tensor, tuple[int, int]]]:
