@@ -74,3 +74,10 @@ def single_process_env(monkeypatch):
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         monkeypatch.delenv(key, raising=False)
     yield
+
+
+def skewed_ids(generator: torch.Generator, n: int, universe: int, shift: int) -> torch.Tensor:
+    """Zipf-like ids spread over the int64 range, whose popular ids move with ``shift``."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    rank = (universe * u**3).to(torch.int64) + shift
+    return rank * 0x9E3779B97F4A7C1 - (1 << 62)

@@ -6,17 +6,11 @@ Batches and tables are large enough that the kernels' parallel loops really run 
 import pytest
 import torch
 
+from conftest import skewed_ids
 from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, EvictionPolicy, ExpiryConfig
 from lightning_sparse.ops import native_op
 
 pytestmark = pytest.mark.skipif(native_op("hash_remap") is None, reason="native extension not built")
-
-
-def skewed_ids(generator: torch.Generator, n: int, universe: int, shift: int) -> torch.Tensor:
-    """Zipf-like ids spread over the int64 range, whose popular ids move with ``shift``."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    rank = (universe * u**3).to(torch.int64) + shift
-    return rank * 0x9E3779B97F4A7C1 - (1 << 62)
 
 
 def run(config, batches, native: bool, monkeypatch):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_trees_equal, read_checkpoint, run_worker
+from conftest import assert_trees_equal, read_checkpoint, run_worker, skewed_ids
 from lightning_sparse.dynamic import (
     AdmissionConfig,
     DynamicIdRemapper,
@@ -84,12 +84,6 @@ needs_cuda_kernels = pytest.mark.skipif(
 )
 
 
-def _skewed_ids(generator: torch.Generator, n: int, universe: int, shift: int) -> torch.Tensor:
-    """Zipf-like ids spread over the int64 range, whose popular ids move with ``shift``."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    return ((universe * u**3).to(torch.int64) + shift) * 0x9E3779B97F4A7C1 - (1 << 62)
-
-
 def _dynamic_config(policy: EvictionPolicy, capacity: int) -> DynamicTableConfig:
     return DynamicTableConfig(
         capacity=capacity,
@@ -137,7 +131,7 @@ def test_cuda_kernels_equal_cpu_twin(policy, capacity, batch, monkeypatch):
     """Outputs and every state tensor bit-identical over batches with admission coins, sketch aging,
     eviction and expiry; one batch empty, one 2-D."""
     g = torch.Generator().manual_seed(5)
-    batches = [_skewed_ids(g, batch, 10 * capacity, (capacity // 2) * b) for b in range(10)]
+    batches = [skewed_ids(g, batch, 10 * capacity, (capacity // 2) * b) for b in range(10)]
     batches[3] = batches[3][:0]
     batches[4] = batches[4].view(batch // 50, 50)
     twin, out_twin, gpu, out_gpu = _twin_and_cuda(_dynamic_config(policy, capacity), batches, monkeypatch, row_offset=7)
@@ -171,7 +165,7 @@ def test_cuda_kernels_pick_the_twins_victims_among_ties(policy, monkeypatch):
 def test_cuda_state_falls_back_to_the_twin_on_host_copies(monkeypatch):
     """Without the CUDA kernels (here: forced off) a CUDA-resident table still gives the twin's results."""
     g = torch.Generator().manual_seed(3)
-    batches = [_skewed_ids(g, 2_000, 6_000, 300 * b) for b in range(6)]
+    batches = [skewed_ids(g, 2_000, 6_000, 300 * b) for b in range(6)]
     config = _dynamic_config(EvictionPolicy.FEATURE_SCORE, 600)
     monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "0")
     twin, gpu = DynamicIdRemapper(config), DynamicIdRemapper(config).cuda()

@@ -167,7 +167,7 @@ def row_blocks(plan: ShardingPlan, table_name: str, rows: int) -> list[RowBlock]
         candidate = (col0, shard.shard_sizes[0], shard.placement.rank())
         if row0 not in first_column or candidate < first_column[row0]:
             first_column[row0] = candidate
-    return [RowBlock(row0, rows, rank) for row0, (_, rows, rank) in sorted(first_column.items()) if rows > 0]
+    return [RowBlock(row0, n, rank) for row0, (_, n, rank) in sorted(first_column.items()) if n > 0]
 
 
 def dynamic_tables_of(tables: EmbeddingTables, plan: ShardingPlan, rank: int) -> Optional["DynamicTables"]:
