@@ -104,11 +104,35 @@ class TableConfig:
             self.dynamic = build_dataclass(DynamicTableConfig, self.dynamic, "TableConfig.dynamic")
 
 
+class TableRoute(NamedEnum):
+    """Which engine trains a table's rows; decided once per table when the tables are resolved.
+
+    ``fused``: fbgemm's TBE applies the rule inside its backward pass (only where fbgemm implements the
+    kind *and* every hyper-parameter exactly on the device). ``native``: the TBE only looks rows up; the
+    exact row gradients are assembled from its output gradient and lightning_sparse's kernels apply the
+    rule. ``data_parallel``: a replicated table with dense, all-reduced gradients, updated by the same
+    kernels on the rows the global batch touched.
+    """
+
+    FUSED = "fused"
+    NATIVE = "native"
+    DATA_PARALLEL = "data_parallel"
+
+
 @dataclass
 class ResolvedTable:
-    """The effective settings of one table after defaults and overrides are merged."""
+    """The effective settings of one table after defaults and overrides are merged.
+
+    ``route`` and ``route_reason`` (why it is not fused, empty when it is) are decided once, in
+    ``resolve_tables``; ``param_path`` is the table weight's key in the model's state dict.
+    """
 
     name: str
     sharding: ShardingType
     optimizer: SparseOptimizerConfig = field(default_factory=SparseOptimizerConfig)
     dynamic: Optional[DynamicTableConfig] = None
+    route: TableRoute = TableRoute.FUSED
+    route_reason: str = ""
+    param_path: str = ""
+    rows: int = 0
+    dim: int = 0

@@ -69,6 +69,25 @@ def assert_trees_equal(a: Any, b: Any, what: str) -> None:
 
 
 @pytest.fixture
+def gloo_world_of_one():
+    """A gloo process group of one rank in this process (reused when an earlier in-process Trainer left one)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        assert dist.get_world_size() == 1, "this test needs a single-process group"
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
 def single_process_env(monkeypatch):
     """A clean environment for in-process ``devices=1`` trainers."""
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):

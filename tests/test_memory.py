@@ -3,7 +3,6 @@ sharded DMP (1 gloo rank) with its fused optimizer."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -96,21 +95,6 @@ def test_unsharded_torchrec_collection():
         "embedding_bags.t2": (800, 800),
     }
     assert r.dense_weight_bytes == 0 and r.dense_optimizer_bytes == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def gloo_world_of_one():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_sharded_dmp_with_fused_rowwise_adagrad(gloo_world_of_one):

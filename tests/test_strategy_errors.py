@@ -54,13 +54,15 @@ def test_model_without_embedding_tables_is_refused(single_process_env):
 def test_optimizer_kind_without_fbgemm_kernel_names_what_works(single_process_env):
     """adam has no fused fbgemm kernel on CPU: it runs in our kernels, which need table_wise sharding."""
     strategy = SparseStrategy(sharding="column_wise", optimizer=SparseOptimizerConfig(kind="adam"))
-    with pytest.raises(ValueError, match="'adam' has no fbgemm kernel on cpu.*need sharding 'table_wise'.*sgd, adagrad, rowwise_adagrad"):
+    with pytest.raises(ValueError, match="no fused 'adam' kernel on cpu.*need sharding 'table_wise'.*sgd, adagrad or rowwise_adagrad"):
         _trainer(strategy).fit(_model(), _data())
 
 
-def test_data_parallel_tables_refuse_kinds_without_a_torch_optimizer(single_process_env):
-    strategy = SparseStrategy(sharding="data_parallel", optimizer=SparseOptimizerConfig(kind="decayed_adagrad"))
-    with pytest.raises(ValueError, match="'decayed_adagrad' is not available for data_parallel tables"):
+def test_weight_decay_on_a_column_wise_table_says_why_it_needs_table_wise(single_process_env):
+    """fbgemm ignores weight_decay on CPU, so such a table runs in our kernels: never silently without decay."""
+    optimizer = SparseOptimizerConfig(kind="rowwise_adagrad", weight_decay=0.01)
+    strategy = SparseStrategy(sharding="column_wise", optimizer=optimizer)
+    with pytest.raises(ValueError, match="'t_cat_0': fbgemm's fused kernels do not apply weight_decay.*need sharding 'table_wise'"):
         _trainer(strategy).fit(_model(), _data())
 
 
@@ -178,10 +180,10 @@ def test_public_api():
 
 
 def test_rowwise_adam_without_first_moment_never_takes_fbgemms_partial_rowwise_adam():
-    from lightning_sparse.strategies.native_kernel_tables import needs_native_kernel
+    from lightning_sparse.optim.fbgemm_kinds import fused_blocker
 
     lean = SparseOptimizerConfig(kind="rowwise_adam", first_moment=False)
-    assert needs_native_kernel(lean, "cuda") and needs_native_kernel(lean, "cpu")
-    assert not needs_native_kernel(SparseOptimizerConfig(kind="rowwise_adam", first_moment=True), "cuda")
-    assert not needs_native_kernel(SparseOptimizerConfig(kind="adam"), "cuda")
-    assert needs_native_kernel(SparseOptimizerConfig(kind="adam"), "cpu")
+    assert fused_blocker(lean, "cuda") and fused_blocker(lean, "cpu")
+    assert not fused_blocker(SparseOptimizerConfig(kind="rowwise_adam", first_moment=True), "cuda")
+    assert not fused_blocker(SparseOptimizerConfig(kind="adam"), "cuda")
+    assert fused_blocker(SparseOptimizerConfig(kind="adam"), "cpu")

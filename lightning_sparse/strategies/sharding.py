@@ -5,6 +5,7 @@ Kept apart from the Lightning strategy so it can be used (and tested) on a plain
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -21,9 +22,13 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from lightning_sparse.config import ResolvedTable, ShardingType, SparseOptimizerConfig, TableConfig
-from lightning_sparse.optim.fbgemm_kinds import check_unfused_kind, fused_optimizer_for, supported_kinds
-from lightning_sparse.strategies.native_kernel_tables import NATIVE_KERNEL_SHARDING, fused_sgd_scale, needs_native_kernel
+from lightning_sparse.config import ResolvedTable, ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+from lightning_sparse.optim.fbgemm_kinds import fused_blocker, fused_optimizer_for
+
+log = logging.getLogger(__name__)
+
+# Sharding types the native route runs under: each table whole on one rank, so its state is one local tensor.
+NATIVE_ROUTE_SHARDING = (ShardingType.AUTO, ShardingType.TABLE_WISE)
 
 EmbeddingModule = Union[EmbeddingBagCollection, EmbeddingCollection]
 
@@ -109,34 +114,55 @@ def resolve_tables(
     if unknown:
         raise ValueError(f"SparseStrategy(tables=...) names unknown table(s) {unknown}; the model's tables are {sorted(result.weights)}")
     allowed = available_sharding_types(device_type)
-    for table_name in result.weights:
-        override = overrides.get(table_name, TableConfig())
-        sharding = override.sharding or default_sharding
-        if sharding is not ShardingType.AUTO and sharding not in allowed:
-            raise ValueError(
-                f"Table {table_name!r}: sharding {sharding.value!r} is not available on {device_type}; "
-                f"allowed there: {', '.join(['auto'] + [s.value for s in allowed])}"
-            )
-        optimizer = override.optimizer or default_optimizer
-        if sharding is ShardingType.DATA_PARALLEL:
-            check_unfused_kind(optimizer)
-        elif needs_native_kernel(optimizer, device_type):
-            if sharding not in NATIVE_KERNEL_SHARDING:
-                fused = ", ".join(k.value for k in supported_kinds(device_type))
+    for fqn, module in modules.items():
+        weighted = isinstance(module, EmbeddingBagCollection) and module.is_weighted()
+        for cfg in _table_configs(module):
+            pooling = cfg.pooling.name.lower() if isinstance(module, EmbeddingBagCollection) else "none"
+            table = _resolve_table(cfg.name, overrides.get(cfg.name, TableConfig()), device_type, allowed,
+                                   default_sharding, default_optimizer, pooling, weighted)
+            weight = result.weights[cfg.name][1]
+            table.param_path, table.rows, table.dim = _state_key(module, fqn, cfg.name), int(weight.shape[0]), int(weight.shape[1])
+            if table.dynamic is not None and table.dynamic.capacity != table.rows:
                 raise ValueError(
-                    f"Table {table_name!r}: sparse optimizer {optimizer.kind.value!r} has no fbgemm kernel on "
-                    f"{device_type} and runs in lightning_sparse kernels, which need sharding 'table_wise' (or "
-                    f"'auto'), not {sharding.value!r}. Use table_wise, or a kind fbgemm fuses there: {fused}."
+                    f"Table {cfg.name!r}: dynamic.capacity={table.dynamic.capacity} must equal the table's rows "
+                    f"(num_embeddings={table.rows}); set one to the other."
                 )
-            sharding = ShardingType.TABLE_WISE
-        dynamic = override.dynamic
-        if dynamic is not None and dynamic.capacity != result.weights[table_name][1].shape[0]:
-            raise ValueError(
-                f"Table {table_name!r}: dynamic.capacity={dynamic.capacity} must equal the table's rows "
-                f"(num_embeddings={result.weights[table_name][1].shape[0]}); set one to the other."
-            )
-        result.tables[table_name] = ResolvedTable(name=table_name, sharding=sharding, optimizer=optimizer, dynamic=dynamic)
+            result.tables[cfg.name] = table
     return result
+
+
+def _resolve_table(
+    name: str,
+    override: TableConfig,
+    device_type: str,
+    allowed: list[ShardingType],
+    default_sharding: ShardingType,
+    default_optimizer: SparseOptimizerConfig,
+    pooling: str,
+    weighted: bool,
+) -> ResolvedTable:
+    """One table's sharding, optimizer and route: the one place where the route is decided."""
+    sharding = override.sharding or default_sharding
+    if sharding is not ShardingType.AUTO and sharding not in allowed:
+        raise ValueError(
+            f"Table {name!r}: sharding {sharding.value!r} is not available on {device_type}; "
+            f"allowed there: {', '.join(['auto'] + [s.value for s in allowed])}"
+        )
+    optimizer = override.optimizer or default_optimizer
+    if sharding is ShardingType.DATA_PARALLEL:
+        route, reason = TableRoute.DATA_PARALLEL, "data_parallel sharding"
+    else:
+        reason = fused_blocker(optimizer, device_type, pooling, weighted)
+        route = TableRoute.NATIVE if reason else TableRoute.FUSED
+    if route is TableRoute.NATIVE:
+        if sharding not in NATIVE_ROUTE_SHARDING:
+            raise ValueError(
+                f"Table {name!r}: {reason}, so it runs in lightning_sparse kernels, which need sharding 'table_wise' "
+                f"(or 'auto'), not {sharding.value!r}. Use table_wise for this table, or an optimizer fbgemm fuses "
+                f"exactly there (kind sgd, adagrad or rowwise_adagrad with weight_decay 0)."
+            )
+        sharding = ShardingType.TABLE_WISE
+    return ResolvedTable(name=name, sharding=sharding, optimizer=optimizer, dynamic=override.dynamic, route=route, route_reason=reason)
 
 
 @dataclass(frozen=True)
@@ -199,28 +225,19 @@ def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, 
 
 
 def attach_fused_optimizers(tables: EmbeddingTables, device_type: str) -> None:
-    """Attaches each fused table's optimizer so TorchRec builds the fbgemm kernel with it.
+    """Attaches each sharded table's optimizer so TorchRec builds the fbgemm kernel with it.
 
-    Tables whose rule fbgemm lacks on the device get fused SGD at the gradient-tap scale instead (see
-    ``native_kernel_tables``); TorchRec groups them into their own TBEs since their fused params differ.
+    Native-route tables get fused SGD at lr 0: their TBE only looks rows up (its backward never runs, see
+    ``optim/row_gradients.py``), and lr 0 keeps its weights unchanged should it ever run.
     """
     for name, table in tables.tables.items():
-        if table.sharding is ShardingType.DATA_PARALLEL:
+        if table.route is TableRoute.DATA_PARALLEL:
             continue
-        if needs_native_kernel(table.optimizer, device_type):
-            optimizer_class, kwargs = trec_optim.SGD, fused_sgd_scale()
+        if table.route is TableRoute.NATIVE:
+            optimizer_class, kwargs = trec_optim.SGD, {"lr": 0.0}
         else:
             optimizer_class, kwargs = fused_optimizer_for(table.optimizer, device_type)
         apply_optimizer_in_backward(optimizer_class, [tables.weights[name][1]], kwargs)
-
-
-def native_kernel_configs(tables: EmbeddingTables, device_type: str) -> dict[str, SparseOptimizerConfig]:
-    """The tables trained by lightning_sparse kernels, with their optimizer configs."""
-    return {
-        name: table.optimizer
-        for name, table in tables.tables.items()
-        if table.sharding is not ShardingType.DATA_PARALLEL and needs_native_kernel(table.optimizer, device_type)
-    }
 
 
 def sharders() -> list:
@@ -280,6 +297,29 @@ def shard_model(
     )
 
 
+def shard_tables(
+    model: nn.Module,
+    device: torch.device,
+    process_group: dist.ProcessGroup,
+    default_sharding: ShardingType,
+    default_optimizer: SparseOptimizerConfig,
+    overrides: Optional[dict[str, TableConfig]] = None,
+    local_world_size: Optional[int] = None,
+    static_graph: bool = False,
+    find_unused_parameters: bool = False,
+) -> tuple[DistributedModelParallel, EmbeddingTables, ShardingPlan]:
+    """Resolves every table (route included), plans, shards and wraps ``model``; the model's own initial
+    table weights are copied into the shards. Every rank calls it (the plan is agreed collectively)."""
+    tables = resolve_tables(model, device.type, default_sharding, default_optimizer, overrides)
+    attach_fused_optimizers(tables, device.type)
+    move_dense_modules(model, device, set(tables.modules))
+    plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size)
+    log.info("SparseStrategy sharding plan:\n%s", plan)
+    dmp = shard_model(model, plan, device, process_group, static_graph, find_unused_parameters)
+    copy_initial_weights(model, tables)
+    return dmp, tables, plan
+
+
 def _state_key(module: EmbeddingModule, fqn: str, table_name: str) -> str:
     container = "embedding_bags" if isinstance(module, EmbeddingBagCollection) else "embeddings"
     return f"{fqn}.{container}.{table_name}.weight" if fqn else f"{container}.{table_name}.weight"
@@ -317,3 +357,16 @@ def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             for name, param in module.named_parameters():
                 params[f"{fqn}.{name}" if fqn else name] = param
     return params
+
+
+def table_owners(dmp: DistributedModelParallel, tables: list[str]) -> dict[str, int]:
+    """The rank holding each of ``tables`` (table-wise sharded) under the DMP's plan."""
+    owners = {}
+    for module_plan in dmp.plan.plan.values():
+        for table in tables:
+            if table in module_plan:
+                ranks = module_plan[table].ranks
+                if module_plan[table].sharding_type != ShardingType.TABLE_WISE.value or not ranks or len(ranks) != 1:
+                    raise ValueError(f"table {table!r} must be sharded table_wise to use lightning_sparse kernels")
+                owners[table] = ranks[0]
+    return owners

@@ -19,25 +19,19 @@ from torch import nn
 from torch.optim import Optimizer
 from lightning_utilities.core.apply_func import apply_to_collection
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
-from lightning_sparse.optim.fbgemm_kinds import unfused_optimizer_for
+from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
 from lightning_sparse.strategies import checkpoint as sharded_checkpoint
 from lightning_sparse.strategies.dynamic_tables import DynamicTables
-from lightning_sparse.strategies.native_kernel_tables import NativeKernelOptimizer, table_owners
 from lightning_sparse.strategies.sharding import (
     EmbeddingTables,
-    attach_fused_optimizers,
-    copy_initial_weights,
     dynamic_tables_of,
     embedding_parameters,
-    move_dense_modules,
-    native_kernel_configs,
-    plan_sharding,
-    resolve_tables,
-    shard_model,
+    shard_tables,
+    table_owners,
 )
 
 log = logging.getLogger(__name__)
@@ -130,15 +124,19 @@ class SparseStrategy(DDPStrategy):
             self._dynamic = getattr(module, _DYNAMIC_ATTRIBUTE)
             self._sparse_optimizer = self._build_sparse_optimizer(existing)
             return existing
-        device = self.root_device
-        tables = resolve_tables(module, device.type, self.sharding, self.sparse_optimizer_config, self.table_configs)
-        attach_fused_optimizers(tables, device.type)
-        move_dense_modules(module, device, set(tables.modules))
         process_group = dist.group.WORLD
-        plan = plan_sharding(module, tables, device, process_group, local_world_size=self.num_processes)
-        log.info("SparseStrategy sharding plan:\n%s", plan)
-        dmp = shard_model(module, plan, device, process_group, self.static_graph, self.find_unused_parameters)
-        copy_initial_weights(module, tables)
+        dmp, tables, plan = shard_tables(
+            module,
+            self.root_device,
+            process_group,
+            self.sharding,
+            self.sparse_optimizer_config,
+            self.table_configs,
+            local_world_size=self.num_processes,
+            static_graph=self.static_graph,
+            find_unused_parameters=self.find_unused_parameters,
+        )
+        device = self.root_device
         object.__setattr__(module, _DMP_ATTRIBUTE, dmp)
         object.__setattr__(module, _TABLES_ATTRIBUTE, tables)
         self._tables = tables
@@ -150,30 +148,39 @@ class SparseStrategy(DDPStrategy):
         return dmp
 
     def _build_sparse_optimizer(self, dmp: DistributedModelParallel) -> KeyedOptimizer:
-        """One KeyedOptimizer over every table: fbgemm's fused optimizers, our kernels' optimizer (kinds fbgemm
-        cannot fuse on the device) and torch optimizers of data-parallel tables. Built once per DMP."""
+        """One KeyedOptimizer over every table: fbgemm's fused optimizers (``fused`` route) and our kernels'
+        optimizer (``native`` and ``data_parallel`` routes). Built once per DMP."""
         existing = getattr(dmp, "_lightning_sparse_optimizer", None)
         if existing is not None:
             return existing
-        optimizers: list[Union[KeyedOptimizer, tuple[str, KeyedOptimizer]]] = [dmp.fused_optimizer]
-        module = self.lightning_module
-        parameters = embedding_parameters(module)
-        native = native_kernel_configs(self._tables, self.root_device.type)
-        if native:
-            owners = table_owners(dmp, list(native))
-            # Named, so its keys differ from the fused SGD taps' keys of the same tables.
-            optimizers.append(("native_kernels", NativeKernelOptimizer(dmp, native, parameters, owners, self.global_rank)))
-        data_parallel = {fqn: param for fqn, param in parameters.items() if not hasattr(param, "_in_backward_optimizers")}
-        by_config: dict[str, tuple[SparseOptimizerConfig, dict[str, nn.Parameter]]] = {}
-        for fqn, param in data_parallel.items():
-            table = self._tables.tables[fqn.split(".")[-2]]
-            entry = by_config.setdefault(repr(table.optimizer), (table.optimizer, {}))
-            entry[1][fqn] = param
-        for config, params in by_config.values():
-            optimizers.append(KeyedOptimizerWrapper(params, _factory(config)))
+        optimizers: list[Union[KeyedOptimizer, tuple[str, KeyedOptimizer]]] = [("fused", dmp.fused_optimizer)]
+        ours = [t for t in self._tables.tables.values() if t.route is not TableRoute.FUSED]
+        if ours:
+            gradients, rows = attach_row_captures(dmp, self._tables.tables)
+            native = [t.name for t in ours if t.route is TableRoute.NATIVE]
+            kernels = NativeKernelOptimizer(
+                ours,
+                embedding_parameters(self.lightning_module),
+                gradients,
+                rows,
+                table_owners(dmp, native),
+                self.global_rank,
+                self._unite_rows,
+                self.root_device,
+            )
+            optimizers.append(("native_kernels", kernels))
         combined = CombinedOptimizer(optimizers)
         object.__setattr__(dmp, "_lightning_sparse_optimizer", combined)
         return combined
+
+    def _unite_rows(self, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """The rows any rank read of a data-parallel table of ``num_rows`` rows (one all-reduce of a mask)."""
+        if self.world_size == 1:
+            return rows
+        mask = torch.zeros(num_rows, dtype=torch.int32, device=self.root_device)
+        mask[rows.to(self.root_device)] = 1
+        dist.all_reduce(mask)
+        return mask.nonzero().squeeze(1)
 
     def setup_optimizers(self, trainer: Trainer) -> None:
         """Builds the user's (dense) optimizers, then removes the embedding weights from them."""
@@ -206,7 +213,7 @@ class SparseStrategy(DDPStrategy):
         """Sum of an integer over all ranks (e.g. bytes of local shards), or the value without a process group."""
         if not (dist.is_available() and dist.is_initialized()):
             return value
-        total = torch.tensor([value], dtype=torch.int64)
+        total = torch.tensor([value], dtype=torch.int64, device=self.root_device)  # nccl takes device tensors only
         dist.all_reduce(total)
         return int(total.item())
 
@@ -221,21 +228,20 @@ class SparseStrategy(DDPStrategy):
     def sparse_param_groups(self) -> list[dict[str, Any]]:
         """The param groups that hold the tables' hyper-parameters (lr, eps, ...), one or more per table.
 
-        Fused SGD groups that only serve as gradient taps for lightning_sparse kernels are left out: their
-        ``lr`` is a fixed scale, the table's real lr lives in the NativeKernelOptimizer's group.
+        The fused groups of native-route tables are left out: their fbgemm kernel only looks rows up (lr 0);
+        the table's real hyper-parameters live in our kernels' optimizer group.
         """
-        tapped = set(native_kernel_configs(self.embedding_tables, self.root_device.type))
-        optimizer = self.sparse_optimizer
-        key_of = {id(param): key for key, param in optimizer.params.items()}
+        native = {id(p) for p in self._route_parameters(TableRoute.NATIVE)}
         groups = []
-        for _, sub in optimizer.optimizers:
+        for name, sub in self.sparse_optimizer.optimizers:
             for group in sub.param_groups:
-                is_tap = not isinstance(sub, NativeKernelOptimizer) and any(
-                    key_of[id(p)].split(".")[-2] in tapped for p in group["params"]
-                )
-                if not is_tap:
+                if name == "native_kernels" or not any(id(p) in native for p in group["params"]):
                     groups.append(group)
         return groups
+
+    def _route_parameters(self, route: TableRoute) -> list[nn.Parameter]:
+        parameters = embedding_parameters(self.lightning_module)
+        return [parameters[t.param_path] for t in self.embedding_tables.tables.values() if t.route is route]
 
     def _push_fused_learning_rates(self) -> None:
         # fbgemm kernels read the learning rate from their own field; TorchRec copies it there on zero_grad().
@@ -309,11 +315,12 @@ class SparseStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> Any:
         """Steps the dense optimizer (its closure runs forward/backward, which updates fbgemm-fused tables),
-        then the sparse optimizers that run after backward: our kernels' and the data-parallel tables'."""
+        then our kernels' optimizer, which updates the native and data-parallel tables after backward."""
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        for _, keyed in self.sparse_optimizer.optimizers[1:]:
-            keyed.step()
-            keyed.zero_grad()
+        for name, keyed in self.sparse_optimizer.optimizers:
+            if name != "fused":  # fbgemm's fused optimizers already ran inside backward
+                keyed.step()
+                keyed.zero_grad()
         return output
 
     # ----------------------------------------------------------- checkpoints
@@ -336,9 +343,6 @@ class SparseStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         model_state = self.lightning_module.state_dict()
-        for _, keyed in self.sparse_optimizer.optimizers[1:]:
-            if not keyed.state:
-                keyed.init_state()  # torch optimizers create their state lazily; DCP loads into existing tensors
         sparse_state = self.sparse_optimizer.state_dict()
         dynamic_state = self._dynamic_tables_state()
         trainer_state = sharded_checkpoint.load_sharded(checkpoint_path, model_state, sparse_state, dynamic_state)
@@ -419,10 +423,6 @@ class SparseStrategy(DDPStrategy):
         strategy_registry.register(
             "sparse_spawn", cls, description="SparseStrategy launched with start_method='spawn'", start_method="spawn"
         )
-
-
-def _factory(config: SparseOptimizerConfig) -> Callable[[list[nn.Parameter]], Optimizer]:
-    return lambda params: unfused_optimizer_for(config, params)
 
 
 def _as_table_config(name: str, value: Union[TableConfig, Mapping[str, Any]]) -> TableConfig:
