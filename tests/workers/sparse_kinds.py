@@ -1,36 +1,71 @@
-"""Trains a tiny model with one sparse optimizer kind under SparseStrategy; the tests replay the same
-batches on an unsharded reference. Dense lr is 0, so embedding gradients depend only on the tables."""
+"""Trains a tiny model whose tables each use one sparse optimizer kind, on one route, under SparseStrategy;
+the tests replay the same batches on an unsharded reference. Dense lr is 0, so embedding gradients depend
+only on the tables. Every hyper-parameter is set to a non-default value, and the sparse lr changes mid-run."""
 
 import argparse
 import json
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from lightning_sparse import SparseOptimizerConfig, SparseStrategy
+from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
 
-TABLES = [("a", 40, 8), ("b", 25, 4)]
 BATCH = 8
 BATCHES_PER_EPOCH = 4
+LR, LR_LATER, LR_CHANGE_STEP = 0.05, 0.02, 2
+# route -> the kinds it trains, one table each
+ROUTES = {
+    "fused": ["sgd", "adagrad", "rowwise_adagrad"],
+    "native": ["sgd", "adagrad", "rowwise_adagrad", "decayed_adagrad", "rowwise_adam", "rowwise_adam_m", "adam"],
+    "data_parallel": ["sgd", "adagrad", "rowwise_adagrad", "decayed_adagrad", "rowwise_adam", "rowwise_adam_m", "adam"],
+}
 
 
-def make_model() -> torch.nn.Module:
+def tables(route: str) -> list[tuple[str, int, int]]:
+    return [(f"t_{kind}", 30 + 3 * i, 8 if i % 2 else 4) for i, kind in enumerate(ROUTES[route])]
+
+
+def optimizer_config(route: str, kind: str) -> SparseOptimizerConfig:
+    """Non-default values everywhere; weight decay only off the fused route (fbgemm ignores it on CPU)."""
+    first_moment = kind == "rowwise_adam_m"
+    kind = "rowwise_adam" if first_moment else kind
+    return SparseOptimizerConfig(
+        kind=kind,
+        lr=LR,
+        eps=1e-3,
+        weight_decay=0.0 if route == "fused" else 0.05,
+        beta1=0.8,
+        beta2=0.95,
+        decay=0.9,
+        first_moment=first_moment,
+    )
+
+
+def table_configs(route: str) -> dict[str, TableConfig]:
+    sharding = "data_parallel" if route == "data_parallel" else "table_wise"
+    return {name: TableConfig(sharding=sharding, optimizer=optimizer_config(route, name[2:])) for name, _, _ in tables(route)}
+
+
+def make_model(route: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return TinyModule()
+    return TinyModule(route)
 
 
 class TinyModule(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, route: str) -> None:
         super().__init__()
-        configs = [EmbeddingBagConfig(name=n, num_embeddings=rows, embedding_dim=dim, feature_names=[f"f_{n}"]) for n, rows, dim in TABLES]
+        configs = [EmbeddingBagConfig(name=n, num_embeddings=rows, embedding_dim=dim, feature_names=[f"f_{n}"]) for n, rows, dim in tables(route)]
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
-        self.head = torch.nn.Linear(sum(dim for _, _, dim in TABLES), 1)
+        self.features = [f"f_{n}" for n, _, _ in tables(route)]
+        self.head = torch.nn.Linear(sum(dim for _, _, dim in tables(route)), 1)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.head(self.ebc(kjt).values()).squeeze(-1)
+        # by key: a sharded collection's KeyedTensor orders its features by shard, not as configured
+        pooled = self.ebc(kjt).to_dict()
+        return self.head(torch.cat([pooled[key] for key in self.features], dim=1)).squeeze(-1)
 
     def training_step(self, batch, batch_idx):
         kjt, target = batch
@@ -40,47 +75,59 @@ class TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def batch_at(index: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+def batch_at(route: str, index: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
     """Batch ``index`` of the stream; duplicates within a bag and across samples on purpose."""
+    specs = tables(route)
     g = torch.Generator().manual_seed(1000 + index)
-    lengths = torch.randint(1, 4, (len(TABLES) * BATCH,), generator=g)
+    lengths = torch.randint(1, 4, (len(specs) * BATCH,), generator=g)
     values = []
-    for t, (_, rows, _) in enumerate(TABLES):
+    for t, (_, rows, _) in enumerate(specs):
         n = int(lengths[t * BATCH : (t + 1) * BATCH].sum())
         values.append(torch.randint(0, rows // 3, (n,), generator=g))  # a third of the rows: many repeats
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f_{n}" for n, _, _ in TABLES], values=torch.cat(values), lengths=lengths)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f_{n}" for n, _, _ in specs], values=torch.cat(values), lengths=lengths)
     return kjt, torch.randn(BATCH, generator=g)
 
 
 class Stream(Dataset):
+    def __init__(self, route: str) -> None:
+        self.route = route
+
     def __len__(self) -> int:
         return BATCHES_PER_EPOCH
 
     def __getitem__(self, index: int):
-        return batch_at(index)
+        return batch_at(self.route, index)
 
 
 class Data(pl.LightningDataModule):
+    def __init__(self, route: str) -> None:
+        super().__init__()
+        self.route = route
+
     def train_dataloader(self):
-        dataset = Stream()
+        dataset = Stream(self.route)
         sampler = DistributedSampler(dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(dataset, batch_size=None, sampler=sampler)
 
 
-def optimizer_config(kind: str) -> SparseOptimizerConfig:
-    return SparseOptimizerConfig(kind=kind, lr=0.05, weight_decay=0.01 if kind not in ("sgd", "adagrad", "rowwise_adagrad") else 0.0)
+class ChangeSparseLr(Callback):
+    """Sets every table's lr to LR_LATER before step LR_CHANGE_STEP, through the strategy's public API."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == LR_CHANGE_STEP:
+            trainer.strategy.set_sparse_lr(LR_LATER)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kind", required=True)
+    parser.add_argument("--route", required=True, choices=sorted(ROUTES))
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--max-epochs", type=int, default=2)
     parser.add_argument("--ckpt-dir", required=True)
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
-    strategy = SparseStrategy(sharding="table_wise", optimizer=optimizer_config(args.kind))
+    strategy = SparseStrategy(sharding="table_wise", tables=table_configs(args.route))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -89,12 +136,13 @@ def main() -> None:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)],
+        callbacks=[ChangeSparseLr(), ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)],
     )
-    trainer.fit(make_model(), Data(), ckpt_path=args.ckpt_in)
+    trainer.fit(make_model(args.route), Data(args.route), ckpt_path=args.ckpt_in)
+    routes = {t.name: t.route.value for t in trainer.strategy.embedding_tables.tables.values()}
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
-            json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step}, f)
+            json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step, "routes": routes}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # a clean exit (see train.py)
 
