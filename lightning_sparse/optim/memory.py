@@ -119,13 +119,39 @@ def _find_tables(module: torch.nn.Module) -> tuple[dict[str, TableMemory], dict[
         sharded = callable(getattr(value, "local_shards", None)) or callable(getattr(value, "to_local", None))
         if sharded and getattr(value, "dim", lambda: 0)() == 2:
             weights[key] = value
+    collections = _embedding_collection_types()
     for path, sub in module.named_modules():
         if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
             weights[f"{path}.weight" if path else "weight"] = sub.weight
+        elif isinstance(sub, collections):
+            # every table of a (sharded) TorchRec collection, data-parallel ones too (plain replicated tensors);
+            # tables already found under the module's own state-dict keys are not added twice
+            known = {_storage_of(w) for w in weights.values()}
+            for key, value in sub.state_dict(keep_vars=True).items():
+                if getattr(value, "dim", lambda: 0)() == 2 and _storage_of(value) not in known:
+                    weights[f"{path}.{key}" if path else key] = value
     for key, weight in weights.items():
         rows, dim = (int(s) for s in weight.shape)
         tables[_table_name(key)] = TableMemory(_table_name(key), rows, dim, weight_bytes=tensor_bytes(weight))
     return tables, weights
+
+
+def _storage_of(t: Any) -> int:
+    """Where a table's local data starts (its first local shard for sharded tensors), to recognise it twice."""
+    local_shards = getattr(t, "local_shards", None)
+    if callable(local_shards):
+        shards = local_shards()
+        return shards[0].tensor.data_ptr() if shards else id(t)
+    return t.data_ptr() if isinstance(t, Tensor) and not t.is_meta else id(t)
+
+
+def _embedding_collection_types() -> tuple[type, ...]:
+    try:
+        from torchrec.distributed.embedding import ShardedEmbeddingCollection
+        from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+    except ImportError:  # plain torch models
+        return ()
+    return (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)
 
 
 def _match_table(fqn: str, tables: dict[str, TableMemory]) -> Optional[str]:
@@ -152,8 +178,14 @@ def memory_report(module: torch.nn.Module, optimizers: Iterable[Optional[torch.o
         if id(p) in counted:
             continue
         counted.add(id(p))
-        if id(p) in table_ids or _match_table(name, tables) is not None:
-            continue  # table slices exposed as parameters (fbgemm's TableBatchedEmbeddingSlice)
+        if id(p) in table_ids:
+            continue
+        table = _match_table(name, tables)
+        if table is not None:
+            # a table exposed as a parameter (fbgemm's TableBatchedEmbeddingSlice): optimizer state keyed
+            # by it (lightning_sparse's kernels, data-parallel tables) belongs to that table
+            table_ids[id(p)] = table
+            continue
         report.dense_weight_bytes += tensor_bytes(p)
 
     all_optimizers = [o for o in optimizers if o is not None]
