@@ -77,7 +77,10 @@ def load_sharded(
 
 
 def _tensors(model_state: dict, sparse_optimizer_state: dict, dynamic_tables_state: dict) -> dict[str, Any]:
-    parts = {MODEL_KEY: model_state, SPARSE_OPTIMIZER_KEY: _stateful_only(sparse_optimizer_state)}
+    parts = {MODEL_KEY: model_state}
+    sparse_state = _stateful_only(sparse_optimizer_state)
+    if sparse_state["state"]:  # sgd everywhere keeps none; DCP would then ask for a key it never wrote
+        parts[SPARSE_OPTIMIZER_KEY] = sparse_state
     if dynamic_tables_state:
         parts[DYNAMIC_TABLES_KEY] = dynamic_tables_state
     return parts
