@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torchrec.optim as trec_optim
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
@@ -82,33 +81,3 @@ def fused_optimizer_for(config: SparseOptimizerConfig, device_type: str) -> tupl
     if kind is SparseOptimizerKind.ADAM:
         return trec_optim.Adam, moments
     return trec_optim.PartialRowWiseAdam, moments
-
-
-# Kinds a regular torch optimizer implements, for data_parallel tables (dense kernels, dense gradients).
-UNFUSED_KINDS = (SparseOptimizerKind.SGD, SparseOptimizerKind.ADAGRAD, SparseOptimizerKind.ROWWISE_ADAGRAD, SparseOptimizerKind.ADAM)
-
-
-def check_unfused_kind(config: SparseOptimizerConfig) -> None:
-    """Raises, naming the allowed kinds, when a data_parallel table asks for a kind torch has no optimizer for."""
-    if config.kind not in UNFUSED_KINDS:
-        raise ValueError(
-            f"Sparse optimizer kind {config.kind.value!r} is not available for data_parallel tables; "
-            f"use {', '.join(k.value for k in UNFUSED_KINDS)} there."
-        )
-
-
-def unfused_optimizer_for(config: SparseOptimizerConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """A regular torch optimizer with the same rule, for ``data_parallel`` tables (dense kernels)."""
-    check_unfused_kind(config)
-    kind = config.kind
-    if kind is SparseOptimizerKind.SGD:
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
-    if kind is SparseOptimizerKind.ADAGRAD:
-        return torch.optim.Adagrad(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
-    if kind is SparseOptimizerKind.ROWWISE_ADAGRAD:
-        return trec_optim.RowWiseAdagrad(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
-    if kind is SparseOptimizerKind.ADAM:
-        return torch.optim.Adam(
-            params, lr=config.lr, eps=config.eps, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-        )
-    raise AssertionError(kind)  # check_unfused_kind covers the rest
