@@ -113,10 +113,9 @@ def test_fit_two_processes_then_validate_one_process_from_checkpoint(tmp_path):
     assert len(metrics["val/auc"]) == 2 and metrics["val/auc"][-1] > 0.7  # the stream is learnable
     assert max(metrics["step"]) == 19  # 40 batches over 2 ranks
     # Summed over ranks, the sharded tables' bytes are counted once each (t_cat_0's column shards add up to
-    # the whole table). The replicated data_parallel table t_cat_7 (100 rows) is not a sharded weight and
-    # optim/memory.py currently counts it under dense weights: allow it either way.
+    # the whole table); the replicated data_parallel table t_cat_7 (100 rows) once per rank that holds it.
     sharded_rows = 100_000 + 50_000 + 20_000 + 10_000 + 5_000 + 1_000 + 500
-    assert metrics["memory/embedding_weight_bytes"][-1] in (sharded_rows * 16 * 4, (sharded_rows + 100) * 16 * 4)
+    assert metrics["memory/embedding_weight_bytes"][-1] == (sharded_rows + 2 * 100) * 16 * 4
     png = run / "training_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "fit summary (2 processes" in out and "validation AUC" in out
