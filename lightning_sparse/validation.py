@@ -225,8 +225,9 @@ class InputChecks:
 
     # ------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
-        """Counts on this rank: ``input/dropped_ids`` (with ``/<table>`` for tables that dropped any) under
-        ``bad_ids='drop'``, ``input/skipped_samples`` under ``non_finite='skip'``."""
+        """Counts on this rank: ``input/dropped_ids`` and ``input/dropped_ids/<table>`` (every static table,
+        so that every rank reduces the same list) under ``bad_ids='drop'``, ``input/skipped_samples`` under
+        ``non_finite='skip'``."""
         metrics: dict[str, float] = {}
         if self.bad_ids is BadIdPolicy.DROP:
             metrics["input/dropped_ids"] = float(sum(self.dropped_ids.values()))
