@@ -33,15 +33,24 @@ def _cli_command() -> list[str]:
     return [str(CLI)] if CLI.exists() else [sys.executable, "-m", "lightning_sparse.cli"]
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 240) -> str:
-    """Runs ``lightning-sparse ARGS`` in ``cwd`` with no W&B credentials; returns stdout, fails with stderr."""
+def _cli_env(cwd: Path) -> dict[str, str]:
     env = _worker_env()
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "LIGHTNING_SPARSE_LOG_VERSIONS"):
         env.pop(key, None)
     env["NETRC"] = str(cwd / "no-netrc")  # no `wandb login` either: the CLI must default to offline
     for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         env[key] = str(cwd / "wandb-home")
-    proc = subprocess.run([*_cli_command(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_cli_process(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Runs ``lightning-sparse ARGS`` in ``cwd`` with no W&B credentials, whatever its exit code."""
+    return subprocess.run([*_cli_command(), *args], cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 240) -> str:
+    """Runs ``lightning-sparse ARGS`` in ``cwd`` with no W&B credentials; returns stdout, fails with stderr."""
+    proc = run_cli_process(*args, cwd=cwd, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"lightning-sparse {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc.stdout
@@ -223,7 +232,8 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
         "dynamic": None,
     }
     assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
-                         "process_group_backend", "timeout", "start_method"}  # no accelerator/devices internals
+                         "process_group_backend", "timeout", "start_method", "bad_ids", "non_finite"}  # no accelerator/devices internals
+    assert args["bad_ids"] == "error" and args["non_finite"] == "error"
     # Linked from the data module, so not settable on the model.
     assert "num_embeddings_per_feature" not in cfg["model"]["init_args"]
     printed = tmp_path / "printed.yaml"
