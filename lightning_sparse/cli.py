@@ -245,19 +245,18 @@ class SparseCLI(LightningCLI):
             exit_with_config_error(str(error))
 
     def after_fit(self) -> None:
-        """Warns when fit wrote no checkpoint because validation never ran (val_check_interval longer than
-        the epochs, e.g. on a small file), instead of ending as if all went well."""
+        """Warns when fit ran no validation and so wrote no checkpoint (a run shorter than val_check_interval,
+        e.g. on a small file), instead of ending as if all went well."""
         trainer = self.trainer
         callback = trainer.checkpoint_callback
         if callback is None or callback.best_model_path or callback.last_model_path or not trainer.is_global_zero:
             return
-        if not isinstance(trainer.val_check_interval, int) or not sum(trainer.num_val_batches or [0]):
+        if trainer.limit_val_batches == 0 or trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed:
             return
         rank_zero_warn(
             f"no validation ran and no checkpoint was written in {trainer.global_step} training steps: "
-            f"val_check_interval={trainer.val_check_interval} (training batches between validations) was never "
-            "reached. Set --trainer.val_check_interval 1.0 to validate (and checkpoint) at the end of every epoch, "
-            "or an interval smaller than the batches of an epoch."
+            f"val_check_interval={trainer.val_check_interval} was never reached. Set --trainer.val_check_interval "
+            "to fewer training batches than the run has, or 1.0 to validate (and checkpoint) at the end of every epoch."
         )
 
 
