@@ -118,7 +118,8 @@ class TrainingCurvePlot(pl.Callback):
     what was logged: loss, AUC, log-loss/NE, samples/s and embedding memory when those were logged.
     Needs a ``CSVLogger`` among the Trainer's loggers; without one, setup fails rather than silently
     producing nothing. A figure that cannot be drawn after a successful fit (nothing logged yet: a run
-    shorter than ``log_every_n_steps``) is a warning, never a failed run; ``path`` stays None then.
+    shorter than ``log_every_n_steps``; an unreadable file) is a warning, never a failed run; ``path``
+    stays None then.
     """
 
     def __init__(self, filename: str = "training_curves.png") -> None:
@@ -149,6 +150,9 @@ class TrainingCurvePlot(pl.Callback):
                 f"TrainingCurvePlot drew no {self.filename}: {reason}. Log more often "
                 f"(trainer.log_every_n_steps, now {trainer.log_every_n_steps}) or train longer."
             )
+            return
+        except Exception as error:  # a figure is not worth failing a fit that succeeded
+            rank_zero_warn(f"TrainingCurvePlot drew no {self.filename}: {type(error).__name__}: {error}")
             return
         print(f"training curves: {self.path}")
 

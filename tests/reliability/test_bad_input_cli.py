@@ -3,6 +3,7 @@ counted), config errors found before any process starts, and runs that never sha
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
@@ -10,9 +11,13 @@ import time
 
 import pytest
 import yaml
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_sparse.cli import SparseArgumentParser, SparseCLI
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.loggers import reserve_version
+from lightning_sparse.models import ClickModule
 from test_cli import EXAMPLES, _cli_command, _cli_env, _main_exit, read_csv_metrics, run_cli_process
 
 DLRM = str(EXAMPLES / "dlrm.yaml")
@@ -144,3 +149,14 @@ def test_a_run_whose_config_would_land_on_another_runs_is_refused_before_start_u
     assert code == 2
     assert f"{occupied / 'config.yaml'} belongs to another run" in err and "put a CSVLogger first" in err
     assert (occupied / "config.yaml").read_text() == "trainer: {}\n"
+
+
+def test_processes_started_by_the_launcher_take_its_versions_and_create_none(offline_in, monkeypatch):
+    """Lightning re-runs the command line for rank 1: it must use rank 0's version, not reserve another."""
+    root = offline_in / "outputs" / "dlrm" / "csv"
+    monkeypatch.setenv("LIGHTNING_SPARSE_LOG_VERSIONS", json.dumps({str(root): 7}))
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    cli = SparseCLI(ClickModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    parser_class=SparseArgumentParser, run=False, args=["--config", DLRM])
+    assert cli.trainer.loggers[0].version == 7
+    assert not root.exists()
