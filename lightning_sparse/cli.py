@@ -181,7 +181,7 @@ class SparseCLI(LightningCLI):
 
     # ------------------------------------------------------------------ run directory
     def _subcommand_config(self) -> Namespace:
-        return self.config.get(str(self.subcommand), self.config)
+        return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
         self._reserved = []
@@ -201,8 +201,7 @@ class SparseCLI(LightningCLI):
             args = config.init_args
             if not issubclass(cls, (CSVLogger, TensorBoardLogger)) or args.get("version") is not None:
                 continue
-            default_name = "lightning_logs"
-            root = os.path.abspath(os.path.join(args.get("save_dir") or ".", args.get("name", default_name) or ""))
+            root = os.path.abspath(os.path.join(args.get("save_dir") or ".", args.get("name", "lightning_logs") or ""))
             if rank_zero_only.rank > 0:
                 if root in inherited:
                     args["version"] = inherited[root]
@@ -243,6 +242,9 @@ class SparseCLI(LightningCLI):
         except ValueError as error:
             self._release_reserved()
             exit_with_config_error(str(error))
+        except BaseException:
+            self._release_reserved()
+            raise
 
     def after_fit(self) -> None:
         """Warns when fit ran no validation and so wrote no checkpoint (a run shorter than val_check_interval,
