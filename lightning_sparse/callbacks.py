@@ -10,9 +10,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_sparse.optim.memory import MemoryReport, memory_report
-from lightning_sparse.plotting import plot_training_curves
+from lightning_sparse.plotting import NothingToPlot, plot_training_curves
 
 
 def _batch_size(batch: Any) -> int:
@@ -116,7 +117,9 @@ class TrainingCurvePlot(pl.Callback):
     The figure is drawn from ``metrics.csv`` (see :mod:`lightning_sparse.plotting`), so it shows exactly
     what was logged: loss, AUC, log-loss/NE, samples/s and embedding memory when those were logged.
     Needs a ``CSVLogger`` among the Trainer's loggers; without one, setup fails rather than silently
-    producing nothing.
+    producing nothing. A figure that cannot be drawn after a successful fit (nothing logged yet: a run
+    shorter than ``log_every_n_steps``; an unreadable file) is a warning, never a failed run; ``path``
+    stays None then.
     """
 
     def __init__(self, filename: str = "training_curves.png") -> None:
@@ -140,7 +143,17 @@ class TrainingCurvePlot(pl.Callback):
         logger = self._csv_logger(trainer)
         logger.save()  # on_fit_end runs before the loggers are finalized: flush the rows still in memory
         path = os.path.join(logger.log_dir, self.filename)
-        self.path = str(plot_training_curves(os.path.join(logger.log_dir, "metrics.csv"), path))
+        try:
+            self.path = str(plot_training_curves(os.path.join(logger.log_dir, "metrics.csv"), path))
+        except NothingToPlot as reason:
+            rank_zero_warn(
+                f"TrainingCurvePlot drew no {self.filename}: {reason}. Log more often "
+                f"(trainer.log_every_n_steps, now {trainer.log_every_n_steps}) or train longer."
+            )
+            return
+        except Exception as error:  # a figure is not worth failing a fit that succeeded
+            rank_zero_warn(f"TrainingCurvePlot drew no {self.filename}: {type(error).__name__}: {error}")
+            return
         print(f"training curves: {self.path}")
 
 

@@ -28,6 +28,10 @@ PANELS: list[tuple[str, list[tuple[str, str, float]]]] = [
 ]
 
 
+class NothingToPlot(ValueError):
+    """The metrics file is missing or holds none of the plotted metrics (e.g. a run shorter than ``log_every_n_steps``)."""
+
+
 def read_metrics_csv(path: Union[str, Path]) -> dict[str, list[tuple[int, float]]]:
     """``{metric: [(step, value), ...]}`` from a CSVLogger file (empty cells are metrics not logged that row)."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -50,11 +54,13 @@ def plot_training_curves(metrics_csv: Union[str, Path], output: Union[str, Path]
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
+    if not Path(metrics_csv).is_file():
+        raise NothingToPlot(f"{metrics_csv} does not exist: nothing was logged")
     series = read_metrics_csv(metrics_csv)
     panels = [(title, [m for m in metrics if m[0] in series]) for title, metrics in PANELS]
     panels = [(title, metrics) for title, metrics in panels if metrics]
     if not panels:
-        raise ValueError(f"{metrics_csv} holds none of the plotted metrics {[m[0] for _, ms in PANELS for m in ms]}")
+        raise NothingToPlot(f"{metrics_csv} holds none of the plotted metrics {[m[0] for _, ms in PANELS for m in ms]}")
     columns = min(len(panels), 3)
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)

@@ -33,15 +33,24 @@ def _cli_command() -> list[str]:
     return [str(CLI)] if CLI.exists() else [sys.executable, "-m", "lightning_sparse.cli"]
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 240) -> str:
-    """Runs ``lightning-sparse ARGS`` in ``cwd`` with no W&B credentials; returns stdout, fails with stderr."""
+def _cli_env(cwd: Path) -> dict[str, str]:
     env = _worker_env()
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "LIGHTNING_SPARSE_LOG_VERSIONS"):
         env.pop(key, None)
     env["NETRC"] = str(cwd / "no-netrc")  # no `wandb login` either: the CLI must default to offline
     for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         env[key] = str(cwd / "wandb-home")
-    proc = subprocess.run([*_cli_command(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_cli_process(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Runs ``lightning-sparse ARGS`` in ``cwd`` with no W&B credentials, whatever its exit code."""
+    return subprocess.run([*_cli_command(), *args], cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 240) -> str:
+    """Runs ``lightning-sparse ARGS`` in ``cwd`` with no W&B credentials; returns stdout, fails with stderr."""
+    proc = run_cli_process(*args, cwd=cwd, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"lightning-sparse {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc.stdout
@@ -193,6 +202,58 @@ def test_dynamic_example_fits_on_two_processes_and_logs_table_counters(tmp_path)
     assert lookups > 0 and lookups % (2 * 1024) == 0  # whole steps of both ranks' 1024 ids (one per sample)
 
 
+# ------------------------------------------------------------- examples with the one change a user makes
+SMALL = ["--data.init_args.num_train_batches", "6", "--data.init_args.batch_size", "128", "--data.init_args.num_val_batches", "2",
+         "--trainer.devices", "1", "--trainer.log_every_n_steps", "2"]
+
+
+def test_dlrm_example_with_adam_and_another_root_dir_puts_every_output_there(tmp_path):
+    """Two processes as configured; the run is shorter than val_check_interval, which is said, not hidden."""
+    proc = run_cli_process("fit", "--config", str(EXAMPLES / "dlrm.yaml"), "--trainer.max_steps", "3",
+                           "--trainer.strategy.init_args.optimizer.kind", "adam", "--trainer.default_root_dir", "elsewhere", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["elsewhere", "wandb-home"]  # nothing in outputs/
+    run = tmp_path / "elsewhere" / "csv" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["strategy"]["init_args"]["optimizer"]["kind"] == "adam"
+    assert saved["trainer"]["logger"][0]["init_args"]["save_dir"] == "elsewhere"
+    assert list((tmp_path / "elsewhere" / "wandb").glob("offline-run-*"))
+    assert "no validation ran and no checkpoint was written in 3 training steps: val_check_interval=0.25 was never reached" in proc.stderr
+
+
+@pytest.mark.parametrize("example", ["dcn.yaml", "deepfm.yaml"])
+def test_dcn_and_deepfm_examples_validate_and_checkpoint_a_small_dataset_with_adam(example, tmp_path):
+    run_cli("fit", "--config", str(EXAMPLES / example), *SMALL, "--trainer.strategy.init_args.optimizer.kind", "adam", cwd=tmp_path)
+    run = tmp_path / "outputs" / example.removesuffix(".yaml") / "csv" / "version_0"
+    assert read_csv_metrics(run / "metrics.csv")["val/auc"]  # 6 batches < the 20 an interval used to need
+    assert len(list((run / "checkpoints").iterdir())) == 1
+
+
+def test_dynamic_example_with_lru_eviction_fits(tmp_path):
+    run_cli("fit", "--config", str(EXAMPLES / "dynamic.yaml"), *SMALL, "--trainer.max_steps", "3",
+            "--trainer.strategy.init_args.tables.t_cat_0.dynamic.eviction", "lru", cwd=tmp_path)
+    saved = yaml.safe_load((tmp_path / "outputs" / "dynamic" / "csv" / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["strategy"]["init_args"]["tables"]["t_cat_0"]["dynamic"]["eviction"] == "lru"
+
+
+def test_criteo_example_on_a_small_file_with_adam_survives_a_run_too_short_to_plot(tmp_path):
+    rng = random.Random(1)
+    path = tmp_path / "small.tsv"
+    path.write_text("\n".join(_criteo_line(rng) for _ in range(500)) + "\n")
+    proc = run_cli_process(
+        "fit", "--config", str(EXAMPLES / "criteo.yaml"), "--trainer.devices", "1", "--trainer.max_steps", "3",
+        "--data.init_args.train_paths", str(path), "--data.init_args.val_paths", "null", "--data.init_args.batch_size", "64",
+        "--data.init_args.num_embeddings_per_feature", "500", "--data.init_args.num_workers", "0",
+        "--model.init_args.embedding_dim", "8", "--model.init_args.dense_arch_layer_sizes", "[16, 8]",
+        "--model.init_args.over_arch_layer_sizes", "[16, 1]", "--trainer.strategy.init_args.optimizer.kind", "adam",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TrainingCurvePlot drew no training_curves.png" in proc.stderr and "log_every_n_steps, now 50" in proc.stderr
+    run = tmp_path / "outputs" / "criteo" / "csv" / "version_0"
+    assert not (run / "training_curves.png").exists() and len(list((run / "checkpoints").iterdir())) == 1
+
+
 # -------------------------------------------------------------------------- parsing (in-process, no training)
 def _main_exit(args: list[str], capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as info:
@@ -222,7 +283,8 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
         "dynamic": None,
     }
     assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
-                         "process_group_backend", "timeout", "start_method"}  # no accelerator/devices internals
+                         "process_group_backend", "timeout", "start_method", "bad_ids", "non_finite"}  # no accelerator/devices internals
+    assert args["bad_ids"] == "error" and args["non_finite"] == "error"
     # Linked from the data module, so not settable on the model.
     assert "num_embeddings_per_feature" not in cfg["model"]["init_args"]
     printed = tmp_path / "printed.yaml"

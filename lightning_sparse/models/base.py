@@ -16,6 +16,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 
 from lightning_sparse.models.metrics import LogLoss, NormalizedEntropy
+from lightning_sparse.validation import check_click_batch, check_loss
 
 
 def embedding_bag_collection(
@@ -48,6 +49,11 @@ def check_dlrm_layer_sizes(embedding_dim: int, dense_arch_layer_sizes: list[int]
 class ClickModule(LightningModule):
     """Binary click prediction: BCE loss, AUC / log-loss / normalized entropy in validation and test.
 
+    Every training, validation and test batch is checked first
+    (:func:`~lightning_sparse.validation.check_click_batch`): an empty batch, sizes that disagree, labels
+    outside [0, 1] and non-finite dense features or labels are errors, and so is a non-finite training
+    loss, rather than NaN spreading silently into every weight.
+
     Args:
         learning_rate: learning rate of the dense optimizer (Adam over the non-embedding parameters;
             the embedding tables are updated by the strategy's fused sparse optimizer).
@@ -67,12 +73,15 @@ class ClickModule(LightningModule):
         return self(batch.dense_features, batch.sparse_features).reshape(-1)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        check_click_batch(batch)
         logits = self._logits(batch)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        check_loss(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.labels.numel())
         return loss
 
     def _evaluate(self, batch: Batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
+        check_click_batch(batch)
         logits = self._logits(batch)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         # Probabilities, not logits: BinaryAUROC would take a batch of logits that all fall in [0, 1] for probabilities.

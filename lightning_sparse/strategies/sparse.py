@@ -26,6 +26,7 @@ from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableCo
 from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
 from lightning_sparse.strategies import checkpoint as sharded_checkpoint
 from lightning_sparse.strategies.dynamic_tables import DynamicTables
+from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
 from lightning_sparse.strategies.sharding import (
     EmbeddingTables,
     dynamic_tables_of,
@@ -60,6 +61,10 @@ class SparseStrategy(DDPStrategy):
         find_unused_parameters: passed to the DDP wrapper of the dense modules.
         process_group_backend: ``gloo`` / ``nccl``; default by accelerator.
         start_method: how Lightning launches processes (``popen`` for scripts, ``spawn`` for notebooks/tests).
+        bad_ids: an id outside a static table's rows is an ``error`` (naming table, feature and value), or
+            ``drop``: removed from its bag and counted as ``input/dropped_ids``. Dynamic tables take any id.
+        non_finite: a sample with a NaN/infinite dense feature or label is an ``error``, or ``skip``: removed
+            from the batch and counted as ``input/skipped_samples``.
     """
 
     strategy_name = "sparse"
@@ -74,6 +79,8 @@ class SparseStrategy(DDPStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        bad_ids: BadIdPolicy = BadIdPolicy.ERROR,
+        non_finite: NonFinitePolicy = NonFinitePolicy.ERROR,
     ) -> None:
         # Accelerator, devices, cluster environment, precision and checkpoint IO are filled in by the
         # Trainer (as for any registered strategy), which keeps this signature to what a YAML config sets.
@@ -90,6 +97,9 @@ class SparseStrategy(DDPStrategy):
         self._tables: Optional[EmbeddingTables] = None
         self._dynamic: Optional[DynamicTables] = None
         self._dynamic_target_cache: Optional[tuple[dict[str, Any], dict[str, list[Any]]]] = None
+        self.bad_ids = BadIdPolicy.parse(bad_ids, "SparseStrategy.bad_ids")
+        self.non_finite = NonFinitePolicy.parse(non_finite, "SparseStrategy.non_finite")
+        self._input_checks: Optional[InputChecks] = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -249,18 +259,30 @@ class SparseStrategy(DDPStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._push_fused_learning_rates()
+        args = self._checked(args, training=True)
         if self._dynamic is not None:
             args = (self._remap_for_training(args[0]),) + args[1:]
         return super().training_step(*args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        return super().validation_step(*self._remap_for_evaluation(args), **kwargs)
+        return super().validation_step(*self._remap_for_evaluation(self._checked(args)), **kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        return super().test_step(*self._remap_for_evaluation(args), **kwargs)
+        return super().test_step(*self._remap_for_evaluation(self._checked(args)), **kwargs)
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        return super().predict_step(*self._remap_for_evaluation(args), **kwargs)
+        return super().predict_step(*self._remap_for_evaluation(self._checked(args)), **kwargs)
+
+    # ----------------------------------------------------------- input checks
+    @property
+    def input_checks(self) -> InputChecks:
+        """The checks every batch passes before the lookup (:mod:`lightning_sparse.validation`)."""
+        if self._input_checks is None or self._input_checks.tables is not self.embedding_tables:
+            self._input_checks = InputChecks.for_tables(self.embedding_tables, self.bad_ids, self.non_finite)
+        return self._input_checks
+
+    def _checked(self, args: tuple, training: bool = False) -> tuple:
+        return self.input_checks.check_step(args, self.lightning_module if training else None, self.root_device)
 
     # --------------------------------------------------------- dynamic tables
     @property
