@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -131,10 +132,16 @@ def save_sharded(
     untouched = "the previous checkpoint at that path, if any, is untouched"
     try:
         _on_every_rank(f"preparing {str(staging)!r}", path, untouched, prepare)
-        dcp.save(
-            _tensors(model_state, sparse_optimizer_state, dynamic_tables_state),
-            storage_writer=dcp.FileSystemWriter(str(staging)),
-        )
+        try:
+            dcp.save(
+                _tensors(model_state, sparse_optimizer_state, dynamic_tables_state),
+                storage_writer=dcp.FileSystemWriter(str(staging)),
+            )
+        except dcp.CheckpointException as error:  # raised on every rank
+            raise CheckpointSaveError(
+                f"Saving checkpoint {str(path)!r} failed while writing the shards ({_free_space(path.parent)}); "
+                f"{untouched}. torch.distributed.checkpoint said: {error}"
+            ) from error
         shares = _on_every_rank("writing and checksumming the files", path, untouched, write_and_checksum)
         _on_every_rank(
             "publishing it", path, f"a previous checkpoint is at that path or, complete, in {str(sibling(path, 'replaced'))!r}",
@@ -288,6 +295,14 @@ def _check_metadata_covered(directory: Path, files: dict[str, Any]) -> None:
         )
 
 
+def _free_space(folder: Path) -> str:
+    """Free space where the checkpoint goes: a full disk shows up in torch's errors only as a short write."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {str(folder)!r}"
+    except OSError:
+        return "free space unknown"
+
+
 def _write_durably(obj: Any, file: Path) -> None:
     with open(file, "wb") as handle:
         torch.save(obj, handle)
@@ -307,7 +322,9 @@ def _on_every_rank(phase: str, path: Path, consequence: str, work: Callable[[], 
     gathered = _all_gather((result, None if local is None else f"{type(local).__name__}: {local}"))
     failures = [f"rank {rank}: {error}" for rank, (_, error) in enumerate(gathered) if error]
     if failures:
-        raise CheckpointSaveError(f"Saving checkpoint {str(path)!r} failed while {phase} ({'; '.join(failures)}); {consequence}.") from local
+        raise CheckpointSaveError(
+            f"Saving checkpoint {str(path)!r} failed while {phase} ({'; '.join(failures)}; {_free_space(path.parent)}); {consequence}."
+        ) from local
     return [value for value, _ in gathered]
 
 

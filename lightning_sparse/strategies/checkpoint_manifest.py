@@ -114,7 +114,8 @@ def verify_files(directory: Path, manifest: dict[str, Any], names: Iterable[str]
 
 
 def last_complete_checkpoint(folder: Path, excluding: Optional[Path] = None) -> Optional[Path]:
-    """The most recently saved directory in ``folder`` whose manifest is intact (files are not re-hashed)."""
+    """The most recently saved directory in ``folder`` whose manifest is intact and whose files all exist
+    with their recorded sizes (they are not re-hashed: this only suggests where to look)."""
     if not folder.is_dir():
         return None
     found: list[tuple[float, str, Path]] = []
@@ -122,7 +123,9 @@ def last_complete_checkpoint(folder: Path, excluding: Optional[Path] = None) -> 
         if entry.name.endswith(f".{REMOVING}") or (excluding is not None and entry == excluding):
             continue
         try:
-            found.append((float(read_manifest(entry)["saved_at"]), entry.name, entry))
+            manifest = read_manifest(entry)
+            if all((entry / name).stat().st_size == listed["bytes"] for name, listed in manifest["files"].items()):
+                found.append((float(manifest["saved_at"]), entry.name, entry))
         except (OSError, ValueError, TypeError, KeyError):
             continue
     return max(found)[2] if found else None
