@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from lightning_sparse.strategies.checkpoint_manifest import (
     MANIFEST_FILE,
+    REPLACED,
     STAGING,
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -53,6 +54,7 @@ from lightning_sparse.strategies.checkpoint_manifest import (
     last_complete_checkpoint,
     publish,
     read_manifest,
+    recover,
     remove,
     sibling,
     verify_files,
@@ -111,13 +113,13 @@ def save_sharded(
     def prepare() -> None:
         if is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            discard(staging)  # left by a save that was cut short
+            recover(path)  # what a save cut short left behind
             staging.mkdir()
 
     def write_and_checksum() -> dict[str, dict[str, Any]]:
         if is_global_zero:
             _write_durably(trainer_state, staging / TRAINER_STATE_FILE)
-        _fault_injection_point(rank)
+        _fault_injection_point(rank, "written")
         return {file.name: file_entry(file) for file in _files_written_by(staging, rank, is_global_zero)}
 
     def commit(shares: list[dict[str, dict[str, Any]]]) -> None:
@@ -127,7 +129,7 @@ def save_sharded(
         _check_metadata_covered(staging, files)
         info = {"world_size": len(shares), "global_step": trainer_state.get("global_step"), "epoch": trainer_state.get("epoch")}
         write_manifest(staging, build_manifest(files, **info))
-        publish(staging, path)
+        publish(staging, path, between=lambda: _fault_injection_point(rank, "swapping"))
 
     untouched = "the previous checkpoint at that path, if any, is untouched"
     try:
@@ -144,11 +146,11 @@ def save_sharded(
             ) from error
         shares = _on_every_rank("writing and checksumming the files", path, untouched, write_and_checksum)
         _on_every_rank(
-            "publishing it", path, f"a previous checkpoint is at that path or, complete, in {str(sibling(path, 'replaced'))!r}",
+            "publishing it", path, f"a previous checkpoint is at that path or, complete, in {str(sibling(path, REPLACED))!r}",
             lambda: commit(shares),
         )
     except BaseException:
-        if is_global_zero:
+        if is_global_zero and not is_sharded_checkpoint(staging):  # a complete one is kept: the next save publishes it
             try:
                 discard(staging)
             except OSError:
@@ -328,12 +330,13 @@ def _on_every_rank(phase: str, path: Path, consequence: str, work: Callable[[], 
     return [value for value, _ in gathered]
 
 
-def _fault_injection_point(rank: int) -> None:
-    """Test hook. ``LIGHTNING_SPARSE_FAULT_KILL_AT_SAVE=<rank>:<n>`` SIGKILLs that rank in the n-th save of
-    its process, after its shards are written and before the checkpoint is published: a real kill (no
-    exception, no cleanup), as an OOM killer or a preempted node would deal it."""
-    spec = os.environ.get(FAULT_ENV)
-    if spec and spec == f"{rank}:{_saves_started}":
+def _fault_injection_point(rank: int, point: str) -> None:
+    """Test hook. ``LIGHTNING_SPARSE_FAULT_KILL_AT_SAVE=<rank>:<n>[:swapping]`` SIGKILLs that rank in the
+    n-th save of its process: after its shards are written, before the checkpoint is published (default,
+    point ``written``), or, on rank 0, between renaming the previous checkpoint away and the new one in
+    (``swapping``). A real kill (no exception, no cleanup), as an OOM killer or a preempted node deals it."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) >= 2 and spec[:2] == [str(rank), str(_saves_started)] and (spec[2:] or ["written"])[0] == point:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "lightning_sparse.checkpoint/1"
@@ -155,26 +155,53 @@ def remove(path: Path) -> None:
     discard(trash)
 
 
-def publish(staging: Path, path: Path) -> None:
+def publish(staging: Path, path: Path, between: Callable[[], None] = lambda: None) -> None:
     """Renames the complete ``staging`` directory to ``path``; a previous checkpoint there is deleted only
-    after the new one is in place (a crash in between leaves it complete under ``.<name>.replaced``)."""
-    if not (path.exists() or path.is_symlink()):
-        os.rename(staging, path)
-        fsync_dir(path.parent)
-        return
+    after the new one is in place. Cut short between the two renames (where ``between`` runs), both stay
+    complete: the previous under ``.<name>.replaced``, the new one under ``.<name>.partial``."""
     previous = sibling(path, REPLACED)
-    discard(previous)
-    os.rename(path, previous)
-    try:
+    if path.exists() or path.is_symlink():
+        discard(previous)
+        os.rename(path, previous)
+        between()
+        try:
+            os.rename(staging, path)
+        except OSError:
+            os.rename(previous, path)
+            raise
+    else:
         os.rename(staging, path)
-    except OSError:
-        os.rename(previous, path)
-        raise
     fsync_dir(path.parent)
     try:
-        discard(previous)
+        discard(previous)  # also one left by a publish cut short earlier
     except OSError as error:  # the new checkpoint is in place; the replaced one stays under its hidden name
         log.warning("Could not delete the replaced checkpoint %s: %s", previous, error)
+
+
+def recover(path: Path) -> None:
+    """Resolves what a save to ``path`` cut short left behind, before the next save there: a complete
+    ``.<name>.partial`` (its manifest was written) is published, finishing that save; an incomplete one is
+    deleted; a complete ``.<name>.replaced`` goes back to ``path`` if nothing is there, else is deleted.
+    So the newest complete checkpoint is never deleted before a newer one is complete."""
+    staging, previous = sibling(path, STAGING), sibling(path, REPLACED)
+    if _is_complete(staging):
+        publish(staging, path)
+    else:
+        discard(staging)
+    if previous.exists():
+        if not (path.exists() or path.is_symlink()) and _is_complete(previous):
+            os.rename(previous, path)
+            fsync_dir(path.parent)
+        else:
+            discard(previous)
+
+
+def _is_complete(directory: Path) -> bool:
+    try:
+        read_manifest(directory)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def fsync_dir(directory: Path) -> None:

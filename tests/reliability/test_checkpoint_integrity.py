@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_worker_expecting_failure
+from conftest import run_worker, run_worker_expecting_failure
 from lightning_sparse.strategies import checkpoint
 from lightning_sparse.strategies.checkpoint_manifest import sibling
 
@@ -177,3 +177,19 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
     state = {"w": torch.zeros(8)}
     assert checkpoint.load_sharded(path, state, {"state": {}}, {})["global_step"] == 1
     assert torch.equal(state["w"], torch.ones(8))
+
+
+def test_killed_between_the_renames_both_checkpoints_stay_complete(tmp_path):
+    """The one moment the path is empty: the previous checkpoint renamed away, the new one not yet in."""
+    path = tmp_path / "last.ckpt"
+    run_worker_expecting_failure("checkpoint_saves.py", "--path", path, "--saves", 2, env={checkpoint.FAULT_ENV: "0:2:swapping"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.partial", ".last.ckpt.replaced"]
+    assert load(tmp_path / ".last.ckpt.replaced")["global_step"] == 1
+    newest = tmp_path / ".last.ckpt.partial"
+    with pytest.raises(IncompleteCheckpointError, match=rf"no checkpoint at '{q(path)}'.*is '{q(newest)}' \(global_step 2\)"):
+        load(path)
+    # The next save to that path first finishes the interrupted one (publishes the complete .partial), then
+    # replaces it; nothing else is left.
+    run_worker("checkpoint_saves.py", "--path", path, "--saves", 1, result=tmp_path / "r.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "r.json"]
+    assert load(path)["global_step"] == 1
