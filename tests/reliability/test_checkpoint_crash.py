@@ -14,6 +14,7 @@ from lightning_sparse.strategies import checkpoint
 pytestmark = pytest.mark.multiprocess
 
 COMMON = ["--devices", 2, "--sharding", "table_wise", "--max-epochs", 2]  # 3 steps per epoch
+CORRUPT = "lightning_sparse.strategies.checkpoint_manifest.CorruptCheckpointError"
 COMPARED = ("optimizer_states", "lr_schedulers", "sparse_optimizer_hyperparameters", "global_step", "epoch", "loops")
 
 
@@ -75,5 +76,6 @@ def test_corrupted_shard_is_refused_on_every_rank(reference, tmp_path):
     data[middle : middle + 4096] = b"\xab" * 4096
     shard.write_bytes(bytes(data))
     output = run_worker_expecting_failure("train.py", *COMMON, "--ckpt-in", ckpt, timeout=120)
-    assert f"Refusing to load checkpoint '{ckpt}': '{shard}' is corrupted" in output
+    for rank in (0, 1):
+        assert f"[rank{rank}]: {CORRUPT}: Refusing to load checkpoint '{ckpt}': '{shard}' is corrupted" in output
     assert "Restored all states" not in output
