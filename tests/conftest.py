@@ -34,6 +34,18 @@ def run_worker(script: str, *args: Any, result: Path, timeout: int = 300) -> dic
     return json.loads(result.read_text())
 
 
+def run_worker_expecting_failure(script: str, *args: Any, env: "dict[str, str] | None" = None, timeout: int = 300) -> str:
+    """Runs ``tests/workers/<script>`` that must fail (a rank killed by a fault hook, a refused checkpoint);
+    returns its stdout and stderr. ``env`` adds variables to the workers' environment."""
+    cmd = [sys.executable, str(WORKERS / script), *map(str, args), "--result", os.devnull]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**_worker_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode == 0:
+        raise AssertionError(f"{' '.join(cmd)} was expected to fail but succeeded:\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A sharded checkpoint directory as (flat dict of full tensors, trainer state), in one process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

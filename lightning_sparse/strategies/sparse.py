@@ -423,8 +423,10 @@ class SparseStrategy(DDPStrategy):
                     break
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
+        """Deletes a checkpoint directory (ModelCheckpoint's old top-k) so that a removal cut short never
+        leaves a directory that passes for a checkpoint."""
         if self.is_global_zero:
-            self.checkpoint_io.remove_checkpoint(filepath)
+            sharded_checkpoint.remove_sharded(filepath)
 
     # -------------------------------------------------------------- teardown
     def teardown(self) -> None:

@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--ckpt-out", default=None, help="save a checkpoint here after the stage")
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint directory: a checkpoint every epoch")
+    parser.add_argument("--keep", type=int, default=-1, help="ModelCheckpoint save_top_k (0: none of the epoch files)")
+    parser.add_argument("--save-last", action="store_true", help="ModelCheckpoint also (re)writes last.ckpt every epoch")
     parser.add_argument("--dynamic-capacity", type=int, default=0, help="make t_cat_3 a dynamic table of this many rows")
     parser.add_argument("--dynamic-placement", default="sharded", choices=["sharded", "replicated"])
     parser.add_argument("--result", required=True)
@@ -84,7 +86,9 @@ def main() -> None:
     )
     checkpointing = []
     if args.ckpt_dir:
-        checkpointing.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
+        checkpointing.append(
+            ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=args.keep, save_last=args.save_last, every_n_epochs=1)
+        )
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
