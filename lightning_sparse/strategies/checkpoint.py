@@ -364,6 +364,8 @@ def _tensors(model_state: dict, sparse_optimizer_state: dict, dynamic_tables_sta
     if dynamic_tables_state:
         parts[DYNAMIC_TABLES_KEY] = dynamic_tables_state
     return parts
+
+
 def _check_dynamic_tables_present(path: Path, dynamic_tables_state: dict[str, Any]) -> None:
     """Names the hash-table state this run needs and the checkpoint lacks, instead of DCP's bare missing key.
 
