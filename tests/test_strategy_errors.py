@@ -174,6 +174,18 @@ def test_dynamic_table_trains_and_logs_its_counters(single_process_env):
     assert "val/auc" in trainer.callback_metrics
 
 
+def test_dynamic_table_capacity_is_read_from_the_table(single_process_env):
+    from lightning_sparse.callbacks import DynamicTableMonitor
+
+    data = SyntheticClickDataModule(num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=2, num_val_batches=1)
+    model = DLRMModule(num_embeddings_per_feature=[100, 200, 48], embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    strategy = SparseStrategy(tables={"t_cat_2": TableConfig(dynamic={"admission": {"min_count": 1}})})
+    trainer = _trainer(strategy, callbacks=[DynamicTableMonitor(every_n_steps=1)])
+    trainer.fit(model, data)
+    assert trainer.strategy.embedding_tables.tables["t_cat_2"].dynamic.capacity == 48
+    assert trainer.callback_metrics["dynamic/t_cat_2/capacity"] == 48
+
+
 def test_public_api():
     assert lightning_sparse.SparseStrategy is SparseStrategy
     assert {"ShardingType", "SparseOptimizerConfig", "SparseOptimizerKind", "TableConfig"} <= set(lightning_sparse.__all__)

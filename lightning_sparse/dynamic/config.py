@@ -188,7 +188,9 @@ class DynamicTableConfig:
     """A fixed-capacity embedding table whose rows are lent to raw int64 ids by a hash table.
 
     Args:
-        capacity: number of slots (embedding rows) of the whole table, all shards together.
+        capacity: number of slots (embedding rows) of the whole table, all shards together; under
+            SparseStrategy it is read from the table (``num_embeddings``), and a value given that
+            disagrees is an error. A :class:`DynamicIdRemapper` built by hand needs it.
         admission: when an unseen id gets a slot (:class:`AdmissionConfig`).
         expiry: when a quiet id gives its slot back (:class:`ExpiryConfig`).
         eviction: who is evicted when the table is full (:class:`EvictionPolicy`).
@@ -197,7 +199,7 @@ class DynamicTableConfig:
         placement: where the hash table lives under a multi-rank strategy (:class:`HashPlacement`).
     """
 
-    capacity: int
+    capacity: Optional[int] = None
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
     eviction: EvictionPolicy = EvictionPolicy.FEATURE_SCORE
@@ -206,7 +208,8 @@ class DynamicTableConfig:
     placement: HashPlacement = HashPlacement.SHARDED
 
     def __post_init__(self) -> None:
-        _check_int("DynamicTableConfig", "capacity", self.capacity, 1, (1 << 31) - 1)
+        if self.capacity is not None:
+            _check_int("DynamicTableConfig", "capacity", self.capacity, 1, (1 << 31) - 1)
         for name, cls in (("admission", AdmissionConfig), ("expiry", ExpiryConfig), ("init", RowInitConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):

@@ -56,7 +56,10 @@ class DynamicIdRemapper(nn.Module):
         if not isinstance(config, DynamicTableConfig):
             raise TypeError(f"config must be a DynamicTableConfig, got {type(config).__name__}")
         self.config = config
-        self.capacity = config.capacity if capacity is None else int(capacity)
+        capacity = config.capacity if capacity is None else capacity
+        if capacity is None:
+            raise ValueError("DynamicIdRemapper needs a capacity: set DynamicTableConfig.capacity or pass capacity=")
+        self.capacity = int(capacity)
         self.row_offset = int(row_offset)
         for name, tensor in zip(TableTensors._fields, allocate(self.capacity, config)):
             self.register_buffer(name, tensor)

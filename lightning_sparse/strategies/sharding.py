@@ -5,6 +5,7 @@ Kept apart from the Lightning strategy so it can be used (and tested) on a plain
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -122,11 +123,14 @@ def resolve_tables(
                                    default_sharding, default_optimizer, pooling, weighted)
             weight = result.weights[cfg.name][1]
             table.param_path, table.rows, table.dim = _state_key(module, fqn, cfg.name), int(weight.shape[0]), int(weight.shape[1])
-            if table.dynamic is not None and table.dynamic.capacity != table.rows:
-                raise ValueError(
-                    f"Table {cfg.name!r}: dynamic.capacity={table.dynamic.capacity} must equal the table's rows "
-                    f"(num_embeddings={table.rows}); set one to the other."
-                )
+            if table.dynamic is not None:
+                if table.dynamic.capacity is None:  # read from the table: one number, one place
+                    table.dynamic = dataclasses.replace(table.dynamic, capacity=table.rows)
+                elif table.dynamic.capacity != table.rows:
+                    raise ValueError(
+                        f"Table {cfg.name!r}: dynamic.capacity={table.dynamic.capacity} must equal the table's rows "
+                        f"(num_embeddings={table.rows}); leave capacity out (it is read from the table) or set one to the other."
+                    )
             result.tables[cfg.name] = table
     return result
 
