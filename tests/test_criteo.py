@@ -21,6 +21,7 @@ from lightning_sparse.data.criteo import (
     CriteoDataModule,
     CriteoFormatError,
     CriteoIterableDataset,
+    MalformedReason,
     DenseTransform,
     OnError,
     _splitmix64_int,
@@ -344,3 +345,29 @@ def test_data_module_is_configurable_from_yaml(tmp_path):
     with pytest.raises(Exception, match="skip") as info:
         parser.parse_string(yaml.replace("on_error: raise", "on_error: ignore"))
     assert "raise" in str(info.value)
+
+
+def test_skipped_lines_are_logged_per_stage_by_the_monitor_the_data_module_adds(tmp_path, single_process_env):
+    import lightning.pytorch as pl
+
+    from lightning_sparse.data.criteo import SkippedLinesMonitor
+    from lightning_sparse.models import DLRMModule
+
+    path = _write(tmp_path / "d.tsv", [_valid_line(i) for i in range(30)] + [m for m, _ in MALFORMED], compress=False)
+    dm = CriteoDataModule(train_paths=path, test_paths=path, batch_size=8, num_embeddings_per_feature=20)
+    model = DLRMModule(num_embeddings_per_feature=dm.num_embeddings_per_feature, embedding_dim=4,
+                       dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    expected: dict = {}
+    for _, reason in MALFORMED:
+        expected[reason] = expected.get(reason, 0) + 1
+    for stage in ("train", "test"):  # callback_metrics hold the latest stage's
+        if stage == "train":
+            trainer.fit(model, dm)
+        else:
+            trainer.test(model, dm)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"data/{stage}/")}
+        assert metrics.pop(f"data/{stage}/skipped_lines") == len(MALFORMED)
+        assert metrics == {f"data/{stage}/skipped_lines/{r.value}": float(expected.get(r.value, 0)) for r in MalformedReason}
+    assert sum(isinstance(c, SkippedLinesMonitor) for c in trainer.callbacks) == 1  # added once, not per stage

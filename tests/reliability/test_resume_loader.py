@@ -106,8 +106,37 @@ def test_resume_from_every_step_and_epoch_end_continues_the_straight_stream(tmp_
         assert resumed == straight[done:], f"resumed from {ckpt.name} (step {done})"
 
 
-def test_plain_stateful_loader_skips_the_prefetched_batch(tmp_path, single_process_env):
-    """Why ResumableLoader exists: torchdata's loader alone, under Lightning, loses a batch on resume."""
-    _fit(tmp_path, "iterable", plain=True, save=True)
-    resumed = _fit(tmp_path / "resumed", "iterable", ckpt=tmp_path / "epoch=0-step=2.ckpt", plain=True)
+def test_plain_stateful_loader_loses_batches_on_resume(tmp_path, single_process_env):
+    """Why ResumableLoader exists: torchdata's loader alone, under Lightning, is not resumed exactly."""
+    _fit(tmp_path / "iterable", "iterable", plain=True, save=True)
+    resumed = _fit(tmp_path / "r1", "iterable", ckpt=tmp_path / "iterable" / "epoch=0-step=2.ckpt", plain=True)
     assert resumed[0] == 3  # the straight run's third step consumed batch 2: it is never seen again
+    _fit(tmp_path / "sized", "sized", plain=True, save=True)
+    resumed = _fit(tmp_path / "r2", "sized", ckpt=tmp_path / "sized" / "epoch=0-step=5.ckpt", plain=True)
+    assert resumed == []  # saved after the first epoch's last step: the second epoch found no batches left
+
+
+def _mid_pass_state(world_size: int, num_workers: int = 0) -> dict:
+    loader = ResumableLoader(NumberStream(), batch_size=None)
+    it = iter(loader)
+    next(it)
+    (rank_state,) = loader.state_dict()["ranks"]
+    return {"world_size": world_size, "ranks": [dict(rank_state, num_workers=num_workers)] * world_size}
+
+
+def test_mid_pass_position_of_another_world_size_or_worker_count_is_refused():
+    loader = ResumableLoader(NumberStream(), batch_size=None)
+    with pytest.raises(ValueError, match="saved mid-epoch by 2 processes; this run has 1.*resume on 2 processes"):
+        loader.load_state_dict(_mid_pass_state(world_size=2))
+    with pytest.raises(ValueError, match="saved with num_workers=3; this loader has num_workers=0"):
+        loader.load_state_dict(_mid_pass_state(world_size=1, num_workers=3))
+
+
+def test_end_of_pass_position_loads_anywhere_and_starts_a_fresh_pass():
+    loader = ResumableLoader(NumberStream(), batch_size=None)
+    assert [int(b.item()) for b in loader] == list(range(BATCHES))
+    state = loader.state_dict()
+    assert state["ranks"][0]["loader"] is None  # the pass ended: nothing to resume
+    other = ResumableLoader(NumberStream(), batch_size=None)
+    other.load_state_dict({"world_size": 4, "ranks": state["ranks"] * 4})
+    assert [int(b.item()) for b in other] == list(range(BATCHES))
