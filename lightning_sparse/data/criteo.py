@@ -241,7 +241,8 @@ class CriteoDataModule(LightningDataModule):
     * **Ranks stop together.** Lines are dealt to the ranks one by one, so ranks can hold different numbers
       of batches (401 valid lines in batches of 100 on 2 ranks: 3 batches, the last of 1 line, and 2). Each
       pass ends on every rank as soon as one rank is out of batches; the surplus (here the 1-line batch) is
-      not read. With well-formed lines that is less than one batch per rank; skipped lines can make it more.
+      not read. With well-formed lines that is at most the last, incomplete batch of each rank's DataLoader
+      workers; skipped lines can make it more.
     * **Resuming is exact.** The train loader's position (each rank's file, byte offset and line, and its
       skip counters) is part of the checkpoint; a run resumed at any step, mid-epoch included, reads the
       same batches as the straight run (on the same number of processes and ``num_workers``).
