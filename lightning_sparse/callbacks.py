@@ -157,9 +157,25 @@ class TrainingCurvePlot(pl.Callback):
         print(f"training curves: {self.path}")
 
 
+def _skipped_line_rows(metrics: dict[str, Any]) -> list[str]:
+    """One row per stage that logged ``data/<stage>/skipped_lines`` (the data module's last pass), with the
+    non-zero reasons: ``skipped lines (train)     3 (field_count 1, integer 2)``."""
+    rows = []
+    for stage in ("train", "val"):
+        key = f"data/{stage}/skipped_lines"
+        if key not in metrics:
+            continue
+        reasons = {name[len(key) + 1 :]: int(float(v)) for name, v in metrics.items() if name.startswith(key + "/")}
+        detail = ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items()) if n)
+        label = f"skipped lines ({stage})"
+        rows.append(f"{label:<26}{int(float(metrics[key])):,}" + (f" ({detail})" if detail else ""))
+    return rows
+
+
 class FitSummary(pl.Callback):
     """Prints, on global rank 0 after fit, the numbers a reader checks first: the last validation AUC/NE,
-    mean training samples/s and embedding memory (from whatever of them was logged)."""
+    mean training samples/s, embedding memory and the lines the data module skipped as malformed in its
+    last train and validation pass (from whatever of them was logged)."""
 
     ROWS = [
         ("val/auc", "validation AUC", "{:.4f}", 1.0),
@@ -179,6 +195,7 @@ class FitSummary(pl.Callback):
             for key, label, fmt, scale in self.ROWS
             if key in metrics
         ]
+        lines += _skipped_line_rows(metrics)
         if lines:
             print(f"\nfit summary ({trainer.world_size} processes, step {trainer.global_step})")
             print("\n".join(lines))

@@ -14,12 +14,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_sparse.data.criteo import (
     FEATURE_NAMES,
     CriteoDataModule,
     CriteoFormatError,
     CriteoIterableDataset,
+    MalformedReason,
     DenseTransform,
     OnError,
     _splitmix64_int,
@@ -56,6 +58,9 @@ MALFORMED = [
     (_line("0", HAND_INTS, HAND_CATS[:-1] + ["abc"]), "categorical"),
     (_line("0", HAND_INTS, HAND_CATS[:-1] + ["68fd1e64 "]), "categorical"),
     (GOOD.replace(b"68fd1e64", b"68fd1e\xff4"), "encoding"),
+    (_line("1", ["9" * 400] + HAND_INTS[1:], HAND_CATS), "integer"),  # float() would raise OverflowError
+    (_line("1", HAND_INTS[:12] + ["9223372036854775808"], HAND_CATS), "integer"),  # int64 max + 1
+    (_line("1", HAND_INTS[:12] + ["-" + "1" * 5000], HAND_CATS), "integer"),  # int() refuses > 4300 digits
 ]
 
 
@@ -184,6 +189,72 @@ def test_raise_mode_names_file_line_and_reason(tmp_path, index):
     assert str(err).startswith(f"{path}:3: malformed Criteo line ({reason})")
 
 
+def test_huge_integer_is_named_in_raise_mode_and_counted_in_skip_mode(tmp_path):
+    huge = _line("1", HAND_INTS[:2] + ["1" * 400] + HAND_INTS[3:], HAND_CATS)
+    path = _write(tmp_path / "huge.tsv", [_valid_line(0), huge, _valid_line(1)], compress=False)
+    with pytest.raises(CriteoFormatError, match=r"huge.tsv:2: malformed Criteo line \(integer\): integer feature I3 "
+                       r"does not fit a signed 64-bit integer \(400 digits: '1111"):
+        _all_batches(CriteoIterableDataset(path, batch_size=2, on_error="raise"))
+    ds = CriteoIterableDataset(path, batch_size=2, dense_transform="none")
+    (batch,) = _all_batches(ds)
+    assert batch.dense_features[:, 0].tolist() == [0, 1]
+    assert ds.stats.malformed["integer"] == 1
+
+
+def test_int64_extremes_are_valid_integers(tmp_path):
+    edge = _line("0", ["9223372036854775807", "-9223372036854775808"] + HAND_INTS[2:], HAND_CATS)
+    path = _write(tmp_path / "edge.tsv", [edge], compress=False)
+    (batch,) = _all_batches(CriteoIterableDataset(path, batch_size=2, dense_transform="none", on_error="raise"))
+    assert batch.dense_features[0, :2].double().tolist() == [float(2**63), float(-(2**63))]
+
+
+def _first_column(batches) -> list:
+    return [int(x) for b in batches for x in b.dense_features[:, 0].tolist()]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("compress", [False, True])
+def test_position_round_trips_through_the_stateful_loader(tmp_path, compress, num_workers):
+    """Stop after k batches, save, resume in a new loader: the rest is what the uninterrupted pass read."""
+    lines = [_valid_line(i) for i in range(45)]
+    lines.insert(7, MALFORMED[0][0])
+    paths = [_write(tmp_path / "a.txt", lines[:20], compress), _write(tmp_path / "b.txt", lines[20:], compress)]
+
+    def loader():
+        ds = CriteoIterableDataset(paths, batch_size=4, dense_transform="none", rank=1, world_size=2, max_workers=2)
+        return ds, StatefulDataLoader(ds, batch_size=None, num_workers=num_workers, multiprocessing_context="fork" if num_workers else None)
+
+    whole_ds, whole = loader()
+    expected = _first_column(whole)
+    assert len(set(expected)) == len(expected) > 20 and whole_ds.stats.malformed_total == 1
+    for k in range(1, 6):
+        _, first = loader()
+        it = iter(first)
+        head = [next(it) for _ in range(k)]
+        state = first.state_dict()
+        ds, second = loader()
+        second.load_state_dict(state)
+        assert _first_column(head) + _first_column(second) == expected, f"resumed after {k} batches"
+        # The skip counters are part of the position: the malformed line before the resume point is counted.
+        assert ds.stats == whole_ds.stats
+
+
+def test_position_refuses_other_files_or_another_split(tmp_path):
+    path = _write(tmp_path / "a.tsv", [_valid_line(i) for i in range(10)], compress=False)
+    other = _write(tmp_path / "b.tsv", [_valid_line(i) for i in range(10)], compress=False)
+    ds = CriteoIterableDataset(path, batch_size=2, rank=0, world_size=2)
+    next(iter(ds))
+    state = ds.state_dict()
+    moved = CriteoIterableDataset(other, batch_size=2, rank=0, world_size=2)
+    moved.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"position is in the files \[.*a.tsv'\]; this reader reads \[.*b.tsv'\]"):
+        next(iter(moved))
+    resharded = CriteoIterableDataset(path, batch_size=2, rank=0, world_size=3)
+    resharded.load_state_dict(state)
+    with pytest.raises(ValueError, match="line shard 0 of 2 .*; this reader is shard 0 of 3"):
+        next(iter(resharded))
+
+
 def test_bad_options_name_the_allowed_values(tmp_path):
     path = _write(tmp_path / "one.tsv", [GOOD], compress=False)
     with pytest.raises(ValueError, match="on_error='ignore' is not valid; allowed values: 'skip', 'raise'"):
@@ -274,3 +345,29 @@ def test_data_module_is_configurable_from_yaml(tmp_path):
     with pytest.raises(Exception, match="skip") as info:
         parser.parse_string(yaml.replace("on_error: raise", "on_error: ignore"))
     assert "raise" in str(info.value)
+
+
+def test_skipped_lines_are_logged_per_stage_by_the_monitor_the_data_module_adds(tmp_path, single_process_env):
+    import lightning.pytorch as pl
+
+    from lightning_sparse.data.criteo import SkippedLinesMonitor
+    from lightning_sparse.models import DLRMModule
+
+    path = _write(tmp_path / "d.tsv", [_valid_line(i) for i in range(30)] + [m for m, _ in MALFORMED], compress=False)
+    dm = CriteoDataModule(train_paths=path, test_paths=path, batch_size=8, num_embeddings_per_feature=20)
+    model = DLRMModule(num_embeddings_per_feature=dm.num_embeddings_per_feature, embedding_dim=4,
+                       dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    expected: dict = {}
+    for _, reason in MALFORMED:
+        expected[reason] = expected.get(reason, 0) + 1
+    for stage in ("train", "test"):  # callback_metrics hold the latest stage's
+        if stage == "train":
+            trainer.fit(model, dm)
+        else:
+            trainer.test(model, dm)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"data/{stage}/")}
+        assert metrics.pop(f"data/{stage}/skipped_lines") == len(MALFORMED)
+        assert metrics == {f"data/{stage}/skipped_lines/{r.value}": float(expected.get(r.value, 0)) for r in MalformedReason}
+    assert sum(isinstance(c, SkippedLinesMonitor) for c in trainer.callbacks) == 1  # added once, not per stage

@@ -76,3 +76,22 @@ def test_log_loss_and_normalized_entropy_match_hand_computation():
     ne.update(probs, labels)
     assert abs(float(ll.compute()) - expected_ll) < 1e-6
     assert abs(float(ne.compute()) - expected_ne) < 1e-6
+
+
+def test_uneven_split_is_padded_so_ranks_run_the_same_number_of_steps(monkeypatch):
+    """5 batches on 2 ranks: rank 0 reads 0, 2, 4 and rank 1 reads 1, 3 and batch 0 again (DistributedSampler)."""
+    import lightning.pytorch as pl
+
+    from lightning_sparse.data import SyntheticClickDataModule
+
+    read = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))  # a 2-process trainer's view from rank `rank`, not launched
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+        assert (trainer.global_rank, trainer.world_size) == (rank, 2)
+        data = SyntheticClickDataModule(num_embeddings_per_feature=[50, 60], batch_size=4, num_train_batches=5)
+        data.trainer = trainer
+        batches = list(data.train_dataloader())
+        read[rank] = [next(i for i in range(5) if torch.equal(b.labels, data.train_set[i].labels) and
+                           torch.equal(b.dense_features, data.train_set[i].dense_features)) for b in batches]
+    assert read == {0: [0, 2, 4], 1: [1, 3, 0]}

@@ -1,247 +1,54 @@
-"""Reader for the Criteo display-ads text format (Kaggle / Terabyte click logs).
+"""Streams Criteo display-ads files (Kaggle / Terabyte click logs) as torchrec batches, on any number of ranks.
 
-Each line is ``label \\t I1..I13 \\t C1..C26``: a ``0``/``1`` click label, 13 integer counters and 26
-categorical values written as 8-digit hex strings. Any feature may be empty (missing). Files are plain
-text or gzip (detected by the magic bytes, whatever the extension).
-
-What a line becomes (one :class:`torchrec.datasets.utils.Batch` row):
-
-* ``labels``: float, 0.0 or 1.0.
-* ``dense_features``: 13 floats. With the default :attr:`DenseTransform.LOG1P` a value ``x`` becomes
-  ``log(1 + max(x, 0))`` (Criteo counters are heavy-tailed; negatives only occur in I2 and carry no
-  magnitude worth keeping) and a missing value becomes ``0``. :attr:`DenseTransform.NONE` keeps ``x``
-  as is (missing still ``0``).
-* ``sparse_features``: a KeyedJaggedTensor with keys ``cat_0..cat_25``, one id per present value and
-  length 0 for a missing one. A hex value ``h`` becomes ``splitmix64(int(h, 16) ^ splitmix64(seed))
-  % num_embeddings`` (see :func:`hash_categorical`); the hash is ours, not Python's salted ``hash()``,
-  so ids agree across processes, runs and machines. ``hash_seed=None`` means plain ``int(h, 16) %
-  num_embeddings`` (TorchRec's own Criteo preprocessing).
-
-A line that does not follow the format is never guessed at: it is either counted and skipped or it raises
-:class:`CriteoFormatError` naming the file, the line number and the problem (``on_error``).
+The format, what a line becomes and what counts as malformed are in :mod:`lightning_sparse.data.criteo_format`
+(re-exported here). :class:`CriteoIterableDataset` splits the lines between ranks and DataLoader workers
+and remembers where it stands (its position is part of a checkpoint); :class:`CriteoDataModule` serves it
+through a :class:`~lightning_sparse.data.loading.ResumableLoader`, so ranks stop an epoch together and a
+run resumed at any step reads exactly the lines the straight run reads; :class:`SkippedLinesMonitor`
+reports the lines skipped as malformed.
 """
 
 from __future__ import annotations
 
-import gzip
-import os
-import re
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import IO, Iterator, List, Optional, Sequence, Union
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_sparse.typed_config import NamedEnum
-
-NUM_DENSE_FEATURES = 13
-NUM_SPARSE_FEATURES = 26
-NUM_FIELDS = 1 + NUM_DENSE_FEATURES + NUM_SPARSE_FEATURES
-FEATURE_NAMES: List[str] = [f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)]
-
-_GZIP_MAGIC = b"\x1f\x8b"
-_INT_RE = re.compile(r"-?[0-9]+")  # ASCII only: int() would also take " 7", "+7", "1_0" and Unicode digits
-_HEX_RE = re.compile(r"[0-9a-fA-F]{8}")
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-
-PathsLike = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
-
-
-class OnError(NamedEnum):
-    """What to do with a malformed line: ``skip`` it (and count it) or ``raise`` :class:`CriteoFormatError`.
-
-    Lower-case aliases exist so that YAML (jsonargparse parses enums by member name) accepts
-    ``on_error: skip`` as well as ``on_error: SKIP``.
-    """
-
-    SKIP = "skip"
-    RAISE = "raise"
-    locals()["skip"] = "skip"  # aliases; `raise` is a keyword, so they cannot be written as names
-    locals()["raise"] = "raise"
-
-
-class DenseTransform(NamedEnum):
-    """How an integer feature ``x`` becomes a float: ``log1p`` is ``log(1 + max(x, 0))``, ``none`` keeps ``x``.
-
-    Missing values become 0 in both cases.
-    """
-
-    LOG1P = "log1p"
-    NONE = "none"
-    locals()["log1p"] = "log1p"
-    locals()["none"] = "none"
-
-
-class MalformedReason(str, Enum):
-    """Why a line was rejected; the values are the keys of :attr:`CriteoStats.malformed`."""
-
-    FIELD_COUNT = "field_count"
-    ENCODING = "encoding"
-    LABEL = "label"
-    INTEGER = "integer"
-    CATEGORICAL = "categorical"
-
-
-class CriteoFormatError(ValueError):
-    """A malformed line under ``on_error=raise``; carries where and why so the file can be fixed."""
-
-    def __init__(self, path: str, line_number: int, reason: MalformedReason, detail: str) -> None:
-        self.path = path
-        self.line_number = line_number
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{path}:{line_number}: malformed Criteo line ({reason.value}): {detail}")
-
-
-@dataclass
-class CriteoStats:
-    """Counters of one pass over the lines this process (rank) owns, summed over its DataLoader workers.
-
-    Attributes:
-        lines_read: lines assigned to this rank (valid or not).
-        samples: valid lines turned into batch rows.
-        malformed: skipped lines per :class:`MalformedReason` value.
-    """
-
-    lines_read: int = 0
-    samples: int = 0
-    malformed: dict = field(default_factory=lambda: {r.value: 0 for r in MalformedReason})
-
-    @property
-    def malformed_total(self) -> int:
-        return sum(self.malformed.values())
-
+from lightning_sparse.data.criteo_format import (  # noqa: F401 - re-exported: the format's public names live here too
+    FEATURE_NAMES,
+    NUM_DENSE_FEATURES,
+    NUM_FIELDS,
+    NUM_SPARSE_FEATURES,
+    BatchBuilder,
+    CriteoFormatError,
+    CriteoStats,
+    DenseTransform,
+    MalformedReason,
+    OnError,
+    PathsLike,
+    _splitmix64_int,
+    _splitmix64_np,
+    hash_categorical,
+    normalize_num_embeddings,
+    normalize_paths,
+    open_criteo_file,
+    parse_line,
+)
+from lightning_sparse.data.loading import ResumableLoader, fit_progress
 
 _REASONS = list(MalformedReason)
 _COL_LINES, _COL_SAMPLES, _COL_REASON0 = 0, 1, 2
-
-
-def _splitmix64_int(z: int) -> int:
-    z = (z + _GOLDEN) & _MASK64
-    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
-    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _splitmix64_np(z: np.ndarray) -> np.ndarray:
-    """Vectorised splitmix64 finaliser on uint64 arrays (numpy array arithmetic wraps mod 2**64)."""
-    z = z + np.uint64(_GOLDEN)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-    return z ^ (z >> np.uint64(31))
-
-
-def hash_categorical(values: np.ndarray, seed: Optional[int], num_embeddings: np.ndarray) -> np.ndarray:
-    """Maps raw categorical integers (uint64) to row ids in ``[0, num_embeddings)``, as int64.
-
-    ``splitmix64(v ^ splitmix64(seed mod 2**64)) % num_embeddings``; ``seed=None`` gives ``v % num_embeddings``.
-    ``num_embeddings`` broadcasts against ``values`` (e.g. shape ``[26]`` against ``[B, 26]``).
-    """
-    values = np.asarray(values, dtype=np.uint64)
-    num_embeddings = np.asarray(num_embeddings, dtype=np.uint64)
-    if seed is not None:
-        values = _splitmix64_np(values ^ np.uint64(_splitmix64_int(seed & _MASK64)))
-    return (values % num_embeddings).astype(np.int64)
-
-
-def _normalize_num_embeddings(value: Union[int, Sequence[int]]) -> List[int]:
-    if isinstance(value, bool):
-        raise ValueError(f"num_embeddings_per_feature must be an int or a list of {NUM_SPARSE_FEATURES} ints")
-    if isinstance(value, int):
-        sizes = [value] * NUM_SPARSE_FEATURES
-    else:
-        sizes = list(value)
-        if len(sizes) != NUM_SPARSE_FEATURES:
-            raise ValueError(
-                f"num_embeddings_per_feature must have {NUM_SPARSE_FEATURES} entries (one per categorical "
-                f"feature), got {len(sizes)}"
-            )
-    for i, n in enumerate(sizes):
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"num_embeddings_per_feature[{i}] must be a positive int, got {n!r}")
-    return sizes
-
-
-def _normalize_paths(paths: PathsLike, what: str) -> List[str]:
-    if isinstance(paths, (str, os.PathLike)):
-        out = [os.fspath(paths)]
-    else:
-        out = [os.fspath(p) for p in paths]
-    if not out:
-        raise ValueError(f"{what}: no files given")
-    missing = [p for p in out if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{what}: file(s) not found: {missing}")
-    return out
-
-
-def open_criteo_file(path: str) -> IO[bytes]:
-    """Opens ``path`` for binary line iteration, decompressing it if it starts with the gzip magic bytes."""
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
 
 
 def _dist_rank_world() -> tuple:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-class _BatchBuilder:
-    """Accumulates validated rows in numpy buffers and turns them into a torchrec ``Batch``."""
-
-    def __init__(self, capacity: int, sizes: np.ndarray, seed: Optional[int], transform: DenseTransform):
-        self.capacity, self.sizes, self.seed, self.transform = capacity, sizes, seed, transform
-        self._reset()
-
-    def _reset(self) -> None:
-        self.n = 0
-        self.labels = np.zeros(self.capacity, dtype=np.float32)
-        self.dense = np.zeros((self.capacity, NUM_DENSE_FEATURES), dtype=np.float64)
-        self.cats = np.zeros((self.capacity, NUM_SPARSE_FEATURES), dtype=np.uint64)
-        self.present = np.zeros((self.capacity, NUM_SPARSE_FEATURES), dtype=bool)
-
-    def add(self, label: float, dense: list, cats: list) -> None:
-        i = self.n
-        self.labels[i] = label
-        self.dense[i] = dense
-        for j, v in enumerate(cats):
-            if v >= 0:
-                self.cats[i, j] = v
-                self.present[i, j] = True
-        self.n += 1
-
-    def full(self) -> bool:
-        return self.n == self.capacity
-
-    def build(self) -> Batch:
-        n = self.n
-        dense = self.dense[:n]
-        if self.transform is DenseTransform.LOG1P:
-            dense = np.log1p(np.maximum(dense, 0.0))
-        present_t = self.present[:n].T  # [26, n]: KJT values are key-major
-        ids = hash_categorical(self.cats[:n], self.seed, self.sizes).T
-        batch = Batch(
-            dense_features=torch.from_numpy(dense.astype(np.float32)),
-            sparse_features=KeyedJaggedTensor(
-                keys=FEATURE_NAMES,
-                values=torch.from_numpy(np.ascontiguousarray(ids[present_t])),
-                lengths=torch.from_numpy(present_t.reshape(-1).astype(np.int32)),
-                stride=n,
-            ),
-            labels=torch.from_numpy(self.labels[:n].copy()),
-        )
-        self._reset()
-        return batch
 
 
 class CriteoIterableDataset(IterableDataset):
@@ -253,8 +60,14 @@ class CriteoIterableDataset(IterableDataset):
     come from ``torch.distributed`` when it is initialised (else 0/1) unless given explicitly.
 
     Ranks may end up with different numbers of batches (line counts that do not divide evenly, malformed
-    lines); with collectives in every step (DDP/DMP) cap the epoch, e.g. ``Trainer(limit_train_batches=...)``,
-    or give each rank equally many valid lines.
+    lines). Under collectives in every step (DDP/DMP) a rank with one batch more would wait for the others
+    forever: :class:`CriteoDataModule` serves this dataset through a
+    :class:`~lightning_sparse.data.loading.ResumableLoader`, which ends the pass on every rank as soon as
+    one rank is out of batches. Use one yourself (or cap the epoch) when you build the loader.
+
+    The dataset implements torchdata's ``Stateful`` protocol: :meth:`state_dict` is the position after the
+    last batch it yielded (file, byte offset, line number, counters) and :meth:`load_state_dict` makes the
+    next pass continue from there, seeking to the offset instead of re-parsing the lines before it.
 
     Args:
         paths: one file or a list of files (plain or gzip).
@@ -282,11 +95,11 @@ class CriteoIterableDataset(IterableDataset):
         max_workers: int = 64,
     ) -> None:
         super().__init__()
-        self.paths = _normalize_paths(paths, "CriteoIterableDataset.paths")
+        self.paths = normalize_paths(paths, "CriteoIterableDataset.paths")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
-        self.num_embeddings_per_feature = _normalize_num_embeddings(num_embeddings_per_feature)
+        self.num_embeddings_per_feature = normalize_num_embeddings(num_embeddings_per_feature)
         if hash_seed is not None and (isinstance(hash_seed, bool) or not isinstance(hash_seed, int)):
             raise ValueError(f"hash_seed must be an int or None, got {hash_seed!r}")
         self.hash_seed = hash_seed
@@ -300,6 +113,8 @@ class CriteoIterableDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         # Workers run in other processes: counters live in shared memory, one row per worker so no races.
         self._counters = torch.zeros(max_workers, _COL_REASON0 + len(_REASONS), dtype=torch.int64).share_memory_()
+        self._state: Optional[dict[str, Any]] = None  # position after the last batch yielded
+        self._resume: Optional[dict[str, Any]] = None  # position the next pass starts from
 
     def __getstate__(self) -> dict:
         # Pickled for spawned DataLoader workers, where torch.distributed is not initialised: pin rank now.
@@ -326,32 +141,82 @@ class CriteoIterableDataset(IterableDataset):
             raise ValueError(f"DataLoader worker {worker_id} exceeds max_workers={self._counters.shape[0]}")
         return rank * num_workers + worker_id, world * num_workers, worker_id
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current pass stands: after the last batch yielded (``{}`` before the first pass)."""
+        return dict(self._state) if self._state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Makes the next pass continue from ``state`` (as :meth:`state_dict` returned it)."""
+        self._resume = dict(state) if state else None
+
+    def _check_resume(self, state: dict[str, Any], shard: int, num_shards: int) -> None:
+        if state["paths"] != self.paths:
+            raise ValueError(
+                f"The saved Criteo reader position is in the files {state['paths']}; this reader reads {self.paths}. "
+                "Resume with the same files in the same order, or from a checkpoint saved at the end of an epoch."
+            )
+        if (state["shard"], state["num_shards"]) != (shard, num_shards):
+            raise ValueError(
+                f"The saved Criteo reader position is of line shard {state['shard']} of {state['num_shards']} "
+                f"(ranks x DataLoader workers); this reader is shard {shard} of {num_shards}. Resume with the same "
+                "number of processes and workers, or from a checkpoint saved at the end of an epoch."
+            )
+
     def __iter__(self) -> Iterator[Batch]:
         shard, num_shards, slot = self._shard()
-        counters = self._counters[slot]
-        counters.zero_()
-        builder = _BatchBuilder(
-            self.batch_size, np.asarray(self.num_embeddings_per_feature, dtype=np.uint64),
-            self.hash_seed, self.dense_transform,
-        )
-        skip = self.on_error is OnError.SKIP
+        resume, self._resume = self._resume, None
+        if resume is None:
+            resume = {"path_index": 0, "offset": 0, "line_number": 0, "lines_seen": 0, "counts": None}
+        else:
+            self._check_resume(resume, shard, num_shards)
         # Counted in Python ints and published to the shared tensor at each batch (a tensor op per line
         # would cost more than the parsing).
-        counts = [0] * counters.numel()
+        counts = list(resume["counts"] or [0] * self._counters.shape[1])
+        position = (resume["path_index"], resume["offset"], resume["line_number"], resume["lines_seen"])
+        # Set now, not when the generator first runs: a state asked for before the first batch is this one.
+        self._state = self._snapshot(shard, num_shards, position, counts)
+        return self._read(shard, num_shards, slot, position, counts)
+
+    def _snapshot(self, shard: int, num_shards: int, position: tuple, counts: list) -> dict[str, Any]:
+        path_index, offset, line_number, lines_seen = position
+        return {
+            "paths": list(self.paths), "shard": shard, "num_shards": num_shards, "path_index": path_index,
+            "offset": offset, "line_number": line_number, "lines_seen": lines_seen, "counts": list(counts),
+        }  # fmt: skip
+
+    def _read(self, shard: int, num_shards: int, slot: int, position: tuple, counts: list) -> Iterator[Batch]:
+        counters = self._counters[slot]
 
         def publish() -> None:
             counters.copy_(torch.tensor(counts, dtype=torch.int64))
 
-        g = 0
+        def batch_done(path_index: int, offset: int, line_number: int) -> Batch:
+            publish()
+            self._state = self._snapshot(shard, num_shards, (path_index, offset, line_number, g), counts)
+            return builder.build()
+
+        builder = BatchBuilder(
+            self.batch_size, np.asarray(self.num_embeddings_per_feature, dtype=np.uint64),
+            self.hash_seed, self.dense_transform,
+        )
+        skip = self.on_error is OnError.SKIP
+        start_index, start_offset, start_line, g = position
+        publish()
         try:
-            for path in self.paths:
+            for path_index in range(start_index, len(self.paths)):
+                path = self.paths[path_index]
+                offset, line_number = (start_offset, start_line) if path_index == start_index else (0, 0)
                 with open_criteo_file(path) as f:
-                    for line_number, raw in enumerate(f, start=1):
+                    if offset:
+                        f.seek(offset)  # gzip: decompresses up to there, but parses nothing
+                    for raw in f:
+                        offset += len(raw)
+                        line_number += 1
                         g += 1
                         if (g - 1) % num_shards != shard:
                             continue
                         counts[_COL_LINES] += 1
-                        parsed = _parse_line(raw)
+                        parsed = parse_line(raw)
                         if isinstance(parsed[0], MalformedReason):
                             reason, detail = parsed
                             if not skip:
@@ -361,54 +226,29 @@ class CriteoIterableDataset(IterableDataset):
                         builder.add(*parsed)
                         counts[_COL_SAMPLES] += 1
                         if builder.full():
-                            publish()
-                            yield builder.build()
+                            yield batch_done(path_index, offset, line_number)
             if builder.n and not self.drop_last:
-                publish()
-                yield builder.build()
+                yield batch_done(len(self.paths), 0, 0)
         finally:
             publish()
 
 
-def _parse_line(raw: bytes):
-    """Returns ``(label, dense, cats)`` for a valid line, else ``(reason, detail)``.
-
-    ``dense`` holds 13 floats (NaN-free: missing is 0 before the transform, which maps 0 to 0); ``cats``
-    holds 26 ints, -1 for missing.
-    """
-    try:
-        line = raw.decode("ascii")
-    except UnicodeDecodeError as e:
-        return MalformedReason.ENCODING, f"non-ASCII byte at column {e.start + 1}"
-    if line.endswith("\n"):
-        line = line[:-1]
-        if line.endswith("\r"):
-            line = line[:-1]
-    fields = line.split("\t")
-    if len(fields) != NUM_FIELDS:
-        return MalformedReason.FIELD_COUNT, f"expected {NUM_FIELDS} tab-separated fields, got {len(fields)}"
-    label = fields[0]
-    if label != "0" and label != "1":
-        return MalformedReason.LABEL, f"label must be 0 or 1, got {label!r}"
-    dense = [0.0] * NUM_DENSE_FEATURES
-    for j in range(NUM_DENSE_FEATURES):
-        s = fields[1 + j]
-        if s:
-            if _INT_RE.fullmatch(s) is None:
-                return MalformedReason.INTEGER, f"integer feature I{j + 1} is not an integer: {s!r}"
-            dense[j] = float(int(s))
-    cats = [-1] * NUM_SPARSE_FEATURES
-    for j in range(NUM_SPARSE_FEATURES):
-        s = fields[1 + NUM_DENSE_FEATURES + j]
-        if s:
-            if _HEX_RE.fullmatch(s) is None:
-                return MalformedReason.CATEGORICAL, f"categorical feature C{j + 1} is not 8 hex digits: {s!r}"
-            cats[j] = int(s, 16)
-    return float(label == "1"), dense, cats
-
-
 class CriteoDataModule(LightningDataModule):
     """Criteo-format files as train/val/test/predict loaders; models read the table layout from it.
+
+    Every stage's loader is a :class:`~lightning_sparse.data.loading.ResumableLoader`:
+
+    * **Ranks stop together.** Lines are dealt to the ranks one by one, so ranks can hold different numbers
+      of batches (401 valid lines in batches of 100 on 2 ranks: 3 batches, the last of 1 line, and 2). Each
+      pass ends on every rank as soon as one rank is out of batches; the surplus (here the 1-line batch) is
+      not read. With well-formed lines that is at most the last, incomplete batch of each rank's DataLoader
+      workers; skipped lines can make it more.
+    * **Resuming is exact.** The train loader's position (each rank's file, byte offset and line, and its
+      skip counters) is part of the checkpoint; a run resumed at any step, mid-epoch included, reads the
+      same batches as the straight run (on the same number of processes and ``num_workers``).
+    * **Skipped lines are reported.** ``setup`` adds a :class:`SkippedLinesMonitor` to the trainer (unless
+      it has one), which logs ``data/<stage>/skipped_lines`` and ``.../<reason>`` per epoch, summed over
+      ranks; ``FitSummary`` prints them.
 
     Args:
         train_paths: training file(s), plain or gzip.
@@ -446,7 +286,7 @@ class CriteoDataModule(LightningDataModule):
         self.train_paths = train_paths
         self.val_paths, self.test_paths, self.predict_paths = val_paths, test_paths, predict_paths
         self.batch_size = batch_size
-        self._num_embeddings = _normalize_num_embeddings(num_embeddings_per_feature)
+        self._num_embeddings = normalize_num_embeddings(num_embeddings_per_feature)
         self.hash_seed = hash_seed
         self.on_error = OnError.parse(on_error, "CriteoDataModule.on_error")
         self.dense_transform = DenseTransform.parse(dense_transform, "CriteoDataModule.dense_transform")
@@ -469,7 +309,12 @@ class CriteoDataModule(LightningDataModule):
     def num_embeddings_per_feature(self) -> List[int]:
         return list(self._num_embeddings)
 
-    def _loader(self, stage: str, paths) -> DataLoader:
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, SkippedLinesMonitor) for c in trainer.callbacks):
+            trainer.callbacks.append(SkippedLinesMonitor())
+
+    def _loader(self, stage: str, paths) -> ResumableLoader:
         if paths is None:
             raise ValueError(f"CriteoDataModule has no {stage}_paths; set data.{stage}_paths to run '{stage}'")
         rank, world = _dist_rank_world()  # called after the process group exists (Lightning's setup)
@@ -479,20 +324,51 @@ class CriteoDataModule(LightningDataModule):
             max_workers=max(1, self.num_workers),
         )
         self.datasets[stage] = dataset  # kept so that callers can read dataset.stats
-        return DataLoader(
+        consumed = fit_progress(self.trainer) if stage == "train" and self.trainer is not None else None
+        return ResumableLoader(
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=False,
+            persistent_workers=False, consumed=consumed,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         return self._loader("train", self.train_paths)
 
     def val_dataloader(self):
         # No validation files: an empty list makes Lightning skip validation instead of failing.
         return [] if self.val_paths is None else self._loader("val", self.val_paths)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> ResumableLoader:
         return self._loader("test", self.test_paths)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> ResumableLoader:
         return self._loader("predict", self.predict_paths)
+
+
+class SkippedLinesMonitor(pl.Callback):
+    """Logs how many lines of each pass the Criteo reader skipped as malformed, summed over ranks.
+
+    At the end of each train / validation / test epoch: ``data/<stage>/skipped_lines`` (all reasons) and
+    ``data/<stage>/skipped_lines/<reason>`` for every :class:`MalformedReason` (zeros included, so a clean
+    file shows as 0 rather than as nothing). Reads ``trainer.datamodule.datasets[stage].stats``; does
+    nothing for a data module without them. :class:`CriteoDataModule` adds one to its trainer.
+    """
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dataset = getattr(trainer.datamodule, "datasets", {}).get(stage)
+        if dataset is None:
+            return
+        malformed = dataset.stats.malformed
+        metrics = {f"data/{stage}/skipped_lines": float(sum(malformed.values()))}
+        metrics.update({f"data/{stage}/skipped_lines/{reason}": float(n) for reason, n in malformed.items()})
+        for name, value in metrics.items():
+            pl_module.log(name, value, reduce_fx="sum", sync_dist=True, on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module, "test")

@@ -13,8 +13,9 @@ With ``drift_period > 0`` the mapping from popularity rank to id shifts every ``
 the ids that are popular now stop being seen later and new ones appear (the setting of continual
 learning with feature admission/expiry).
 
-Batch ``i`` of a split is a pure function of ``(seed, split, i)``: any process can generate it, and
-resuming from a checkpoint replays exactly the same stream.
+Batch ``i`` of a split is a pure function of ``(seed, split, i)``: any process can generate it. The data
+module's train loader is a :class:`~lightning_sparse.data.loading.ResumableLoader`: its position is part of
+the checkpoint, so a run resumed at any step, mid-epoch included, reads the batches the straight run reads.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightning_sparse.data.loading import ResumableLoader, fit_progress
 
 _MASK63 = (1 << 63) - 1
 # Odd 64-bit constants of splitmix64, written as signed int64 for torch arithmetic (which wraps).
@@ -161,6 +164,13 @@ def feature_names(num_sparse_features: int) -> list[str]:
 class SyntheticClickDataModule(LightningDataModule):
     """Train/val/test/predict splits of :class:`SyntheticClickStream` (disjoint stream positions).
 
+    Rank ``r`` of ``W`` reads batches ``r, r + W, r + 2W, ...`` of a split, in stream order (never shuffled).
+    When a split's batches do not divide evenly over the ranks, the last round is padded with the split's
+    first batches (``DistributedSampler``'s padding), so every rank runs the same number of steps: with 5
+    batches on 2 ranks, rank 0 reads 0, 2, 4 and rank 1 reads 1, 3, 0. The train loader's position is part of
+    the checkpoint (:class:`~lightning_sparse.data.loading.ResumableLoader`): resuming at any step continues
+    with the batch the straight run would read next.
+
     Args:
         num_embeddings_per_feature: rows of each feature's table (what models read), and by default also
             the range of its raw ids.
@@ -214,7 +224,7 @@ class SyntheticClickDataModule(LightningDataModule):
         self.val_set = SyntheticClickStream(num_val_batches, split_offset=num_train_batches, **common)
         self.test_set = SyntheticClickStream(num_test_batches, split_offset=num_train_batches + num_val_batches, **common)
 
-    def _loader(self, dataset: SyntheticClickStream) -> DataLoader:
+    def _loader(self, dataset: SyntheticClickStream, train: bool = False) -> ResumableLoader:
         """Batches in stream order, split across ranks (rank r reads batches r, r + W, ...).
 
         The stream is time-ordered (drift makes order matter), so it is never shuffled. Giving Lightning a
@@ -224,16 +234,17 @@ class SyntheticClickDataModule(LightningDataModule):
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=None, sampler=sampler)
+        consumed = fit_progress(self.trainer) if train and self.trainer is not None else None
+        return ResumableLoader(dataset, batch_size=None, sampler=sampler, consumed=consumed)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set)
+    def train_dataloader(self) -> ResumableLoader:
+        return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> ResumableLoader:
         return self._loader(self.val_set)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> ResumableLoader:
         return self._loader(self.test_set)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> ResumableLoader:
         return self._loader(self.test_set)

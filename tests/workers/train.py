@@ -16,6 +16,7 @@ import lightning_sparse
 from lightning_sparse.config import SparseOptimizerConfig, TableConfig
 from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig, ExpiryConfig
 from lightning_sparse.data import SyntheticClickDataModule
+from lightning_sparse.data.criteo import CriteoDataModule
 from lightning_sparse.models import DLRMModule
 
 
@@ -36,6 +37,29 @@ class SparseLRDecay(pl.Callback):
         strategy.set_sparse_lr(strategy.sparse_param_groups()[0]["lr"] * 0.5)
 
 
+class BatchCounter(pl.Callback):
+    """Counts the training batches each rank ran in each epoch (ranks must agree, or collectives hang)."""
+
+    def __init__(self) -> None:
+        self.per_epoch: dict[int, int] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_epoch[trainer.current_epoch] = self.per_epoch.get(trainer.current_epoch, 0) + 1
+
+
+def make_data(args):
+    if args.data == "criteo":
+        sizes = [200, 300, 50, 1000] + [40] * 22
+        return CriteoDataModule(
+            train_paths=args.criteo_train, val_paths=args.criteo_val, batch_size=args.batch_size,
+            num_embeddings_per_feature=sizes, on_error=args.on_error, num_workers=args.num_workers,
+        )  # fmt: skip
+    return SyntheticClickDataModule(
+        num_embeddings_per_feature=[200, 300, 50, 1000], batch_size=args.batch_size,
+        num_train_batches=args.batches, num_val_batches=2, num_test_batches=2,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=2)
@@ -53,20 +77,28 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint directory: a checkpoint every epoch")
     parser.add_argument("--keep", type=int, default=-1, help="ModelCheckpoint save_top_k (0: none of the epoch files)")
     parser.add_argument("--save-last", action="store_true", help="ModelCheckpoint also (re)writes last.ckpt every epoch")
+    parser.add_argument("--ckpt-every-n-steps", type=int, default=0, help="with --ckpt-dir: every n steps instead ({step}.ckpt)")
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--data", default="synthetic", choices=["synthetic", "criteo"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--criteo-train", default=None, help="Criteo-format training file (--data criteo)")
+    parser.add_argument("--criteo-val", default=None)
+    parser.add_argument("--on-error", default="skip", choices=["skip", "raise"])
+    parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--dynamic-capacity", type=int, default=0, help="make t_cat_3 a dynamic table of this many rows")
     parser.add_argument("--dynamic-placement", default="sharded", choices=["sharded", "replicated"])
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
 
     pl.seed_everything(1234)
-    sizes = [200, 300, 50, 1000]
-    data = SyntheticClickDataModule(
-        num_embeddings_per_feature=sizes, batch_size=64, num_train_batches=args.batches, num_val_batches=2, num_test_batches=2
-    )
-    table_sizes = list(sizes)
+    data = make_data(args)
+    table_sizes = list(data.num_embeddings_per_feature)
     if args.dynamic_capacity:
         table_sizes[3] = args.dynamic_capacity  # the data keeps its larger id space: raw ids are hashed to rows
-    model = StepLR(num_embeddings_per_feature=table_sizes, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    model = StepLR(
+        num_embeddings_per_feature=table_sizes, num_dense_features=data.num_dense_features, embedding_dim=8,
+        dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
+    )  # fmt: skip
     tables = {}
     for item in args.table_sharding:
         name, sharding = item.split("=")
@@ -85,21 +117,26 @@ def main() -> None:
         tables=tables,
     )
     checkpointing = []
-    if args.ckpt_dir:
+    if args.ckpt_dir and args.ckpt_every_n_steps:
+        every = ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=args.ckpt_every_n_steps)
+        checkpointing.append(every)
+    elif args.ckpt_dir:
         checkpointing.append(
             ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=args.keep, save_last=args.save_last, every_n_epochs=1)
         )
+    counter = BatchCounter()
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
         strategy=strategy,
         max_epochs=args.max_epochs,
+        max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
         logger=False,
         enable_checkpointing=args.ckpt_dir is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[SparseLRDecay()] + checkpointing,
+        callbacks=[SparseLRDecay(), counter] + checkpointing,
         deterministic=True,
     )
     result = {}
@@ -123,6 +160,9 @@ def main() -> None:
         global_step=trainer.global_step,
         sparse_lr=strategy.sparse_param_groups()[0]["lr"],
     )
+    batches = [None] * trainer.world_size
+    torch.distributed.all_gather_object(batches, counter.per_epoch)
+    result["train_batches_per_rank"] = batches
     if strategy.dynamic_tables is not None:
         result["dynamic_metrics"] = strategy.dynamic_tables.global_metrics()
         # Replicas must stay identical on every rank; a sharded hash table's partitions live on one rank each.
