@@ -206,7 +206,9 @@ class SparseStrategy(DDPStrategy):
         """Sum of an integer over all ranks (e.g. bytes of local shards), or the value without a process group."""
         if not (dist.is_available() and dist.is_initialized()):
             return value
-        total = torch.tensor([value], dtype=torch.int64)
+        from lightning_sparse.distributed_utils import collective_device  # nccl refuses CPU tensors
+
+        total = torch.tensor([value], dtype=torch.int64, device=collective_device())
         dist.all_reduce(total)
         return int(total.item())
 
