@@ -22,13 +22,20 @@ def test_unknown_backend_is_a_clear_error():
         collective_device_type("carrier_pigeon")
 
 
-def test_without_a_process_group_the_cpu():
-    assert not dist.is_initialized()
+@pytest.fixture
+def no_process_group(single_process_env):
+    """In-process Trainers of earlier tests leave Lightning's world-of-one group behind; start without it."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    yield
+
+
+def test_without_a_process_group_the_cpu(no_process_group):
     assert collective_device() == torch.device("cpu")
 
 
 @pytest.fixture
-def gloo_world_of_one(tmp_path, single_process_env):
+def gloo_world_of_one(tmp_path, no_process_group):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         yield
