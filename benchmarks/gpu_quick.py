@@ -41,6 +41,7 @@ EMBEDDING_DIM = 128
 DENSE_ARCH = [512, 256, 128]
 OVER_ARCH = [1024, 1024, 512, 256, 1]
 KINDS = ["sgd", "adagrad", "rowwise_adagrad", "decayed_adagrad", "rowwise_adam", "adam"]
+REMAP_SECONDS = 25  # kept for the remap part out of --budget-s
 
 
 def table_rows(cap: int) -> list[int]:
@@ -120,7 +121,13 @@ def train_one_kind(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_kinds(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
+    deadline = time.monotonic() + args.budget_s - REMAP_SECONDS if args.budget_s else float("inf")
     for kind in args.kinds:
+        timeout = int(min(args.kind_timeout, deadline - time.monotonic()))
+        if timeout < 20:
+            rows.append({"kind": kind, "error": f"not run: out of time (--budget-s {args.budget_s})"})
+            continue
+        print(f"[gpu_quick] {kind} (at most {timeout} s)", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             cmd = [sys.executable, __file__, "--child-kind", kind, "--child-result", str(out), *_shared_flags(args)]
@@ -128,13 +135,13 @@ def run_kinds(args: argparse.Namespace) -> list[dict[str, Any]]:
             for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
                 env.pop(key, None)
             try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.kind_timeout)
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
                 if proc.returncode == 0:
                     rows.append(json.loads(out.read_text()))
                     continue
                 error = _last_error_line(proc.stderr)
             except subprocess.TimeoutExpired:
-                error = f"timed out after {args.kind_timeout} s"
+                error = f"timed out after {timeout} s"
             print(f"[gpu_quick] {kind} failed: {error}", file=sys.stderr)
             rows.append({"kind": kind, "error": error})
     return rows
@@ -229,6 +236,7 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=1_000_000, help="rows per table at most")
     parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     parser.add_argument("--kind-timeout", type=int, default=150, help="seconds for one kind's process")
+    parser.add_argument("--budget-s", type=int, default=0, help="whole run's seconds: kinds that would not fit are not run")
     parser.add_argument("--remap-capacity", type=int, default=1 << 20)
     parser.add_argument("--remap-batch", type=int, default=1 << 18)
     parser.add_argument("--remap-steps", type=int, default=20)
