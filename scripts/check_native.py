@@ -35,6 +35,7 @@ def ops_with_kernel(dispatch_key: str) -> list[str]:
 def main() -> int:
     sys.path.insert(0, str(REPO))
     plan = _setup_module().current_build_plan()
+    print(f"build plan (setup.py): {plan}")
     if plan == "none":
         print("native extension: not built (LS_NO_NATIVE=1); lightning_sparse runs the PyTorch twins")
         return 0
