@@ -26,7 +26,7 @@ PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 WITH_NVCC=0
 [[ "${1:-}" == "--with-nvcc" ]] && WITH_NVCC=1
 
-FBGEMM=fbgemm-gpu==1.6.0
+FBGEMM=${FBGEMM:-fbgemm-gpu==1.6.0}
 SMALL=(torchrec==1.6.1 tensordict==0.15.3 pyvers==0.2.3 iopath==0.1.9)  # iopath 0.1.10 is a source archive only
 NVCC=("nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*")
 # The GPU machine: CPython 3.12 on x86-64 Linux; pure-Python wheels match any platform.
@@ -61,7 +61,8 @@ bundle() {
   echo "$name $dir $sum $(cd "$DEST/$dir" && ls "$name".tar.xz.part-* | tr '\n' ' ')" >> "$DEST/small/MANIFEST"
 }
 
-bundle fbgemm_gpu-1.6.0 fbgemm "$DEST"/download/fbgemm_gpu-*.whl
+wheel=$(ls "$DEST"/download/*.whl)
+bundle "$(basename "$wheel" | cut -d- -f1-2)" fbgemm "$wheel"  # e.g. fbgemm_gpu-1.6.0
 if [[ $WITH_NVCC == 1 ]]; then
   "$PY" -m pip download -q "${TARGET[@]}" -d "$DEST/download/nvcc" "${NVCC[@]}"
   bundle cuda-nvcc-13.0 nvcc "$DEST"/download/nvcc/*.whl
