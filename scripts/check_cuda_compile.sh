@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every cuda_ops/*.cu to an object file with nvcc, on a machine without a GPU or CUDA toolkit:
+# Compiles every cuda_ops/*.cu (whatever files exist) to an object file with nvcc, on a machine without a GPU or CUDA toolkit:
 # a compile-only check of the CUDA kernels (syntax, types, templates) before they reach a GPU machine.
 #
 # nvcc comes from NVIDIA's CUDA 13 pip wheels (the CUDA 12 wheels ship ptxas but no nvcc), installed
@@ -22,11 +22,28 @@ from torch.utils.cpp_extension import include_paths
 print(include_paths()[0], sysconfig.get_paths()['include'], int(torch._C._GLIBCXX_USE_CXX11_ABI))")
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-for source in cuda_ops/*.cu; do
-  "$CUDA_HOME_DIR/bin/nvcc" -c -std=c++20 -O3 -DWITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
+shopt -s nullglob
+SOURCES=(cuda_ops/*.cu)
+if [[ ${#SOURCES[@]} -eq 0 ]]; then
+  echo "error: no cuda_ops/*.cu to compile" >&2
+  exit 1
+fi
+# Every source is compiled even after a failure, so one run lists all the broken files.
+FAILED=()
+for source in "${SOURCES[@]}"; do
+  if "$CUDA_HOME_DIR/bin/nvcc" -c -std=c++20 -O3 -DWITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
     -D_GLIBCXX_USE_CXX11_ABI="$ABI" -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
     -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
     --expt-relaxed-constexpr -Xcompiler -fPIC -I"$TORCH_INCLUDE" -I"$TORCH_INCLUDE/torch/csrc/api/include" \
-    -I"$PY_INCLUDE" -gencode arch=compute_90,code=sm_90 "$@" "$source" -o "$OUT/$(basename "$source").o"
-  echo "compiled $source"
+    -I"$PY_INCLUDE" -gencode arch=compute_90,code=sm_90 "$@" "$source" -o "$OUT/$(basename "$source").o"; then
+    echo "compiled $source"
+  else
+    echo "FAILED   $source" >&2
+    FAILED+=("$source")
+  fi
 done
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+  echo "error: ${#FAILED[@]} of ${#SOURCES[@]} CUDA sources failed to compile: ${FAILED[*]}" >&2
+  exit 1
+fi
+echo "all ${#SOURCES[@]} CUDA sources compiled: ${SOURCES[*]}"

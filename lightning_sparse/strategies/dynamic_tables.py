@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_sparse.distributed_utils import collective_device
 from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, HashPlacement, shard_of
 from lightning_sparse.dynamic.kjt import split_by_key, values_of, with_slots
 from lightning_sparse.dynamic.table import initial_rows
@@ -152,7 +153,9 @@ class DynamicTables(nn.Module):
         owners = self.partition_ranks[table]
         n_partitions = len(owners)
         world = _world_size()
+        ids_device = ids.device
         if world > 1:
+            ids = ids.to(collective_device())  # the backend's device: nccl refuses CPU tensors, gloo takes them
             destination = torch.tensor(owners, device=ids.device)[_partition_of(ids, n_partitions)]
             order = torch.argsort(destination, stable=True)
             send_counts = torch.bincount(destination, minlength=world)
@@ -184,6 +187,7 @@ class DynamicTables(nn.Module):
             dist.all_to_all_single(returned, rows, send_splits, recv_splits)
             rows = torch.empty_like(returned)
             rows[order] = returned
+        rows = rows.to(ids_device)
         if not admit:
             return rows, torch.zeros(0, dtype=torch.int64)
         by_partition: dict[int, torch.Tensor] = {}

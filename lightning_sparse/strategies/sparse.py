@@ -23,6 +23,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+from lightning_sparse.distributed_utils import collective_device
 from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
 from lightning_sparse.strategies import checkpoint as sharded_checkpoint
 from lightning_sparse.strategies.dynamic_tables import DynamicTables
@@ -187,10 +188,11 @@ class SparseStrategy(DDPStrategy):
         """The rows any rank read of a data-parallel table of ``num_rows`` rows (one all-reduce of a mask)."""
         if self.world_size == 1:
             return rows
-        mask = torch.zeros(num_rows, dtype=torch.int32, device=self.root_device)
-        mask[rows.to(self.root_device)] = 1
+        device = collective_device()
+        mask = torch.zeros(num_rows, dtype=torch.int32, device=device)
+        mask[rows.to(device)] = 1
         dist.all_reduce(mask)
-        return mask.nonzero().squeeze(1)
+        return mask.nonzero().squeeze(1).to(rows.device)
 
     def setup_optimizers(self, trainer: Trainer) -> None:
         """Builds the user's (dense) optimizers, then removes the embedding weights from them."""
@@ -223,7 +225,7 @@ class SparseStrategy(DDPStrategy):
         """Sum of an integer over all ranks (e.g. bytes of local shards), or the value without a process group."""
         if not (dist.is_available() and dist.is_initialized()):
             return value
-        total = torch.tensor([value], dtype=torch.int64, device=self.root_device)  # nccl takes device tensors only
+        total = torch.tensor([value], dtype=torch.int64, device=collective_device())  # nccl refuses CPU tensors
         dist.all_reduce(total)
         return int(total.item())
 
