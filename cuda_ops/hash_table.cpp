@@ -39,15 +39,8 @@ using namespace lightning_sparse_hash;
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kSlotGrain = 1 << 16;
 
-// The state with the CPU's erase by slot and slot reset.
+// The state with the CPU's slot reset.
 struct Table : TableView {
-  // Deletes the entry of `slot`, which holds `id`; found by its slot number, so the search reads no slot ids.
-  void erase_entry(int64_t id, int32_t slot) {
-    uint64_t pos = home(id);
-    while (index[pos] != slot) pos = (pos + 1) & mask;
-    erase_at(pos);
-  }
-
   void clear(int64_t s) {
     slot_ids[s] = 0;
     count[s] = 0;

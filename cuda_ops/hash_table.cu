@@ -3,11 +3,14 @@
 //
 // The policy and its tie-breaking are defined in lightning_sparse/dynamic/reference.py. Parallel kernels
 // only do order-independent work: probes of distinct ids, updates of distinct slots, integer atomic adds
-// to the sketch (estimates are read in a second kernel, after every add), coins, victim priorities.
-// unique / sort / compaction are ATen's CUDA ops (sorted unique, stable sorts), which give the twin's
-// orders exactly. Everything whose order shapes the state (index erases with backward shift, then
-// inserts; free-stack pushes) runs in a single-thread kernel in the documented order, so the index
-// layout matches the CPU's position by position.
+// to the sketch (estimates are read in a second kernel, after every add), coins, victim priorities,
+// free-stack pushes to distinct places. unique / sort / compaction / scans are ATen's CUDA ops (sorted
+// unique, stable sorts), which give the twin's orders exactly. The index mutations, whose order shapes
+// the layout (erases with backward shift, then inserts), run one thread per probe cluster, each
+// cluster's operations serially in the documented order (hash_table_common.h says why that reproduces
+// the serial layout position by position): a kernel of erases over the clusters of the index before
+// them, then a kernel of inserts over the clusters of the index after them. Only the operations that
+// fall into one cluster share a thread.
 //
 // Host syncs per remap: the free count, unique's size, the eligible ids' count, and only when the table
 // is full the evictable slots' count and the number of wins. lookup has none; expire has one.
@@ -36,21 +39,8 @@ using namespace lightning_sparse_hash;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;  // grid-stride loops cover the rest
 
-// The state with the device's erase by id.
-struct Table : TableView {
-  // Deletes the entry of `id`. An id that is not indexed (only in a corrupt state) is left alone rather
-  // than probing forever.
-  __device__ void erase(int64_t id) {
-    uint64_t pos = home(id);
-    while (true) {
-      const int32_t e = index[pos];
-      if (e < 0) return;
-      if (slot_ids[e] == id) break;
-      pos = (pos + 1) & mask;
-    }
-    erase_at(pos);
-  }
-};
+// The device kernels need nothing beyond the shared view of the state.
+using Table = TableView;
 
 // decay ** dt as the product of powers[b] (= decay ** 2**b) at the set bits of dt, ascending.
 __device__ __forceinline__ double decay_pow(int64_t dt, const double* powers) {
@@ -165,13 +155,19 @@ __global__ void victim_priority_kernel(Table t, const int64_t* __restrict__ slot
   }
 }
 
-// The order-dependent index mutations of a remap, in one thread: victims erased in victim order (their
-// slot_ids still hold the evicted ids), then the new ids inserted in assignment order.
-__global__ void remap_index_kernel(Table t, const int64_t* __restrict__ victims, int64_t n_victims,
-                                   const int64_t* __restrict__ new_ids, const int64_t* __restrict__ assigned,
-                                   int64_t n_assigned) {
-  for (int64_t j = 0; j < n_victims; ++j) t.erase(t.slot_ids[victims[j]]);
-  for (int64_t j = 0; j < n_assigned; ++j) t.insert(new_ids[j], static_cast<int32_t>(assigned[j]));
+__global__ void homes_kernel(Table t, const int64_t* __restrict__ ids, int64_t n, int64_t* __restrict__ out) {
+  GRID_STRIDE(i, n) { out[i] = static_cast<int64_t>(t.home(ids[i])); }
+}
+
+// One thread per probe cluster: the first op of each group runs the group's ops in order.
+__global__ void erase_groups_kernel(Table t, const int64_t* __restrict__ slots, const int64_t* __restrict__ order,
+                                    const int64_t* __restrict__ key, int64_t n) {
+  GRID_STRIDE(i, n) { erase_group(t, slots, order, key, n, i); }
+}
+
+__global__ void insert_groups_kernel(Table t, const int64_t* __restrict__ ids, const int64_t* __restrict__ slots,
+                                     const int64_t* __restrict__ order, const int64_t* __restrict__ key, int64_t n) {
+  GRID_STRIDE(i, n) { insert_group(t, ids, slots, order, key, n, i); }
 }
 
 // A new slot: count = score = the sketch estimate, stamps (step, now). Runs after the erases (which read
@@ -197,15 +193,17 @@ __global__ void expire_mark_kernel(Table t, int64_t step, double now, int64_t tt
   }
 }
 
-// The order-dependent part of a sweep, in one thread: erase the expired ids in ascending slot order,
-// push their slots so the lowest pops first, and update meta / counters.
-__global__ void expire_index_kernel(Table t, const int64_t* __restrict__ slots, int64_t m, int64_t step) {
-  for (int64_t j = 0; j < m; ++j) t.erase(t.slot_ids[slots[j]]);
-  int64_t free = t.meta[kFreeCount];
-  for (int64_t j = m - 1; j >= 0; --j) t.free_list[free++] = static_cast<int32_t>(slots[j]);
-  t.meta[kFreeCount] = free;
-  t.meta[kLastSweepStep] = step;
-  t.counters[kExpired] += m;
+// A sweep's pushes on the free stack, so that the lowest expired slot pops first: the j-th push is the
+// j-th highest slot. The free count moves in the next kernel, after every thread has read it.
+__global__ void push_free_kernel(Table t, const int64_t* __restrict__ slots, int64_t m) {
+  const int64_t free = t.meta[kFreeCount];
+  GRID_STRIDE(j, m) { t.free_list[free + j] = static_cast<int32_t>(slots[m - 1 - j]); }
+}
+
+__global__ void finish_sweep_kernel(int64_t* meta, int64_t* counters, int64_t m, int64_t step) {
+  meta[kFreeCount] += m;
+  meta[kLastSweepStep] = step;
+  counters[kExpired] += m;
 }
 
 __global__ void clear_slots_kernel(Table t, const int64_t* __restrict__ slots, int64_t m) {
@@ -226,11 +224,39 @@ Table make_table(const at::Tensor& slot_ids, const at::Tensor& slot_count, const
                  const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
                  const at::Tensor& counters) {
   TORCH_CHECK(slot_ids.device().is_cuda(), "hash table state 'slot_ids' must be a CUDA tensor here, got ", slot_ids.device());
-  Table t;
-  static_cast<TableView&>(t) = view_state(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list,
-                                          index, sketch, meta, counters);
-  return t;
+  return view_state(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
+                    counters);
 }
+
+// The device's part of update_index_by_clusters (hash_table_common.h).
+struct DeviceClusterRunner {
+  Table t;
+  cudaStream_t stream;
+
+  at::Tensor homes(const at::Tensor& ids) const {
+    const at::Tensor c = ids.contiguous();
+    at::Tensor out = at::empty({c.numel()}, c.options());
+    homes_kernel<<<blocks_for(c.numel()), kThreads, 0, stream>>>(t, c.data_ptr<int64_t>(), c.numel(),
+                                                                  out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+
+  void erase(const ClusterGroups& g, const at::Tensor& slots) const {
+    const at::Tensor s = slots.contiguous();
+    erase_groups_kernel<<<blocks_for(g.size()), kThreads, 0, stream>>>(
+        t, s.data_ptr<int64_t>(), g.order.data_ptr<int64_t>(), g.key.data_ptr<int64_t>(), g.size());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void insert(const ClusterGroups& g, const at::Tensor& ids, const at::Tensor& slots) const {
+    const at::Tensor a = ids.contiguous(), s = slots.contiguous();
+    insert_groups_kernel<<<blocks_for(g.size()), kThreads, 0, stream>>>(
+        t, a.data_ptr<int64_t>(), s.data_ptr<int64_t>(), g.order.data_ptr<int64_t>(), g.key.data_ptr<int64_t>(),
+        g.size());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 }  // namespace
 
@@ -347,16 +373,16 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
     counters.narrow(0, kRejectedFull, 1).add_(rest - wins);
   }
 
-  // G. index updates (one thread, in order), then the new slots' fields, then the output slots: a hit's
-  // slot never moves (victims are never hit slots), a miss has one now iff it was assigned one.
+  // G. index updates (by probe cluster; the erases read the victims' old slot_ids), then the new slots'
+  // fields, then the output slots: a hit's slot never moves (victims are never hit slots), a miss has one
+  // now iff it was assigned one.
   const at::Tensor assigned = at::cat({free_slots, victims});
   const int64_t n_assigned = assigned.numel();
   const at::Tensor new_ids = cand.narrow(0, 0, n_assigned).contiguous();
   const at::Tensor new_f = cand_f.narrow(0, 0, n_assigned).contiguous();
   if (n_assigned > 0) {
-    remap_index_kernel<<<1, 1, 0, stream>>>(t, victims.data_ptr<int64_t>(), victims.numel(),
-                                            new_ids.data_ptr<int64_t>(), assigned.data_ptr<int64_t>(), n_assigned);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DeviceClusterRunner run{t, stream};
+    update_index_by_clusters(index, slot_ids, victims, new_ids, assigned, run);
     write_slots_kernel<<<blocks_for(n_assigned), kThreads, 0, stream>>>(
         t, assigned.data_ptr<int64_t>(), new_ids.data_ptr<int64_t>(), new_f.data_ptr<int64_t>(), n_assigned, step, now);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -414,17 +440,37 @@ at::Tensor hash_expire_cuda(const at::Tensor& slot_ids, const at::Tensor& slot_c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor expired = at::nonzero(quiet).view({-1}).contiguous();  // ascending slots
   const int64_t m = expired.numel();
-  // also when nothing expired: it stamps the sweep step
-  expire_index_kernel<<<1, 1, 0, stream>>>(t, expired.data_ptr<int64_t>(), m, step);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (m > 0) {
+    // erased in ascending slot order (by probe cluster), before their slot_ids are cleared
+    DeviceClusterRunner run{t, stream};
+    update_index_by_clusters(index, slot_ids, expired, expired.narrow(0, 0, 0), expired.narrow(0, 0, 0), run);
     clear_slots_kernel<<<blocks_for(m), kThreads, 0, stream>>>(t, expired.data_ptr<int64_t>(), m);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    push_free_kernel<<<blocks_for(m), kThreads, 0, stream>>>(t, expired.data_ptr<int64_t>(), m);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  // also when nothing expired: it stamps the sweep step
+  finish_sweep_kernel<<<1, 1, 0, stream>>>(t.meta, t.counters, m, step);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return expired;
 }
 
+// hash_index_update (schema and CPU version: hash_index_clusters.cpp) on the GPU, with the kernels
+// that hash_remap and hash_expire use.
+std::tuple<at::Tensor, at::Tensor> hash_index_update_cuda(const at::Tensor& index, const at::Tensor& slot_ids,
+                                                          const at::Tensor& erase_slots, const at::Tensor& insert_ids,
+                                                          const at::Tensor& insert_slots) {
+  const at::Device device = slot_ids.device();
+  TORCH_CHECK(device.is_cuda(), "hash_index_update: slot_ids must be a CUDA tensor here, got ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  check_index_update(index, slot_ids, erase_slots, insert_ids, insert_slots, device);
+  DeviceClusterRunner run{index_view(index, slot_ids), c10::cuda::getCurrentCUDAStream()};
+  const auto clusters = update_index_by_clusters(index, slot_ids, erase_slots, insert_ids, insert_slots, run);
+  return {clusters.first, clusters.second};
+}
+
 TORCH_LIBRARY_IMPL(lightning_sparse, CUDA, m) {
+  m.impl("hash_index_update", hash_index_update_cuda);
   m.impl("hash_remap", hash_remap_cuda);
   m.impl("hash_lookup", hash_lookup_cuda);
   m.impl("hash_expire", hash_expire_cuda);

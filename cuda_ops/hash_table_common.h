@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <tuple>
+#include <utility>
 
 #ifdef __CUDACC__
 #define LS_HOST_DEVICE __host__ __device__
@@ -73,6 +75,19 @@ struct TableView {
       if (slot_ids[e] == id) return e;
       pos = (pos + 1) & mask;
     }
+  }
+
+  // Deletes the entry of `slot`, which holds `id`, found by its slot number (no slot ids read). A slot
+  // that is not indexed (only in a corrupt state) is left alone rather than probing forever.
+  LS_HOST_DEVICE void erase_entry(int64_t id, int32_t slot) {
+    uint64_t pos = home(id);
+    while (true) {
+      const int32_t e = index[pos];
+      if (e < 0) return;
+      if (e == slot) break;
+      pos = (pos + 1) & mask;
+    }
+    erase_at(pos);
   }
 
   LS_HOST_DEVICE void insert(int64_t id, int32_t slot) {
@@ -151,6 +166,158 @@ inline TableView view_state(const at::Tensor& slot_ids, const at::Tensor& slot_c
   t.depth = sketch.size(0);
   t.width = w;
   return t;
+}
+
+// The index and slot ids alone (what hash_index_update needs), viewed.
+inline TableView index_view(const at::Tensor& index, const at::Tensor& slot_ids) {
+  TableView t{};
+  t.slot_ids = slot_ids.data_ptr<int64_t>();
+  t.index = index.data_ptr<int32_t>();
+  t.capacity = slot_ids.numel();
+  t.mask = static_cast<uint64_t>(index.numel() - 1);
+  return t;
+}
+
+// Validates hash_index_update's arguments: what the serial update needs to end (every erased slot
+// indexed once, at most `capacity` entries after), in the state's dtypes, on `device`.
+inline void check_index_update(const at::Tensor& index, const at::Tensor& slot_ids, const at::Tensor& erase_slots,
+                               const at::Tensor& insert_ids, const at::Tensor& insert_slots, const at::Device& device) {
+  check_state(index, at::kInt, "index", device);
+  check_state(slot_ids, at::kLong, "slot_ids", device);
+  check_state(erase_slots, at::kLong, "erase_slots", device);
+  check_state(insert_ids, at::kLong, "insert_ids", device);
+  check_state(insert_slots, at::kLong, "insert_slots", device);
+  const int64_t c = slot_ids.numel(), h = index.numel();
+  TORCH_CHECK(h >= 2 * c && (h & (h - 1)) == 0, "hash_index_update: the index must have a power-of-two size >= 2 * ",
+              c, " (the slots' count), got ", h);
+  TORCH_CHECK(erase_slots.dim() == 1 && insert_ids.dim() == 1 && insert_slots.sizes() == insert_ids.sizes(),
+              "hash_index_update: erase_slots, insert_ids and insert_slots must be 1-D, one slot per inserted id");
+  for (const at::Tensor& slots : {erase_slots, insert_slots}) {
+    TORCH_CHECK(slots.numel() == 0 || (slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < c),
+                "hash_index_update: slots must lie in [0, ", c, ")");
+  }
+  const at::Tensor entries = index.masked_select(index.ge(0)).to(at::kLong);
+  TORCH_CHECK(std::get<0>(at::_unique(entries)).numel() == entries.numel(),
+              "hash_index_update: the index holds a slot twice");
+  TORCH_CHECK(std::get<0>(at::_unique(erase_slots)).numel() == erase_slots.numel() &&
+                  at::isin(erase_slots, entries).all().item<bool>(),
+              "hash_index_update: erase_slots must be distinct indexed slots");
+  TORCH_CHECK(entries.numel() - erase_slots.numel() + insert_ids.numel() <= c,
+              "hash_index_update: more entries than the ", c, " slots after the update");
+}
+
+// ---- Index updates by independent probe clusters ---------------------------------------------------
+//
+// A remap erases its victims from the index in victim order, then inserts the admitted ids in assignment
+// order; a sweep erases the expired ids in slot order. Inside a probe cluster (a maximal run of occupied
+// positions) that order decides the layout: which of two colliding ids takes the earlier position, and
+// which entry a backward shift moves into a hole. Across clusters it decides nothing, because no
+// operation reads or writes beyond the empty positions around its cluster:
+// - An erase probes from the id's home (in the entry's cluster) to its entry, then shifts later entries
+//   of that cluster back, up to its next empty position. It writes only positions that were occupied, so
+//   no erase fills an empty position: erases in different clusters of the index as it was before them
+//   touch disjoint positions.
+// - An insert probes from its home to the first empty position and fills it. Every position it passes
+//   or fills is occupied once all inserts are done: inserts in different clusters of the index as it is
+//   after them touch disjoint positions. Those final clusters are known before inserting: linear probing
+//   fills the same set of positions whatever the insertion order (only which id lands where depends on
+//   it), and empty_after_inserts finds that set with a scan.
+// So each cluster's operations, run serially in their original relative order, write exactly what the
+// serial update writes there, whatever runs concurrently in other clusters. The CUDA kernels run one
+// thread per cluster (hash_table.cu); the CPU op hash_index_update runs the same plan cluster by
+// cluster in reverse order, so tests check the decomposition on the host (hash_index_clusters.cpp).
+// What stays serial: the operations of one cluster, in one thread.
+
+// Positions fit int32 up to 2**30 entries (sums below stay under 2**31: a call has < 2**28 ids).
+inline at::ScalarType position_dtype(int64_t h) { return h <= (int64_t(1) << 30) ? at::kInt : at::kLong; }
+
+// The cluster of each index position, named by the nearest empty position at or before it, cyclically
+// (a cluster that wraps past the end belongs to the last empty position). `empty` has a true somewhere.
+inline at::Tensor cluster_of_position(const at::Tensor& empty) {
+  const int64_t h = empty.numel();
+  const at::Tensor marked = at::where(empty, at::arange(h, empty.options().dtype(position_dtype(h))), -1);
+  const at::Tensor last = std::get<0>(at::cummax(marked, 0));
+  return at::where(last.lt(0), marked.max(), last);
+}
+
+// Which positions of `index` are still empty after inserting ids whose home positions are `homes` (int64),
+// provided some position stays empty. Keys waiting to be placed are carried forward: a(p) = homes at p
+// minus [p empty], carry_out(p) = max(0, carry_out(p - 1) + a(p)), which with S = cumsum(a) and a carry x
+// into position 0 is S(p) - min(-x, min(S(0..p))). Started with x = 0 the carry is exact from the first
+// position that stays empty on, hence at the end, where it is the true x of the cyclic index.
+inline at::Tensor empty_after_inserts(const at::Tensor& index, const at::Tensor& homes) {
+  const int64_t h = index.numel();
+  const at::ScalarType dt = position_dtype(h);
+  const at::Tensor empty = index.lt(0);
+  const at::Tensor sorted_homes = std::get<0>(at::sort(homes.to(dt)));
+  const at::Tensor positions = at::arange(h, index.options().dtype(dt));
+  // homes at or before each position, and at each position (searchsorted: deterministic, no atomics)
+  const at::Tensor up_to = at::searchsorted(sorted_homes, positions, /*out_int32=*/dt == at::kInt, /*right=*/true);
+  const at::Tensor arriving = at::diff(up_to, 1, 0, at::zeros({1}, up_to.options()));
+  const at::Tensor s = up_to - at::cumsum(empty, 0, dt);
+  const at::Tensor low = std::get<0>(at::cummin(s, 0));
+  const at::Tensor wrap = (s - low.clamp_max(0)).select(0, h - 1);
+  const at::Tensor carry_in = at::roll(s - at::minimum(low, wrap.neg()), {1}, {0});
+  return empty.logical_and(carry_in.add(arriving).eq(0));
+}
+
+// Operations grouped by the cluster they touch: op order[i] belongs to cluster key[i]; keys ascend, and
+// within a run of equal keys (one group) the op numbers ascend, which is the order to run them in.
+struct ClusterGroups {
+  at::Tensor order;  // int64 op numbers
+  at::Tensor key;    // int64 cluster of each, as named by cluster_of_position
+  at::Tensor of_op;  // the cluster of each op, in op order (for tests)
+  int64_t size() const { return order.numel(); }
+};
+
+inline ClusterGroups group_by_cluster(const at::Tensor& cluster, const at::Tensor& homes) {
+  ClusterGroups g;
+  g.of_op = cluster.index_select(0, homes).to(at::kLong);
+  std::tie(g.key, g.order) = at::sort(g.of_op, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  return g;
+}
+
+// The first op of each group runs the whole group serially; the others return. i: a position in
+// ClusterGroups.order. erase_group erases the entries of slots[op] (whose slot_ids still hold their
+// ids); insert_group indexes ids[op] -> slots[op].
+LS_HOST_DEVICE inline void erase_group(TableView& t, const int64_t* slots, const int64_t* order, const int64_t* key,
+                                       int64_t n, int64_t i) {
+  if (i > 0 && key[i - 1] == key[i]) return;
+  for (int64_t j = i; j < n && key[j] == key[i]; ++j) {
+    const int64_t s = slots[order[j]];
+    t.erase_entry(t.slot_ids[s], static_cast<int32_t>(s));
+  }
+}
+
+LS_HOST_DEVICE inline void insert_group(TableView& t, const int64_t* ids, const int64_t* slots, const int64_t* order,
+                                        const int64_t* key, int64_t n, int64_t i) {
+  if (i > 0 && key[i - 1] == key[i]) return;
+  for (int64_t j = i; j < n && key[j] == key[i]; ++j) t.insert(ids[order[j]], static_cast<int32_t>(slots[order[j]]));
+}
+
+// Erases the index entries of `erase_slots` (int64, whose slot_ids still hold their ids) in order, then
+// indexes insert_ids[j] -> insert_slots[j] in order, with the results of doing so serially, one cluster
+// per group. `run` supplies the device's part: homes(ids) -> int64 home positions, erase(groups, slots),
+// insert(groups, ids, slots), each running every group given. Returns the cluster of each erase and
+// each insert (op order).
+template <typename Runner>
+std::pair<at::Tensor, at::Tensor> update_index_by_clusters(const at::Tensor& index, const at::Tensor& slot_ids,
+                                                           const at::Tensor& erase_slots, const at::Tensor& insert_ids,
+                                                           const at::Tensor& insert_slots, Runner& run) {
+  at::Tensor erase_cluster = at::empty({0}, erase_slots.options()), insert_cluster = at::empty({0}, insert_ids.options());
+  if (erase_slots.numel() > 0) {
+    const at::Tensor homes = run.homes(slot_ids.index_select(0, erase_slots));
+    const ClusterGroups groups = group_by_cluster(cluster_of_position(index.lt(0)), homes);
+    run.erase(groups, erase_slots);
+    erase_cluster = groups.of_op;
+  }
+  if (insert_ids.numel() > 0) {
+    const at::Tensor homes = run.homes(insert_ids);
+    const ClusterGroups groups = group_by_cluster(cluster_of_position(empty_after_inserts(index, homes)), homes);
+    run.insert(groups, insert_ids, insert_slots);
+    insert_cluster = groups.of_op;
+  }
+  return {erase_cluster, insert_cluster};
 }
 
 }  // namespace lightning_sparse_hash

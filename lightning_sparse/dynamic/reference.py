@@ -93,24 +93,32 @@ def _index_erase(index, slot_ids, homes_of, key: int, home: int, mask: int) -> N
     index[hole] = -1
 
 
-def _erase_many(t: TableTensors, keys: torch.Tensor) -> None:
-    if keys.numel() == 0:
-        return
-    mask = t.index.numel() - 1
-    index, slot_ids = t.index.numpy(), t.slot_ids.numpy()
+def update_index(
+    index: torch.Tensor,
+    slot_ids: torch.Tensor,
+    erase_slots: torch.Tensor,
+    insert_ids: torch.Tensor,
+    insert_slots: torch.Tensor,
+) -> None:
+    """Twin of ``hash_index_update``, serially: erases the entries of ``erase_slots`` (whose ``slot_ids``
+    still hold their ids) in order, then indexes ``insert_ids[j] -> insert_slots[j]`` in order.
+
+    These are the index mutations of a remap (victims, then the admitted ids in assignment order) and of
+    a sweep (expired slots, nothing inserted); the native kernels run them by independent probe
+    clusters with the same result.
+    """
+    mask = index.numel() - 1
+    index_np, slot_ids_np = index.numpy(), slot_ids.numpy()
 
     def home_of(key: int) -> int:
         return index_home_int(key, mask)
 
-    for key, home in zip(keys.tolist(), index_home(keys, mask).tolist()):
-        _index_erase(index, slot_ids, home_of, key, home, mask)
-
-
-def _insert_many(t: TableTensors, keys: torch.Tensor, slots: torch.Tensor) -> None:
-    mask = t.index.numel() - 1
-    index, slot_ids = t.index.numpy(), t.slot_ids.numpy()
-    for key, slot, home in zip(keys.tolist(), slots.tolist(), index_home(keys, mask).tolist()):
-        _index_insert(index, slot_ids, key, slot, home, mask)
+    erase_ids = slot_ids[erase_slots.to(torch.int64)]
+    for key, home in zip(erase_ids.tolist(), index_home(erase_ids, mask).tolist()):
+        _index_erase(index_np, slot_ids_np, home_of, key, home, mask)
+    insert_ids = insert_ids.to(torch.int64)
+    for key, slot, home in zip(insert_ids.tolist(), insert_slots.tolist(), index_home(insert_ids, mask).tolist()):
+        _index_insert(index_np, slot_ids_np, key, slot, home, mask)
 
 
 def _clear_slots(t: TableTensors, slots: torch.Tensor) -> None:
@@ -197,18 +205,17 @@ def remap(
         victims = evictable[vorder[:wins]]
         t.counters[Counter.EVICTED] += wins
         t.counters[Counter.REJECTED_FULL] += rest - wins
-        _erase_many(t, t.slot_ids[victims].clone())
-        _clear_slots(t, victims)
 
-    # 5. write the new ids
+    # 5. index updates (victims erased, then the new ids inserted), then the new ids' slots written
     assigned = torch.cat([free_slots, victims])
     new_ids, new_f = cand[: assigned.numel()], cand_f[: assigned.numel()]
+    update_index(t.index, t.slot_ids, victims, new_ids, assigned)
+    _clear_slots(t, victims)
     t.slot_ids[assigned] = new_ids
     t.slot_count[assigned] = new_f
     t.slot_last_step[assigned] = step
     t.slot_last_time[assigned] = now
     t.slot_score[assigned] = new_f.to(torch.float64)
-    _insert_many(t, new_ids, assigned)
     t.counters[Counter.ADMITTED] += assigned.numel()
 
     slot[~hit] = lookup_local(miss_ids, t)
@@ -235,7 +242,7 @@ def expire(t: TableTensors, step: int, now: float, ttl_steps: int, ttl_seconds: 
     if ttl_seconds > 0:
         quiet |= (now - t.slot_last_time) > ttl_seconds
     slots = ((t.slot_count > 0) & quiet).nonzero().flatten()
-    _erase_many(t, t.slot_ids[slots].clone())
+    update_index(t.index, t.slot_ids, slots, slots[:0], slots[:0])
     _clear_slots(t, slots)
     free = int(t.meta[Meta.FREE_COUNT])
     t.free_list[free : free + slots.numel()] = slots.flip(0).to(torch.int32)
