@@ -223,7 +223,8 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
         "dynamic": None,
     }
     assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
-                         "process_group_backend", "timeout", "start_method"}  # no accelerator/devices internals
+                         "process_group_backend", "timeout", "start_method",
+                         "on_signal", "signal_checkpoint_path"}  # no accelerator/devices internals
     # Linked from the data module, so not settable on the model.
     assert "num_embeddings_per_feature" not in cfg["model"]["init_args"]
     printed = tmp_path / "printed.yaml"
