@@ -3,7 +3,9 @@
 With ``start_method="popen"`` (what ``lightning-sparse fit`` and scripts use), rank 0 is the process that
 starts ranks 1..N-1 as its children. Lightning's ``_SubprocessScriptLauncher`` leaves two gaps:
 - a SIGTERM/SIGINT to the launching process during start-up (before the trainer's handlers exist) ends it
-  alone; its children wait for it in the rendezvous until the collective timeout;
+  alone; its children wait for it in the rendezvous until the collective timeout. Here the launching
+  process forwards it to the ranks it started, at once and even while its main thread waits in C++
+  (see :meth:`SparseScriptLauncher._forward_stop_signals`), then ends as it would have;
 - its observer thread polls the children every 5 s and, when one exits with a non-zero code, SIGKILLs every
   process, rank 0 included, logging only at INFO level: the user sees rank 0 vanish after "Connection reset
   by peer" without being told which rank died. The same observer also kills rank 0 when a rank exits with
@@ -131,6 +133,10 @@ class SparseScriptLauncher(_SubprocessScriptLauncher):
         super().__init__(cluster_environment, num_processes, num_nodes)
         self.request = request
         self.watch: Optional[RankWatch] = None
+        self._previous: dict[int, Any] = {}  # this process's stop-signal handlers before ours
+        self._lock = threading.Lock()
+        self._spawning = False
+        self._pending = 0  # a stop signal that came while the children were being started
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         # Lightning's launch with its observer left out (_launch_process_observer; our watch replaces it).
@@ -140,13 +146,11 @@ class SparseScriptLauncher(_SubprocessScriptLauncher):
             if not self.cluster_environment.creates_processes_externally:
                 if self.num_processes > 1:
                     self._forward_stop_signals()
-                os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+                    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
                 self._call_children_scripts()
                 self.watch = RankWatch(self.request, [(first + i + 1, p) for i, p in enumerate(self.procs)], None)
             else:
-                launcher_pid = int(os.environ.get(LAUNCHER_PID_ENV, "0"))
-                parent = (first, launcher_pid) if launcher_pid and launcher_pid == os.getppid() else None
-                self.watch = RankWatch(self.request, [], parent)
+                self.watch = RankWatch(self.request, [], _launching_parent(first))
             self.watch.start()
         _set_num_threads_if_needed(num_processes=self.num_processes)
         self.watch.arm()
@@ -154,6 +158,19 @@ class SparseScriptLauncher(_SubprocessScriptLauncher):
             return function(*args, **kwargs)
         finally:
             self.watch.disarm()
+
+    def _call_children_scripts(self) -> None:
+        """Starts the other ranks; a stop signal that comes meanwhile is forwarded once all of them exist
+        (``self.procs`` is filled one by one: a child started but not yet listed would miss it)."""
+        with self._lock:
+            self._spawning = True
+        try:
+            super()._call_children_scripts()
+        finally:
+            with self._lock:
+                self._spawning, pending = False, self._pending
+        if pending:
+            self._forward(pending, None)
 
     def _forward_stop_signals(self) -> None:
         """Until the trainer installs its own handlers, a SIGTERM/SIGINT to this process reaches its children
@@ -167,33 +184,51 @@ class SparseScriptLauncher(_SubprocessScriptLauncher):
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in STOP_SIGNALS:
-            previous = signal.getsignal(signum)
-
-            def forward(sig: int, frame: Optional[FrameType], previous: Any = previous) -> None:
-                self.kill(sig)
-                if callable(previous):
-                    previous(sig, frame)
-                elif previous != signal.SIG_IGN:
-                    signal.signal(sig, signal.SIG_DFL)
-                    signal.raise_signal(sig)
-
-            signal.signal(signum, forward)
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._forward)
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         threading.Thread(target=self._forward_from_thread, args=(read_end,), name="lightning-sparse-signals", daemon=True).start()
 
+    def _forward(self, signum: int, frame: Optional[FrameType]) -> None:
+        """The main thread's handler: forward to the children, then this process's previous handling."""
+        if self._spawning:
+            self._pending = signum
+            return
+        self.kill(signum)
+        previous = self._previous[signum]
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
     def _forward_from_thread(self, read_end: int) -> None:
         while True:
             for signum in os.read(read_end, 64):
-                if signum in STOP_SIGNALS and not self.request.active:
-                    self.request.stopping = True  # the ranks it started end on it: not a failure to report
-                    self.kill(signum)
-                    timer = threading.Timer(EXIT_GRACE_S, self._exit_if_still_starting, args=(signum,))
-                    timer.daemon = True  # never keeps the process alive
-                    timer.start()
+                if signum not in STOP_SIGNALS or self.request.active:
+                    continue  # the trainer's handlers are in place: the ranks agree at the next step boundary
+                self.request.stopping = True  # the ranks it started end on it: not a failure to report
+                with self._lock:
+                    if self._spawning:
+                        self._pending = signum
+                        continue
+                self.kill(signum)
+                timer = threading.Timer(EXIT_GRACE_S, self._exit_if_still_starting, args=(signum,))
+                timer.daemon = True  # never keeps the process alive
+                timer.start()
 
     def _exit_if_still_starting(self, signum: int) -> None:
         if not self.request.active:
             log.error("lightning_sparse: %s during start-up; exiting", signal.Signals(signum).name)
             os._exit(128 + signum)
+
+
+def _launching_parent(first_rank: int) -> Optional[tuple[int, int]]:
+    """(global rank, pid) of the SparseScriptLauncher that started this rank, if one did. It may already be
+    gone (this rank was then re-parented): the watch then sees it at its first look."""
+    launcher_pid = int(os.environ.get(LAUNCHER_PID_ENV, "0"))
+    if not launcher_pid or launcher_pid == os.getpid():
+        return None
+    return first_rank, launcher_pid

@@ -1,19 +1,25 @@
-"""The stop options from YAML, their errors, the second-signal escape hatch and exit descriptions (no training)."""
+"""The stop options from YAML and their errors, the second-signal escape hatch, exit descriptions, and stops
+of test and predict runs in one process."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 from datetime import timedelta
 
+import lightning.pytorch as pl
 import pytest
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from conftest import REPO, _worker_env
 from lightning_sparse import SparseStrategy
 from lightning_sparse.cli import main
+from lightning_sparse.data import SyntheticClickDataModule
+from lightning_sparse.models import DLRMModule
 from lightning_sparse.strategies.launcher import describe_exit
 from lightning_sparse.strategies.signals import OnSignal
 
@@ -78,3 +84,66 @@ def test_a_second_signal_ends_the_process_at_once():
 )
 def test_exit_descriptions(returncode, text):
     assert describe_exit(returncode) == text
+
+
+def _one_process_run(callback: pl.Callback, test_batches: int) -> tuple[pl.Trainer, DLRMModule, SyntheticClickDataModule]:
+    sizes = [100, 200]
+    data = SyntheticClickDataModule(num_embeddings_per_feature=sizes, batch_size=16, num_test_batches=test_batches)
+    model = DLRMModule(num_embeddings_per_feature=sizes, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=SparseStrategy(), logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback],
+    )  # fmt: skip
+    return trainer, model, data
+
+
+class SignalAtBatch(pl.Callback):
+    """Sends SIGTERM to this process at the start of batch 1 of a test or predict run; counts ended batches."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    on_predict_batch_start = on_test_batch_start
+
+    def on_test_batch_end(self, *args):
+        self.ended += 1
+
+    on_predict_batch_end = on_test_batch_end
+
+
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_a_signal_stops_test_and_predict_after_the_current_batch(single_process_env, stage):
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # if ours were missing
+    try:
+        counter = SignalAtBatch()
+        trainer, model, data = _one_process_run(counter, test_batches=4)
+        with pytest.raises(SIGTERMException) as info:
+            getattr(trainer, stage)(model, data)
+        assert info.value.code == 128 + signal.SIGTERM
+        assert counter.ended == 2  # batch 1, during which the signal came, ended; batches 2 and 3 never started
+        assert received == []  # the trainer's handler took it, and the previous one is back
+        assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGTERM).__name__ == "<lambda>"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class SignalAtEnd(pl.Callback):
+    def on_test_end(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_after_the_last_batch_goes_to_the_previous_handler(single_process_env):
+    """No step boundary follows it: the stage ends normally, then the signal is passed on, not lost."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        trainer, model, data = _one_process_run(SignalAtEnd(), test_batches=2)
+        assert "test/auc" in trainer.test(model, data)[0]
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -97,6 +97,10 @@ class Job:
     def returncode(self) -> int:
         return self.proc.wait(timeout=STOP_WITHIN_S)
 
+    def stop_codes(self) -> list[str]:
+        """The exit code each rank gave its SystemExit (see stoppable.py)."""
+        return [(self.run_dir / f"rank{rank}.exit").read_text() for rank in (0, 1)]
+
     def end(self) -> None:
         """Kills what is left of the job: its ranks share the process group of the session it leads."""
         try:
@@ -126,6 +130,7 @@ def test_sigterm_to_rank0_mid_training_checkpoints_stops_both_and_resumes(tmp_pa
     job.wait_for("rank1.train")
     job.signal_and_wait(0, signal.SIGTERM, within=STOP_WITHIN_S)
     assert job.returncode() == 128 + signal.SIGTERM
+    assert job.stop_codes() == ["143", "143"]
     log = job.log()
     for rank in (0, 1):
         assert f"rank {rank}: SIGTERM received by a rank: every rank stops" in log
@@ -148,6 +153,7 @@ def test_signal_to_rank1_stops_both_ranks(tmp_path, jobs, phase, signum):
     job.wait_for(f"rank1.{phase}")
     job.signal_and_wait(1, signum, within=STOP_WITHIN_S)
     assert job.returncode() == 128 + signum
+    assert job.stop_codes() == [str(128 + signum)] * 2
     name = signal.Signals(signum).name
     for rank in (0, 1):
         assert f"rank {rank}: {name} received by a rank: every rank stops" in job.log()
@@ -179,10 +185,13 @@ def test_sigkill_of_rank1_is_named_and_rank0_exits(tmp_path, jobs):
 
 
 def test_rank1_killed_during_start_up_does_not_leave_rank0_waiting(tmp_path, jobs):
-    """Rank 0 would wait in the rendezvous until the collective timeout (300 s here); the launcher's watch
-    ends it ``EXIT_GRACE_S`` after it saw rank 1 die."""
+    """Rank 1 dies before it joins the rendezvous, where rank 0 would wait until the collective timeout
+    (300 s here); the launcher's watch ends rank 0 ``EXIT_GRACE_S`` (10 s) after it saw rank 1 die."""
     job = jobs(tmp_path / "run", "--timeout-s", 300)
-    pid1 = job.pid(1)
-    job.signal_and_wait(1, signal.SIGKILL, within=60)
-    assert job.returncode() == 1
-    assert f"rank 1 (pid {pid1}) was killed by SIGKILL" in job.log()
+    child = job.first_child()
+    start = time.monotonic()
+    os.kill(child, signal.SIGKILL)
+    assert job.proc.wait(timeout=60) == 1
+    assert time.monotonic() - start < 60
+    log = job.log()
+    assert f"rank 1 (pid {child}) was killed by SIGKILL; this rank is still running 10 s later: exiting" in log

@@ -3,13 +3,16 @@
 Each rank writes ``<run-dir>/rank<k>.pid`` as soon as the script starts, and ``<run-dir>/rank<k>.<phase>``
 (``train`` / ``validate``) at its first batch of that phase, so the test knows whom to signal and when.
 Every batch sleeps ``--step-sleep`` seconds, so a signal lands mid-phase. Rank 0 writes
-``<run-dir>/result.json`` (global step, checkpoint path) only when ``fit`` returns normally.
+``<run-dir>/result.json`` (global step) only when ``fit`` returns normally; a rank that stops on a signal
+writes its exit code to ``<run-dir>/rank<k>.exit``.
 """
 
 import argparse
 import json
 import os
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -72,8 +75,6 @@ def main() -> None:
         num_test_batches=2,
     )
     model = DLRMModule(num_embeddings_per_feature=sizes, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
-    from datetime import timedelta
-
     strategy = lightning_sparse.SparseStrategy(
         sharding="table_wise",
         timeout=timedelta(seconds=args.timeout_s),
@@ -103,4 +104,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    try:
+        main()
+    except SystemExit as stop:  # how a stopped rank ends: record its exit code (rank 1 is not the test's child)
+        rank = os.environ.get("LOCAL_RANK", "0")
+        run_dir = Path(sys.argv[sys.argv.index("--run-dir") + 1])
+        (run_dir / f"rank{rank}.exit").write_text(str(stop.code))
+        raise
