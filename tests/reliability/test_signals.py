@@ -143,8 +143,9 @@ def test_sigterm_to_rank0_mid_training_checkpoints_stops_both_and_resumes(tmp_pa
 
     resumed = jobs(tmp_path / "resumed", "--ckpt-in", checkpoint, "--step-sleep", 0)
     assert resumed.proc.wait(timeout=START_TIMEOUT_S) == 0, resumed.log()[-6000:]
-    assert (tmp_path / "resumed" / "result.json").exists()
-    assert json.loads((tmp_path / "resumed" / "result.json").read_text())["global_step"] == 20
+    result = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    assert result == {"global_step": 20, "train_batches": 20 - stopped_at}  # continued from the saved step
+    assert "resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable" in resumed.log()
 
 
 @pytest.mark.parametrize(("phase", "signum"), [("train", signal.SIGTERM), ("validate", signal.SIGINT)])

@@ -3,7 +3,7 @@
 Each rank writes ``<run-dir>/rank<k>.pid`` as soon as the script starts, and ``<run-dir>/rank<k>.<phase>``
 (``train`` / ``validate``) at its first batch of that phase, so the test knows whom to signal and when.
 Every batch sleeps ``--step-sleep`` seconds, so a signal lands mid-phase. Rank 0 writes
-``<run-dir>/result.json`` (global step) only when ``fit`` returns normally; a rank that stops on a signal
+``<run-dir>/result.json`` (global step, training batches it ran) only when ``fit`` returns normally; a rank that stops on a signal
 writes its exit code to ``<run-dir>/rank<k>.exit``.
 """
 
@@ -28,6 +28,7 @@ class PhaseMarkers(pl.Callback):
 
     def __init__(self, run_dir: Path, rank: int, step_sleep: float) -> None:
         self.run_dir, self.rank, self.step_sleep = run_dir, rank, step_sleep
+        self.train_batches = 0  # run by this process (a resumed run continues where the checkpoint left off)
 
     def _mark(self, phase: str) -> None:
         marker = self.run_dir / f"rank{self.rank}.{phase}"
@@ -42,6 +43,7 @@ class PhaseMarkers(pl.Callback):
             self._mark("validate")
 
     def on_train_batch_end(self, *args):
+        self.train_batches += 1
         time.sleep(self.step_sleep)
 
     def on_validation_batch_end(self, *args):
@@ -81,6 +83,7 @@ def main() -> None:
         on_signal=args.on_signal,
         signal_checkpoint_path=args.signal_checkpoint,
     )
+    markers = PhaseMarkers(args.run_dir, rank, args.step_sleep)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -93,11 +96,12 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(args.run_dir),
-        callbacks=[PhaseMarkers(args.run_dir, rank, args.step_sleep)],
+        callbacks=[markers],
     )
     trainer.fit(model, data, ckpt_path=args.ckpt_in)
     if trainer.is_global_zero:
-        (args.run_dir / "result.json").write_text(json.dumps({"global_step": trainer.global_step}))
+        result = {"global_step": trainer.global_step, "train_batches": markers.train_batches}
+        (args.run_dir / "result.json").write_text(json.dumps(result))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
