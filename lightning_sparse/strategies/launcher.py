@@ -118,7 +118,9 @@ class RankWatch:
         while time.monotonic() < deadline:
             time.sleep(_POLL_S)
         if self._armed.is_set() and not self.request.stopping:
-            log.error("lightning_sparse: %s; this rank is still running %.0f s later: exiting", self.verdict, EXIT_GRACE_S)
+            log.error(
+                "lightning_sparse: %s; this rank is still running %.0f s later: exiting", self.verdict, EXIT_GRACE_S
+            )
             for _, proc in self.children:
                 if proc.poll() is None:
                     proc.kill()
@@ -129,7 +131,9 @@ class SparseScriptLauncher(_SubprocessScriptLauncher):
     """``_SubprocessScriptLauncher`` with signal forwarding during start-up and a :class:`RankWatch`
     instead of Lightning's observer thread (see the module docstring)."""
 
-    def __init__(self, request: StopRequest, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int) -> None:
+    def __init__(
+        self, request: StopRequest, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int
+    ) -> None:
         super().__init__(cluster_environment, num_processes, num_nodes)
         self.request = request
         self.watch: Optional[RankWatch] = None
@@ -189,7 +193,9 @@ class SparseScriptLauncher(_SubprocessScriptLauncher):
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        threading.Thread(target=self._forward_from_thread, args=(read_end,), name="lightning-sparse-signals", daemon=True).start()
+        forwarder = threading.Thread(target=self._forward_from_thread, args=(read_end,), daemon=True)
+        forwarder.name = "lightning-sparse-signals"
+        forwarder.start()
 
     def _forward(self, signum: int, frame: Optional[FrameType]) -> None:
         """The main thread's handler: forward to the children, then this process's previous handling."""
