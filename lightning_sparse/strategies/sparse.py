@@ -8,7 +8,6 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
@@ -27,7 +26,7 @@ from lightning_sparse.distributed_utils import collective_device
 from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
 from lightning_sparse.strategies import checkpoint as sharded_checkpoint
 from lightning_sparse.strategies.dynamic_tables import DynamicTables
-from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
+from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.sharding import (
     EmbeddingTables,
     dynamic_tables_of,
@@ -35,6 +34,8 @@ from lightning_sparse.strategies.sharding import (
     shard_tables,
     table_owners,
 )
+from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
+from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 _DMP_ATTRIBUTE = "_lightning_sparse_dmp"
 _TABLES_ATTRIBUTE = "_lightning_sparse_tables"
 _DYNAMIC_ATTRIBUTE = "_lightning_sparse_dynamic_tables"
+# Collectives wait this long for a stuck rank (torch's gloo default is 30 minutes). A dead rank is detected
+# sooner (see launcher.py); raise it if a rank can legitimately lag the others longer (slow checkpoint writes).
+DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 # Where the sparse optimizer's per-table hyper-parameters (lr, ...) live in the trainer state.
 _SPARSE_HYPERPARAMETERS_KEY = "sparse_optimizer_hyperparameters"
 
@@ -61,11 +65,15 @@ class SparseStrategy(DDPStrategy):
         static_graph: passed to the DDP wrapper of the dense modules.
         find_unused_parameters: passed to the DDP wrapper of the dense modules.
         process_group_backend: ``gloo`` / ``nccl``; default by accelerator.
+        timeout: timeout of every collective (default 5 minutes): how long the ranks wait for a stuck rank.
         start_method: how Lightning launches processes (``popen`` for scripts, ``spawn`` for notebooks/tests).
         bad_ids: an id outside a static table's rows is an ``error`` (naming table, feature and value), or
             ``drop``: removed from its bag and counted as ``input/dropped_ids``. Dynamic tables take any id.
         non_finite: a sample with a NaN/infinite dense feature or label is an ``error``, or ``skip``: removed
             from the batch and counted as ``input/skipped_samples``.
+        on_signal: what a SIGTERM/SIGINT to any rank does: every rank stops at the next step boundary
+            (``stop``), after saving a checkpoint when fitting (``checkpoint_and_stop``); see ``signals.py``.
+        signal_checkpoint_path: where ``checkpoint_and_stop`` saves; default ``<default_root_dir>/on_signal.ckpt``.
     """
 
     strategy_name = "sparse"
@@ -78,10 +86,12 @@ class SparseStrategy(DDPStrategy):
         static_graph: bool = False,
         find_unused_parameters: bool = False,
         process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        timeout: Optional[timedelta] = DEFAULT_COLLECTIVE_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         bad_ids: BadIdPolicy = BadIdPolicy.ERROR,
         non_finite: NonFinitePolicy = NonFinitePolicy.ERROR,
+        on_signal: OnSignal = OnSignal.STOP,
+        signal_checkpoint_path: Optional[str] = None,
     ) -> None:
         # Accelerator, devices, cluster environment, precision and checkpoint IO are filled in by the
         # Trainer (as for any registered strategy), which keeps this signature to what a YAML config sets.
@@ -101,6 +111,9 @@ class SparseStrategy(DDPStrategy):
         self.bad_ids = BadIdPolicy.parse(bad_ids, "SparseStrategy.bad_ids")
         self.non_finite = NonFinitePolicy.parse(non_finite, "SparseStrategy.non_finite")
         self._input_checks: Optional[InputChecks] = None
+        self.on_signal = OnSignal.parse(on_signal, "SparseStrategy.on_signal")
+        self.signal_checkpoint_path = signal_checkpoint_path
+        self._stop_request = StopRequest()
 
     # ------------------------------------------------------------------ setup
     @property
@@ -118,6 +131,7 @@ class SparseStrategy(DDPStrategy):
                 "Embedding rows are updated inside the backward pass by fused kernels, so gradients of sparse "
                 "tables cannot be accumulated across batches. Use accumulate_grad_batches=1 with a larger batch."
             )
+        self._install_stop_handling(trainer)
         self.precision_plugin.convert_module(self.model)
         self._dmp = self._shard(self.lightning_module)
         self.model = self._dmp
@@ -440,6 +454,32 @@ class SparseStrategy(DDPStrategy):
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+    # ------------------------------------------------------ stops and failures
+    def _configure_launcher(self) -> None:
+        """popen launches (scripts, the CLI) use SparseScriptLauncher: it forwards a SIGTERM/SIGINT during
+        start-up to the ranks it started and names a rank that dies (see launcher.py)."""
+        super()._configure_launcher()
+        if self._start_method == "popen":
+            self._launcher = SparseScriptLauncher(
+                self._stop_request, self.cluster_environment, self.num_processes, self.num_nodes
+            )
+
+    def _install_stop_handling(self, trainer: Trainer) -> None:
+        """Replaces Lightning's signal connector (whose SIGTERM handler runs a collective) by flag-only
+        handlers, and adds the callback where the ranks agree to stop (see signals.py). Runs in ``setup``:
+        the trainer registers its signal handlers right after."""
+        if not isinstance(trainer._signal_connector, SignalConnector):
+            trainer._signal_connector = SignalConnector(trainer, self._stop_request)
+        if not any(isinstance(c, StopAtStepBoundary) for c in trainer.callbacks):
+            trainer.callbacks.append(StopAtStepBoundary(self._stop_request, self.on_signal, self.signal_checkpoint_path))
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Names a dead rank in the error of a collective that failed because of it."""
+        super().on_exception(exception)
+        watch = getattr(self._launcher, "watch", None)
+        if watch is not None:
+            watch.explain(exception)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
