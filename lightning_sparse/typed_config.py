@@ -34,3 +34,14 @@ def build_dataclass(cls: type, values: dict, what: str):
     if unknown:
         raise ValueError(f"{what}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
     return cls(**values)
+
+
+def checkpoint_safe_types() -> list[type]:
+    """lightning_sparse's own enum types, which hyper-parameters saved in a checkpoint may hold (e.g. a data
+    module's ``dense_transform``): plain string enums, safe for ``torch.load(weights_only=True)``."""
+    found, pending = [], list(NamedEnum.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found

@@ -60,6 +60,7 @@ from lightning_sparse.strategies.checkpoint_manifest import (
     verify_files,
     write_manifest,
 )
+from lightning_sparse.typed_config import checkpoint_safe_types
 
 __all__ = [
     "CheckpointSaveError",
@@ -252,7 +253,8 @@ def _last_complete_hint(path: Path) -> str:
 
 def _read_trainer_state(file: Path) -> dict[str, Any]:
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(checkpoint_safe_types()):
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise pickle.UnpicklingError(
             f"{str(file)!r} holds an object that torch.load(weights_only=True) does not allow; SparseStrategy never "
@@ -268,7 +270,8 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: Any, value: Any) -> None:
         try:
-            torch.load(value, weights_only=True)
+            with torch.serialization.safe_globals(checkpoint_safe_types()):
+                torch.load(value, weights_only=True)
         except pickle.UnpicklingError as error:
             raise pickle.UnpicklingError(
                 f"checkpoint entry {read_item.dest_index.fqn!r} holds an object that weights-only loading does "
