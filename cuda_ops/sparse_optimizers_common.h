@@ -69,6 +69,7 @@ struct BiasCorrections {
   LS_HOST_DEVICE BiasCorrections(double beta1, double beta2, int64_t t)
       : first(static_cast<float>(1.0 - pow(beta1, static_cast<double>(t)))),
         second(static_cast<float>(1.0 - pow(beta2, static_cast<double>(t)))) {}
+  LS_HOST_DEVICE BiasCorrections(float first_, float second_) : first(first_), second(second_) {}
 };
 
 // ---- element-wise rules: w (and its state) at one column, g the summed gradient (+ decay) ----
