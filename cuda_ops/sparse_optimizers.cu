@@ -121,8 +121,12 @@ __global__ void row_kernel(Update p) {
       p.bc2[u] = bc.second;
     }
     const float* g = p.summed + u * p.dim;
-    if constexpr (K == Kind::kRowwiseAdagrad) p.row_value[u] = rowwise_adagrad_multiplier(p.s[row], mean_square(g, p.dim), p.h);
-    if constexpr (K == Kind::kRowwiseAdam) p.row_value[u] = rowwise_adam_denominator(p.v[row], mean_square(g, p.dim), p.h, bc);
+    if constexpr (K == Kind::kRowwiseAdagrad) {
+      p.row_value[u] = rowwise_adagrad_multiplier(p.s[row], mean_square(g, p.dim), p.h);
+    }
+    if constexpr (K == Kind::kRowwiseAdam) {
+      p.row_value[u] = rowwise_adam_denominator(p.v[row], mean_square(g, p.dim), p.h, bc);
+    }
   }
 }
 
@@ -138,7 +142,8 @@ __global__ void element_kernel(Update p) {
     if constexpr (K == Kind::kRowwiseAdagrad) scaled_step(p.w[i], p.row_value[u], g);
     if constexpr (K == Kind::kDecayedAdagrad) decayed_adagrad_element(p.w[i], p.s[i], g, p.h);
     if constexpr (K == Kind::kRowwiseAdam) {
-      rowwise_adam_element(p.w[i], p.m ? p.m + i : nullptr, g, p.row_value[u], p.h, BiasCorrections(p.bc1[u], p.bc2[u]));
+      const BiasCorrections bc(p.bc1[u], p.bc2[u]);
+      rowwise_adam_element(p.w[i], p.m ? p.m + i : nullptr, g, p.row_value[u], p.h, bc);
     }
     if constexpr (K == Kind::kAdam) adam_element(p.w[i], p.m[i], p.v[i], g, p.h, BiasCorrections(p.bc1[u], p.bc2[u]));
   }
