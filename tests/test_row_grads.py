@@ -142,6 +142,35 @@ def test_native_matches_twin_and_reference_property(seed, num_features, batch, m
     check_case(args, num_rows=num_rows)
 
 
+@pytest.mark.parametrize("high", [2**20, 2**40, 2**62])
+def test_large_row_ids_group_like_compact_ones(high):
+    """Row ids up to 2**62 (multi-pass radix sort; past 64 key bits, a comparison sort) give the gradients
+    of the same ids renumbered 0..U-1."""
+    args = list(case(4, num_rows=6, max_len=6, weighted=True))
+    compact = args[1]
+    spread = torch.tensor([0, 1, high // 3, high // 2 + 7, high - 2, high - 1])
+    args[1] = spread[compact]
+    expected_rows, expected = embedding_row_grads_reference(grad_output=args[0], indices=compact, offsets=args[2],
+                                                            per_sample_weights=args[3], features=args[4], column_offsets=args[5],
+                                                            dim=args[6], num_features=args[7], pooling_mode=args[8])  # fmt: skip
+    for fn in implementations():
+        rows, grads = fn(*args)
+        assert torch.equal(rows, spread[expected_rows])
+        assert torch.equal(grads, expected)
+
+
+def test_grad_output_with_a_row_stride_wider_than_its_columns():
+    args = list(case(5, weighted=True, mode=POOLING_MEAN))
+    wide = torch.randn(args[0].shape[0], args[0].shape[1] + 9)
+    wide[:, 4 : 4 + args[0].shape[1]] = args[0]
+    expected = implementations()[0](*args)
+    args[0] = wide[:, 4 : 4 + args[0].shape[1]]
+    assert not args[0].is_contiguous()
+    for fn in implementations():
+        rows, grads = fn(*args)
+        assert torch.equal(rows, expected[0]) and torch.equal(grads, expected[1])
+
+
 def test_dispatcher_uses_native_op_or_twin(monkeypatch):
     args = case(3, mode=POOLING_MEAN, weighted=True)
     expected = embedding_row_grads_reference(*args)
