@@ -89,10 +89,15 @@ inline void stream_fence() {
 #endif
 }
 
+// Where an occurrence's gradient slice starts in grad_output (elements) and its multiplier: read together.
+struct Source {
+  int64_t offset;
+  double scale;
+};
+
 struct Occurrences {
   std::vector<int64_t> row;
-  std::vector<int64_t> src;  // element offset of the occurrence's gradient slice in grad_output
-  std::vector<double> scale;
+  std::vector<Source> source;
 };
 
 template <typename index_t, typename offset_t>
@@ -113,8 +118,7 @@ Occurrences list_occurrences(const Args& a, const at::Tensor& grad_output, const
   for (const int64_t f : a.features) total += off[(f + 1) * a.batch] - off[f * a.batch];
   Occurrences o;
   o.row.resize(total);
-  o.src.resize(total);
-  o.scale.resize(total);
+  o.source.resize(total);
   size_t k = 0;
   for (size_t j = 0; j < a.features.size(); ++j) {
     const int64_t f = a.features[j], col = a.column_offsets[j];
@@ -124,20 +128,22 @@ Occurrences list_occurrences(const Args& a, const at::Tensor& grad_output, const
         const int64_t r = idx[i];
         TORCH_CHECK(r >= 0, "embedding_row_grads: negative row id ", r, " at indices[", i, "] (feature ", f, ")");
         o.row[k] = r;
-        o.src[k] = none ? i * stride : b * stride + col;
-        o.scale[k] = occurrence_scale(weights != nullptr, weights ? weights[i] : 0.0f, mean, end - start);
+        o.source[k] = {none ? i * stride : b * stride + col,
+                       occurrence_scale(weights != nullptr, weights ? weights[i] : 0.0f, mean, end - start)};
       }
     }
   }
   return o;
 }
 
-// Occurrence numbers grouped by row (rows ascending, occurrences ascending within a row) and the start of
-// each row's group (+ the end).
-void group_by_row(const std::vector<int64_t>& row, std::vector<uint32_t>& order, std::vector<size_t>& starts) {
+// Occurrence numbers grouped by row (rows ascending, occurrences ascending within a row), the start of
+// each row's group (+ the end) and the row of each group.
+void group_by_row(const std::vector<int64_t>& row, std::vector<uint32_t>& order, std::vector<size_t>& starts,
+                  std::vector<int64_t>& unique_rows) {
   const size_t m = row.size();
   order.resize(m);
   starts.clear();
+  unique_rows.clear();
   if (m == 0) {
     starts.push_back(0);
     return;
@@ -164,7 +170,10 @@ void group_by_row(const std::vector<int64_t>& row, std::vector<uint32_t>& order,
     }
   }
   for (size_t i = 0; i < m; ++i) {
-    if (i == 0 || sorted_rows[i] != sorted_rows[i - 1]) starts.push_back(i);
+    if (i == 0 || sorted_rows[i] != sorted_rows[i - 1]) {
+      starts.push_back(i);
+      unique_rows.push_back(sorted_rows[i]);
+    }
   }
   starts.push_back(m);
 }
@@ -177,12 +186,13 @@ std::tuple<at::Tensor, at::Tensor> row_grads_typed(const Args& a, const at::Tens
   TORCH_CHECK(o.row.size() < (size_t(1) << 32), "embedding_row_grads: more than 2**32 occurrences in one call");
   std::vector<uint32_t> order;
   std::vector<size_t> starts;
-  group_by_row(o.row, order, starts);
-  const int64_t unique = static_cast<int64_t>(starts.size()) - 1;
+  std::vector<int64_t> unique_rows;
+  group_by_row(o.row, order, starts, unique_rows);
+  const int64_t unique = static_cast<int64_t>(unique_rows.size());
   const int64_t dim = a.dim;
   at::Tensor rows = at::empty({unique}, indices.options().dtype(at::kLong));
+  std::copy(unique_rows.begin(), unique_rows.end(), rows.data_ptr<int64_t>());
   at::Tensor grads = at::empty({unique, dim}, grad_output.options().dtype(at::kDouble));
-  int64_t* rows_p = rows.data_ptr<int64_t>();
   double* out_p = grads.data_ptr<double>();
   const float* g_p = grad_output.data_ptr<float>();
   const int threads = at::get_num_threads();
@@ -193,13 +203,11 @@ std::tuple<at::Tensor, at::Tensor> row_grads_typed(const Args& a, const at::Tens
     std::vector<double> buf(dim);  // one row's sum, in L1
 #pragma omp for schedule(static) nowait
     for (int64_t u = 0; u < unique; ++u) {
-      rows_p[u] = o.row[order[starts[u]]];
       std::fill(buf.begin(), buf.end(), 0.0);
       for (size_t k = starts[u]; k < starts[u + 1]; ++k) {
-        const uint32_t occ = order[k];
-        const double s = o.scale[occ];
-        const float* src = g_p + o.src[occ];
-        for (int64_t d = 0; d < dim; ++d) buf[d] = accumulate(buf[d], s, src[d]);
+        const Source& source = o.source[order[k]];
+        const float* src = g_p + source.offset;
+        for (int64_t d = 0; d < dim; ++d) buf[d] = accumulate(buf[d], source.scale, src[d]);
       }
       store_row(out_p + u * dim, buf.data(), dim);
     }
