@@ -20,7 +20,8 @@ def native_extensions():
     sources = sorted(glob.glob("cuda_ops/*.cpp"))
     if not sources:
         return [], {}
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # -fno-math-errno: sqrt() need not set errno, so the optimizer's per-column loops vectorize (same results)
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("LS_NO_CUDA") != "1"
     if with_cuda:
         ext = CUDAExtension(
