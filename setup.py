@@ -20,8 +20,10 @@ def native_extensions():
     sources = sorted(glob.glob("cuda_ops/*.cpp"))
     if not sources:
         return [], {}
-    # -fno-math-errno: sqrt() need not set errno, so the optimizer's per-column loops vectorize (same results)
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+    # -fno-math-errno: sqrt() need not set errno, so the optimizer's per-column loops vectorize (same results).
+    # -ffp-contract=off: no a*b+c fused into an FMA even where the target has one (-march=native): the CPU
+    # kernels round every operation, as their CUDA twins do with the _rn intrinsics (the *_common.h headers).
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("LS_NO_CUDA") != "1"
     if with_cuda:
         ext = CUDAExtension(

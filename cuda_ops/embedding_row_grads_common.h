@@ -4,7 +4,8 @@
 //
 // Order: the gradient of a row is the sum over its occurrences in ascending position of `indices`,
 // starting from 0.0, one rounded multiply and one rounded add per element each time. The CUDA build uses
-// __dmul_rn / __dadd_rn, which nvcc never fuses into an FMA, so both kernels give the same bits.
+// __dmul_rn / __dadd_rn, which nvcc never fuses into an FMA, and the CPU build -ffp-contract=off (setup.py),
+// so both kernels give the same bits.
 #pragma once
 
 #include <ATen/ATen.h>

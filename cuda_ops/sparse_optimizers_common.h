@@ -3,8 +3,8 @@
 // lightning_sparse/optim/reference.py.
 //
 // Every float operation is rounded on its own: the CUDA build uses the _rn intrinsics, which nvcc never
-// contracts into an FMA, and the CPU build is compiled without FMA contraction (x86-64 without -mfma), so
-// both run the same roundings in the same order. Only the bias corrections of per-row Adam steps go through
+// contracts into an FMA, and the CPU build is compiled with -ffp-contract=off (setup.py), so both run the
+// same roundings in the same order. Only the bias corrections of per-row Adam steps go through
 // the device's pow() on CUDA (double, within 2 ulp of the host's) before their cast to float.
 #pragma once
 
