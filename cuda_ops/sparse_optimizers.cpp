@@ -6,6 +6,8 @@
 // Each op groups the occurrences by row (stable order, so the sums are deterministic and equal to the
 // PyTorch reference in lightning_sparse/optim/reference.py), sums them, adds the L2 weight decay and
 // updates only those unique rows in place, in parallel over rows (OpenMP). The table is never scanned.
+// Strictly increasing ids (distinct rows in order, as embedding_row_grads returns them) skip the sort.
+// The per-row rules live in sparse_optimizers_common.h, shared with the CUDA kernels (sparse_optimizers.cu).
 //
 // Adam-style kinds take a `step` tensor (int64): shape [1] is one global step per table (incremented
 // once per call, as torch.optim.SparseAdam and fbgemm's GPU kernels do); shape [N] is one step per row
@@ -15,6 +17,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "sparse_optimizers_common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,40 +32,47 @@
 namespace lightning_sparse {
 namespace {
 
-void check_table(const at::Tensor& t, const at::Tensor& weight, const char* name, bool per_row) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  if (per_row) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == weight.size(0), name, " must have shape [", weight.size(0),
-                "] (one value per row), got ", t.sizes());
-  } else {
-    TORCH_CHECK(t.sizes() == weight.sizes(), name, " must have the weight's shape ", weight.sizes(), ", got ",
-                t.sizes());
+using namespace lightning_sparse_optim;
+
+// True when the ids are strictly increasing (each a distinct row, already in order): what
+// embedding_row_grads returns. Then the grouping is the identity and the sort is skipped.
+bool strictly_increasing(const int64_t* idx, int64_t n) {
+  for (int64_t i = 1; i < n; ++i) {
+    if (idx[i] <= idx[i - 1]) return false;
+  }
+  return true;
+}
+
+// A row-major table read and written per row: the weight, or an optimizer state.
+struct RowTable {
+  const void* base;
+  int64_t row_bytes;
+};
+
+template <typename T>
+RowTable row_table(const T* base, int64_t per_row) {
+  return RowTable{base, per_row * static_cast<int64_t>(sizeof(T))};
+}
+
+// Rows a batch touches are scattered over the table: each one would stall on memory. Asking for the rows a
+// few iterations ahead overlaps those misses (measured: most of the update's time went to them).
+constexpr int64_t kPrefetchDistance = 8;
+
+inline void prefetch_row(const std::vector<RowTable>& tables, int64_t row) {
+  for (const RowTable& t : tables) {
+    const char* p = static_cast<const char*>(t.base) + row * t.row_bytes;
+    for (int64_t b = 0; b < t.row_bytes; b += 64) __builtin_prefetch(p + b, 1, 3);
   }
 }
 
-void check_step(const at::Tensor& step, const at::Tensor& weight) {
-  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kLong && step.is_contiguous(),
-              "step must be a contiguous CPU int64 tensor");
-  TORCH_CHECK(step.dim() == 1 && (step.size(0) == 1 || step.size(0) == weight.size(0)),
-              "step must have shape [1] (global step) or [", weight.size(0), "] (per-row steps), got ",
-              step.sizes());
-}
-
 // Groups the occurrences by row, sums their gradients (+ L2 decay) and calls
-// update(row, weight_row, summed_grad, D) once per unique row, rows in parallel.
+// update(row, weight_row, summed_grad, D) once per unique row, rows in parallel. `state` lists the kind's
+// per-row state tables, prefetched with the weight.
 template <typename Update>
 void for_each_unique_row(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad,
-                         double weight_decay, const Update& update) {
+                         double weight_decay, std::vector<RowTable> state, const Update& update) {
   TORCH_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [rows, dim], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be float32, got ", weight.scalar_type());
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
-  TORCH_CHECK(indices.dim() == 1, "indices must be 1-D, got ", indices.sizes());
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == indices.size(0) && grad.size(1) == weight.size(1),
-              "grad must have shape [", indices.size(0), ", ", weight.size(1), "], got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == at::kFloat, "grad must be float32, got ", grad.scalar_type());
+  check_weight(weight, indices, grad);
   const int64_t num_rows = weight.size(0);
   const int64_t dim = weight.size(1);
   const int64_t n = indices.size(0);
@@ -72,21 +83,31 @@ void for_each_unique_row(const at::Tensor& weight, const at::Tensor& indices, co
   const float* g_p = g.data_ptr<float>();
   float* w_p = weight.data_ptr<float>();
 
-  std::vector<std::pair<int64_t, int64_t>> keyed(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = idx_p[i];
-    TORCH_CHECK(r >= 0 && r < num_rows, "row index ", r, " out of range [0, ", num_rows, ")");
-    keyed[i] = {r, i};
-  }
-  std::sort(keyed.begin(), keyed.end());  // (row, position): positions ascending within a row
+  // keyed[k] = (row, position) of the k-th occurrence in row order; starts[u] = first k of unique row u.
+  // Strictly increasing ids need neither: occurrence u is unique row u.
+  std::vector<std::pair<int64_t, int64_t>> keyed;
   std::vector<int64_t> starts;
-  starts.reserve(n + 1);
-  starts.push_back(0);
-  for (int64_t i = 1; i < n; ++i) {
-    if (keyed[i].first != keyed[i - 1].first) starts.push_back(i);
+  const bool presorted = strictly_increasing(idx_p, n);
+  if (presorted) {
+    TORCH_CHECK(idx_p[0] >= 0, "row index ", idx_p[0], " out of range [0, ", num_rows, ")");
+    TORCH_CHECK(idx_p[n - 1] < num_rows, "row index ", idx_p[n - 1], " out of range [0, ", num_rows, ")");
+  } else {
+    keyed.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = idx_p[i];
+      TORCH_CHECK(r >= 0 && r < num_rows, "row index ", r, " out of range [0, ", num_rows, ")");
+      keyed[i] = {r, i};
+    }
+    std::sort(keyed.begin(), keyed.end());  // (row, position): positions ascending within a row
+    starts.reserve(n + 1);
+    starts.push_back(0);
+    for (int64_t i = 1; i < n; ++i) {
+      if (keyed[i].first != keyed[i - 1].first) starts.push_back(i);
+    }
+    starts.push_back(n);
   }
-  starts.push_back(n);
-  const int64_t unique = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t unique = presorted ? n : static_cast<int64_t>(starts.size()) - 1;
+  state.push_back(row_table(w_p, dim));
   const float wd = static_cast<float>(weight_decay);
   const int threads = at::get_num_threads();
 
@@ -97,32 +118,30 @@ void for_each_unique_row(const at::Tensor& weight, const at::Tensor& indices, co
     std::vector<float> buf(dim);
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < unique; ++u) {
-      const int64_t row = keyed[starts[u]].first;
+      const int64_t ahead = u + kPrefetchDistance;
+      if (ahead < unique) prefetch_row(state, presorted ? idx_p[ahead] : keyed[starts[ahead]].first);
+      const int64_t row = presorted ? idx_p[u] : keyed[starts[u]].first;
+      const int64_t first = presorted ? u : starts[u], last = presorted ? u + 1 : starts[u + 1];
       float* w_row = w_p + row * dim;
       std::fill(buf.begin(), buf.end(), 0.0f);
-      for (int64_t k = starts[u]; k < starts[u + 1]; ++k) {
-        const float* src = g_p + keyed[k].second * dim;
-        for (int64_t d = 0; d < dim; ++d) buf[d] += src[d];
+      for (int64_t k = first; k < last; ++k) {
+        const float* src = g_p + (presorted ? k : keyed[k].second) * dim;
+        #pragma omp simd  // columns are independent; vector ops round like scalar ones
+        for (int64_t d = 0; d < dim; ++d) buf[d] = add_rn(buf[d], src[d]);
       }
-      if (wd != 0.0f) {
-        for (int64_t d = 0; d < dim; ++d) buf[d] += wd * w_row[d];
-      }
+      #pragma omp simd  // columns are independent; vector ops round like scalar ones
+      for (int64_t d = 0; d < dim; ++d) buf[d] = with_weight_decay(buf[d], w_row[d], wd);
       update(row, w_row, buf.data(), dim);
     }
   }
 }
 
-float mean_square(const float* g, int64_t dim) {
-  double s = 0.0;
-  for (int64_t d = 0; d < dim; ++d) s += static_cast<double>(g[d]) * g[d];
-  return static_cast<float>(s / dim);
-}
-
 void sgd(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad, double lr,
          double weight_decay) {
-  const float lr_f = static_cast<float>(lr);
-  for_each_unique_row(weight, indices, grad, weight_decay, [&](int64_t, float* w, const float* g, int64_t dim) {
-    for (int64_t d = 0; d < dim; ++d) w[d] -= lr_f * g[d];
+  const Hyper h = make_hyper(lr, 0.0, weight_decay, 0.0, 0.0, 0.0);
+  for_each_unique_row(weight, indices, grad, weight_decay, {}, [&](int64_t, float* w, const float* g, int64_t dim) {
+    #pragma omp simd  // columns are independent; vector ops round like scalar ones
+    for (int64_t d = 0; d < dim; ++d) sgd_element(w[d], g[d], h);
   });
 }
 
@@ -130,13 +149,13 @@ void adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& 
              double lr, double eps, double weight_decay) {
   check_table(sum, weight, "sum", false);
   float* s_p = sum.data_ptr<float>();
-  const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
-  for_each_unique_row(weight, indices, grad, weight_decay, [&](int64_t row, float* w, const float* g, int64_t dim) {
+  const Hyper h = make_hyper(lr, eps, weight_decay, 0.0, 0.0, 0.0);
+  const std::vector<RowTable> state{row_table(s_p, weight.size(1))};
+  for_each_unique_row(weight, indices, grad, weight_decay, state,
+                      [&](int64_t row, float* w, const float* g, int64_t dim) {
     float* s = s_p + row * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      s[d] += g[d] * g[d];
-      w[d] -= lr_f * g[d] / (std::sqrt(s[d]) + eps_f);
-    }
+    #pragma omp simd  // columns are independent; vector ops round like scalar ones
+    for (int64_t d = 0; d < dim; ++d) adagrad_element(w[d], s[d], g[d], h);
   });
 }
 
@@ -144,54 +163,48 @@ void rowwise_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::
                      const at::Tensor& grad, double lr, double eps, double weight_decay) {
   check_table(sum, weight, "sum", true);
   float* s_p = sum.data_ptr<float>();
-  const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
-  for_each_unique_row(weight, indices, grad, weight_decay, [&](int64_t row, float* w, const float* g, int64_t dim) {
-    s_p[row] += mean_square(g, dim);
-    const float mult = lr_f / (std::sqrt(s_p[row]) + eps_f);
-    for (int64_t d = 0; d < dim; ++d) w[d] -= mult * g[d];
+  const Hyper h = make_hyper(lr, eps, weight_decay, 0.0, 0.0, 0.0);
+  const std::vector<RowTable> state{row_table(s_p, 1)};
+  for_each_unique_row(weight, indices, grad, weight_decay, state,
+                      [&](int64_t row, float* w, const float* g, int64_t dim) {
+    const float multiplier = rowwise_adagrad_multiplier(s_p[row], mean_square(g, dim), h);
+    #pragma omp simd  // columns are independent; vector ops round like scalar ones
+    for (int64_t d = 0; d < dim; ++d) scaled_step(w[d], multiplier, g[d]);
   });
 }
 
-// PERSIA's decayed Adagrad: the step is scaled by the accumulator *before* this gradient is added,
-// w -= lr * g / sqrt(acc + eps); then acc = acc * decay + g^2.
 void decayed_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices,
                      const at::Tensor& grad, double lr, double eps, double weight_decay, double decay) {
   check_table(sum, weight, "sum", false);
   float* s_p = sum.data_ptr<float>();
-  const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps), decay_f = static_cast<float>(decay);
-  for_each_unique_row(weight, indices, grad, weight_decay, [&](int64_t row, float* w, const float* g, int64_t dim) {
+  const Hyper h = make_hyper(lr, eps, weight_decay, decay, 0.0, 0.0);
+  const std::vector<RowTable> state{row_table(s_p, weight.size(1))};
+  for_each_unique_row(weight, indices, grad, weight_decay, state,
+                      [&](int64_t row, float* w, const float* g, int64_t dim) {
     float* s = s_p + row * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      w[d] -= lr_f * g[d] / std::sqrt(s[d] + eps_f);
-      s[d] = s[d] * decay_f + g[d] * g[d];
-    }
+    #pragma omp simd  // columns are independent; vector ops round like scalar ones
+    for (int64_t d = 0; d < dim; ++d) decayed_adagrad_element(w[d], s[d], g[d], h);
   });
 }
 
-// Adam's bias corrections 1 - beta^t of both moments, computed in double like the reference.
-struct BiasCorrections {
-  float first, second;
-  BiasCorrections(double beta1, double beta2, int64_t t)
-      : first(static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(t)))),
-        second(static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(t)))) {}
-};
-
-// The Adam step count of a row: a per-row counter, or one global counter advanced once per call.
+// The Adam step count of a row (a per-row counter, or one global counter advanced once per call) and its
+// bias corrections; a global step's are computed once per call rather than once per row (two pow()s).
 struct StepView {
   int64_t* p;
   bool global;
-  int64_t global_t;
-  int64_t advance(int64_t row) const { return global ? global_t : ++p[row]; }
+  BiasCorrections global_bc;
+  double beta1, beta2;
+  BiasCorrections advance(int64_t row) const { return global ? global_bc : BiasCorrections(beta1, beta2, ++p[row]); }
 };
 
-StepView begin_step(const at::Tensor& step, const at::Tensor& weight) {
+StepView begin_step(const at::Tensor& step, const at::Tensor& weight, double beta1, double beta2) {
   check_step(step, weight);
   int64_t* p = step.data_ptr<int64_t>();
   if (step.size(0) == 1) {  // global step: advanced once per call, rows present or not
     const int64_t t = ++p[0];
-    return StepView{p, true, t};
+    return StepView{p, true, BiasCorrections(beta1, beta2, t), beta1, beta2};
   }
-  return StepView{p, false, 0};
+  return StepView{p, false, BiasCorrections(1.0f, 1.0f), beta1, beta2};
 }
 
 void rowwise_adam(const at::Tensor& weight, const c10::optional<at::Tensor>& exp_avg, const at::Tensor& exp_avg_sq,
@@ -200,25 +213,20 @@ void rowwise_adam(const at::Tensor& weight, const c10::optional<at::Tensor>& exp
   const bool first_moment = exp_avg.has_value() && exp_avg->defined();
   if (first_moment) check_table(*exp_avg, weight, "exp_avg", false);
   check_table(exp_avg_sq, weight, "exp_avg_sq", true);
-  const StepView steps = begin_step(step, weight);
+  const StepView steps = begin_step(step, weight, beta1, beta2);
   float* m_p = first_moment ? exp_avg->data_ptr<float>() : nullptr;
   float* v_p = exp_avg_sq.data_ptr<float>();
-  const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
-  for_each_unique_row(weight, indices, grad, weight_decay, [&](int64_t row, float* w, const float* g, int64_t dim) {
-    const BiasCorrections bc(beta1, beta2, steps.advance(row));
-    const float bc1 = bc.first, bc2 = bc.second;
-    v_p[row] = b2 * v_p[row] + (1.0f - b2) * mean_square(g, dim);
-    const float denom = std::sqrt(v_p[row] / bc2) + eps_f;
-    if (first_moment) {
-      float* m = m_p + row * dim;
-      for (int64_t d = 0; d < dim; ++d) {
-        m[d] = b1 * m[d] + (1.0f - b1) * g[d];
-        w[d] -= lr_f * (m[d] / bc1) / denom;
-      }
-    } else {
-      for (int64_t d = 0; d < dim; ++d) w[d] -= lr_f * g[d] / denom;
-    }
+  const Hyper h = make_hyper(lr, eps, weight_decay, 0.0, beta1, beta2);
+  std::vector<RowTable> state{row_table(v_p, 1)};
+  if (first_moment) state.push_back(row_table(m_p, weight.size(1)));
+  if (!steps.global) state.push_back(row_table(steps.p, 1));
+  for_each_unique_row(weight, indices, grad, weight_decay, state,
+                      [&](int64_t row, float* w, const float* g, int64_t dim) {
+    const BiasCorrections bc = steps.advance(row);
+    const float denom = rowwise_adam_denominator(v_p[row], mean_square(g, dim), h, bc);
+    float* m = first_moment ? m_p + row * dim : nullptr;
+    #pragma omp simd  // columns are independent; vector ops round like scalar ones
+    for (int64_t d = 0; d < dim; ++d) rowwise_adam_element(w[d], m ? m + d : nullptr, g[d], denom, h, bc);
   });
 }
 
@@ -227,21 +235,19 @@ void adam(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor&
           double beta2) {
   check_table(exp_avg, weight, "exp_avg", false);
   check_table(exp_avg_sq, weight, "exp_avg_sq", false);
-  const StepView steps = begin_step(step, weight);
+  const StepView steps = begin_step(step, weight, beta1, beta2);
   float* m_p = exp_avg.data_ptr<float>();
   float* v_p = exp_avg_sq.data_ptr<float>();
-  const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
-  for_each_unique_row(weight, indices, grad, weight_decay, [&](int64_t row, float* w, const float* g, int64_t dim) {
-    const BiasCorrections bc(beta1, beta2, steps.advance(row));
-    const float bc1 = bc.first, bc2 = bc.second;
+  const Hyper h = make_hyper(lr, eps, weight_decay, 0.0, beta1, beta2);
+  std::vector<RowTable> state{row_table(m_p, weight.size(1)), row_table(v_p, weight.size(1))};
+  if (!steps.global) state.push_back(row_table(steps.p, 1));
+  for_each_unique_row(weight, indices, grad, weight_decay, state,
+                      [&](int64_t row, float* w, const float* g, int64_t dim) {
+    const BiasCorrections bc = steps.advance(row);
     float* m = m_p + row * dim;
     float* v = v_p + row * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      m[d] = b1 * m[d] + (1.0f - b1) * g[d];
-      v[d] = b2 * v[d] + (1.0f - b2) * g[d] * g[d];
-      w[d] -= lr_f * (m[d] / bc1) / (std::sqrt(v[d] / bc2) + eps_f);
-    }
+    #pragma omp simd  // columns are independent; vector ops round like scalar ones
+    for (int64_t d = 0; d < dim; ++d) adam_element(w[d], m[d], v[d], g[d], h, bc);
   });
 }
 

@@ -2,8 +2,9 @@
 
 The strategy (for tables fbgemm cannot fuse on the device) and :class:`SparseRowOptimizer` both call
 :func:`sparse_update` with the row ids and per-occurrence gradient rows of a batch; it picks the compiled
-op ``torch.ops.lightning_sparse.sparse_opt_<kind>`` when available and the identical pure-PyTorch function
-of :mod:`lightning_sparse.optim.reference` otherwise.
+op ``torch.ops.lightning_sparse.sparse_opt_<kind>`` when the extension has it for the weight's device (CPU,
+or CUDA when built with a CUDA toolkit) and the identical pure-PyTorch function of
+:mod:`lightning_sparse.optim.reference` otherwise.
 
 State per kind, for a table ``weight`` of shape ``[N, D]`` (float32 unless noted):
 
@@ -73,11 +74,15 @@ def init_state(
     return {"exp_avg": torch.zeros(tuple(weight.shape), **f32), "exp_avg_sq": torch.zeros(tuple(weight.shape), **f32), "step": step}
 
 
-def kernel(kind: "SparseOptimizerKind | str", device_type: str = "cpu") -> tuple[Callable[..., None], bool]:
-    """The update function for ``kind`` on ``device_type`` and whether it is the native one."""
+def kernel(kind: "SparseOptimizerKind | str", device: "torch.device | str" = "cpu") -> tuple[Callable[..., None], bool]:
+    """The update function for ``kind`` on ``device`` and whether it is the native one.
+
+    The native op when the extension has a kernel of it for that device (CPU; CUDA when built with a CUDA
+    toolkit), the PyTorch twin otherwise, which runs on any device.
+    """
     kind = SparseOptimizerKind.parse(kind, "kind")
     name = f"sparse_opt_{kind.value}"
-    op = ops.native_op(name) if device_type == "cpu" else None
+    op = ops.native_op_for(name, torch.device(device))
     if op is not None:
         return op, True
     return getattr(reference, name), False
@@ -102,7 +107,7 @@ def sparse_update(
     ``grad`` holds one gradient row per occurrence, shape ``[len(indices), D]``; duplicates are summed.
     """
     kind = SparseOptimizerKind.parse(kind, "kind")
-    fn, _ = kernel(kind, weight.device.type)
+    fn, _ = kernel(kind, weight.device)
     grad = grad.to(torch.float32)
     with torch.no_grad():
         if kind is SparseOptimizerKind.SGD:

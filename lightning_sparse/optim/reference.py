@@ -1,9 +1,10 @@
-"""Pure-PyTorch twins of the native sparse optimizer kernels (``cuda_ops/sparse_optimizers.cpp``).
+"""Pure-PyTorch twins of the native sparse optimizer kernels (``cuda_ops/sparse_optimizers.cpp`` and ``.cu``).
 
 Same signatures and same math as ``torch.ops.lightning_sparse.sparse_opt_<kind>``, used when the extension
 is not built (or ``LIGHTNING_SPARSE_NATIVE=0``). Like the kernels, each function sums the gradients of
 duplicate row ids in order of appearance, adds the L2 weight decay ``weight_decay * w`` to that sum, and
-updates only the unique rows in place.
+updates only the unique rows in place. They run on the weight's device (CPU or CUDA); everything they
+allocate is allocated there.
 
 Adam-style kinds take ``step`` (int64): shape ``[1]`` is one global step per table, advanced once per call
 (torch.optim.SparseAdam and fbgemm's GPU kernels); shape ``[N]`` holds one step per row, advanced for the
@@ -19,6 +20,8 @@ from torch import Tensor
 
 
 def _check(weight: Tensor, indices: Tensor, grad: Tensor) -> None:
+    if indices.device != weight.device or grad.device != weight.device:
+        raise ValueError(f"weight, indices and grad must be on one device, got {weight.device}, {indices.device}, {grad.device}")
     if weight.dim() != 2 or weight.dtype != torch.float32:
         raise ValueError(f"weight must be a 2-D float32 tensor, got {tuple(weight.shape)} {weight.dtype}")
     if indices.dim() != 1:
@@ -35,8 +38,8 @@ def unique_rows(weight: Tensor, indices: Tensor, grad: Tensor, weight_decay: flo
     """Sorted unique rows and their summed gradient (+ L2 decay), summing duplicates in order of appearance."""
     _check(weight, indices, grad)
     rows, inverse = torch.unique(indices.long(), sorted=True, return_inverse=True)
-    summed = torch.zeros(rows.numel(), weight.shape[1], dtype=torch.float32)
-    summed.index_add_(0, inverse, grad)  # sequential on CPU: the kernel's order
+    summed = torch.zeros(rows.numel(), weight.shape[1], dtype=torch.float32, device=weight.device)
+    summed.index_add_(0, inverse, grad)  # sequential on CPU: the kernel's order (on CUDA: atomics, any order)
     if weight_decay != 0.0:
         summed = summed + weight_decay * weight[rows]
     return rows, summed
@@ -52,8 +55,9 @@ def _bias_corrections(step: Tensor, rows: Tensor, beta1: float, beta2: float) ->
     else:
         step[rows] += 1
         t = step[rows].double()
-    bc1 = (1.0 - torch.pow(torch.tensor(beta1, dtype=torch.float64), t)).float().unsqueeze(1)
-    bc2 = (1.0 - torch.pow(torch.tensor(beta2, dtype=torch.float64), t)).float().unsqueeze(1)
+    betas = torch.tensor([beta1, beta2], dtype=torch.float64, device=step.device)
+    bc1 = (1.0 - torch.pow(betas[0], t)).float().unsqueeze(1)
+    bc2 = (1.0 - torch.pow(betas[1], t)).float().unsqueeze(1)
     return bc1, bc2
 
 
