@@ -159,6 +159,7 @@ def test_every_route_counts_its_optimizer_state_as_allocated(gloo_world_of_one, 
     """fused (fbgemm's buffers), native (our kernels) and data_parallel tables: the report's sparse optimizer
     bytes equal the storage of the tensors that actually hold that state (adam once showed 0.0 MiB)."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.optim.keyed import CombinedOptimizer
 
     from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
     from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
@@ -183,7 +184,8 @@ def test_every_route_counts_its_optimizer_state_as_allocated(gloo_world_of_one, 
     native = NativeKernelOptimizer(ours, embedding_parameters(model), gradients, rows,
                                    table_owners(dmp, [t.name for t in ours if t.route is TableRoute.NATIVE]), 0,
                                    lambda r, n: r, torch.device("cpu"))
-    report = memory_report(model, [native])  # as the strategy calls it: the module, not the DMP
+    # as the strategy calls it: the module, not the DMP, and its named CombinedOptimizer (keys get prefixed)
+    report = memory_report(model, [CombinedOptimizer([("fused", dmp.fused_optimizer), ("native_kernels", native)])])
 
     held = [t for kernel in find_lookup_kernels(dmp) if kernel.config.compute_kernel.value == "fused"
             for states in kernel.emb_module.split_optimizer_states() for t in states]

@@ -155,11 +155,12 @@ def _embedding_collection_types() -> tuple[type, ...]:
 
 
 def _match_table(fqn: str, tables: dict[str, TableMemory]) -> Optional[str]:
-    """The table whose name equals ``fqn`` (minus ``.weight``) or ends with it (module wrapped one level deeper)."""
+    """The table whose name equals ``fqn`` (minus ``.weight``), ends with it (module wrapped one level deeper),
+    or ends it (a key prefixed by a named sub-optimizer of TorchRec's ``CombinedOptimizer``, e.g. ``fused.``)."""
     name = _table_name(fqn)
     if name in tables:
         return name
-    matches = [t for t in tables if t.endswith("." + name)]
+    matches = [t for t in tables if t.endswith("." + name) or name.endswith("." + t)]
     return matches[0] if len(matches) == 1 else None
 
 
