@@ -18,7 +18,7 @@ reach; :func:`find_lookup_kernels` walks it, the only place that reads TorchRec 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -193,8 +193,3 @@ def _merge(parts: list[tuple[Tensor, Tensor]]) -> Optional[tuple[Tensor, Tensor]
     summed.index_add_(0, inverse, grads)
     return unique, summed.float()
 
-
-def iter_tables(captures: list[Any]) -> Iterator[tuple[str, Any]]:
-    for capture in captures:
-        for table in capture.tables:
-            yield table.name, capture
