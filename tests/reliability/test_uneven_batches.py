@@ -4,7 +4,6 @@ fit summary."""
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, _worker_env
+from test_cli import read_csv_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -32,16 +32,6 @@ def _uneven_file(path: Path) -> Path:
     return path
 
 
-def _metrics(path: Path) -> dict[str, list[float]]:
-    series: dict[str, list[float]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            for key, cell in row.items():
-                if cell:
-                    series.setdefault(key, []).append(float(cell))
-    return series
-
-
 def test_uneven_criteo_batches_stop_together_and_skipped_lines_are_reported(tmp_path):
     data = _uneven_file(tmp_path / "uneven.tsv")
     args = [
@@ -60,7 +50,7 @@ def test_uneven_criteo_batches_stop_together_and_skipped_lines_are_reported(tmp_
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
 
-    metrics = _metrics(tmp_path / "out" / "csv" / "version_0" / "metrics.csv")
+    metrics = read_csv_metrics(tmp_path / "out" / "csv" / "version_0" / "metrics.csv")
     assert max(metrics["step"]) == 3  # 2 epochs of 2 steps: rank 1's third batch (1 line) is not read
     for stage in ("train", "val"):
         prefix = f"data/{stage}/skipped_lines"
