@@ -26,7 +26,7 @@ def _args(kind: str, out: str, devices: int, epochs: int, extra_callbacks: str =
                   "filename: '{epoch}', save_top_k: -1, every_n_epochs: 1}}") % out
     callbacks = f"[{checkpoint}{extra_callbacks}]"
     return [
-        "--config", str(EXAMPLES / "dlrm.yaml"),
+        "--config", str(EXAMPLES / "dlrm.yaml"), "--trainer.default_root_dir", f"{out}.run",  # one run directory each
         "--trainer.devices", str(devices), "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
         "--trainer.callbacks", callbacks, "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
         "--trainer.strategy.init_args.optimizer.kind", kind, "--trainer.strategy.init_args.tables", tables,
