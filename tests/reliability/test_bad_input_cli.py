@@ -67,7 +67,7 @@ BEFORE_START_UP = {
     "dynamic capacity": (["--trainer.strategy.init_args.tables", "{t_cat_2: {dynamic: {capacity: 5}}}"],
                          "Table 't_cat_2': dynamic.capacity=5 must equal the table's rows (num_embeddings=20000)"),
     "adam on column_wise": (["--trainer.strategy.init_args.tables", "{t_cat_0: {sharding: column_wise, optimizer: {kind: adam}}}"],
-                            "Table 't_cat_0': sparse optimizer 'adam' has no fbgemm kernel on cpu"),
+                            "Table 't_cat_0': fbgemm has no fused 'adam' kernel on cpu, so it runs in lightning_sparse kernels, which need sharding 'table_wise'"),
 }
 
 
