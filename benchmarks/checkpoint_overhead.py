@@ -2,7 +2,7 @@
 
   plain     what SparseStrategy did before: delete the old directory, dcp.save into the target,
             torch.save(trainer_state); load with dcp.load + torch.load, nothing verified
-  verified  lightning_sparse.strategies.checkpoint: write into .<name>.partial, sha256 of every file,
+  verified  lightning_sparse.distributed.checkpoint: write into .<name>.partial, sha256 of every file,
             manifest, rename into place (old one deleted after); load verifies every file's sha256 first
 
 Both write through DCP's FileSystemWriter with its default fsync. The two are interleaved and each is
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from lightning_sparse.strategies import checkpoint
+from lightning_sparse.distributed import checkpoint
 
 
 def state(megabytes: int) -> dict[str, torch.Tensor]:

@@ -114,12 +114,8 @@ def run_torchrec(rank: int, port: int, args) -> None:
     import torch.distributed as dist
 
     from lightning_sparse.config import ShardingType
-    from lightning_sparse.strategies.sharding import (
-        attach_fused_optimizers,
-        plan_sharding,
-        resolve_tables,
-        shard_model,
-    )
+    from lightning_sparse.distributed.routes import resolve_tables
+    from lightning_sparse.distributed.planning import attach_fused_optimizers, plan_sharding, shard_model
 
     _init(rank, port)
     torch.manual_seed(0)

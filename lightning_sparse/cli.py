@@ -47,7 +47,7 @@ from lightning_sparse.typed_config import NamedEnum
 from lightning_sparse.loggers import default_wandb_to_offline, fill_save_dirs, reserve_version
 from lightning_sparse.models import ClickModule
 from lightning_sparse.strategies import SparseStrategy  # noqa: F401 - registers strategy="sparse"
-from lightning_sparse.strategies.sharding import resolve_tables
+from lightning_sparse.distributed.routes import resolve_tables
 
 DEFAULT_MODEL = "lightning_sparse.models.DLRMModule"
 DEFAULT_DATA = "lightning_sparse.data.SyntheticClickDataModule"

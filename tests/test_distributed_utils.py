@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_sparse.distributed_utils import collective_device, collective_device_type
+from lightning_sparse.distributed.collectives import collective_device, collective_device_type
 
 
 @pytest.mark.parametrize(

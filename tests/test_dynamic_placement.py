@@ -9,9 +9,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, ExpiryConfig, shard_of
-from lightning_sparse.strategies import checkpoint
-from lightning_sparse.strategies.dynamic_tables import DynamicTables
-from lightning_sparse.strategies.sharding import RowBlock
+from lightning_sparse.distributed import checkpoint
+from lightning_sparse.distributed.sharded_dynamic import DynamicTables
+from lightning_sparse.distributed.routes import RowBlock
 
 from conftest import run_worker
 from workers.partition_replay import replay_partitions

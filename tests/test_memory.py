@@ -164,7 +164,8 @@ def test_every_route_counts_its_optimizer_state_as_allocated(gloo_world_of_one, 
     from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
     from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
     from lightning_sparse.optim.row_gradients import find_lookup_kernels
-    from lightning_sparse.strategies.sharding import embedding_parameters, shard_tables, table_owners
+    from lightning_sparse.distributed.routes import embedding_parameters
+    from lightning_sparse.distributed.planning import shard_tables, table_owners
 
     names = [f"t{i}" for i in range(len(kinds) * 2)]
     model = torch.nn.Module()

@@ -18,7 +18,8 @@ from torchrec.modules.embedding_configs import PoolingType
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableRoute
 from lightning_sparse.optim import init_state_for, sparse_update_for
 from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
-from lightning_sparse.strategies.sharding import embedding_parameters, shard_tables, table_owners
+from lightning_sparse.distributed.routes import embedding_parameters
+from lightning_sparse.distributed.planning import shard_tables, table_owners
 
 ROWS, DIM, BATCH = 30, 4, 6
 

@@ -22,18 +22,13 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
-from lightning_sparse.distributed_utils import collective_device
+from lightning_sparse.distributed import checkpoint as sharded_checkpoint
+from lightning_sparse.distributed.collectives import collective_device
+from lightning_sparse.distributed.planning import shard_tables, table_owners
+from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
+from lightning_sparse.distributed.sharded_dynamic import DynamicTables, dynamic_tables_of
 from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
-from lightning_sparse.strategies import checkpoint as sharded_checkpoint
-from lightning_sparse.strategies.dynamic_tables import DynamicTables
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
-from lightning_sparse.strategies.sharding import (
-    EmbeddingTables,
-    dynamic_tables_of,
-    embedding_parameters,
-    shard_tables,
-    table_owners,
-)
 from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
 

@@ -9,12 +9,12 @@ import shutil
 import pytest
 
 from conftest import assert_trees_equal, read_checkpoint, run_worker, run_worker_expecting_failure
-from lightning_sparse.strategies import checkpoint
+from lightning_sparse.distributed import checkpoint
 
 pytestmark = pytest.mark.multiprocess
 
 COMMON = ["--devices", 2, "--sharding", "table_wise", "--max-epochs", 2]  # 3 steps per epoch
-CORRUPT = "lightning_sparse.strategies.checkpoint_manifest.CorruptCheckpointError"
+CORRUPT = "lightning_sparse.distributed.checkpoint_manifest.CorruptCheckpointError"
 COMPARED = ("optimizer_states", "lr_schedulers", "sparse_optimizer_hyperparameters", "global_step", "epoch", "loops")
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import run_worker, run_worker_expecting_failure
-from lightning_sparse.strategies import checkpoint
-from lightning_sparse.strategies.checkpoint_manifest import sibling
+from lightning_sparse.distributed import checkpoint
+from lightning_sparse.distributed.checkpoint_manifest import sibling
 
 CorruptCheckpointError = checkpoint.CorruptCheckpointError
 IncompleteCheckpointError = checkpoint.IncompleteCheckpointError

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from lightning_sparse.strategies import checkpoint
+from lightning_sparse.distributed import checkpoint
 
 
 def main() -> None:

@@ -13,14 +13,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from gloo_spawn import spawn_gloo
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
-from lightning_sparse.strategies.sharding import (
-    attach_fused_optimizers,
-    copy_initial_weights,
-    embedding_parameters,
-    plan_sharding,
-    resolve_tables,
-    shard_model,
-)
+from lightning_sparse.distributed.routes import embedding_parameters, resolve_tables
+from lightning_sparse.distributed.planning import attach_fused_optimizers, copy_initial_weights, plan_sharding, shard_model
 
 WORLD_SIZE = 2
 BATCH = 16

@@ -18,9 +18,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from gloo_spawn import spawn_gloo
 from partition_replay import replay_partitions
 from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, ExpiryConfig, shard_of
-from lightning_sparse.strategies import checkpoint
-from lightning_sparse.strategies.dynamic_tables import DynamicTables
-from lightning_sparse.strategies.sharding import RowBlock
+from lightning_sparse.distributed import checkpoint
+from lightning_sparse.distributed.sharded_dynamic import DynamicTables
+from lightning_sparse.distributed.routes import RowBlock
 
 WORLD_SIZE = 2
 STEPS = 10

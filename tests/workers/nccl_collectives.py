@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_sparse import SparseStrategy
-from lightning_sparse.distributed_utils import collective_device
+from lightning_sparse.distributed.collectives import collective_device
 
 
 def main() -> None:

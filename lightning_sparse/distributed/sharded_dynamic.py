@@ -27,14 +27,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.types import ShardingPlan
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_sparse.distributed_utils import collective_device
+from lightning_sparse.distributed.collectives import collective_device
+from lightning_sparse.distributed.routes import EmbeddingTables, RowBlock, row_blocks
 from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, HashPlacement, shard_of
 from lightning_sparse.dynamic.kjt import split_by_key, values_of, with_slots
 from lightning_sparse.dynamic.table import initial_rows
 from lightning_sparse.ops import native_op_for
-from lightning_sparse.strategies.sharding import RowBlock
 
 
 def partition_key(index: int, count: int) -> str:
@@ -288,3 +289,12 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Optional[Any]] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def dynamic_tables_of(tables: EmbeddingTables, plan: ShardingPlan, rank: int) -> Optional[DynamicTables]:
+    """The hash tables of the model's dynamic tables (this rank's part of them), or None when none is dynamic."""
+    configs = {name: table.dynamic for name, table in tables.tables.items() if table.dynamic is not None}
+    if not configs:
+        return None
+    blocks = {name: row_blocks(plan, name, config.capacity) for name, config in configs.items()}
+    return DynamicTables(configs, {f: t for f, t in tables.features.items() if t in configs}, blocks, rank)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from lightning_sparse.strategies.checkpoint_manifest import (
+from lightning_sparse.distributed.checkpoint_manifest import (
     MANIFEST_FILE,
     REPLACED,
     STAGING,
@@ -233,7 +233,7 @@ def _complete_manifest(path: Path) -> dict[str, Any]:
             raise IncompleteCheckpointError(
                 f"{str(path)!r} has no {MANIFEST_FILE}, so nothing shows that it is complete: its save or removal "
                 "was cut short, or it was written before checkpoints carried manifests. If you know it is complete, "
-                "adopt it once with lightning_sparse.strategies.checkpoint.adopt_checkpoint(path)"
+                "adopt it once with lightning_sparse.distributed.checkpoint.adopt_checkpoint(path)"
             )
         raise IncompleteCheckpointError(f"{str(path)!r} has no {MANIFEST_FILE}: its save did not finish, or it is not a checkpoint")
     manifest = read_manifest(path)
