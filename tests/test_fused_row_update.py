@@ -188,3 +188,42 @@ def test_fused_op_errors_name_the_problem():
         op(*args, "adagrad", weight[:10].clone(), state["sum"][:10].clone(), None, None, None, 0.1, 1e-8, 0.0, 0.9, 0.999, 0.95)
     with pytest.raises(RuntimeError, match=r"weight must have shape \[rows, 6\]"):
         op(*args, "sgd", torch.zeros(NUM_ROWS, 5), None, None, None, None, 0.1, 1e-8, 0.0, 0.9, 0.999, 0.95)
+
+
+@pytest.mark.parametrize("lookups", [1, 2])
+@pytest.mark.parametrize("kind", ["adam", "rowwise_adagrad", "decayed_adagrad"])
+def test_native_route_step_has_the_two_step_bits(gloo_world_of_one, kind, lookups):
+    """The optimizer's step (fused op for one lookup, float64 merge for two) == the two-step path, bit for bit."""
+    import torch.distributed as dist
+    from torchrec.modules.embedding_configs import PoolingType
+
+    from lightning_sparse.config import ShardingType
+    from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
+    from lightning_sparse.optim.row_gradients import merge_row_grads
+    from lightning_sparse.strategies.sharding import embedding_parameters, shard_tables, table_owners
+    from test_row_gradients import Bags, batch
+
+    config = SparseOptimizerConfig(kind=kind, lr=0.05, weight_decay=0.03, eps=1e-6, beta1=0.8, beta2=0.99, decay=0.9)
+    model = Bags(PoolingType.MEAN, True, lookups)
+    dmp, tables, _ = shard_tables(model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE, config)
+    gradients, rows = attach_row_captures(dmp, tables.tables)
+    native_tables = list(tables.tables.values())
+    optimizer = NativeKernelOptimizer(native_tables, embedding_parameters(model), gradients, rows,
+                                      table_owners(dmp, [t.name for t in native_tables]), 0, lambda r, n: r, torch.device("cpu"))
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        out = dmp([batch(g, ["f1", "f2", "f3"], True) for _ in range(lookups)])
+        out.backward(torch.randn(out.shape, generator=g))
+        expected = {}
+        for capture in gradients:
+            for t in capture.tables:
+                assert len(capture.pending[t.name]) == lookups
+                weight = optimizer._local_weight[t.name].clone()
+                state = {k: v.clone() for k, v in optimizer._states[t.name].items()}
+                merged = merge_row_grads([capture.row_grads(t.name, lookup) for lookup in capture.pending[t.name]])
+                sparse_update_for(config, weight, state, *merged)
+                expected[t.name] = (weight, state)
+        optimizer.step()
+        for name, want in expected.items():
+            assert_same_table((optimizer._local_weight[name], optimizer._states[name]), want, name)
+            assert not any(capture.pending.get(name) for capture in gradients)  # taken by the step
