@@ -1,13 +1,13 @@
 """Exact row gradients of the tables that lightning_sparse's kernels train, taken from TorchRec's lookups.
 
 A table on the ``native`` route is sharded like any fused table, but its fbgemm TBE only looks rows up: a
-forward hook on the TBE detaches its output and routes the output's gradient into
-:func:`~lightning_sparse.optim.row_grads.embedding_row_grads`, which sums each row's gradient exactly (float64)
-from the batch's indices, offsets, per-sample weights and pooling mode. fbgemm's own backward never runs
-for such a TBE, so its weights are untouched by the step (it is built with fused SGD at lr 0 as a second
-guard). Backward only records each lookup (its output gradient, indices, offsets, per-sample weights); the
-optimizer's step then takes a table's lookups (:meth:`LookupGradients.take`): one lookup goes straight to
-the fused ``embedding_row_update``, several have their row gradients summed in float64 (:meth:`LookupGradients.pop`).
+forward hook on the TBE detaches its output, and the output's gradient comes back here in backward. fbgemm's
+own backward never runs for such a TBE, so its weights are untouched by the step (it is built with fused SGD
+at lr 0 as a second guard). Backward only records each lookup (output gradient, indices, offsets, per-sample
+weights); the optimizer's step takes a table's lookups (:meth:`LookupGradients.take`). One lookup goes
+straight to the one-pass ``embedding_row_update``; several each get their exact float64 row gradients
+(:meth:`LookupGradients.row_grads`, i.e. :func:`~lightning_sparse.optim.row_grads.embedding_row_grads`),
+summed in float64 by :func:`merge_row_grads`. Both give the same bits.
 
 A table on the ``data_parallel`` route keeps TorchRec's dense kernel and DDP's all-reduced gradient;
 :class:`LookupRows` records which rows the batch read, so the update touches those rows only.
@@ -166,10 +166,6 @@ class LookupGradients:
     def row_grads(self, table: str, lookup: Lookup) -> tuple[Tensor, Tensor]:
         """Sorted unique rows of ``table`` that ``lookup`` read and their float64 gradients."""
         return embedding_row_grads(*self.arguments(table, lookup))
-
-    def pop(self, table: str) -> Optional[tuple[Tensor, Tensor]]:
-        """The rows and float32 gradients this table gathered since the last call (None when none)."""
-        return merge_row_grads([self.row_grads(table, lookup) for lookup in self.take(table)])
 
     def remove(self) -> None:
         self._handle.remove()
