@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "embedding_row_grads_common.h"
+#include "sparse_optimizers_cpu.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -246,6 +247,93 @@ std::tuple<at::Tensor, at::Tensor> embedding_row_grads_cpu(const at::Tensor& gra
   return row_grads_typed<int32_t, int32_t>(a, go, idx, off, w_p);
 }
 
+// embedding_row_update: the gradient of each unique row as above (float64, same order), rounded to float32
+// once, + weight decay, then the kind's row update (sparse_optimizers_cpu.h): the bits of embedding_row_grads
+// -> .float() -> sparse_opt_<kind>, without the [unique, dim] float64 buffer, its cast, and a second pass
+// over the rows. Rows are updated as they are summed (each once: they are unique).
+template <typename index_t, typename offset_t>
+void row_update_typed(const Args& a, const at::Tensor& grad_output, const at::Tensor& indices,
+                      const at::Tensor& offsets, const float* weights, const at::Tensor& weight,
+                      const lightning_sparse_optim::RowUpdate& update, double weight_decay) {
+  using namespace lightning_sparse_optim;
+  const Occurrences o = list_occurrences<index_t, offset_t>(a, grad_output, indices, offsets, weights);
+  TORCH_CHECK(o.row.size() < (size_t(1) << 32), "embedding_row_update: more than 2**32 occurrences in one call");
+  std::vector<uint32_t> order;
+  std::vector<size_t> starts;
+  std::vector<int64_t> unique_rows;
+  group_by_row(o.row, order, starts, unique_rows);
+  const int64_t unique = static_cast<int64_t>(unique_rows.size());
+  const int64_t dim = a.dim, num_rows = weight.size(0);
+  if (unique > 0) {
+    TORCH_CHECK(unique_rows.back() < num_rows, "row index ", unique_rows.back(), " out of range [0, ", num_rows, ")");
+  }
+  float* w_p = weight.data_ptr<float>();
+  const float* g_p = grad_output.data_ptr<float>();
+  std::vector<RowTable> tables = update.tables();
+  tables.push_back(row_table(w_p, dim));
+  const float wd = static_cast<float>(weight_decay);
+  const int threads = at::get_num_threads();
+  const int64_t work = static_cast<int64_t>(o.row.size()) * dim;
+#pragma omp parallel num_threads(threads) if (work >= (int64_t(1) << 20))
+  {
+    std::vector<double> sum(dim);  // one row's float64 gradient
+    std::vector<float> g(dim);     // ... rounded once, + decay
+    const size_t m = order.size();
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < unique; ++u) {
+      const size_t next = starts[u];
+      if (next + 16 < m) __builtin_prefetch(&o.source[order[next + 16]]);
+      if (next + 8 < m) {
+        const char* slice = reinterpret_cast<const char*>(g_p + o.source[order[next + 8]].offset);
+        for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(float)); b += 64) __builtin_prefetch(slice + b);
+      }
+      if (u + kPrefetchDistance < unique) prefetch_row(tables, unique_rows[u + kPrefetchDistance]);
+      std::fill(sum.begin(), sum.end(), 0.0);
+      for (size_t k = starts[u]; k < starts[u + 1]; ++k) {
+        const Source& source = o.source[order[k]];
+        const float* src = g_p + source.offset;
+        for (int64_t d = 0; d < dim; ++d) sum[d] = accumulate(sum[d], source.scale, src[d]);
+      }
+      const int64_t row = unique_rows[u];
+      float* w_row = w_p + row * dim;
+      // 0 + g, as sparse_opt_<kind> sums a row's one gradient into a zeroed buffer (turns -0 into +0)
+      #pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) g[d] = with_weight_decay(add_rn(0.0f, static_cast<float>(sum[d])), w_row[d], wd);
+      update(row, w_row, g.data(), dim);
+    }
+  }
+}
+
+void embedding_row_update_cpu(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& offsets,
+                              const c10::optional<at::Tensor>& per_sample_weights, const at::Tensor& features,
+                              const at::Tensor& column_offsets, int64_t dim, int64_t num_features,
+                              int64_t pooling_mode, c10::string_view kind, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& sum, const c10::optional<at::Tensor>& exp_avg,
+                              const c10::optional<at::Tensor>& exp_avg_sq, const c10::optional<at::Tensor>& step,
+                              double lr, double eps, double weight_decay, double beta1, double beta2, double decay) {
+  using namespace lightning_sparse_optim;
+  TORCH_CHECK(grad_output.device().is_cpu() && weight.device().is_cpu(),
+              "embedding_row_update: expected CPU tensors here, got ", grad_output.device(), " and ", weight.device());
+  const Args a = check_args(grad_output, indices, offsets, per_sample_weights, features, column_offsets, dim,
+                            num_features, pooling_mode);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == dim, "embedding_row_update: weight must have shape [rows, ", dim,
+              "], got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be float32, got ", weight.scalar_type());
+  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  const RowUpdate update(parse_kind(std::string(kind)), weight, KindState{sum, exp_avg, exp_avg_sq, step},
+                         make_hyper(lr, eps, weight_decay, decay, beta1, beta2), beta1, beta2);
+  const at::Tensor go = grad_output.stride(1) == 1 ? grad_output : grad_output.contiguous();
+  const at::Tensor idx = indices.contiguous(), off = offsets.contiguous();
+  at::Tensor w;
+  if (per_sample_weights.has_value() && per_sample_weights->defined()) w = per_sample_weights->contiguous();
+  const float* w_p = w.defined() ? w.data_ptr<float>() : nullptr;
+  const bool idx64 = idx.scalar_type() == at::kLong, off64 = off.scalar_type() == at::kLong;
+  if (idx64 && off64) return row_update_typed<int64_t, int64_t>(a, go, idx, off, w_p, weight, update, weight_decay);
+  if (idx64) return row_update_typed<int64_t, int32_t>(a, go, idx, off, w_p, weight, update, weight_decay);
+  if (off64) return row_update_typed<int32_t, int64_t>(a, go, idx, off, w_p, weight, update, weight_decay);
+  return row_update_typed<int32_t, int32_t>(a, go, idx, off, w_p, weight, update, weight_decay);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
@@ -253,8 +341,16 @@ TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
       "embedding_row_grads(Tensor grad_output, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
       "Tensor features, Tensor column_offsets, int dim, int num_features, int pooling_mode) -> (Tensor rows, "
       "Tensor grads)");
+  m.def(
+      "embedding_row_update(Tensor grad_output, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
+      "Tensor features, Tensor column_offsets, int dim, int num_features, int pooling_mode, str kind, "
+      "Tensor(a!) weight, Tensor(b!)? sum, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, Tensor(e!)? step, "
+      "float lr, float eps, float weight_decay, float beta1, float beta2, float decay) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) { m.impl("embedding_row_grads", &embedding_row_grads_cpu); }
+TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) { 
+  m.impl("embedding_row_grads", &embedding_row_grads_cpu);
+  m.impl("embedding_row_update", &embedding_row_update_cpu);
+}
 
 }  // namespace lightning_sparse

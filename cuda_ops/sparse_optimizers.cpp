@@ -7,7 +7,8 @@
 // PyTorch reference in lightning_sparse/optim/reference.py), sums them, adds the L2 weight decay and
 // updates only those unique rows in place, in parallel over rows (OpenMP). The table is never scanned.
 // Strictly increasing ids (distinct rows in order, as embedding_row_grads returns them) skip the sort.
-// The per-row rules live in sparse_optimizers_common.h, shared with the CUDA kernels (sparse_optimizers.cu).
+// The per-row rules live in sparse_optimizers_common.h, shared with the CUDA kernels (sparse_optimizers.cu); each
+// kind's row update, bound to its state, in sparse_optimizers_cpu.h, shared with embedding_row_update.
 //
 // Adam-style kinds take a `step` tensor (int64): shape [1] is one global step per table (incremented
 // once per call, as torch.optim.SparseAdam and fbgemm's GPU kernels do); shape [N] is one step per row
@@ -18,7 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "sparse_optimizers_common.h"
+#include "sparse_optimizers_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -41,28 +42,6 @@ bool strictly_increasing(const int64_t* idx, int64_t n) {
     if (idx[i] <= idx[i - 1]) return false;
   }
   return true;
-}
-
-// A row-major table read and written per row: the weight, or an optimizer state.
-struct RowTable {
-  const void* base;
-  int64_t row_bytes;
-};
-
-template <typename T>
-RowTable row_table(const T* base, int64_t per_row) {
-  return RowTable{base, per_row * static_cast<int64_t>(sizeof(T))};
-}
-
-// Rows a batch touches are scattered over the table: each one would stall on memory. Asking for the rows a
-// few iterations ahead overlaps those misses (measured: most of the update's time went to them).
-constexpr int64_t kPrefetchDistance = 8;
-
-inline void prefetch_row(const std::vector<RowTable>& tables, int64_t row) {
-  for (const RowTable& t : tables) {
-    const char* p = static_cast<const char*>(t.base) + row * t.row_bytes;
-    for (int64_t b = 0; b < t.row_bytes; b += 64) __builtin_prefetch(p + b, 1, 3);
-  }
 }
 
 // Groups the occurrences by row, sums their gradients (+ L2 decay) and calls
@@ -136,119 +115,45 @@ void for_each_unique_row(const at::Tensor& weight, const at::Tensor& indices, co
   }
 }
 
+// One call of a kind's op: its per-row update (sparse_optimizers_cpu.h) on each unique row of the batch.
+void run(Kind kind, const at::Tensor& weight, const KindState& state, const at::Tensor& indices, const at::Tensor& grad,
+         double lr, double eps, double weight_decay, double decay, double beta1, double beta2) {
+  const RowUpdate update(kind, weight, state, make_hyper(lr, eps, weight_decay, decay, beta1, beta2), beta1, beta2);
+  for_each_unique_row(weight, indices, grad, weight_decay, update.tables(), update);
+}
+
 void sgd(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad, double lr,
          double weight_decay) {
-  const Hyper h = make_hyper(lr, 0.0, weight_decay, 0.0, 0.0, 0.0);
-  for_each_unique_row(weight, indices, grad, weight_decay, {}, [&](int64_t, float* w, const float* g, int64_t dim) {
-    #pragma omp simd  // columns are independent; vector ops round like scalar ones
-    for (int64_t d = 0; d < dim; ++d) sgd_element(w[d], g[d], h);
-  });
+  run(Kind::kSgd, weight, {}, indices, grad, lr, 0.0, weight_decay, 0.0, 0.0, 0.0);
 }
 
 void adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices, const at::Tensor& grad,
              double lr, double eps, double weight_decay) {
-  check_table(sum, weight, "sum", false);
-  float* s_p = sum.data_ptr<float>();
-  const Hyper h = make_hyper(lr, eps, weight_decay, 0.0, 0.0, 0.0);
-  const std::vector<RowTable> state{row_table(s_p, weight.size(1))};
-  for_each_unique_row(weight, indices, grad, weight_decay, state,
-                      [&](int64_t row, float* w, const float* g, int64_t dim) {
-    float* s = s_p + row * dim;
-    #pragma omp simd  // columns are independent; vector ops round like scalar ones
-    for (int64_t d = 0; d < dim; ++d) adagrad_element(w[d], s[d], g[d], h);
-  });
+  run(Kind::kAdagrad, weight, KindState{sum, {}, {}, {}}, indices, grad, lr, eps, weight_decay, 0.0, 0.0, 0.0);
 }
 
 void rowwise_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices,
                      const at::Tensor& grad, double lr, double eps, double weight_decay) {
-  check_table(sum, weight, "sum", true);
-  float* s_p = sum.data_ptr<float>();
-  const Hyper h = make_hyper(lr, eps, weight_decay, 0.0, 0.0, 0.0);
-  const std::vector<RowTable> state{row_table(s_p, 1)};
-  for_each_unique_row(weight, indices, grad, weight_decay, state,
-                      [&](int64_t row, float* w, const float* g, int64_t dim) {
-    const float multiplier = rowwise_adagrad_multiplier(s_p[row], mean_square(g, dim), h);
-    #pragma omp simd  // columns are independent; vector ops round like scalar ones
-    for (int64_t d = 0; d < dim; ++d) scaled_step(w[d], multiplier, g[d]);
-  });
+  run(Kind::kRowwiseAdagrad, weight, KindState{sum, {}, {}, {}}, indices, grad, lr, eps, weight_decay, 0.0, 0.0, 0.0);
 }
 
 void decayed_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices,
                      const at::Tensor& grad, double lr, double eps, double weight_decay, double decay) {
-  check_table(sum, weight, "sum", false);
-  float* s_p = sum.data_ptr<float>();
-  const Hyper h = make_hyper(lr, eps, weight_decay, decay, 0.0, 0.0);
-  const std::vector<RowTable> state{row_table(s_p, weight.size(1))};
-  for_each_unique_row(weight, indices, grad, weight_decay, state,
-                      [&](int64_t row, float* w, const float* g, int64_t dim) {
-    float* s = s_p + row * dim;
-    #pragma omp simd  // columns are independent; vector ops round like scalar ones
-    for (int64_t d = 0; d < dim; ++d) decayed_adagrad_element(w[d], s[d], g[d], h);
-  });
-}
-
-// The Adam step count of a row (a per-row counter, or one global counter advanced once per call) and its
-// bias corrections; a global step's are computed once per call rather than once per row (two pow()s).
-struct StepView {
-  int64_t* p;
-  bool global;
-  BiasCorrections global_bc;
-  double beta1, beta2;
-  BiasCorrections advance(int64_t row) const { return global ? global_bc : BiasCorrections(beta1, beta2, ++p[row]); }
-};
-
-StepView begin_step(const at::Tensor& step, const at::Tensor& weight, double beta1, double beta2) {
-  check_step(step, weight);
-  int64_t* p = step.data_ptr<int64_t>();
-  if (step.size(0) == 1) {  // global step: advanced once per call, rows present or not
-    const int64_t t = ++p[0];
-    return StepView{p, true, BiasCorrections(beta1, beta2, t), beta1, beta2};
-  }
-  return StepView{p, false, BiasCorrections(1.0f, 1.0f), beta1, beta2};
+  run(Kind::kDecayedAdagrad, weight, KindState{sum, {}, {}, {}}, indices, grad, lr, eps, weight_decay, decay, 0.0, 0.0);
 }
 
 void rowwise_adam(const at::Tensor& weight, const c10::optional<at::Tensor>& exp_avg, const at::Tensor& exp_avg_sq,
                   const at::Tensor& step, const at::Tensor& indices, const at::Tensor& grad, double lr, double eps,
                   double weight_decay, double beta1, double beta2) {
-  const bool first_moment = exp_avg.has_value() && exp_avg->defined();
-  if (first_moment) check_table(*exp_avg, weight, "exp_avg", false);
-  check_table(exp_avg_sq, weight, "exp_avg_sq", true);
-  const StepView steps = begin_step(step, weight, beta1, beta2);
-  float* m_p = first_moment ? exp_avg->data_ptr<float>() : nullptr;
-  float* v_p = exp_avg_sq.data_ptr<float>();
-  const Hyper h = make_hyper(lr, eps, weight_decay, 0.0, beta1, beta2);
-  std::vector<RowTable> state{row_table(v_p, 1)};
-  if (first_moment) state.push_back(row_table(m_p, weight.size(1)));
-  if (!steps.global) state.push_back(row_table(steps.p, 1));
-  for_each_unique_row(weight, indices, grad, weight_decay, state,
-                      [&](int64_t row, float* w, const float* g, int64_t dim) {
-    const BiasCorrections bc = steps.advance(row);
-    const float denom = rowwise_adam_denominator(v_p[row], mean_square(g, dim), h, bc);
-    float* m = first_moment ? m_p + row * dim : nullptr;
-    #pragma omp simd  // columns are independent; vector ops round like scalar ones
-    for (int64_t d = 0; d < dim; ++d) rowwise_adam_element(w[d], m ? m + d : nullptr, g[d], denom, h, bc);
-  });
+  run(Kind::kRowwiseAdam, weight, KindState{{}, exp_avg, exp_avg_sq, step}, indices, grad, lr, eps, weight_decay, 0.0,
+      beta1, beta2);
 }
 
 void adam(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
           const at::Tensor& indices, const at::Tensor& grad, double lr, double eps, double weight_decay, double beta1,
           double beta2) {
-  check_table(exp_avg, weight, "exp_avg", false);
-  check_table(exp_avg_sq, weight, "exp_avg_sq", false);
-  const StepView steps = begin_step(step, weight, beta1, beta2);
-  float* m_p = exp_avg.data_ptr<float>();
-  float* v_p = exp_avg_sq.data_ptr<float>();
-  const Hyper h = make_hyper(lr, eps, weight_decay, 0.0, beta1, beta2);
-  std::vector<RowTable> state{row_table(m_p, weight.size(1)), row_table(v_p, weight.size(1))};
-  if (!steps.global) state.push_back(row_table(steps.p, 1));
-  for_each_unique_row(weight, indices, grad, weight_decay, state,
-                      [&](int64_t row, float* w, const float* g, int64_t dim) {
-    const BiasCorrections bc = steps.advance(row);
-    float* m = m_p + row * dim;
-    float* v = v_p + row * dim;
-    #pragma omp simd  // columns are independent; vector ops round like scalar ones
-    for (int64_t d = 0; d < dim; ++d) adam_element(w[d], m[d], v[d], g[d], h, bc);
-  });
+  run(Kind::kAdam, weight, KindState{{}, exp_avg, exp_avg_sq, step}, indices, grad, lr, eps, weight_decay, 0.0, beta1,
+      beta2);
 }
 
 }  // namespace

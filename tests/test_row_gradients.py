@@ -124,7 +124,7 @@ def train_both(model: torch.nn.Module, keys: list[str], config: SparseOptimizerC
 def gradients_of(gradients, table):
     for capture in gradients:
         if table in capture.pending:
-            parts = list(capture.pending[table])
+            parts = [capture.row_grads(table, lookup) for lookup in capture.pending[table]]
             rows = torch.cat([r for r, _ in parts])
             grads = torch.cat([g for _, g in parts])
             unique, inverse = torch.unique(rows, return_inverse=True)

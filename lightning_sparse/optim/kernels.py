@@ -108,18 +108,23 @@ def sparse_update(
     """
     kind = SparseOptimizerKind.parse(kind, "kind")
     fn, _ = kernel(kind, weight.device)
-    grad = grad.to(torch.float32)
     with torch.no_grad():
-        if kind is SparseOptimizerKind.SGD:
-            fn(weight, indices, grad, lr, weight_decay)
-        elif kind in (SparseOptimizerKind.ADAGRAD, SparseOptimizerKind.ROWWISE_ADAGRAD):
-            fn(weight, state["sum"], indices, grad, lr, eps, weight_decay)
-        elif kind is SparseOptimizerKind.DECAYED_ADAGRAD:
-            fn(weight, state["sum"], indices, grad, lr, eps, weight_decay, decay)
-        elif kind is SparseOptimizerKind.ROWWISE_ADAM:
-            fn(weight, state.get("exp_avg"), state["exp_avg_sq"], state["step"], indices, grad, lr, eps, weight_decay, beta1, beta2)
-        else:
-            fn(weight, state["exp_avg"], state["exp_avg_sq"], state["step"], indices, grad, lr, eps, weight_decay, beta1, beta2)
+        _call_update(kind, fn, weight, state, indices, grad.to(torch.float32), lr, eps, weight_decay, beta1, beta2, decay)
+
+
+def _call_update(kind: SparseOptimizerKind, fn: Callable[..., None], weight: Tensor, state: dict[str, Tensor], indices: Tensor,
+                 grad: Tensor, lr: float, eps: float, weight_decay: float, beta1: float, beta2: float, decay: float) -> None:
+    """Calls a ``sparse_opt_<kind>`` function (native op or twin) with the kind's state tensors."""
+    if kind is SparseOptimizerKind.SGD:
+        fn(weight, indices, grad, lr, weight_decay)
+    elif kind in (SparseOptimizerKind.ADAGRAD, SparseOptimizerKind.ROWWISE_ADAGRAD):
+        fn(weight, state["sum"], indices, grad, lr, eps, weight_decay)
+    elif kind is SparseOptimizerKind.DECAYED_ADAGRAD:
+        fn(weight, state["sum"], indices, grad, lr, eps, weight_decay, decay)
+    elif kind is SparseOptimizerKind.ROWWISE_ADAM:
+        fn(weight, state.get("exp_avg"), state["exp_avg_sq"], state["step"], indices, grad, lr, eps, weight_decay, beta1, beta2)
+    else:
+        fn(weight, state["exp_avg"], state["exp_avg_sq"], state["step"], indices, grad, lr, eps, weight_decay, beta1, beta2)
 
 
 def init_state_for(

@@ -1,9 +1,11 @@
 """The optimizer of every table that lightning_sparse's kernels train: the ``native`` and ``data_parallel`` routes.
 
 ``native`` tables are sharded with fbgemm's TBE for the lookup only; :class:`~lightning_sparse.optim.row_gradients.
-LookupGradients` assembles their exact row gradients from the lookup's output gradient and :meth:`step` applies
-the rule with :func:`~lightning_sparse.optim.kernels.sparse_update_for` (``cuda_ops/sparse_optimizers.cpp``/``.cu``,
-or the PyTorch twin). ``data_parallel`` tables keep TorchRec's dense kernel and DDP's averaged gradient; the rule
+LookupGradients` records each lookup's output gradient and :meth:`step` applies the rule: a table looked up
+once goes through :func:`~lightning_sparse.optim.row_update.embedding_row_update_for` (exact row gradients and
+rule in one pass), a table looked up several times has its exact row gradients summed and goes through
+:func:`~lightning_sparse.optim.kernels.sparse_update_for` (``cuda_ops/sparse_optimizers.cpp``/``.cu``, or the
+PyTorch twin); both give the same bits. ``data_parallel`` tables keep TorchRec's dense kernel and DDP's averaged gradient; the rule
 is applied to the rows the *global* batch read (each rank's rows, united with one all-reduce), so weight decay
 and moment decay touch those rows only, as on the other routes.
 
@@ -27,7 +29,8 @@ from torchrec.optim.keyed import KeyedOptimizer
 
 from lightning_sparse.config import ResolvedTable, TableRoute
 from lightning_sparse.optim.kernels import init_state_for, sparse_update_for
-from lightning_sparse.optim.row_gradients import LookupGradients, LookupRows, find_lookup_kernels
+from lightning_sparse.optim.row_gradients import LookupGradients, LookupRows, find_lookup_kernels, merge_row_grads
+from lightning_sparse.optim.row_update import embedding_row_update_for
 
 HYPERPARAMETERS = ("lr", "eps", "weight_decay", "beta1", "beta2", "decay")
 
@@ -117,9 +120,14 @@ class NativeKernelOptimizer(KeyedOptimizer):
                 grads = grad[rows] if grad is not None else torch.zeros(rows.numel(), table.dim, device=weight.device)
                 sparse_update_for(config, weight, state, rows.to(weight.device), grads)
             elif table.name in self._gradients:
-                got = self._gradients[table.name].pop(table.name)
-                if got is not None:
-                    sparse_update_for(config, self._local_weight[table.name], state, got[0], got[1])
+                capture = self._gradients[table.name]
+                lookups = capture.take(table.name)
+                weight = self._local_weight[table.name]
+                if len(lookups) == 1:  # the common case: row gradients and rule in one pass, same bits
+                    embedding_row_update_for(config, weight, state, *capture.arguments(table.name, lookups[0]))
+                elif lookups:
+                    rows, grads = merge_row_grads([capture.row_grads(table.name, lookup) for lookup in lookups])
+                    sparse_update_for(config, weight, state, rows, grads)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the data-parallel tables' dense gradients (native tables never hold one)."""

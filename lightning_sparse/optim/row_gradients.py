@@ -1,12 +1,13 @@
 """Exact row gradients of the tables that lightning_sparse's kernels train, taken from TorchRec's lookups.
 
 A table on the ``native`` route is sharded like any fused table, but its fbgemm TBE only looks rows up: a
-forward hook on the TBE detaches its output and routes the output's gradient into
-:func:`~lightning_sparse.optim.row_grads.embedding_row_grads`, which sums each row's gradient exactly (float64)
-from the batch's indices, offsets, per-sample weights and pooling mode. fbgemm's own backward never runs
-for such a TBE, so its weights are untouched by the step (it is built with fused SGD at lr 0 as a second
-guard). Every lookup of a step adds to the pending gradients (a table looked up twice, or read by several
-features, sums all of them); :meth:`LookupGradients.pop` hands them to the optimizer after backward.
+forward hook on the TBE detaches its output, and the output's gradient comes back here in backward. fbgemm's
+own backward never runs for such a TBE, so its weights are untouched by the step (it is built with fused SGD
+at lr 0 as a second guard). Backward only records each lookup (output gradient, indices, offsets, per-sample
+weights); the optimizer's step takes a table's lookups (:meth:`LookupGradients.take`). One lookup goes
+straight to the one-pass ``embedding_row_update``; several each get their exact float64 row gradients
+(:meth:`LookupGradients.row_grads`, i.e. :func:`~lightning_sparse.optim.row_grads.embedding_row_grads`),
+summed in float64 by :func:`merge_row_grads`. Both give the same bits.
 
 A table on the ``data_parallel`` route keeps TorchRec's dense kernel and DDP's all-reduced gradient;
 :class:`LookupRows` records which rows the batch read, so the update touches those rows only.
@@ -107,6 +108,16 @@ def _lookup_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Optional[
     return values[0], values[1], values[2]
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What one lookup's backward hands over: enough to compute the row gradients of any of its tables."""
+
+    grad_output: Tensor  # float32, rows with a stride-1 last dimension
+    indices: Tensor
+    offsets: Tensor
+    per_sample_weights: Optional[Tensor]
+
+
 class LookupGradients:
     """Turns the output gradient of one lookup kernel (all of whose tables are native) into row gradients."""
 
@@ -117,7 +128,7 @@ class LookupGradients:
             t.name: (torch.tensor(t.features, dtype=torch.long), torch.tensor(t.column_offsets, dtype=torch.long))
             for t in self.tables
         }
-        self.pending: dict[str, list[tuple[Tensor, Tensor]]] = {t.name: [] for t in self.tables}
+        self.pending: dict[str, list[Lookup]] = {t.name: [] for t in self.tables}
         self._anchor = torch.zeros((), requires_grad=True)
         self._handle = kernel.emb_module.register_forward_hook(self._hook, with_kwargs=True)
 
@@ -134,17 +145,27 @@ class LookupGradients:
 
     @torch.no_grad()
     def accumulate(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> None:
-        grad_output = grad_output.float().contiguous()
+        """Records one lookup for each of the kernel's tables (the row gradients wait for the step)."""
+        lookup = Lookup(grad_output.float().contiguous(), indices, offsets, weights)
         for table in self.tables:
-            features, columns = self._index[table.name]
-            rows, grads = embedding_row_grads(
-                grad_output, indices, offsets, weights, features, columns, table.dim, self.num_features, self.pooling
-            )
-            self.pending[table.name].append((rows, grads))
+            self.pending[table.name].append(lookup)
 
-    def pop(self, table: str) -> Optional[tuple[Tensor, Tensor]]:
-        """The rows and float32 gradients this table gathered since the last call (None when none)."""
-        return _merge(self.pending[table])
+    def take(self, table: str) -> list[Lookup]:
+        """The lookups of ``table`` recorded since the last call."""
+        taken = self.pending[table]
+        self.pending[table] = []
+        return taken
+
+    def arguments(self, table: str, lookup: Lookup) -> tuple:
+        """``embedding_row_grads``' arguments (from ``grad_output`` to ``pooling_mode``) for ``table`` in ``lookup``."""
+        features, columns = self._index[table]
+        dim = next(t.dim for t in self.tables if t.name == table)
+        return (lookup.grad_output, lookup.indices, lookup.offsets, lookup.per_sample_weights, features, columns, dim,
+                self.num_features, self.pooling)
+
+    def row_grads(self, table: str, lookup: Lookup) -> tuple[Tensor, Tensor]:
+        """Sorted unique rows of ``table`` that ``lookup`` read and their float64 gradients."""
+        return embedding_row_grads(*self.arguments(table, lookup))
 
     def remove(self) -> None:
         self._handle.remove()
@@ -177,12 +198,10 @@ class LookupRows:
         self._handle.remove()
 
 
-def _merge(parts: list[tuple[Tensor, Tensor]]) -> Optional[tuple[Tensor, Tensor]]:
+def merge_row_grads(taken: list[tuple[Tensor, Tensor]]) -> Optional[tuple[Tensor, Tensor]]:
     """One (rows, float32 grads) from several lookups' float64 parts; summed in float64, rounded once."""
-    if not parts:
+    if not taken:
         return None
-    taken = list(parts)
-    parts.clear()
     if len(taken) == 1:
         rows, grads = taken[0]
         return rows, grads.float()
