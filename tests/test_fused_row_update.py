@@ -200,7 +200,8 @@ def test_native_route_step_has_the_two_step_bits(gloo_world_of_one, kind, lookup
     from lightning_sparse.config import ShardingType
     from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
     from lightning_sparse.optim.row_gradients import merge_row_grads
-    from lightning_sparse.strategies.sharding import embedding_parameters, shard_tables, table_owners
+    from lightning_sparse.distributed.planning import shard_tables, table_owners
+    from lightning_sparse.distributed.routes import embedding_parameters
     from test_row_gradients import Bags, batch
 
     config = SparseOptimizerConfig(kind=kind, lr=0.05, weight_decay=0.03, eps=1e-6, beta1=0.8, beta2=0.99, decay=0.9)
