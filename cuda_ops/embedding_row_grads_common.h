@@ -15,13 +15,7 @@
 #include <utility>
 #include <vector>
 
-#ifndef LS_HOST_DEVICE
-#ifdef __CUDACC__
-#define LS_HOST_DEVICE __host__ __device__
-#else
-#define LS_HOST_DEVICE
-#endif
-#endif
+#include "host_device.h"
 
 namespace lightning_sparse_row_grads {
 

@@ -9,11 +9,7 @@
 #include <tuple>
 #include <utility>
 
-#ifdef __CUDACC__
-#define LS_HOST_DEVICE __host__ __device__
-#else
-#define LS_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace lightning_sparse_hash {
 
