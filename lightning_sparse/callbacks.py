@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_sparse.data.loading import _rank_world
+from lightning_sparse.models.prequential import PrequentialState
 from lightning_sparse.optim.memory import MemoryReport, memory_report
 from lightning_sparse.plotting import NothingToPlot, plot_training_curves
 
@@ -157,6 +159,86 @@ class TrainingCurvePlot(pl.Callback):
         print(f"training curves: {self.path}")
 
 
+class PrequentialEvaluation(pl.Callback):
+    """Test-then-train: scores every training batch with the predictions made before the model trains on it.
+
+    Logs, over all ranks' samples together, ``prequential/auc``, ``prequential/logloss``, ``prequential/ne``
+    and ``prequential/samples`` (cumulative since the fit started) and the same over the last ``window``
+    training batches (``prequential/window_auc``, ``window_logloss``, ``window_ne``, ``window_samples``).
+    They are computed on the steps Lightning writes to the loggers (``trainer.log_every_n_steps``; or every
+    ``every_n_steps``) and at the end of each training epoch; ``FitSummary`` and ``TrainingCurvePlot`` show them.
+
+    Why no second forward pass: the training step's forward runs on the weights before this batch's update
+    (the fused sparse optimizer updates rows in the backward, the dense optimizer after it), so its logits
+    are exactly the "test" of test-then-train. The model's ``training_step`` returns them:
+    :class:`~lightning_sparse.models.ClickModule` returns ``{"loss", "logits", "labels"}``; a module of your
+    own must do the same. (They are train-mode predictions: a model with dropout would be scored with it.)
+
+    Sums over ranks are exact: AUC over the union of the ranks' predictions from summed histograms (see
+    :mod:`lightning_sparse.models.prequential`), not a mean of per-rank AUCs. The cumulative and window state
+    is part of the checkpoint: it resumes bit for bit, mid-epoch included, on the number of processes that
+    wrote it, and with the same sums (merged onto rank 0) on any other.
+
+    Args:
+        window: training batches in the sliding window.
+        bins: histogram bins of the predicted logits over [-16, 16] (the AUC's resolution).
+        every_n_steps: compute and log every this many training batches (None: when Lightning logs).
+    """
+
+    def __init__(self, window: int = 100, bins: int = 1 << 16, every_n_steps: Optional[int] = None) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"PrequentialEvaluation.every_n_steps must be >= 1 or None, got {every_n_steps}")
+        self.state = PrequentialState(window, bins)
+        self.every_n_steps = every_n_steps
+        self.last: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(window=self.state.window, bins=self.state.bins)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._restored:
+            self.state.reset()
+        self._restored = False
+
+    _restored = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not isinstance(outputs, dict) or "logits" not in outputs or "labels" not in outputs:
+            raise TypeError(
+                "PrequentialEvaluation scores the predictions of the training forward pass, but training_step returned "
+                f"{type(outputs).__name__}{sorted(outputs) if isinstance(outputs, dict) else ''}; return "
+                "{'loss': loss, 'logits': logits.detach(), 'labels': labels} (as lightning_sparse.models.ClickModule does)"
+            )
+        self.state.update(outputs["logits"], outputs["labels"])
+        if self.every_n_steps is not None:
+            due = self.state.batches % self.every_n_steps == 0
+        else:  # the condition under which Lightning writes this step's metrics to the loggers
+            every = trainer.log_every_n_steps
+            due = every > 0 and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
+        if due:
+            self._log(pl_module, on_step=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.state.batches:
+            self._log(pl_module, on_step=False)
+
+    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
+        self.last = self.state.compute(pl_module.device)
+        for name, value in self.last.items():
+            if value == value:  # an undefined value (AUC before both classes were seen) is not logged
+                # Every rank holds the same value; a max over ranks keeps it exact for the epoch-level log.
+                pl_module.log(f"prequential/{name}", value, on_step=on_step, on_epoch=not on_step,
+                              sync_dist=not on_step, reduce_fx="max")  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict(_rank_world())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state.load_state_dict(state_dict, _rank_world())
+        self._restored = True
+
+
 def _skipped_line_rows(metrics: dict[str, Any]) -> list[str]:
     """One row per stage that logged ``data/<stage>/skipped_lines`` (the data module's last pass), with the
     non-zero reasons: ``skipped lines (train)     3 (field_count 1, integer 2)``."""
@@ -174,13 +256,17 @@ def _skipped_line_rows(metrics: dict[str, Any]) -> list[str]:
 
 class FitSummary(pl.Callback):
     """Prints, on global rank 0 after fit, the numbers a reader checks first: the last validation AUC/NE,
-    mean training samples/s, embedding memory and the lines the data module skipped as malformed in its
+    the prequential AUC/NE (:class:`PrequentialEvaluation`), mean training samples/s, embedding memory and the lines the data module skipped as malformed in its
     last train and validation pass (from whatever of them was logged)."""
 
     ROWS = [
         ("val/auc", "validation AUC", "{:.4f}", 1.0),
         ("val/ne", "validation NE", "{:.4f}", 1.0),
         ("val/log_loss", "validation log-loss", "{:.4f}", 1.0),
+        ("prequential/auc", "prequential AUC", "{:.4f}", 1.0),
+        ("prequential/window_auc", "prequential AUC (window)", "{:.4f}", 1.0),
+        ("prequential/ne", "prequential NE", "{:.4f}", 1.0),
+        ("prequential/logloss", "prequential log-loss", "{:.4f}", 1.0),
         ("train/epoch_samples_per_sec", "training samples/s", "{:,.0f}", 1.0),
         ("memory/embedding_weight_bytes", "embedding weights (MiB)", "{:.1f}", 2.0**-20),
         ("memory/sparse_optimizer_bytes", "sparse optimizer (MiB)", "{:.1f}", 2.0**-20),

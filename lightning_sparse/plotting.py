@@ -17,6 +17,15 @@ PANELS: list[tuple[str, list[tuple[str, str, float]]]] = [
     ("loss", [("train/loss", "train", 1.0), ("val/loss", "val", 1.0)]),
     ("AUC", [("val/auc", "val", 1.0), ("test/auc", "test", 1.0)]),
     ("log-loss / NE", [("val/log_loss", "val log-loss", 1.0), ("val/ne", "val NE", 1.0)]),
+    (
+        "prequential (test-then-train)",
+        [
+            ("prequential/auc", "AUC", 1.0),
+            ("prequential/window_auc", "window AUC", 1.0),
+            ("prequential/ne", "NE", 1.0),
+            ("prequential/window_ne", "window NE", 1.0),
+        ],
+    ),
     ("samples/s (all ranks)", [("train/samples_per_sec", "train", 1.0)]),
     (
         "embedding memory (MiB, all ranks)",

@@ -36,6 +36,36 @@ def embedding_bag_collection(
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))
 
 
+class LearnedDenseVector(torch.nn.Module):
+    """The bottom MLP of a model without dense features (``num_dense_features=0``): one learned vector.
+
+    DLRM, DCN-v2 and DeepFM put the bottom MLP's output next to the embeddings (DLRM dots it with each of
+    them). Without dense features there is nothing to feed the MLP; an MLP over a zero-width input would be
+    its biases under a dead first layer. A learned vector keeps that slot meaningful (DLRM's dot products
+    with it are a learned linear term per embedding) without a fake dense column in the data.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.vector = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, dense_features: torch.Tensor) -> torch.Tensor:
+        if dense_features.dim() != 2 or dense_features.shape[1] != 0:
+            raise ValueError(
+                f"this model was built with num_dense_features=0, but the batch has dense_features of shape "
+                f"{tuple(dense_features.shape)}; build it with num_dense_features={dense_features.shape[-1]}"
+            )
+        return self.vector.unsqueeze(0).expand(dense_features.shape[0], -1)
+
+
+def check_num_dense_features(num_dense_features: int) -> int:
+    """The dense width a TorchRec arch is built with: 1 when there are none (that arch is then replaced by a
+    :class:`LearnedDenseVector`; TorchRec's ``DenseArch`` cannot be built over zero inputs without warnings)."""
+    if isinstance(num_dense_features, bool) or not isinstance(num_dense_features, int) or num_dense_features < 0:
+        raise ValueError(f"num_dense_features must be an int >= 0, got {num_dense_features!r}")
+    return max(num_dense_features, 1)
+
+
 def check_dlrm_layer_sizes(embedding_dim: int, dense_arch_layer_sizes: list[int], over_arch_layer_sizes: list[int]) -> None:
     """DLRM-style nets (DLRM, DCN-v2): the bottom MLP ends at the embedding width, the top MLP at one logit."""
     if dense_arch_layer_sizes[-1] != embedding_dim:
@@ -72,13 +102,17 @@ class ClickModule(LightningModule):
     def _logits(self, batch: Batch) -> torch.Tensor:
         return self(batch.dense_features, batch.sparse_features).reshape(-1)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """The loss, plus the batch's logits (detached) and labels: the predictions made before this batch's
+        update, which :class:`~lightning_sparse.callbacks.PrequentialEvaluation` scores (test-then-train).
+        The labels are returned too because the strategy may have dropped samples from the batch the loader
+        gave (``non_finite: skip``)."""
         check_click_batch(batch)
         logits = self._logits(batch)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         check_loss(loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.labels.numel())
-        return loss
+        return {"loss": loss, "logits": logits.detach(), "labels": batch.labels}
 
     def _evaluate(self, batch: Batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
         check_click_batch(batch)

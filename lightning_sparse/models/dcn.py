@@ -9,7 +9,13 @@ from torchrec.models.dlrm import DLRM_DCN
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.data.synthetic import feature_names as default_feature_names
-from lightning_sparse.models.base import ClickModule, check_dlrm_layer_sizes, embedding_bag_collection
+from lightning_sparse.models.base import (
+    ClickModule,
+    LearnedDenseVector,
+    check_dlrm_layer_sizes,
+    check_num_dense_features,
+    embedding_bag_collection,
+)
 
 
 class DCNModule(ClickModule):
@@ -21,7 +27,7 @@ class DCNModule(ClickModule):
     Args:
         num_embeddings_per_feature: rows of each feature's table (one table per sparse feature).
         embedding_dim: width of every table; also the bottom MLP's output width.
-        num_dense_features: number of dense input features.
+        num_dense_features: number of dense input features (0: none, see :class:`LearnedDenseVector`).
         dense_arch_layer_sizes: bottom MLP widths; the last one must equal ``embedding_dim``.
         over_arch_layer_sizes: top MLP widths; the last one must be 1 (one logit).
         dcn_num_layers: number of cross layers.
@@ -50,12 +56,15 @@ class DCNModule(ClickModule):
         names = feature_names or default_feature_names(len(num_embeddings_per_feature))
         self.dcn = DLRM_DCN(
             embedding_bag_collection=embedding_bag_collection(num_embeddings_per_feature, embedding_dim, names),
-            dense_in_features=num_dense_features,
+            dense_in_features=check_num_dense_features(num_dense_features),
             dense_arch_layer_sizes=list(dense_arch_layer_sizes),
             over_arch_layer_sizes=list(over_arch_layer_sizes),
             dcn_num_layers=dcn_num_layers,
             dcn_low_rank_dim=dcn_low_rank_dim,
         )
+
+        if num_dense_features == 0:
+            self.dcn.dense_arch = LearnedDenseVector(embedding_dim)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         return self.dcn(dense_features, sparse_features)

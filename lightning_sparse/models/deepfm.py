@@ -10,7 +10,7 @@ from torchrec.models.deepfm import DenseArch, FMInteractionArch, SparseArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.data.synthetic import feature_names as default_feature_names
-from lightning_sparse.models.base import ClickModule, embedding_bag_collection
+from lightning_sparse.models.base import ClickModule, LearnedDenseVector, check_num_dense_features, embedding_bag_collection
 
 
 class DeepFMModule(ClickModule):
@@ -23,7 +23,7 @@ class DeepFMModule(ClickModule):
     Args:
         num_embeddings_per_feature: rows of each feature's table (one table per sparse feature).
         embedding_dim: width of every table; the dense features are projected to this width too.
-        num_dense_features: number of dense input features.
+        num_dense_features: number of dense input features (0: none, see :class:`LearnedDenseVector`).
         hidden_layer_size: hidden width of the dense projection MLP.
         deep_fm_dimension: output width of the deep part of the interaction.
         feature_names: sparse feature keys (default ``cat_0 ..``, as the data modules produce).
@@ -49,7 +49,10 @@ class DeepFMModule(ClickModule):
         self.save_hyperparameters()
         names = feature_names or default_feature_names(len(num_embeddings_per_feature))
         self.sparse_arch = SparseArch(embedding_bag_collection(num_embeddings_per_feature, embedding_dim, names))
-        self.dense_arch = DenseArch(num_dense_features, hidden_layer_size, embedding_dim)
+        if num_dense_features == 0:
+            self.dense_arch = LearnedDenseVector(embedding_dim)
+        else:
+            self.dense_arch = DenseArch(check_num_dense_features(num_dense_features), hidden_layer_size, embedding_dim)
         self.inter_arch = FMInteractionArch(
             fm_in_features=embedding_dim * (len(names) + 1),  # projected dense features + one embedding per feature
             sparse_feature_names=list(names),
