@@ -205,9 +205,9 @@ class PrequentialEvaluation(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not isinstance(outputs, dict) or "logits" not in outputs or "labels" not in outputs:
+            what = f"the keys {sorted(outputs)}" if isinstance(outputs, dict) else type(outputs).__name__
             raise TypeError(
-                "PrequentialEvaluation scores the predictions of the training forward pass, but training_step returned "
-                f"{type(outputs).__name__}{sorted(outputs) if isinstance(outputs, dict) else ''}; return "
+                f"PrequentialEvaluation scores the predictions of the training forward pass, but training_step gave {what}; return "
                 "{'loss': loss, 'logits': logits.detach(), 'labels': labels} (as lightning_sparse.models.ClickModule does)"
             )
         self.state.update(outputs["logits"], outputs["labels"])
