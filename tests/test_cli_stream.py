@@ -20,6 +20,7 @@ def test_stream_example_trains_prequentially_through_the_cli(tmp_path):
     assert metrics["prequential/window_samples"][-1] == 768.0  # the window (20 batches) holds all 6
     for key in ("prequential/auc", "prequential/window_auc", "prequential/logloss", "prequential/ne", "prequential/window_ne"):
         assert len(metrics[key]) == 4 and all(0 < v < 2 for v in metrics[key]), key
+    assert metrics["data/train/skipped_lines"] == [0.0]  # malformed records, counted per epoch (none here)
     assert "prequential AUC " in out and "prequential NE " in out  # the fit summary
     assert (run / "training_curves.png").stat().st_size > 0
 

@@ -21,6 +21,7 @@ from lightning_sparse.data import SparseColumn, StreamDataModule, StreamSchema, 
 from lightning_sparse.models import DCNModule, DeepFMModule, DLRMModule
 from lightning_sparse.models.base import LearnedDenseVector
 from lightning_sparse.models.prequential import PrequentialState, histogram_auc
+from lightning_sparse.plotting import PANELS, plot_training_curves
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> dict[str, float]:
@@ -162,3 +163,11 @@ def test_models_refuse_dense_features_they_were_not_built_for_and_prequential_ne
                          enable_progress_bar=False, callbacks=[PrequentialEvaluation()], default_root_dir=tmp_path)  # fmt: skip
     with pytest.raises(TypeError, match="training_step gave the keys \\['loss'\\]; return \\{'loss': loss, 'logits'"):
         trainer.fit(LossOnly())
+
+
+def test_the_training_curves_have_a_prequential_panel(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,prequential/auc,prequential/window_ne\n0,9,0.61,0.98\n0,19,0.65,0.95\n")
+    assert plot_training_curves(path, tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (title, metrics), = [(t, m) for t, m in PANELS if any(key.startswith("prequential/") for key, _, _ in m)]
+    assert [key for key, _, _ in metrics] == ["prequential/auc", "prequential/window_auc", "prequential/ne", "prequential/window_ne"]

@@ -22,6 +22,7 @@ from lightning_sparse.data import (
     ParquetSource,
     ResumableLoader,
     SparseColumn,
+    StreamDataModule,
     StreamDataset,
     StreamRecordError,
     StreamSchema,
@@ -173,6 +174,35 @@ def test_a_followed_pattern_reads_files_that_appear_later_until_it_is_idle(tmp_p
     assert time.monotonic() - started >= 2.0  # it waited for more before ending
     with pytest.raises(ValueError, match="follow=True.*needs a glob pattern"):
         TsvSource(str(tmp_path / "day_0.tsv"), follow=True)
+
+
+def test_tsv_columns_default_to_criteo_and_a_criteo_line_becomes_a_record(tmp_path):
+    path = tmp_path / "day_0.tsv"
+    path.write_text("1\t" + "\t".join(str(i) for i in range(13)) + "\t" + "\t".join(f"{i:08x}" for i in range(26)) + "\n")
+    (raw, position), = TsvSource(str(path)).read(None)
+    record = TsvSource(str(path)).decode(raw)
+    assert list(record) == ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    assert record["I13"] == "12" and record["C26"] == "00000019" and position == (str(path), len(raw), 1)
+    schema = StreamSchema(label="label", dense=["I1", "I2"], sparse=[SparseColumn("C26", 1000)], dense_transform="log1p")
+    label, dense, sparse = schema.parse(record)
+    assert label == 1.0 and dense == pytest.approx([0.0, 0.6931471805599453]) and sparse == [SparseColumn("C26", 1000).ids(19)]  # a decimal string is that integer
+
+
+def test_the_readme_example_and_files_listed_in_their_own_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    schema = StreamSchema(
+        label="label", dense=["price"],
+        sparse=[SparseColumn("user", 1_000_000, transform="hash"), SparseColumn("item", 100_000, transform="modulo"),
+                SparseColumn("ad", 50_000, transform="none")],
+    )  # fmt: skip
+    source = TsvSource("clicks/day_*.tsv", columns=["label", "price", "user", "item", "ad"], follow=True)  # no file yet
+    data = StreamDataModule(source, schema, batch_size=1024)
+    assert (data.num_dense_features, data.feature_names, data.num_embeddings_per_feature) == (1, ["user", "item", "ad"], [1_000_000, 100_000, 50_000])
+    rs = records(6)
+    (tmp_path / "b.tsv").write_text("".join(map(tsv_line, rs[:3])))
+    (tmp_path / "a.tsv").write_text("".join(map(tsv_line, rs[3:])))
+    listed = TsvSource([str(tmp_path / "b.tsv"), str(tmp_path / "a.tsv")], columns=COLUMNS)
+    assert [b[1] for b in batches(StreamDataset(listed, SCHEMA, 6, rank=0, world_size=1))] == [[[r["price"]] for r in rs]]
 
 
 def test_bad_configuration_is_a_clear_error(tmp_path):
