@@ -192,16 +192,11 @@ class PrequentialEvaluation(pl.Callback):
         self.every_n_steps = every_n_steps
         self.last: dict[str, float] = {}
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(window=self.state.window, bins=self.state.bins)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._restored:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A fit starts from zero; Lightning restores a checkpoint's state after setup, whatever the strategy.
+        if stage == "fit":
             self.state.reset()
-        self._restored = False
-
-    _restored = False
+            self.last = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not isinstance(outputs, dict) or "logits" not in outputs or "labels" not in outputs:
@@ -236,7 +231,6 @@ class PrequentialEvaluation(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state.load_state_dict(state_dict, _rank_world())
-        self._restored = True
 
 
 def _skipped_line_rows(metrics: dict[str, Any]) -> list[str]:
