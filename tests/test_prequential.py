@@ -113,7 +113,8 @@ class Recorder(pl.Callback):
 @pytest.mark.parametrize("model_class", [DLRMModule, DCNModule, DeepFMModule])
 def test_models_without_dense_features_train_prequentially_on_one_process(model_class, single_process_env, tmp_path):
     schema = StreamSchema(sparse=[SparseColumn("cat_0", 200, "none"), SparseColumn("cat_1", 50, "none"), SparseColumn("cat_2", 20, "modulo")])
-    data = StreamDataModule(SyntheticSource([200, 50, 20], drift_period_records=128, chunk_size=64), schema, batch_size=32, max_records=320)
+    data = StreamDataModule(SyntheticSource([200, 50, 20], drift_period_records=128, chunk_size=64), schema, batch_size=32,
+                            max_records=320, val_source=SyntheticSource([200, 50, 20], seed=1), val_max_records=64)  # fmt: skip
     assert data.num_dense_features == 0
     kwargs = dict(dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]) if model_class is not DeepFMModule else {}
     model = model_class(num_embeddings_per_feature=data.num_embeddings_per_feature, num_dense_features=0, embedding_dim=8,
@@ -135,6 +136,7 @@ def test_models_without_dense_features_train_prequentially_on_one_process(model_
         window = reference(torch.cat(recorder.logits[first:step]), torch.cat(recorder.labels[first:step]), 1 << 12)
         check(recorder.values[step - 1], window, "window_")
     assert trainer.callback_metrics["prequential/auc"].item() == pytest.approx(recorder.values[-1]["auc"], abs=1e-6)
+    assert 0 < trainer.callback_metrics["val/auc"].item() < 1  # the validation stream ran at the end of the epoch
     assert not torch.equal(vector.detach(), before)  # the stand-in for the bottom MLP learns
 
 

@@ -18,7 +18,9 @@ File sources read files in order (a list as given, a glob pattern sorted by name
 glob pattern) the stream never ends: after the last file the source waits for a file whose name sorts after
 it (a day-stamped file, say); ``idle_timeout_s`` ends the stream when none appears for that long. A new
 file must appear complete: write it under another name and rename it into place (a rename is atomic).
-A position stores the file's name, so files may appear while a run is stopped.
+A position stores the file's name, so files may appear while a run is stopped. Under several processes, a
+rank waiting for the next file holds the others in the step's collectives: raise the strategy's ``timeout``
+above the longest gap between files you expect (or set ``idle_timeout_s`` below it).
 """
 
 from __future__ import annotations
