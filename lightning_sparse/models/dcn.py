@@ -62,8 +62,7 @@ class DCNModule(ClickModule):
             dcn_num_layers=dcn_num_layers,
             dcn_low_rank_dim=dcn_low_rank_dim,
         )
-
-        if num_dense_features == 0:
+        if num_dense_features == 0:  # no bottom MLP input: a learned vector instead (see LearnedDenseVector)
             self.dcn.dense_arch = LearnedDenseVector(embedding_dim)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:

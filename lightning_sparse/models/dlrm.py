@@ -51,8 +51,7 @@ class DLRMModule(ClickModule):
             dense_arch_layer_sizes=list(dense_arch_layer_sizes),
             over_arch_layer_sizes=list(over_arch_layer_sizes),
         )
-
-        if num_dense_features == 0:
+        if num_dense_features == 0:  # no bottom MLP input: a learned vector instead (see LearnedDenseVector)
             self.dlrm.dense_arch = LearnedDenseVector(embedding_dim)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
