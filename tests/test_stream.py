@@ -205,6 +205,13 @@ def test_the_readme_example_and_files_listed_in_their_own_order(tmp_path, monkey
     assert [b[1] for b in batches(StreamDataset(listed, SCHEMA, 6, rank=0, world_size=1))] == [[[r["price"]] for r in rs]]
 
 
+def test_a_parquet_list_column_is_a_multi_hot_feature(tmp_path):
+    rows = [{"label": 1, "price": 1.0, "user": "a", "tags": [12, 3, 25]}, {"label": 0, "price": None, "user": "b", "tags": []}]
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in COLUMNS}), tmp_path / "m.parquet")
+    (labels, dense, values, lengths), = batches(StreamDataset(ParquetSource(str(tmp_path / "m.parquet")), SCHEMA, 4, rank=0, world_size=1))
+    assert lengths == [1, 1, 3, 0] and values[2:] == [2, 3, 5] and dense == [[1.0], [0.0]]  # tags modulo 10
+
+
 def test_bad_configuration_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"transform='crc' is not valid; allowed values: 'none', 'modulo', 'hash'"):
         SparseColumn("user", 10, transform="crc")
