@@ -123,8 +123,10 @@ def _build(class_path: str, hparams: dict[str, Any]) -> nn.Module:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as error:
         raise SchemaMismatchError(f"the served model's class {class_path!r} cannot be imported here: {error}") from error
+    # LightningCLI adds its own entries (``_class_path``, ``_instantiator``), as load_from_checkpoint knows
+    arguments = {key: value for key, value in hparams.items() if not key.startswith("_")}
     try:
-        return cls(**hparams)
+        return cls(**arguments)
     except TypeError as error:
         raise SchemaMismatchError(
             f"{class_path}(**hparams) failed: {error}. The module must save its constructor arguments "

@@ -4,14 +4,12 @@ LMDB and Redis equals the live tables exactly, tombstones, touched ids, the pred
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, read_checkpoint, run_worker, worker_env
+from conftest import read_checkpoint, run_worker
 from replay import STATIC, checkpoint_tensors, live_tables, max_difference
 
 from lightning_sparse.data.synthetic import SyntheticClickStream
@@ -94,14 +92,14 @@ def test_predictor_scores_equal_training_eval_scores_and_reload(trained, store_s
         assert not torch.equal(early, predictor.predict(stream[0]))
 
 
-def test_serve_apply_cli_follows_the_exports(trained, tmp_path, redis_url, capsys):
+def test_serve_apply_follows_the_exports(trained, tmp_path, redis_url, capsys):
     store = f"lmdb:{tmp_path / 's'}"
-    cmd = [sys.executable, "-m", "lightning_sparse.cli", "serve-apply", "--store", store, "--exports", str(trained["exports"]), "--once"]
-    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    args = ["--store", store, "--exports", str(trained["exports"]), "--once"]
+    assert serve_apply(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["version"] for line in lines[:-1]] == list(range(1, 11)) and lines[-1] == {"store_version": 10}
-    assert serve_apply(["--store", store, "--exports", str(trained["exports"]), "--once"]) == 0
+    assert all(line["applied_at"] >= line["exported_at"] for line in lines[:-1])
+    assert serve_apply(args) == 0  # nothing new: the store stays where it is
     assert json.loads(capsys.readouterr().out) == {"store_version": read_current(trained["exports"])["version"]}
     dead = redis_url.rsplit(":", 1)[0] + ":1"
     assert serve_apply(["--store", dead, "--exports", str(trained["exports"]), "--once"]) == 1
