@@ -145,7 +145,7 @@ class ShardDiff:
             )
             before = self.partition_ids.get(name)
             if before is not None:
-                tombstones.append(RowBatch(name, np.setdiff1d(before, live_now)))
+                tombstones.append(RowBatch(name, np.setdiff1d(before, live_now, assume_unique=True)))
             self.partition_ids[name] = live_now
         self.slot_maps = slot_maps
         return batches, tombstones

@@ -244,46 +244,56 @@ def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def write_row_file(path: Path, version: int, step: int, batches: list[RowBatch], tombstones: list[RowBatch], quantize: bool) -> int:
-    """Writes one rank's rows and tombstones as Parquet (fsynced); returns the number of records."""
-    columns: dict[str, list[pa.Array]] = {name: [] for name in ROW_SCHEMA.names}
-    total = 0
-    for batch, dead in [(b, False) for b in batches] + [(t, True) for t in tombstones]:
-        n = int(batch.ids.shape[0])
-        if n == 0:
-            continue
-        total += n
-        columns["table"].append(pa.array([batch.table] * n, pa.string()))
-        columns["id"].append(pa.array(batch.ids.astype(np.int64)))
-        columns["col"].append(pa.array(np.full(n, batch.col, np.int32)))
-        columns["tombstone"].append(pa.array(np.full(n, dead)))
-        if dead or quantize:
-            columns["row"].append(pa.nulls(n, pa.list_(pa.float32())))
-        else:
-            columns["row"].append(_list_array(batch.rows.astype(np.float32, copy=False), pa.float32()))
-        if quantize and not dead:
-            codes, scale, bias = quantize_rows(batch.rows)
-            columns["row_q"].append(_list_array(codes, pa.uint8()))
-            columns["scale"].append(pa.array(scale))
-            columns["bias"].append(pa.array(bias))
-        else:
-            columns["row_q"].append(pa.nulls(n, pa.list_(pa.uint8())))
-            columns["scale"].append(pa.nulls(n, pa.float32()))
-            columns["bias"].append(pa.nulls(n, pa.float32()))
-    columns["version"] = [pa.array(np.full(total, version, np.int64))]
-    columns["step"] = [pa.array(np.full(total, step, np.int64))]
-    arrays = [pa.concat_arrays(columns[f.name]) if columns[f.name] else pa.array([], f.type) for f in ROW_SCHEMA]
+    """Writes one rank's rows and tombstones as Parquet (fsynced); returns the number of records.
+
+    Columns are built once from concatenated numpy arrays (no per-record Python work), written without
+    compression and with dictionaries only for the constant columns and the 8-bit codes: float rows barely compress,
+    and this is on the training step's critical path (``benchmarks/serving.py``).
+    """
+    parts = [(b, False) for b in batches if len(b.ids)] + [(t, True) for t in tombstones if len(t.ids)]
+    counts = np.array([len(b.ids) for b, _ in parts], np.int64)
+    total = int(counts.sum())
+    names = sorted({b.table for b, _ in parts})
+    codes = np.repeat(np.array([names.index(b.table) for b, _ in parts], np.int32), counts)
+    dead = np.repeat(np.array([d for _, d in parts], bool), counts)
+    widths = np.repeat(np.array([0 if d else b.rows.shape[1] for b, d in parts], np.int64), counts)
+    live_rows = [b.rows.astype(np.float32, copy=False).reshape(-1) for b, d in parts if not d]
+    values = np.concatenate(live_rows) if live_rows else np.zeros(0, np.float32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(widths)]).astype(np.int32))
+    nulls = pa.array(np.ones(total, bool))
+    if quantize:
+        matrices = [_quantized(b.rows) for b, d in parts if not d]
+        codes_q = np.concatenate([m[0].reshape(-1) for m in matrices]) if matrices else np.zeros(0, np.uint8)
+        scale = np.zeros(total, np.float32)
+        bias = np.zeros(total, np.float32)
+        scale[~dead] = np.concatenate([m[1] for m in matrices]) if matrices else []
+        bias[~dead] = np.concatenate([m[2] for m in matrices]) if matrices else []
+        row = pa.ListArray.from_arrays(pa.array(np.zeros(total + 1, np.int32)), pa.array([], pa.float32()), mask=nulls)
+        row_q = pa.ListArray.from_arrays(offsets, pa.array(codes_q, pa.uint8()), mask=pa.array(dead))
+        scale_arr, bias_arr = pa.array(scale, mask=dead), pa.array(bias, mask=dead)
+    else:
+        row = pa.ListArray.from_arrays(offsets, pa.array(values, pa.float32()), mask=pa.array(dead))
+        row_q = pa.ListArray.from_arrays(pa.array(np.zeros(total + 1, np.int32)), pa.array([], pa.uint8()), mask=nulls)
+        scale_arr, bias_arr = pa.nulls(total, pa.float32()), pa.nulls(total, pa.float32())
+    ids = np.concatenate([b.ids.astype(np.int64) for b, _ in parts]) if parts else np.zeros(0, np.int64)
+    cols = np.repeat(np.array([b.col for b, _ in parts], np.int32), counts)
+    table_names = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.string())).cast(pa.string())
+    arrays = [
+        pa.array(np.full(total, version, np.int64)), pa.array(np.full(total, step, np.int64)), table_names,
+        pa.array(ids), pa.array(cols), row, row_q, scale_arr, bias_arr, pa.array(dead),
+    ]  # fmt: skip
     table = pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
     with open(path, "wb") as handle:
-        pq.write_table(table, handle)
+        # dictionary-encoded 8-bit codes take ~1 byte each (Parquet stores uint8 as 4-byte INT32 otherwise)
+        dictionaries = ["version", "step", "table", "col", "row_q.list.element"]
+        pq.write_table(table, handle, compression="none", use_dictionary=dictionaries, write_statistics=False)
         handle.flush()
         os.fsync(handle.fileno())
     return total
 
 
-def _list_array(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    n, width = matrix.shape
-    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix).reshape(-1), value_type))
+def _quantized(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return quantize_rows(rows.astype(np.float32, copy=False))
 
 
 @dataclass

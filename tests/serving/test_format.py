@@ -22,12 +22,12 @@ def test_rows_and_tombstones_round_trip(tmp_path):
 
 def test_int8_rows_are_within_half_a_step(tmp_path):
     rng = np.random.default_rng(1)
-    rows = (rng.normal(size=(200, 16)) * rng.uniform(0.01, 10, size=(200, 1))).astype(np.float32)
+    rows = (rng.normal(size=(2000, 16)) * rng.uniform(0.01, 10, size=(2000, 1))).astype(np.float32)
     rows[0] = 0.25  # a constant row is exact
     path = tmp_path / "q.parquet"
-    write_row_file(path, 1, 1, [RowBatch("t", np.arange(200), 0, rows)], [], quantize=True)
+    write_row_file(path, 1, 1, [RowBatch("t", np.arange(2000), 0, rows)], [], quantize=True)
     _, got = read_row_file(path, 1)["t"].pieces[0]
     _, scale, _ = quantize_rows(rows)
     assert np.all(np.abs(got - rows) <= scale[:, None] * 0.5 + 1e-6 * np.abs(rows)) and np.array_equal(got[0], rows[0])
-    full = write_row_file(tmp_path / "f.parquet", 1, 1, [RowBatch("t", np.arange(200), 0, rows)], [], quantize=False)
-    assert full == 200 and (tmp_path / "q.parquet").stat().st_size < (tmp_path / "f.parquet").stat().st_size / 2
+    full = write_row_file(tmp_path / "f.parquet", 1, 1, [RowBatch("t", np.arange(2000), 0, rows)], [], quantize=False)
+    assert full == 2000 and (tmp_path / "q.parquet").stat().st_size < (tmp_path / "f.parquet").stat().st_size / 2
