@@ -11,7 +11,7 @@
   replay      tests/workers/serving_fit.py for 200 steps on 2 processes (400 batches of 8): every version
               replayed into LMDB and Redis against the live tables (max |difference|)
 
-    python benchmarks/serving.py [--steps 300] [--interval 2.0] [--skip-replay]
+    python benchmarks/serving.py [--steps 300] [--rounds 2] [--interval 2.0] [--parts lookups,cost,freshness,replay]
 """
 
 from __future__ import annotations
@@ -191,16 +191,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--lookup-batches", type=int, default=2000)
-    parser.add_argument("--skip-replay", action="store_true")
+    parser.add_argument("--parts", default="lookups,cost,freshness,replay", help="which measurements, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     root = Path(tempfile.mkdtemp(prefix="serving_bench_"))
     try:
-        lookups(root, args.lookup_batches)
-        cost(args.steps, root, args.rounds)
-        freshness(args.steps, args.interval, root)
-        if not args.skip_replay:
+        parts = args.parts.split(",")
+        if "lookups" in parts:
+            lookups(root, args.lookup_batches)
+        if "cost" in parts:
+            cost(args.steps, root, args.rounds)
+        if "freshness" in parts:
+            freshness(args.steps, args.interval, root)
+        if "replay" in parts:
             replay(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -125,7 +125,7 @@ class DeltaExport(Callback):
         step = trainer.global_step
         due = self.every_n_steps is not None and step % self.every_n_steps == 0
         if self.every_seconds is not None:
-            flag = torch.tensor([int(due or time.time() - self._last_time >= self.every_seconds)])
+            flag = torch.tensor([int(due or time.time() - self._last_time >= self.every_seconds)], device=_collective_device())
             if _world() > 1:
                 dist.broadcast(flag, src=0)  # rank 0's clock decides for everyone
             due = bool(flag.item())
@@ -233,6 +233,13 @@ def _fault_point(version: int, point: str, rank: int) -> None:
     parts = spec.split(":")
     if int(parts[0]) == version and parts[1] == point and int(parts[2] if len(parts) > 2 else 0) == rank:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _collective_device() -> torch.device:
+    """nccl only takes tensors on the current GPU; gloo takes host tensors."""
+    if _world() > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _world() -> int:

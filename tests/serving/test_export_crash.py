@@ -119,3 +119,17 @@ def test_an_export_directory_of_another_model_is_refused(crashed_runs):
     refusal = export._prepare_directory(object)
     assert refusal.startswith("error:") and "holds versions of another model (tables t_cat_0 (width 8, dynamic)" in refusal
     assert "this model has t_cat_0 (width 16, dynamic). Export into another directory." in refusal
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every_n_steps": None, "every_seconds": None}, "needs every_n_steps or every_seconds"),
+        ({"every_n_steps": 0}, "every_n_steps must be >= 1 or None, got 0"),
+        ({"every_seconds": -1.0}, "every_seconds must be > 0 or None, got -1.0"),
+        ({"quantize": "fp8"}, "quantize must be 'none' or 'int8', got 'fp8'"),
+    ],
+)
+def test_bad_export_options_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeltaExport(str(tmp_path), **kwargs)

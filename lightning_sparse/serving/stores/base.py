@@ -176,6 +176,15 @@ class ServingStore(ABC):
         self.close()
 
 
+def rows_from(values: list, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [n, dim] float32 with zeros where missing, found mask) from the stored bytes (None: missing)."""
+    found = np.fromiter((v is not None for v in values), bool, len(values))
+    rows = np.zeros((len(values), dim), np.float32)
+    if dim and found.any():
+        rows[found] = np.frombuffer(b"".join(v for v in values if v is not None), np.float32).reshape(-1, dim)
+    return rows, found
+
+
 def row_key(table: str, raw_id: int) -> bytes:
     """LMDB key of a row; Redis keeps one hash per table keyed by the 8-byte id."""
     return table.encode() + b"\x00" + id_bytes(raw_id)

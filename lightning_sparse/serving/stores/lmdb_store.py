@@ -25,6 +25,7 @@ from lightning_sparse.serving.stores.base import (
     fault_point,
     patched,
     row_key,
+    rows_from,
 )
 
 DEFAULT_MAP_SIZE = 1 << 36  # 64 GiB of address space; the file grows with the data
@@ -92,15 +93,8 @@ class LMDBStore(ServingStore):
             cursor = txn.cursor(db=self._rows_db)
             for table, wanted in ids.items():
                 dim = meta.tables[table].dim if meta is not None and table in meta.tables else 0
-                rows = np.zeros((len(wanted), dim), np.float32)
-                found = np.zeros(len(wanted), bool)
-                if dim:
-                    for i, raw_id in enumerate(np.asarray(wanted, np.int64).tolist()):
-                        value = cursor.get(row_key(table, raw_id))
-                        if value is not None:
-                            rows[i] = np.frombuffer(value, np.float32)
-                            found[i] = True
-                out[table] = (rows, found)
+                keys = [row_key(table, raw_id) for raw_id in np.asarray(wanted, np.int64).tolist()] if dim else []
+                out[table] = rows_from([cursor.get(key) for key in keys] if dim else [None] * len(wanted), dim)
         return Snapshot(meta.version if meta else 0, out)
 
     def dense(self) -> tuple[int, bytes]:

@@ -27,6 +27,7 @@ from lightning_sparse.serving.stores.base import (
     fault_point,
     id_bytes,
     patched,
+    rows_from,
 )
 
 _CHUNK = 10_000  # fields per HSET / HDEL command inside the transaction
@@ -109,14 +110,8 @@ class RedisStore(ServingStore):
         for table in tables:
             wanted = ids[table]
             dim = meta.tables[table].dim if meta is not None and table in meta.tables else 0
-            rows = np.zeros((len(wanted), dim), np.float32)
-            found = np.zeros(len(wanted), bool)
             values = next(reply) if len(wanted) else []
-            for i, value in enumerate(values):
-                if value is not None and dim:
-                    rows[i] = np.frombuffer(value, np.float32)
-                    found[i] = True
-            out[table] = (rows, found)
+            out[table] = rows_from(list(values) if dim else [None] * len(wanted), dim)
         return Snapshot(meta.version if meta else 0, out)
 
     def dense(self) -> tuple[int, bytes]:
