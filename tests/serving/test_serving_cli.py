@@ -26,7 +26,7 @@ def _fit(workdir: Path) -> None:
         "--data.init_args.num_embeddings_per_feature", "[200, 50, 20, 10]",
         "--data.init_args.id_space_per_feature", "[5000, 50, 20, 10]", "--model.init_args.embedding_dim", "4",
         "--model.init_args.dense_arch_layer_sizes", "[8, 4]", "--model.init_args.over_arch_layer_sizes", "[8, 1]",
-        "--trainer.callbacks.init_args.every_n_steps", "10",
+        "--trainer.callbacks.init_args.every_n_steps", "12",
     ])  # fmt: skip
 
 
@@ -36,8 +36,8 @@ def test_fit_with_the_example_yaml_then_serve_apply(tmp_path, capsys):
     child.join(300)
     assert child.exitcode == 0
     exports = tmp_path / "outputs" / "serving" / "exports"
-    assert read_current(exports)["version"] == 3  # steps 10, 20, 30 (the end of training is step 30)
-    assert [read_manifest(exports, v)["step"] for v in (1, 2, 3)] == [10, 20, 30]
+    assert read_current(exports)["version"] == 3  # steps 12 and 24, and the end of training (step 30)
+    assert [read_manifest(exports, v)["step"] for v in (1, 2, 3)] == [12, 24, 30]
     store = f"lmdb:{tmp_path / 'store'}"
     with pytest.raises(SystemExit) as done:
         cli.main(["serve-apply", "--store", store, "--exports", str(exports), "--once"])
