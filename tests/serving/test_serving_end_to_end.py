@@ -4,7 +4,6 @@ LMDB and Redis equals the live tables exactly, tombstones, touched ids, the pred
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
