@@ -112,7 +112,7 @@ class DeltaExport(Callback):
         self._pieces = collect.local_pieces(strategy)
         self._tables = collect.table_schemas(strategy)
         self._capacities = {n: t.dynamic.capacity for n, t in strategy.embedding_tables.tables.items() if t.dynamic}
-        start = self._prepare_directory(type(pl_module)) if trainer.is_global_zero else None
+        start = self._prepare_directory() if trainer.is_global_zero else None
         shared = [start]
         if _world() > 1:
             dist.broadcast_object_list(shared, src=0)
@@ -188,7 +188,7 @@ class DeltaExport(Callback):
         self.export_seconds.append(time.time() - started)
         return version
 
-    def _prepare_directory(self, module_type: type) -> Any:
+    def _prepare_directory(self) -> Any:
         """Rank 0: finishes or deletes what a crashed export left; returns (last version, export id)."""
         root = self.directory
         root.mkdir(parents=True, exist_ok=True)

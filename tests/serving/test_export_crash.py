@@ -116,7 +116,7 @@ def test_a_damaged_pointer_or_a_missing_version_is_a_clear_error(crashed_runs, t
 def test_an_export_directory_of_another_model_is_refused(crashed_runs):
     export = DeltaExport(str(crashed_runs["exports"]))
     export._tables = {"t_cat_0": TableSchema(16, True)}  # what on_train_start reads from the strategy
-    refusal = export._prepare_directory(object)
+    refusal = export._prepare_directory()
     assert refusal.startswith("error:") and "holds versions of another model (tables t_cat_0 (width 8, dynamic)" in refusal
     assert "this model has t_cat_0 (width 16, dynamic). Export into another directory." in refusal
 
