@@ -263,7 +263,12 @@ class SparseCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``lightning-sparse`` console script."""
+    """Entry point of the ``lightning-sparse`` console script (``serve-apply``: :mod:`lightning_sparse.serving.cli`)."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["serve-apply"]:
+        from lightning_sparse.serving.cli import main as serve_apply
+
+        sys.exit(serve_apply(argv[1:]))
     default_wandb_to_offline()
     SparseCLI(
         ClickModule,
