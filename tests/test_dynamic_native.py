@@ -65,6 +65,8 @@ def test_native_equals_fallback_large(policy, monkeypatch):
     assert state_n.keys() == state_f.keys()
     for key in state_n:
         assert torch.equal(state_n[key], state_f[key]), key
+    rows = torch.cat(out_n)
+    assert native.fallback_rows == 66_000 // 16 and bool((rows >= native.capacity).any())  # fallback rows read too
     metrics = native.metrics()
     assert metrics == fallback.metrics()
     assert metrics["evicted"] > 0 and metrics["rejected_admission"] > 0  # the test exercised churn
@@ -143,7 +145,9 @@ def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads,
     fill = torch.randint(0, 1 << 40, (capacity,), generator=g).unique()[:capacity]
     strong = torch.randint(1 << 41, 1 << 42, (40,), generator=g).repeat_interleave(500)
     weak = torch.randint(1 << 43, 1 << 44, (960,), generator=g)
-    config = DynamicTableConfig(capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
+    config = DynamicTableConfig(
+        capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1), fallback_rows=0
+    )
     s = torch.arange(capacity)
     crafted = torch.where(s % 24 == 0, 1 + s // 24, torch.full_like(s, 1_000))
 

@@ -16,7 +16,7 @@ from lightning_sparse.dynamic import (
     shard_of,
     shard_rows,
 )
-from lightning_sparse.dynamic.hashing import shard_of_int
+from lightning_sparse.dynamic.hashing import fallback_row_int, shard_of_int
 from lightning_sparse.ops import native_op
 
 PATHS = ["fallback"] + (["native"] if native_op("hash_remap") is not None else [])
@@ -163,16 +163,19 @@ def test_lookup_changes_nothing(path):
     before = {k: v.clone() for k, v in remapper.state_dict().items()}
     ids = torch.cat([remapper.slot_ids[remapper.slot_count > 0], torch.tensor([123456789])])
     slots = remapper.lookup(ids)
-    assert slots[-1] == -1 and torch.equal(slots[:-1], (remapper.slot_count > 0).nonzero().flatten())
+    assert remapper.capacity == 23 and remapper.fallback_rows == 1  # 24 // 16 = 1 fallback row, after the slots
+    assert slots[-1] == fallback_row_int(123456789, 23, 1) == 23
+    assert torch.equal(slots[:-1], (remapper.slot_count > 0).nonzero().flatten())
     assert all(torch.equal(before[k], v) for k, v in remapper.state_dict().items())
 
 
 def test_admission_probability_is_a_function_of_id_seed_step(path):
     cfg = DynamicTableConfig(capacity=100_000, admission=AdmissionConfig(probability=0.25, seed=11))
     ids = torch.arange(20_000) * 7 - 70_000
-    first = DynamicIdRemapper(cfg).remap(ids, 5, 0.0).slots >= 0
-    again = DynamicIdRemapper(cfg).remap(ids, 5, 0.0).slots >= 0
-    other_step = DynamicIdRemapper(cfg).remap(ids, 6, 0.0).slots >= 0
+    slots = DynamicIdRemapper(cfg).capacity  # rows beyond are fallback rows
+    first = DynamicIdRemapper(cfg).remap(ids, 5, 0.0).slots < slots
+    again = DynamicIdRemapper(cfg).remap(ids, 5, 0.0).slots < slots
+    other_step = DynamicIdRemapper(cfg).remap(ids, 6, 0.0).slots < slots
     assert torch.equal(first, again)
     assert abs(first.double().mean().item() - 0.25) < 0.02
     assert not torch.equal(first, other_step)
@@ -210,7 +213,8 @@ def test_init_and_reset_rows(path):
 
 
 def test_remap_kjt_drops_unadmitted_ids_and_shares_tables(path):
-    remappers = {"t": DynamicIdRemapper(DynamicTableConfig(capacity=10, admission=AdmissionConfig(min_count=2)))}
+    config = DynamicTableConfig(capacity=10, admission=AdmissionConfig(min_count=2), fallback_rows=0)
+    remappers = {"t": DynamicIdRemapper(config)}
     kjt = KeyedJaggedTensor(
         keys=["a", "b", "c"],
         values=torch.tensor([5, 5, 7, 5, 8, 9, 100, 101]),
@@ -248,10 +252,13 @@ def test_shard_routing_lands_in_the_owner_rows(path):
     assert owner.tolist() == [shard_of_int(i, world) for i in ids.tolist()]
     assert sorted(set(owner.tolist())) == [0, 1, 2]
     for rank, (offset, rows) in enumerate(shard_rows(30, world)):
-        slots = shards[rank].remap(ids[owner == rank], 0, 0.0).slots
-        admitted = slots[slots >= 0]
-        assert admitted.numel() == rows
-        assert ((admitted >= offset) & (admitted < offset + rows)).all()
+        shard = shards[rank]
+        assert shard.fallback_rows == 1 and shard.capacity == rows - 1  # each block keeps its own fallback row
+        slots = shard.remap(ids[owner == rank], 0, 0.0).slots
+        admitted = slots[slots < offset + shard.capacity]
+        assert admitted.unique().numel() == rows - 1
+        assert ((slots >= offset) & (slots < offset + rows)).all()  # fallback rows too: in the owner's block
+        assert bool((slots == offset + rows - 1).any())
     with pytest.raises(ValueError, match="multiple of world_size"):
         DynamicIdRemapper.for_rank(DynamicTableConfig(capacity=5), 3, 4)
 
