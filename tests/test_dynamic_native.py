@@ -55,6 +55,7 @@ def test_native_equals_fallback_large(policy, monkeypatch):
         score_decay=0.8,
         admission=AdmissionConfig(min_count=1, probability=0.9, seed=3, sketch_halve_every=150_000),
         expiry=ExpiryConfig(ttl_steps=1, ttl_seconds=0.75),
+        fallback_rows=66_000 // 16,
     )
     native, out_n = run(config, batches, True, monkeypatch)
     fallback, out_f = run(config, batches, False, monkeypatch)
@@ -145,9 +146,7 @@ def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads,
     fill = torch.randint(0, 1 << 40, (capacity,), generator=g).unique()[:capacity]
     strong = torch.randint(1 << 41, 1 << 42, (40,), generator=g).repeat_interleave(500)
     weak = torch.randint(1 << 43, 1 << 44, (960,), generator=g)
-    config = DynamicTableConfig(
-        capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1), fallback_rows=0
-    )
+    config = DynamicTableConfig(capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
     s = torch.arange(capacity)
     crafted = torch.where(s % 24 == 0, 1 + s // 24, torch.full_like(s, 1_000))
 

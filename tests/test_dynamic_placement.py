@@ -25,6 +25,7 @@ def config(placement: str, capacity: int = 96) -> DynamicTableConfig:
         admission=AdmissionConfig(min_count=2),
         expiry=ExpiryConfig(ttl_steps=3, sweep_every_steps=2),
         placement=placement,
+        fallback_rows=capacity // 16,
     )
 
 

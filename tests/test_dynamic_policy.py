@@ -153,7 +153,7 @@ def scenarios(draw):
     capacity = draw(st.integers(1, 10))
     config = DynamicTableConfig(
         capacity=capacity,
-        fallback_rows=draw(st.sampled_from([None, 0] + ([1, capacity - 1] if capacity > 1 else []))),
+        fallback_rows=draw(st.sampled_from([0] + ([1, capacity - 1] if capacity > 1 else []))),
         eviction=draw(st.sampled_from(list(EvictionPolicy))),
         score_decay=draw(st.sampled_from([1.0, 0.9, 0.5, 0.01])),
         admission=AdmissionConfig(

@@ -16,7 +16,7 @@ from lightning_sparse.dynamic import (
     shard_of,
     shard_rows,
 )
-from lightning_sparse.dynamic.hashing import fallback_row_int, shard_of_int
+from lightning_sparse.dynamic.hashing import shard_of_int
 from lightning_sparse.ops import native_op
 
 PATHS = ["fallback"] + (["native"] if native_op("hash_remap") is not None else [])
@@ -163,8 +163,7 @@ def test_lookup_changes_nothing(path):
     before = {k: v.clone() for k, v in remapper.state_dict().items()}
     ids = torch.cat([remapper.slot_ids[remapper.slot_count > 0], torch.tensor([123456789])])
     slots = remapper.lookup(ids)
-    assert remapper.capacity == 23 and remapper.fallback_rows == 1  # 24 // 16 = 1 fallback row, after the slots
-    assert slots[-1] == fallback_row_int(123456789, 23, 1) == 23
+    assert slots[-1] == -1  # no fallback rows by default
     assert torch.equal(slots[:-1], (remapper.slot_count > 0).nonzero().flatten())
     assert all(torch.equal(before[k], v) for k, v in remapper.state_dict().items())
 
@@ -172,10 +171,9 @@ def test_lookup_changes_nothing(path):
 def test_admission_probability_is_a_function_of_id_seed_step(path):
     cfg = DynamicTableConfig(capacity=100_000, admission=AdmissionConfig(probability=0.25, seed=11))
     ids = torch.arange(20_000) * 7 - 70_000
-    slots = DynamicIdRemapper(cfg).capacity  # rows beyond are fallback rows
-    first = DynamicIdRemapper(cfg).remap(ids, 5, 0.0).slots < slots
-    again = DynamicIdRemapper(cfg).remap(ids, 5, 0.0).slots < slots
-    other_step = DynamicIdRemapper(cfg).remap(ids, 6, 0.0).slots < slots
+    first = DynamicIdRemapper(cfg).remap(ids, 5, 0.0).slots >= 0
+    again = DynamicIdRemapper(cfg).remap(ids, 5, 0.0).slots >= 0
+    other_step = DynamicIdRemapper(cfg).remap(ids, 6, 0.0).slots >= 0
     assert torch.equal(first, again)
     assert abs(first.double().mean().item() - 0.25) < 0.02
     assert not torch.equal(first, other_step)
@@ -245,7 +243,7 @@ def test_remap_kjt_unknown_table():
 
 def test_shard_routing_lands_in_the_owner_rows(path):
     world = 3
-    cfg = DynamicTableConfig(capacity=30)
+    cfg = DynamicTableConfig(capacity=30, fallback_rows=3)
     shards = [DynamicIdRemapper.for_rank(cfg, r, world) for r in range(world)]
     ids = torch.arange(-200, 200) * 977
     owner = shard_of(ids, world)

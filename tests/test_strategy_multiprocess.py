@@ -88,11 +88,12 @@ def test_data_parallel_gradients_match_unsharded_reference(tmp_path):
 
 def test_dynamic_table_on_two_processes_resumes_exactly(tmp_path):
     """Raw ids from a 1000-id space share 128 rows: admission, eviction, recycled rows and fallback rows
-    (128 // 16 = 8 at the end of the table, read and trained by every id without a slot); the hash table
+    (8 at the end of the table, read and trained by every id without a slot); the hash table
     (placement 'sharded', one partition for a table_wise table) lives on the rank holding the table.
     Resumed from a mid-epoch checkpoint (step 2 of 3 per epoch), 2 epochs end bit-identical."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["--devices", 2, "--sharding", "table_wise", "--dynamic-capacity", 128, "--max-epochs", 2, "--ckpt-every-n-steps", 2]
+    common = ["--devices", 2, "--sharding", "table_wise", "--dynamic-capacity", 128, "--dynamic-fallback-rows", 8, "--max-epochs", 2]
+    common += ["--ckpt-every-n-steps", 2]
     result = run_worker("train.py", *common, "--ckpt-dir", straight, "--ckpt-out", straight / "end.ckpt", result=tmp_path / "a.json")
     assert result["train_batches_per_rank"] == [{"0": 3, "1": 3}] * 2  # so step 2 is mid-epoch
     counters = result["dynamic_metrics"]["t_cat_3"]
@@ -117,8 +118,9 @@ def test_dynamic_table_on_two_processes_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
 def test_dynamic_hash_placements_train_identically(tmp_path, sharding):
-    """Routed partitions and replicas see the same global batches, so training ends in the same state."""
-    common = ["--devices", 2, "--sharding", sharding, "--dynamic-capacity", 128, "--max-epochs", 2]
+    """Routed partitions and replicas see the same global batches (fallback rows included), so training ends
+    in the same state."""
+    common = ["--devices", 2, "--sharding", sharding, "--dynamic-capacity", 128, "--dynamic-fallback-rows", 8, "--max-epochs", 2]
     tensors = {}
     for placement in ("sharded", "replicated"):
         result = run_worker(

@@ -22,11 +22,6 @@ from lightning_sparse.typed_config import NamedEnum, build_dataclass
 MAX_SKETCH_HALVE_EVERY = 1 << 28
 MAX_REMAP_BATCH = 1 << 28
 
-#: Default share of a table's rows kept as fallback rows: ``capacity // DEFAULT_FALLBACK_DIVISOR``
-#: (at least 1). Chosen by the sweep in ``benchmarks/dynamic_drift_quality.py`` (benchmarks/RESULTS.md,
-#: "Issue 12: dynamic tables on drift").
-DEFAULT_FALLBACK_DIVISOR = 16
-
 
 class EvictionPolicy(NamedEnum):
     """Which live id loses its slot when the table is full and an admitted id needs one.
@@ -206,9 +201,11 @@ class DynamicTableConfig:
             admitted yet, rejected when full, evicted, expired, or unknown at evaluation) reads and trains
             the fallback row ``hash(id) % fallback_rows`` instead of being dropped, so it still learns
             something (hashing trick) until it earns a row of its own. The hash table lends only the other
-            ``capacity - fallback_rows`` rows. ``None``: ``max(1, capacity // 16)``; 0: no fallback rows
-            (unslotted ids are dropped from the bag, i.e. read zero and train nothing). Each row block of
-            a sharded table reserves its share at the end of the block (see :meth:`block_fallback_rows`).
+            ``capacity - fallback_rows`` rows. Each row block of a sharded table reserves its share at the
+            end of the block (see :meth:`block_fallback_rows`). Default 0: no fallback rows, unslotted
+            ids are dropped from the bag (they read zero and train nothing). The default is measured:
+            on both drifting streams of ``benchmarks/dynamic_drift_quality.py`` every size tried
+            (capacity/64 to capacity/2) lowered prequential AUC (benchmarks/RESULTS.md, issue 12).
     """
 
     capacity: Optional[int] = None
@@ -218,18 +215,17 @@ class DynamicTableConfig:
     score_decay: float = 0.99
     init: RowInitConfig = field(default_factory=RowInitConfig)
     placement: HashPlacement = HashPlacement.SHARDED
-    fallback_rows: Optional[int] = None
+    fallback_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.capacity is not None:
             _check_int("DynamicTableConfig", "capacity", self.capacity, 1, (1 << 31) - 1)
-        if self.fallback_rows is not None:
-            _check_int("DynamicTableConfig", "fallback_rows", self.fallback_rows, 0, (1 << 31) - 1)
-            if self.capacity is not None and self.fallback_rows >= self.capacity:
-                raise ValueError(
-                    f"DynamicTableConfig.fallback_rows={self.fallback_rows} leaves no row for the hash table of "
-                    f"capacity {self.capacity}; use fewer fallback rows (0 disables them)"
-                )
+        _check_int("DynamicTableConfig", "fallback_rows", self.fallback_rows, 0, (1 << 31) - 1)
+        if self.capacity is not None and self.fallback_rows and self.fallback_rows >= self.capacity:
+            raise ValueError(
+                f"DynamicTableConfig.fallback_rows={self.fallback_rows} leaves no row for the hash table of "
+                f"capacity {self.capacity}; use fewer fallback rows (0 disables them)"
+            )
         for name, cls in (("admission", AdmissionConfig), ("expiry", ExpiryConfig), ("init", RowInitConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -244,21 +240,15 @@ class DynamicTableConfig:
             raise ValueError(f"DynamicTableConfig.score_decay must be in (0, 1], got {self.score_decay}")
         self.score_decay = float(self.score_decay)
 
-    def resolved_fallback_rows(self, capacity: int) -> int:
-        """Fallback rows of the whole table of ``capacity`` rows (the default when ``fallback_rows`` is None)."""
-        if self.fallback_rows is not None:
-            return self.fallback_rows
-        return max(1, capacity // DEFAULT_FALLBACK_DIVISOR) if capacity > 1 else 0
-
     def block_fallback_rows(self, block_rows: int, capacity: int) -> int:
         """Fallback rows reserved at the end of a row block of ``block_rows`` of the table's ``capacity`` rows.
 
         The block's share of the table's fallback rows, ``fallback * block_rows // capacity``, at least 1
         when the table has any, so every hash partition (one per row block, see ``HashPlacement``) sends
         its own unslotted ids to fallback rows in its own block, on the rank that holds them. A whole
-        table is one block and reserves exactly ``resolved_fallback_rows(capacity)``.
+        table is one block and reserves exactly ``fallback_rows``.
         """
-        fallback = self.resolved_fallback_rows(capacity)
+        fallback = self.fallback_rows
         if fallback == 0:
             return 0
         rows = max(1, fallback * block_rows // capacity)

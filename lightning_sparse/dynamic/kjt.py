@@ -1,13 +1,13 @@
 """Remapping the raw ids of a TorchRec ``KeyedJaggedTensor`` to the rows of dynamic tables.
 
-An id without a slot of its own (not admitted yet, rejected when full, evicted or expired, or unknown at
-evaluation) reads its table's *fallback row* ``hash(id) % fallback_rows`` (``DynamicTableConfig.fallback_rows``,
-rows at the end of each row block): a shared row that trains like any other, so such ids still learn
-what plain hashing would teach them. The fallback rows are never lent to an id, so they are never
+With ``DynamicTableConfig.fallback_rows > 0``, an id without a slot of its own (not admitted yet, rejected
+when full, evicted or expired, or unknown at evaluation) reads its table's *fallback row*
+``hash(id) % fallback_rows`` (rows at the end of each row block): a shared row that trains like any
+other, so such ids still learn what plain hashing would teach them. The fallback rows are never lent to an id, so they are never
 re-initialised; under row-wise sharding each block keeps its own, next to the hash partition whose ids
 read them, so unknown ids do not all land on one rank.
 
-With ``fallback_rows=0`` the remapper returns ``-1`` for such ids and they are *dropped* from the KJT (the
+With ``fallback_rows=0`` (the default) the remapper returns ``-1`` for such ids and they are *dropped* from the KJT (the
 lengths shrink): for sum pooling that is exactly "reads a zero row, gets no update"; for mean pooling the
 mean is over the slotted ids; per-position (sequence) features lose the dropped positions.
 """

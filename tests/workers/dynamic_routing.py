@@ -30,7 +30,10 @@ FEATURES = {"f_a": "t", "f_b": "t"}
 
 def config() -> DynamicTableConfig:
     return DynamicTableConfig(
-        capacity=80, admission=AdmissionConfig(min_count=2), expiry=ExpiryConfig(ttl_steps=3, sweep_every_steps=2)
+        capacity=80,
+        admission=AdmissionConfig(min_count=2),
+        expiry=ExpiryConfig(ttl_steps=3, sweep_every_steps=2),
+        fallback_rows=4,
     )
 
 
@@ -73,7 +76,7 @@ def worker(rank: int, out: str, ckpt_dir: str) -> None:
     if rank == 0:
         expected_admitted = sum(r.metrics()["admitted"] for r in reference)
         assert metrics["admitted"] == expected_admitted, (metrics, expected_admitted)
-        # each 40-row block keeps its share of the 80 // 16 = 5 fallback rows, 2, at its end
+        # each 40-row block keeps its share of the 4 fallback rows, 2, at its end
         assert metrics["capacity"] == 76 and metrics["fallback_rows"] == 4, metrics
         assert all(flags), flags
         with open(out, "w") as f:
