@@ -100,3 +100,11 @@ def test_fallback_rows_default_and_errors():
         DynamicTableConfig(capacity=8, fallback_rows=-1)
     with pytest.raises(ValueError, match=r"row block of 1 rows .* no row for its hash table"):
         DynamicIdRemapper.for_rank(DynamicTableConfig(capacity=8, fallback_rows=7), 0, 8)
+
+
+def test_fallback_rows_from_a_mapping_as_the_cli_and_yaml_give_it():
+    from lightning_sparse.config import TableConfig
+
+    assert TableConfig(dynamic={"capacity": 64, "fallback_rows": 8}).dynamic.fallback_rows == 8
+    with pytest.raises(ValueError, match=r"fallback_rows=64 leaves no row for the hash table of capacity 64"):
+        TableConfig(dynamic={"capacity": 64, "fallback_rows": 64})
