@@ -2,8 +2,9 @@
 //
 // Ops (namespace lightning_sparse):
 //   hash_remap  : batch remap of raw int64 ids to slots with admission (count-min sketch + coin),
-//                 counters, last-seen stamps, decayed scores, eviction when full.
-//   hash_lookup : read-only remap (evaluation).
+//                 counters, last-seen stamps, decayed scores, eviction when full; ids left without a
+//                 slot get their fallback row (or -1 when there are no fallback rows).
+//   hash_lookup : read-only remap (evaluation), fallback rows alike.
 //   hash_expire : expiry sweep by TTL in steps and/or seconds.
 //
 // The policy and its tie-breaking are defined in lightning_sparse/dynamic/reference.py, whose pure
@@ -559,8 +560,10 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
     const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta, const at::Tensor& counters,
     const at::Tensor& decay_powers, int64_t step, double now, int64_t policy, int64_t min_count,
-    int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset) {
+    int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset, int64_t fallback_offset,
+    int64_t fallback_rows) {
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "hash_remap: ids must be a CPU int64 tensor");
+  TORCH_CHECK(fallback_rows >= 0, "hash_remap: fallback_rows must be >= 0, got ", fallback_rows);
   TORCH_CHECK(policy >= kLFU && policy <= kFeatureScore, "hash_remap: policy must be 0 (lfu), 1 (lru) or 2 (feature_score)");
   // bounds that keep int32 sketch counters below 2**30 (lightning_sparse/dynamic/config.py)
   TORCH_CHECK(halve_every >= 1 && halve_every <= (int64_t(1) << 28), "hash_remap: halve_every must be in [1, 2**28]");
@@ -703,6 +706,12 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   }
   for (int64_t j = 0; j < n_assigned; ++j)
     for (int32_t k = m.first[elig[j].at]; k < m.first[elig[j].at + 1]; ++k) slot[m.occ[k].pos] = assigned[j] + slot_offset;
+  if (fallback_rows > 0 && n_miss > 0) {  // the ids still without a slot read their fallback row
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (slot[i] < 0) slot[i] = fallback_row(id[i], fallback_offset, fallback_rows);
+    });
+  }
   at::Tensor assigned_t = at::empty({n_assigned}, ids.options());
   int64_t* a = assigned_t.data_ptr<int64_t>();
   for (int64_t j = 0; j < n_assigned; ++j) a[j] = assigned[j] + slot_offset;
@@ -710,8 +719,9 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
 }
 
 at::Tensor hash_lookup_cpu(const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& index,
-                           int64_t slot_offset) {
+                           int64_t slot_offset, int64_t fallback_offset, int64_t fallback_rows) {
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "hash_lookup: ids must be a CPU int64 tensor");
+  TORCH_CHECK(fallback_rows >= 0, "hash_lookup: fallback_rows must be >= 0, got ", fallback_rows);
   check_state(slot_ids, at::kLong, "slot_ids", at::kCPU);
   check_state(index, at::kInt, "index", at::kCPU);
   const int64_t h = index.numel();
@@ -725,7 +735,9 @@ at::Tensor hash_lookup_cpu(const at::Tensor& ids, const at::Tensor& slot_ids, co
   at::Tensor out = at::empty(ids_c.sizes(), ids_c.options());
   int64_t* slot = out.data_ptr<int64_t>();
   at::parallel_for(0, ids_c.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    find_block(t, id, begin, end, [&](int64_t i, int64_t s) { slot[i] = s >= 0 ? s + slot_offset : -1; });
+    find_block(t, id, begin, end, [&](int64_t i, int64_t s) {
+      slot[i] = s >= 0 ? s + slot_offset : fallback_row(id[i], fallback_offset, fallback_rows);
+    });
   });
   return out.view(ids.sizes());
 }
@@ -766,8 +778,11 @@ TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
       "hash_remap(Tensor ids, Tensor(a!) slot_ids, Tensor(b!) slot_count, Tensor(c!) slot_last_step, "
       "Tensor(d!) slot_last_time, Tensor(e!) slot_score, Tensor(f!) free_list, Tensor(g!) index, Tensor(h!) sketch, "
       "Tensor(i!) meta, Tensor(j!) counters, Tensor decay_powers, int step, float now, int policy, int min_count, "
-      "int coin_threshold, int coin_key, int halve_every, int slot_offset) -> (Tensor, Tensor)");
-  m.def("hash_lookup(Tensor ids, Tensor slot_ids, Tensor index, int slot_offset) -> Tensor");
+      "int coin_threshold, int coin_key, int halve_every, int slot_offset, int fallback_offset, int fallback_rows) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "hash_lookup(Tensor ids, Tensor slot_ids, Tensor index, int slot_offset, int fallback_offset, "
+      "int fallback_rows) -> Tensor");
   m.def(
       "hash_expire(Tensor(a!) slot_ids, Tensor(b!) slot_count, Tensor(c!) slot_last_step, Tensor(d!) slot_last_time, "
       "Tensor(e!) slot_score, Tensor(f!) free_list, Tensor(g!) index, Tensor(h!) sketch, Tensor(i!) meta, "

@@ -59,12 +59,12 @@ inline int blocks_for(int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
-// Slot of each id (+ offset), -1 when it has none.
+// Slot of each id (+ offset); its fallback row when it has none (-1 when fallback_rows is 0).
 __global__ void lookup_kernel(Table t, const int64_t* __restrict__ ids, int64_t n, int64_t offset,
-                              int64_t* __restrict__ out) {
+                              int64_t fallback_offset, int64_t fallback_rows, int64_t* __restrict__ out) {
   GRID_STRIDE(i, n) {
     const int64_t s = t.find(ids[i]);
-    out[i] = s >= 0 ? s + offset : -1;
+    out[i] = s >= 0 ? s + offset : fallback_row(ids[i], fallback_offset, fallback_rows);
   }
 }
 
@@ -265,7 +265,9 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
     const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
     const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta, const at::Tensor& counters,
     const at::Tensor& decay_powers, int64_t step, double now, int64_t policy, int64_t min_count,
-    int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset) {
+    int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset, int64_t fallback_offset,
+    int64_t fallback_rows) {
+  TORCH_CHECK(fallback_rows >= 0, "hash_remap: fallback_rows must be >= 0, got ", fallback_rows);
   TORCH_CHECK(ids.device() == slot_ids.device() && ids.scalar_type() == at::kLong,
               "hash_remap: ids must be an int64 tensor on the state's device (", slot_ids.device(), "), got ",
               ids.scalar_type(), " on ", ids.device());
@@ -298,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
   at::Tensor estimate = at::empty({u}, uniq.options());
   at::Tensor eligible = at::empty({u}, uniq.options().dtype(at::kBool));
   if (u > 0) {
-    lookup_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), u, 0,
+    lookup_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), u, 0, 0, 0,
                                                           slot_u.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -391,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
   at::Tensor out_u = at::empty({u}, uniq.options());
   if (u > 0) {
     lookup_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), u, slot_offset,
-                                                          out_u.data_ptr<int64_t>());
+                                                          fallback_offset, fallback_rows, out_u.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   at::Tensor out = out_u.index_select(0, inverse.reshape({-1})).view(ids.sizes());
@@ -399,7 +401,8 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
 }
 
 at::Tensor hash_lookup_cuda(const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& index,
-                            int64_t slot_offset) {
+                            int64_t slot_offset, int64_t fallback_offset, int64_t fallback_rows) {
+  TORCH_CHECK(fallback_rows >= 0, "hash_lookup: fallback_rows must be >= 0, got ", fallback_rows);
   const at::Device device = slot_ids.device();
   TORCH_CHECK(device.is_cuda(), "hash_lookup: slot_ids must be a CUDA tensor here, got ", device);
   TORCH_CHECK(ids.device() == device && ids.scalar_type() == at::kLong,
@@ -419,7 +422,7 @@ at::Tensor hash_lookup_cuda(const at::Tensor& ids, const at::Tensor& slot_ids, c
   const int64_t n = ids_c.numel();
   if (n > 0) {
     lookup_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        t, ids_c.data_ptr<int64_t>(), n, slot_offset, out.data_ptr<int64_t>());
+        t, ids_c.data_ptr<int64_t>(), n, slot_offset, fallback_offset, fallback_rows, out.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out.view(ids.sizes());

@@ -18,6 +18,7 @@ constexpr uint64_t kMixM2 = 0x94D049BB133111EBULL;
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 constexpr uint64_t kSaltIndex = 0x9E3779B97F4A7C15ULL;
 constexpr uint64_t kSaltSketch = 0xA0761D6478BD642FULL;
+constexpr uint64_t kSaltFallback = 0x8EBC6AF09C88C6E3ULL;
 
 // positions in meta / counters (lightning_sparse/dynamic/state.py: Meta, Counter)
 constexpr int kFreeCount = 0, kSketchAdds = 1, kLastSweepStep = 2;
@@ -39,6 +40,14 @@ LS_HOST_DEVICE inline uint64_t sketch_salt(int64_t row) { return kSaltSketch * s
 // The 53-bit admission coin of an id at a step, given step_salt = step * kGolden (hashing.py: coin_from_key).
 LS_HOST_DEVICE inline int64_t admission_coin(int64_t id, int64_t coin_key, uint64_t step_salt) {
   return static_cast<int64_t>(mix64(mix64(static_cast<uint64_t>(id) + static_cast<uint64_t>(coin_key)) ^ step_salt) >> 11);
+}
+
+// The row an id without a slot reads: offset + hash(id) % rows, or -1 when the table keeps no fallback
+// rows (hashing.py: fallback_rows_of).
+LS_HOST_DEVICE inline int64_t fallback_row(int64_t id, int64_t offset, int64_t rows) {
+  if (rows <= 0) return -1;
+  return offset + static_cast<int64_t>((mix64(static_cast<uint64_t>(id) + kSaltFallback) >> 33) %
+                                       static_cast<uint64_t>(rows));
 }
 
 // Raw pointers into the state tensors (all on one device) and their sizes.

@@ -55,6 +55,7 @@ def test_native_equals_fallback_large(policy, monkeypatch):
         score_decay=0.8,
         admission=AdmissionConfig(min_count=1, probability=0.9, seed=3, sketch_halve_every=150_000),
         expiry=ExpiryConfig(ttl_steps=1, ttl_seconds=0.75),
+        fallback_rows=66_000 // 16,
     )
     native, out_n = run(config, batches, True, monkeypatch)
     fallback, out_f = run(config, batches, False, monkeypatch)
@@ -65,6 +66,8 @@ def test_native_equals_fallback_large(policy, monkeypatch):
     assert state_n.keys() == state_f.keys()
     for key in state_n:
         assert torch.equal(state_n[key], state_f[key]), key
+    rows = torch.cat(out_n)
+    assert native.fallback_rows == 66_000 // 16 and bool((rows >= native.capacity).any())  # fallback rows read too
     metrics = native.metrics()
     assert metrics == fallback.metrics()
     assert metrics["evicted"] > 0 and metrics["rejected_admission"] > 0  # the test exercised churn

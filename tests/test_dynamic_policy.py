@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, EvictionPolicy, ExpiryConfig
-from lightning_sparse.dynamic.hashing import GOLDEN, MASK64, SALT_SKETCH, coin_key, mix64_int
+from lightning_sparse.dynamic.hashing import GOLDEN, MASK64, SALT_SKETCH, coin_key, fallback_row_int, mix64_int
 from lightning_sparse.dynamic.state import Meta
 from lightning_sparse.ops import native_op
 
@@ -32,7 +32,8 @@ class Entry:
 class DictModel:
     def __init__(self, config: DynamicTableConfig) -> None:
         self.cfg = config
-        self.capacity = config.capacity
+        self.fallback_rows = config.block_fallback_rows(config.capacity, config.capacity)
+        self.capacity = config.capacity - self.fallback_rows  # slots; the fallback rows follow them
         self.by_id: dict[int, int] = {}
         self.slots: dict[int, Entry] = {}
         self.free = list(range(self.capacity - 1, -1, -1))  # stack, top at the end
@@ -123,7 +124,8 @@ class DictModel:
             self.slots[slot] = Entry(raw, est, step, now, float(est))
             self.by_id[raw] = slot
         self.counters["admitted"] += len(assigned)
-        return [self.by_id.get(raw, -1) for raw in ids], [slot for slot, _ in assigned]
+        rows = [self.by_id.get(raw, fallback_row_int(raw, self.capacity, self.fallback_rows)) for raw in ids]
+        return rows, [slot for slot, _ in assigned]
 
     def expire(self, step: int, now: float) -> list[int]:
         exp = self.cfg.expiry
@@ -151,6 +153,7 @@ def scenarios(draw):
     capacity = draw(st.integers(1, 10))
     config = DynamicTableConfig(
         capacity=capacity,
+        fallback_rows=draw(st.sampled_from([0] + ([1, capacity - 1] if capacity > 1 else []))),
         eviction=draw(st.sampled_from(list(EvictionPolicy))),
         score_decay=draw(st.sampled_from([1.0, 0.9, 0.5, 0.01])),
         admission=AdmissionConfig(
@@ -224,7 +227,10 @@ def test_matches_dict_model(path, scenario, monkeypatch):
     assert metrics["live"] == len(model.slots)
     for name in ("admitted", "evicted", "expired", "rejected_full", "rejected_admission", "lookups", "hits"):
         assert metrics[name] == model.counters[name], name
-    # invariants: every live id is found at its slot, unknown ids are not
+    # invariants: every live id is found at its slot, an unknown one reads its fallback row (or -1)
     live_ids = remapper.slot_ids[remapper.slot_count > 0]
     assert torch.equal(remapper.lookup(live_ids), (remapper.slot_count > 0).nonzero().flatten())
-    assert len(set(live_ids.tolist())) == live_ids.numel() <= config.capacity
+    assert len(set(live_ids.tolist())) == live_ids.numel() <= model.capacity
+    unknown = [raw for raw in (-(2**62), 2**61 + 5) if raw not in model.by_id]
+    expected = [fallback_row_int(raw, model.capacity, model.fallback_rows) for raw in unknown]
+    assert remapper.lookup(torch.tensor(unknown, dtype=torch.int64)).tolist() == expected

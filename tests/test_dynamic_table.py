@@ -163,7 +163,8 @@ def test_lookup_changes_nothing(path):
     before = {k: v.clone() for k, v in remapper.state_dict().items()}
     ids = torch.cat([remapper.slot_ids[remapper.slot_count > 0], torch.tensor([123456789])])
     slots = remapper.lookup(ids)
-    assert slots[-1] == -1 and torch.equal(slots[:-1], (remapper.slot_count > 0).nonzero().flatten())
+    assert slots[-1] == -1  # no fallback rows by default
+    assert torch.equal(slots[:-1], (remapper.slot_count > 0).nonzero().flatten())
     assert all(torch.equal(before[k], v) for k, v in remapper.state_dict().items())
 
 
@@ -210,7 +211,8 @@ def test_init_and_reset_rows(path):
 
 
 def test_remap_kjt_drops_unadmitted_ids_and_shares_tables(path):
-    remappers = {"t": DynamicIdRemapper(DynamicTableConfig(capacity=10, admission=AdmissionConfig(min_count=2)))}
+    config = DynamicTableConfig(capacity=10, admission=AdmissionConfig(min_count=2), fallback_rows=0)
+    remappers = {"t": DynamicIdRemapper(config)}
     kjt = KeyedJaggedTensor(
         keys=["a", "b", "c"],
         values=torch.tensor([5, 5, 7, 5, 8, 9, 100, 101]),
@@ -241,17 +243,20 @@ def test_remap_kjt_unknown_table():
 
 def test_shard_routing_lands_in_the_owner_rows(path):
     world = 3
-    cfg = DynamicTableConfig(capacity=30)
+    cfg = DynamicTableConfig(capacity=30, fallback_rows=3)
     shards = [DynamicIdRemapper.for_rank(cfg, r, world) for r in range(world)]
     ids = torch.arange(-200, 200) * 977
     owner = shard_of(ids, world)
     assert owner.tolist() == [shard_of_int(i, world) for i in ids.tolist()]
     assert sorted(set(owner.tolist())) == [0, 1, 2]
     for rank, (offset, rows) in enumerate(shard_rows(30, world)):
-        slots = shards[rank].remap(ids[owner == rank], 0, 0.0).slots
-        admitted = slots[slots >= 0]
-        assert admitted.numel() == rows
-        assert ((admitted >= offset) & (admitted < offset + rows)).all()
+        shard = shards[rank]
+        assert shard.fallback_rows == 1 and shard.capacity == rows - 1  # each block keeps its own fallback row
+        slots = shard.remap(ids[owner == rank], 0, 0.0).slots
+        admitted = slots[slots < offset + shard.capacity]
+        assert admitted.unique().numel() == rows - 1
+        assert ((slots >= offset) & (slots < offset + rows)).all()  # fallback rows too: in the owner's block
+        assert bool((slots == offset + rows - 1).any())
     with pytest.raises(ValueError, match="multiple of world_size"):
         DynamicIdRemapper.for_rank(DynamicTableConfig(capacity=5), 3, 4)
 

@@ -73,6 +73,7 @@ def _config(policy: EvictionPolicy, capacity: int) -> DynamicTableConfig:
         score_decay=0.8,
         admission=AdmissionConfig(min_count=1, probability=0.9, seed=3, sketch_halve_every=2 * capacity),
         expiry=ExpiryConfig(ttl_steps=2),
+        fallback_rows=capacity // 16,  # unslotted ids read fallback rows: the same rows on both devices
     )
 
 

@@ -87,32 +87,40 @@ def test_data_parallel_gradients_match_unsharded_reference(tmp_path):
 
 
 def test_dynamic_table_on_two_processes_resumes_exactly(tmp_path):
-    """Raw ids from a 1000-id space share 128 rows: admission, eviction and recycled rows; the hash table
-    (placement 'sharded', one partition for a table_wise table) lives on the rank holding the table."""
+    """Raw ids from a 1000-id space share 128 rows: admission, eviction, recycled rows and fallback rows
+    (8 at the end of the table, read and trained by every id without a slot); the hash table
+    (placement 'sharded', one partition for a table_wise table) lives on the rank holding the table.
+    Resumed from a mid-epoch checkpoint (step 2 of 3 per epoch), 2 epochs end bit-identical."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["--devices", 2, "--sharding", "table_wise", "--dynamic-capacity", 128, "--max-epochs", 2]
-    result = run_worker("train.py", *common, "--ckpt-dir", straight, result=tmp_path / "a.json")
+    common = ["--devices", 2, "--sharding", "table_wise", "--dynamic-capacity", 128, "--dynamic-fallback-rows", 8, "--max-epochs", 2]
+    common += ["--ckpt-every-n-steps", 2]
+    result = run_worker("train.py", *common, "--ckpt-dir", straight, "--ckpt-out", straight / "end.ckpt", result=tmp_path / "a.json")
+    assert result["train_batches_per_rank"] == [{"0": 3, "1": 3}] * 2  # so step 2 is mid-epoch
     counters = result["dynamic_metrics"]["t_cat_3"]
-    assert counters["capacity"] == 128 and 0 < counters["live"] <= 128
-    assert counters["admitted"] > 128 and counters["evicted"] > 0  # the table filled and recycled rows
-    assert counters["rejected_admission"] > 0  # min_count=2 kept one-off ids out
+    assert counters["capacity"] == 120 and counters["fallback_rows"] == 8 and 0 < counters["live"] <= 120
+    assert counters["admitted"] > 120 and counters["evicted"] > 0  # the table filled and recycled rows
+    assert counters["rejected_admission"] > 0  # min_count=2 kept one-off ids out: they read fallback rows
     held = [[k for k in keys if k.startswith("partitions.t_cat_3.0_of_1.")] for keys in result["hash_state_keys_per_rank"]]
     assert sorted(map(bool, held)) == [False, True]  # exactly one rank keeps the partition
-    run_worker("train.py", *common, "--ckpt-dir", resumed, "--ckpt-in", straight / "epoch=0.ckpt", result=tmp_path / "b.json")
-    tensors_a, state_a = read_checkpoint(straight / "epoch=1.ckpt")
-    tensors_b, state_b = read_checkpoint(resumed / "epoch=1.ckpt")
+    run_worker(
+        "train.py", *common, "--ckpt-dir", resumed, "--ckpt-in", straight / "step=2.ckpt", "--ckpt-out", resumed / "end.ckpt",
+        result=tmp_path / "b.json",
+    )  # fmt: skip
+    tensors_a, state_a = read_checkpoint(straight / "end.ckpt")
+    tensors_b, state_b = read_checkpoint(resumed / "end.ckpt")
     assert any(k.startswith("dynamic_tables.partitions.t_cat_3.0_of_1.") for k in tensors_a)
     # Wall-clock stamps differ between two runs by nature; everything else must be identical.
     clock = "dynamic_tables.partitions.t_cat_3.0_of_1.slot_last_time"
     tensors_a.pop(clock), tensors_b.pop(clock)
-    assert_trees_equal(tensors_a, tensors_b, "weights, sparse optimizer state and hash tables")
+    assert_trees_equal(tensors_a, tensors_b, "weights (fallback rows included), sparse optimizer state and hash tables")
     assert_trees_equal(state_a["optimizer_states"], state_b["optimizer_states"], "dense optimizer")
 
 
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
 def test_dynamic_hash_placements_train_identically(tmp_path, sharding):
-    """Routed partitions and replicas see the same global batches, so training ends in the same state."""
-    common = ["--devices", 2, "--sharding", sharding, "--dynamic-capacity", 128, "--max-epochs", 2]
+    """Routed partitions and replicas see the same global batches (fallback rows included), so training ends
+    in the same state."""
+    common = ["--devices", 2, "--sharding", sharding, "--dynamic-capacity", 128, "--dynamic-fallback-rows", 8, "--max-epochs", 2]
     tensors = {}
     for placement in ("sharded", "replicated"):
         result = run_worker(

@@ -7,7 +7,9 @@ holds the block (``sharding.row_blocks``: one block for table_wise / column_wise
 one per rank for row_wise ones). A raw id belongs to partition ``shard_of(id, n_partitions)``; in every
 step each rank sends its ids to the partitions' ranks (``all_to_all``), every partition remaps the ids it
 received from all ranks as one batch, and the rows travel back the same way. The rows a partition hands
-out lie in its own block, so under row-wise sharding the hash table sits next to the rows it lends.
+out lie in its own block, so under row-wise sharding the hash table sits next to the rows it lends; that
+includes the fallback rows its unslotted ids read: every block reserves its share of the table's
+``fallback_rows`` at its end (``DynamicTableConfig.block_fallback_rows``).
 
 ``replicated``: every rank keeps an identical replica. The ranks all-gather the raw ids, every replica
 remaps the global batch with the same step and clock, and each rank keeps its own samples' rows.

@@ -197,6 +197,15 @@ class DynamicTableConfig:
         score_decay: per-step decay of the feature score, in (0, 1]; 1 means no decay.
         init: how a reassigned row is re-initialised (:class:`RowInitConfig`).
         placement: where the hash table lives under a multi-rank strategy (:class:`HashPlacement`).
+        fallback_rows: rows of the table reserved as shared fallback rows: an id without a slot (not
+            admitted yet, rejected when full, evicted, expired, or unknown at evaluation) reads and trains
+            the fallback row ``hash(id) % fallback_rows`` instead of being dropped, so it still learns
+            something (hashing trick) until it earns a row of its own. The hash table lends only the other
+            ``capacity - fallback_rows`` rows. Each row block of a sharded table reserves its share at the
+            end of the block (see :meth:`block_fallback_rows`). Default 0: no fallback rows, unslotted
+            ids are dropped from the bag (they read zero and train nothing). The default is measured:
+            on both drifting streams of ``benchmarks/dynamic_drift_quality.py`` every size tried
+            (capacity/64 to capacity/2) lowered prequential AUC (benchmarks/RESULTS.md, issue 12).
     """
 
     capacity: Optional[int] = None
@@ -206,10 +215,17 @@ class DynamicTableConfig:
     score_decay: float = 0.99
     init: RowInitConfig = field(default_factory=RowInitConfig)
     placement: HashPlacement = HashPlacement.SHARDED
+    fallback_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.capacity is not None:
             _check_int("DynamicTableConfig", "capacity", self.capacity, 1, (1 << 31) - 1)
+        _check_int("DynamicTableConfig", "fallback_rows", self.fallback_rows, 0, (1 << 31) - 1)
+        if self.capacity is not None and self.fallback_rows and self.fallback_rows >= self.capacity:
+            raise ValueError(
+                f"DynamicTableConfig.fallback_rows={self.fallback_rows} leaves no row for the hash table of "
+                f"capacity {self.capacity}; use fewer fallback rows (0 disables them)"
+            )
         for name, cls in (("admission", AdmissionConfig), ("expiry", ExpiryConfig), ("init", RowInitConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -223,3 +239,23 @@ class DynamicTableConfig:
         if not (0.0 < float(self.score_decay) <= 1.0):
             raise ValueError(f"DynamicTableConfig.score_decay must be in (0, 1], got {self.score_decay}")
         self.score_decay = float(self.score_decay)
+
+    def block_fallback_rows(self, block_rows: int, capacity: int) -> int:
+        """Fallback rows reserved at the end of a row block of ``block_rows`` of the table's ``capacity`` rows.
+
+        The block's share of the table's fallback rows, ``fallback * block_rows // capacity``, at least 1
+        when the table has any, so every hash partition (one per row block, see ``HashPlacement``) sends
+        its own unslotted ids to fallback rows in its own block, on the rank that holds them. A whole
+        table is one block and reserves exactly ``fallback_rows``.
+        """
+        fallback = self.fallback_rows
+        if fallback == 0:
+            return 0
+        rows = max(1, fallback * block_rows // capacity)
+        if rows >= block_rows:
+            raise ValueError(
+                f"DynamicTableConfig.fallback_rows: a row block of {block_rows} rows (of a table of {capacity}) "
+                f"would keep {rows} fallback rows and no row for its hash table; use a larger capacity or "
+                f"fewer fallback rows (0 disables them)"
+            )
+        return rows

@@ -19,6 +19,7 @@ SALT_INDEX = 0x9E3779B97F4A7C15
 SALT_SHARD = 0xD6E8FEB86659FD93
 SALT_SKETCH = 0xA0761D6478BD642F
 SALT_COIN = 0xE7037ED1A0B428DB
+SALT_FALLBACK = 0x8EBC6AF09C88C6E3
 
 
 def to_signed(x: int) -> int:
@@ -77,6 +78,19 @@ def coin_from_key(ids: torch.Tensor, key: int, step: int) -> torch.Tensor:
 def admission_coin(ids: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     """The admission coin of ``ids`` at ``step``: admitted when below ``AdmissionConfig.coin_threshold``."""
     return coin_from_key(ids, coin_key(seed), step)
+
+
+def fallback_rows_of(ids: torch.Tensor, offset: int, rows: int) -> torch.Tensor:
+    """Fallback row of each id: ``offset + hash(id) % rows`` (``-1`` everywhere when ``rows`` is 0)."""
+    ids = ids.to(torch.int64)
+    if rows <= 0:
+        return torch.full(ids.shape, -1, dtype=torch.int64, device=ids.device)
+    return _lshr(mix64(ids + to_signed(SALT_FALLBACK)), 33) % rows + offset
+
+
+def fallback_row_int(raw_id: int, offset: int, rows: int) -> int:
+    """Python-int twin of :func:`fallback_rows_of`."""
+    return offset + (mix64_int(raw_id + SALT_FALLBACK) >> 33) % rows if rows > 0 else -1
 
 
 def shard_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """Remapping the raw ids of a TorchRec ``KeyedJaggedTensor`` to the rows of dynamic tables.
 
-Ids without a slot (not admitted yet, rejected when full, or unknown at evaluation) are *dropped* from
-the KJT and the lengths shrink accordingly, rather than pointed at a reserved all-zero row. Dropping
-gives exactly "reads a zero row, gets no update" for sum pooling without any coupling to the optimizer:
-a reserved row would receive gradients from fbgemm's fused backward+optimizer and would have to be
-re-zeroed (with its optimizer state) after every step, on whichever rank shards it, and under row-wise
-sharding all unknown ids would hit that one rank. For mean pooling, the mean is over the admitted ids;
-per-position (sequence) features lose the dropped positions.
+With ``DynamicTableConfig.fallback_rows > 0``, an id without a slot of its own (not admitted yet, rejected
+when full, evicted or expired, or unknown at evaluation) reads its table's *fallback row*
+``hash(id) % fallback_rows`` (rows at the end of each row block): a shared row that trains like any
+other, so such ids still learn what plain hashing would teach them. The fallback rows are never lent to an id, so they are never
+re-initialised; under row-wise sharding each block keeps its own, next to the hash partition whose ids
+read them, so unknown ids do not all land on one rank.
+
+With ``fallback_rows=0`` (the default) the remapper returns ``-1`` for such ids and they are *dropped* from the KJT (the
+lengths shrink): for sum pooling that is exactly "reads a zero row, gets no update"; for mean pooling the
+mean is over the slotted ids; per-position (sequence) features lose the dropped positions.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def remap_kjt(
     now: Optional[float] = None,
     admit: bool = True,
 ) -> tuple[KeyedJaggedTensor, dict[str, RemapResult]]:
-    """Replaces the values of the features in ``feature_to_table`` by table rows, dropping unslotted ids.
+    """Replaces the values of the features in ``feature_to_table`` by table rows (dropping rows ``-1``).
 
     Features mapping to the same table are remapped in one call (one admission decision per id and step,
     whichever feature it came from). Features not in ``feature_to_table`` pass through unchanged.

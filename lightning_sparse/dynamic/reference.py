@@ -30,7 +30,13 @@ from __future__ import annotations
 
 import torch
 
-from lightning_sparse.dynamic.hashing import coin_from_key, index_home, index_home_int, sketch_columns
+from lightning_sparse.dynamic.hashing import (
+    coin_from_key,
+    fallback_rows_of,
+    index_home,
+    index_home_int,
+    sketch_columns,
+)
 from lightning_sparse.dynamic.state import Counter, Meta, RemapParams, TableTensors
 
 LFU, LRU, FEATURE_SCORE = 0, 1, 2
@@ -139,7 +145,9 @@ def slot_priority(t: TableTensors, slots: torch.Tensor, policy: int, step: int, 
 def remap(
     ids: torch.Tensor, t: TableTensors, powers: torch.Tensor, step: int, now: float, p: RemapParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Twin of ``hash_remap``: returns (slots of ``ids`` + offset or -1, slots assigned in this call)."""
+    """Twin of ``hash_remap``: returns (slots of ``ids`` + offset, slots assigned in this call).
+
+    An id left without a slot gets its fallback row (``p.fallback_rows > 0``) or -1."""
     flat = ids.reshape(-1).to(torch.int64)
     capacity = t.slot_ids.numel()
     uniq, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
@@ -219,14 +227,19 @@ def remap(
     t.counters[Counter.ADMITTED] += assigned.numel()
 
     slot[~hit] = lookup_local(miss_ids, t)
-    out = torch.where(slot >= 0, slot + p.slot_offset, slot)[inverse].reshape(ids.shape)
-    return out, assigned + p.slot_offset
+    rows = torch.where(slot >= 0, slot + p.slot_offset, fallback_rows_of(uniq, p.fallback_offset, p.fallback_rows))
+    return rows[inverse].reshape(ids.shape), assigned + p.slot_offset
 
 
-def lookup(ids: torch.Tensor, t: TableTensors, slot_offset: int) -> torch.Tensor:
-    """Twin of ``hash_lookup``: read-only remap (no admission, no counters), -1 for unknown ids."""
-    slot = lookup_local(ids.reshape(-1).to(torch.int64), t)
-    return torch.where(slot >= 0, slot + slot_offset, slot).reshape(ids.shape)
+def lookup(
+    ids: torch.Tensor, t: TableTensors, slot_offset: int, fallback_offset: int = 0, fallback_rows: int = 0
+) -> torch.Tensor:
+    """Twin of ``hash_lookup``: read-only remap (no admission, no counters); unknown ids get their
+    fallback row, or -1 when ``fallback_rows`` is 0."""
+    flat = ids.reshape(-1).to(torch.int64)
+    slot = lookup_local(flat, t)
+    rows = torch.where(slot >= 0, slot + slot_offset, fallback_rows_of(flat, fallback_offset, fallback_rows))
+    return rows.reshape(ids.shape)
 
 
 def expire(t: TableTensors, step: int, now: float, ttl_steps: int, ttl_seconds: float) -> torch.Tensor:

@@ -111,10 +111,16 @@ class RemapParams:
     coin_key: int
     halve_every: int
     slot_offset: int
+    fallback_offset: int = 0
+    fallback_rows: int = 0
 
     @staticmethod
-    def from_config(config: DynamicTableConfig, capacity: int, slot_offset: int = 0) -> "RemapParams":
-        """``capacity``: slots of this table or shard (it sizes the default sketch aging period)."""
+    def from_config(
+        config: DynamicTableConfig, capacity: int, slot_offset: int = 0, fallback_rows: int = 0
+    ) -> "RemapParams":
+        """``capacity``: slots of this table or shard (it sizes the default sketch aging period);
+        ``fallback_rows``: rows right after the slots (rows ``slot_offset + capacity ...``) that ids
+        without a slot read."""
         from lightning_sparse.dynamic.hashing import coin_key
 
         return RemapParams(
@@ -124,4 +130,6 @@ class RemapParams:
             coin_key=coin_key(config.admission.seed),
             halve_every=config.admission.resolved_halve_every(capacity),
             slot_offset=slot_offset,
+            fallback_offset=slot_offset + capacity,
+            fallback_rows=fallback_rows,
         )

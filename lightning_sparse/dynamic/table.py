@@ -28,7 +28,8 @@ class RemapResult(NamedTuple):
     """What one remap call did.
 
     ``slots``: row of the table for each id (same shape as the ids; global rows, i.e. with this shard's
-    row offset), ``-1`` for ids that have no slot. ``assigned``: rows that were given to a new id in this
+    row offset); an id that has no slot gets its fallback row, or ``-1`` when the table keeps none
+    (``DynamicTableConfig.fallback_rows=0``). ``assigned``: rows that were given to a new id in this
     call; the caller re-initialises their weights and resets their optimizer state before the lookup.
     """
 
@@ -41,8 +42,10 @@ class DynamicIdRemapper(nn.Module):
 
     Args:
         config: the table's policy.
-        capacity: slots of this remapper; default ``config.capacity`` (use :meth:`for_rank` for a shard).
-        row_offset: added to every slot it hands out, so slots are rows of the whole table.
+        capacity: rows of this remapper's block of the table; default ``config.capacity`` (use
+            :meth:`for_rank` for a shard). The last ``config.block_fallback_rows(...)`` of them are
+            fallback rows; the hash table lends the others (``self.capacity`` slots).
+        row_offset: first row of the block, added to every row it hands out, so rows are rows of the whole table.
 
     The state is never cast (``.half()``, ``.to(dtype)`` leave it alone: the float64 stamps and int64
     counts must stay exact), but it moves between the host and a CUDA device with the enclosing model
@@ -56,15 +59,18 @@ class DynamicIdRemapper(nn.Module):
         if not isinstance(config, DynamicTableConfig):
             raise TypeError(f"config must be a DynamicTableConfig, got {type(config).__name__}")
         self.config = config
-        capacity = config.capacity if capacity is None else capacity
-        if capacity is None:
+        rows = config.capacity if capacity is None else capacity
+        if rows is None:
             raise ValueError("DynamicIdRemapper needs a capacity: set DynamicTableConfig.capacity or pass capacity=")
-        self.capacity = int(capacity)
+        self.rows = int(rows)
+        #: fallback rows at the end of this block (``row_offset + capacity ...``); 0: unslotted ids get -1
+        self.fallback_rows = config.block_fallback_rows(self.rows, config.capacity or self.rows)
+        self.capacity = self.rows - self.fallback_rows  # slots the hash table lends
         self.row_offset = int(row_offset)
         for name, tensor in zip(TableTensors._fields, allocate(self.capacity, config)):
             self.register_buffer(name, tensor)
         self.register_buffer("decay_powers", decay_powers(config.score_decay), persistent=False)
-        self.params = RemapParams.from_config(config, self.capacity, self.row_offset)
+        self.params = RemapParams.from_config(config, self.capacity, self.row_offset, self.fallback_rows)
 
     @classmethod
     def for_rank(cls, config: DynamicTableConfig, rank: int, world_size: int) -> "DynamicIdRemapper":
@@ -114,20 +120,26 @@ class DynamicIdRemapper(nn.Module):
             slots, assigned = op(
                 state_ids, *self.tensors(), self.decay_powers, step, now,
                 p.policy, p.min_count, p.coin_threshold, p.coin_key, p.halve_every, p.slot_offset,
+                p.fallback_offset, p.fallback_rows,
             )  # fmt: skip
         else:
             slots, assigned = self._twin(lambda t, powers: reference.remap(state_ids.cpu(), t, powers, step, now, p))
         return RemapResult(slots.to(ids.device), assigned.to(ids.device))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of ``ids`` without admitting, counting or stamping anything (evaluation); -1 if unknown."""
+        """Rows of ``ids`` without admitting, counting or stamping anything (evaluation); an unknown id
+        gets its fallback row (-1 without fallback rows)."""
         ids = self._check_ids(ids)
         state_ids = ids.to(self.device, torch.int64)
         op = self._op("hash_lookup")
+        p = self.params
         if op is not None:
-            slots = op(state_ids, self.slot_ids, self.index, self.row_offset)
+            slots = op(state_ids, self.slot_ids, self.index, self.row_offset, p.fallback_offset, p.fallback_rows)
         else:
-            slots = self._twin(lambda t, _: reference.lookup(state_ids.cpu(), t, self.row_offset), writes=False)
+            slots = self._twin(
+                lambda t, _: reference.lookup(state_ids.cpu(), t, self.row_offset, p.fallback_offset, p.fallback_rows),
+                writes=False,
+            )
         return slots.to(ids.device)
 
     def expire(self, step: int, now: Optional[float] = None) -> torch.Tensor:
@@ -181,9 +193,13 @@ class DynamicIdRemapper(nn.Module):
         return result
 
     def metrics(self) -> dict[str, int]:
-        """Table counters: live ids, capacity, and the cumulative admission/eviction/expiry counts."""
+        """Table counters: live ids, slots (``capacity``), fallback rows, and the cumulative admission/eviction/expiry counts."""
         values = self.counters.tolist()
-        out = {"live": self.capacity - int(self.meta[Meta.FREE_COUNT]), "capacity": self.capacity}
+        out = {
+            "live": self.capacity - int(self.meta[Meta.FREE_COUNT]),
+            "capacity": self.capacity,
+            "fallback_rows": self.fallback_rows,
+        }
         out.update({c.name.lower(): int(values[c]) for c in Counter})
         return out
 
@@ -208,7 +224,10 @@ class DynamicIdRemapper(nn.Module):
             state[local] = 0
 
     def extra_repr(self) -> str:
-        return f"capacity={self.capacity}, row_offset={self.row_offset}, eviction={self.config.eviction.value}"
+        return (
+            f"capacity={self.capacity}, fallback_rows={self.fallback_rows}, row_offset={self.row_offset}, "
+            f"eviction={self.config.eviction.value}"
+        )
 
     @staticmethod
     def _check_ids(ids: torch.Tensor) -> torch.Tensor:

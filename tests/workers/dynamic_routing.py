@@ -30,7 +30,10 @@ FEATURES = {"f_a": "t", "f_b": "t"}
 
 def config() -> DynamicTableConfig:
     return DynamicTableConfig(
-        capacity=80, admission=AdmissionConfig(min_count=2), expiry=ExpiryConfig(ttl_steps=3, sweep_every_steps=2)
+        capacity=80,
+        admission=AdmissionConfig(min_count=2),
+        expiry=ExpiryConfig(ttl_steps=3, sweep_every_steps=2),
+        fallback_rows=4,
     )
 
 
@@ -73,7 +76,8 @@ def worker(rank: int, out: str, ckpt_dir: str) -> None:
     if rank == 0:
         expected_admitted = sum(r.metrics()["admitted"] for r in reference)
         assert metrics["admitted"] == expected_admitted, (metrics, expected_admitted)
-        assert metrics["capacity"] == 80
+        # each 40-row block keeps its share of the 4 fallback rows, 2, at its end
+        assert metrics["capacity"] == 76 and metrics["fallback_rows"] == 4, metrics
         assert all(flags), flags
         with open(out, "w") as f:
             json.dump({"checked_steps": checked, "keys_per_rank": keys, **metrics}, f)
@@ -97,6 +101,7 @@ def check_step(reference: list[DynamicIdRemapper], step: int, gathered: list) ->
     # partition 1 lends only rows of its own block
     part = shard_of(ids, len(BLOCKS))
     assert bool(((expected[part == 1] >= 40) | (expected[part == 1] < 0)).all())
+    assert bool(((expected[part == 0] >= 0) & (expected[part == 0] < 40)).all())  # fallback rows are in the block too
     return 1
 
 

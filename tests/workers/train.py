@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--dynamic-capacity", type=int, default=0, help="make t_cat_3 a dynamic table of this many rows")
     parser.add_argument("--dynamic-placement", default="sharded", choices=["sharded", "replicated"])
+    parser.add_argument("--dynamic-fallback-rows", type=int, default=0)
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
 
@@ -109,6 +110,7 @@ def main() -> None:
             admission=AdmissionConfig(min_count=2),
             expiry=ExpiryConfig(ttl_steps=2, sweep_every_steps=1),
             placement=args.dynamic_placement,
+            fallback_rows=args.dynamic_fallback_rows,
         )
         tables["t_cat_3"] = TableConfig(sharding=tables.get("t_cat_3", TableConfig()).sharding, dynamic=dynamic)
     strategy = lightning_sparse.SparseStrategy(
