@@ -87,34 +87,44 @@ def test_a_custom_initialiser_is_not_replayed_but_refused_with_the_fix():
         table_init.meta_embedding_bag_collection([config])
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_tables_and_dense_weights_after_setup_equal_todays_path(world_size, tmp_path):
-    result = run_worker("meta_tables.py", "identity", world_size, result=tmp_path / "r.json")
-    assert len(result["ranks"]) == world_size
-    for rank in result["ranks"]:
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """The worker's report per rank: both paths built and sharded on 2 gloo processes."""
+    return run_worker("meta_tables.py", 2, result=tmp_path_factory.mktemp("two") / "r.json")["ranks"]
+
+
+def _assert_identical(ranks: list[dict]) -> None:
+    for rank in ranks:
         assert rank["old_inits"] == {"tw": "copy", "cw": "copy", "dp": "copy", "pre": "pretrained"}
         assert rank["inits"] == {"tw": "replay", "cw": "replay", "dp": "replay", "pre": "pretrained"}
         assert all(rank["tables_equal"].values()), rank["tables_equal"]
         assert rank["dense_equal"] and rank["rng_equal"] and rank["pretrained_equal"] and rank["not_all_zero"]
-    if world_size == 2:  # the column_wise tables really are split, one 128-column shard per rank
-        assert sorted(r["shards"]["cw"][0][:2] for r in result["ranks"]) == [[0, 0], [0, 128]]
-        assert sorted(len(r["shards"]["tw"]) for r in result["ranks"]) == [0, 1]
 
 
-@pytest.mark.parametrize("path", ["meta", "host"])
-def test_no_rank_allocates_a_table_it_holds_no_shard_of_nor_a_column_wise_table_whole(path, tmp_path):
+def test_tables_and_dense_weights_after_setup_equal_todays_path_on_one_process(tmp_path):
+    (rank,) = run_worker("meta_tables.py", 1, result=tmp_path / "r.json")["ranks"]
+    _assert_identical([rank])
+    assert rank["shards"]["cw"] == [[0, 0, [400, 128]], [0, 128, [400, 128]]]  # two column shards, both here
+
+
+def test_tables_and_dense_weights_after_setup_equal_todays_path_on_two_processes(two_ranks):
+    _assert_identical(two_ranks)
+    # the column_wise tables really are split, one 128-column shard per rank; one rank holds tw
+    assert sorted(r["shards"]["cw"][0][:2] for r in two_ranks) == [[0, 0], [0, 128]]
+    assert sorted(r["shards"]["pre"][0][:2] for r in two_ranks) == [[0, 0], [0, 128]]
+    assert sorted(len(r["shards"]["tw"]) for r in two_ranks) == [0, 1]
+
+
+def test_no_rank_allocates_a_table_it_holds_no_shard_of_nor_a_column_wise_table_whole(two_ranks):
     tw, cw = 8000 * 8, 400 * 256  # the worker's table_wise and column_wise tables
-    ranks = run_worker("meta_tables.py", "allocations", 2, path, result=tmp_path / "r.json")["ranks"]
-    holder = [r for r in ranks if r["local"]["tw"]]
-    assert len(holder) == 1 and all(r["local"]["cw"] == [[400, 128]] for r in ranks)
-    if path == "host":  # today's path: the probe sees every rank allocate every table whole
-        assert all(r["largest"] >= cw for r in ranks)
-        return
+    holder = [r for r in two_ranks if r["shards"]["tw"]]
+    # Today's path (built on the host): the probe sees every rank allocate every table whole.
+    assert all(r["largest"]["host"][0] >= cw for r in two_ranks)
     # The TBE fbgemm allocates for the table_wise shard is seen (so the probe sees fbgemm's allocations) ...
-    assert holder[0]["largest"] == tw and holder[0]["largest_op"] == "aten.zeros.default"
+    assert holder[0]["largest"]["meta"] == [tw, "aten.zeros.default"]
     # ... no rank allocates cw whole, and the rank without tw never allocates anything as large as tw.
-    assert all(r["largest"] < cw for r in ranks)
-    assert all(r["largest"] < tw for r in ranks if not r["local"]["tw"])
+    assert all(r["largest"]["meta"][0] < cw for r in two_ranks)
+    assert all(r["largest"]["meta"][0] < tw for r in two_ranks if not r["shards"]["tw"])
 
 
 # ---------------------------------------------------------------------------- resolution and pretrained rows

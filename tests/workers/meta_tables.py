@@ -1,10 +1,10 @@
 """Tables built on meta and materialised shard by shard, against today's path (built on the host, copied).
 
-``identity WORLD``: on every rank, the model is built and sharded both ways from the same seed; the local
-shards, the dense weights and the generator state after setup must be bit-identical, and a pretrained
-table's shards must equal the file's block. ``allocations WORLD PATH``: the numel of every tensor any op
-produces while the model is built and sharded (a TorchDispatchMode, which sees fbgemm's TBE allocations),
-per rank, with the local shards each rank holds.
+On every rank of ``WORLD`` gloo processes the model is built and sharded both ways from the same seed;
+reported: whether the local shards, the dense weights and the generator state after setup are
+bit-identical, whether a pretrained table's shards equal the file's block, and, per path, the largest
+numel of any tensor an op produced while the model was built and sharded (a TorchDispatchMode, which sees
+fbgemm's TBE allocations).
 """
 
 import argparse
@@ -67,56 +67,50 @@ def dense(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "ebc" not in k}
 
 
-def identity(rank: int, out: str, pretrained: str) -> None:
-    old_model, old_tables, plan = build_and_shard(False, pretrained)
-    old_shards, old_dense, old_rng = local_shards(old_model, old_tables), dense(old_model), torch.get_rng_state()
-    del old_model
-    new_model, new_tables, _ = build_and_shard(True, pretrained)
-    new_shards, new_dense, new_rng = local_shards(new_model, new_tables), dense(new_model), torch.get_rng_state()
-    file = np.load(pretrained)
-    report = {
-        "inits": {n: t.init.value for n, t in new_tables.tables.items()},
-        "old_inits": {n: t.init.value for n, t in old_tables.tables.items()},
-        "shards": {n: [(r, c, list(p.shape)) for r, c, p in new_shards[n]] for n in TABLES},
-        "tables_equal": {n: len(old_shards[n]) == len(new_shards[n]) and all(
-            (a[0], a[1]) == (b[0], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(old_shards[n], new_shards[n]))
-            for n in TABLES},
-        "dense_equal": old_dense.keys() == new_dense.keys() and all(torch.equal(old_dense[k], new_dense[k]) for k in old_dense),
-        "rng_equal": torch.equal(old_rng, new_rng),
-        "pretrained_equal": all(torch.equal(p, torch.from_numpy(file[r : r + p.shape[0], c : c + p.shape[1]]))
-                                for r, c, p in new_shards["pre"]),
-        "not_all_zero": all(bool(p.abs().sum() > 0) for n in TABLES for _, _, p in new_shards[n]),
-    }
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, report)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"ranks": gathered}, f)
-
-
 class Allocations(TorchDispatchMode):
     """The numel of every non-meta tensor produced by an op while active."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.largest: list[tuple[int, str]] = []
+        self.largest: tuple[int, str] = (0, "")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         for tensor in result if isinstance(result, (tuple, list)) else [result]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                self.largest.append((tensor.numel(), str(func)))
+                self.largest = max(self.largest, (tensor.numel(), str(func)))
         return result
 
 
-def allocations(rank: int, out: str, pretrained: str, path: str) -> None:
-    table_init.CHUNK_ELEMENTS = 4096  # the bounded chunks a large table would be drawn in
+def setup(on_meta: bool, pretrained: str) -> dict:
+    """Builds and shards the model one way, recording allocations; what the comparison needs."""
     with Allocations() as seen:
-        model, tables, _ = build_and_shard(path == "meta", pretrained)
-    shards = local_shards(model, tables)
-    numel, func = max(seen.largest)
-    report = {"largest": numel, "largest_op": func,
-              "local": {n: [list(p.shape) for _, _, p in shards[n]] for n in TABLES}}
+        model, tables, _ = build_and_shard(on_meta, pretrained)
+    return {"shards": local_shards(model, tables), "dense": dense(model), "rng": torch.get_rng_state(),
+            "inits": {n: t.init.value for n, t in tables.tables.items()}, "largest": seen.largest}
+
+
+def worker(rank: int, out: str, pretrained: str) -> None:
+    table_init.CHUNK_ELEMENTS = 4096  # the bounded chunks a large table would be drawn in
+    old = setup(False, pretrained)
+    new = setup(True, pretrained)
+    file = np.load(pretrained)
+    shards = new["shards"]
+    report = {
+        "inits": new["inits"],
+        "old_inits": old["inits"],
+        "shards": {n: [(r, c, list(p.shape)) for r, c, p in shards[n]] for n in TABLES},
+        "tables_equal": {n: len(old["shards"][n]) == len(shards[n]) and all(
+            (a[0], a[1]) == (b[0], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(old["shards"][n], shards[n]))
+            for n in TABLES},
+        "dense_equal": old["dense"].keys() == new["dense"].keys()
+        and all(torch.equal(old["dense"][k], new["dense"][k]) for k in old["dense"]),
+        "rng_equal": torch.equal(old["rng"], new["rng"]),
+        "pretrained_equal": all(torch.equal(p, torch.from_numpy(file[r : r + p.shape[0], c : c + p.shape[1]]))
+                                for r, c, p in shards["pre"]),
+        "not_all_zero": all(bool(p.abs().sum() > 0) for n in TABLES for _, _, p in shards[n]),
+        "largest": {"host": old["largest"], "meta": new["largest"]},
+    }
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, report)
     if rank == 0:
@@ -126,19 +120,14 @@ def allocations(rank: int, out: str, pretrained: str, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["identity", "allocations"])
     parser.add_argument("world_size", type=int)
-    parser.add_argument("path", nargs="?", default="meta", choices=["meta", "host"])
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pretrained = os.path.join(tmp, "pre.npy")
         rows, dim, _ = TABLES["pre"]
         np.save(pretrained, np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32))
-        if args.mode == "identity":
-            spawn_gloo(identity, args.world_size, args.result, pretrained)
-        else:
-            spawn_gloo(allocations, args.world_size, args.result, pretrained, args.path)
+        spawn_gloo(worker, args.world_size, args.result, pretrained)
 
 
 if __name__ == "__main__":
