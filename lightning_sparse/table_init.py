@@ -71,7 +71,8 @@ class TableInit:
         generator.set_state(self.state)
         draw(generator, row_offset * dim)
         rows_per_chunk = max(1, CHUNK_ELEMENTS // max(dim, 1))
-        direct = col_offset == 0 and out.shape[1] == dim and out.dtype == torch.float32 and out.is_contiguous()
+        direct = (col_offset == 0 and out.shape[1] == dim and out.dtype == torch.float32 and out.is_contiguous()
+                  and out.device.type == "cpu")  # else drawn on the host (the CPU generator) and copied
         buffer = None if direct else torch.empty(min(rows_per_chunk, out.shape[0]) * dim)
         with torch.no_grad():
             for start in range(0, out.shape[0], rows_per_chunk):
