@@ -33,7 +33,7 @@ def draw(generator: torch.Generator, count: int) -> None:
     """Advances ``generator`` by ``count`` 32-bit numbers (one float32 ``uniform_`` element each)."""
     if count <= 0:
         return
-    buffer = torch.empty(min(count, CHUNK_ELEMENTS))
+    buffer = torch.empty(min(count, CHUNK_ELEMENTS), device="cpu")  # explicit: a torch.device context may be active
     while count > 0:
         n = min(count, buffer.numel())
         buffer[:n].uniform_(generator=generator)
@@ -45,7 +45,7 @@ def advance_like_normal(generator: torch.Generator, numel: int) -> None:
     torch draws one 32-bit number per element plus 16 more when ``numel`` is not a multiple of 16 (it
     recomputes the last 16 values); tiny tensors are simply drawn."""
     if numel < _NORMAL_VECTOR_MIN:
-        torch.empty(numel).normal_(generator=generator)
+        torch.empty(numel, device="cpu").normal_(generator=generator)
     else:
         draw(generator, numel + (_NORMAL_VECTOR_MIN if numel % _NORMAL_VECTOR_MIN else 0))
 
@@ -67,13 +67,13 @@ class TableInit:
         out.shape[1])`` of the table (``table_dim`` columns wide) into ``out``, drawing in bounded chunks:
         the rows before the block are drawn and dropped, a column block is cut from full-width rows."""
         dim = out.shape[1] if table_dim is None else table_dim
-        generator = torch.Generator()
+        generator = torch.Generator(device="cpu")
         generator.set_state(self.state)
         draw(generator, row_offset * dim)
         rows_per_chunk = max(1, CHUNK_ELEMENTS // max(dim, 1))
         direct = (col_offset == 0 and out.shape[1] == dim and out.dtype == torch.float32 and out.is_contiguous()
                   and out.device.type == "cpu")  # else drawn on the host (the CPU generator) and copied
-        buffer = None if direct else torch.empty(min(rows_per_chunk, out.shape[0]) * dim)
+        buffer = None if direct else torch.empty(min(rows_per_chunk, out.shape[0]) * dim, device="cpu")
         with torch.no_grad():
             for start in range(0, out.shape[0], rows_per_chunk):
                 n = min(rows_per_chunk, out.shape[0] - start)
@@ -142,7 +142,7 @@ def materialise_on_host(model: nn.Module) -> bool:
         on_meta = [c for c in configs if container[c.name].weight.device.type == "meta"]
         for config in on_meta:
             table = container[config.name]
-            table.weight = nn.Parameter(torch.empty(table.weight.shape, dtype=table.weight.dtype),
+            table.weight = nn.Parameter(torch.empty(table.weight.shape, dtype=table.weight.dtype, device="cpu"),
                                         requires_grad=table.weight.requires_grad)
             with torch.no_grad():
                 if isinstance(config.init_fn, TableInit):

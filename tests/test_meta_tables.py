@@ -209,3 +209,17 @@ def test_pretrained_is_a_per_table_option_in_yaml(tmp_path, capsys, monkeypatch)
     assert info.value.code == 0
     tables = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]["init_args"]["tables"]
     assert tables["t_cat_0"]["pretrained"] == "rows.npy" and tables["t_cat_0"]["sharding"] == "column_wise"
+
+
+def test_replay_draws_on_the_host_under_another_default_device():
+    """Lightning's configure_model runs under a torch.device context (the GPU on GPU machines): the draws
+    must still use host buffers and the CPU generator; "meta" stands in for that device here."""
+    torch.manual_seed(5)
+    reference = EmbeddingBagCollection(tables=_configs())
+    torch.manual_seed(5)
+    with torch.device("meta"):
+        model = torch.nn.Module()
+        model.ebc = table_init.meta_embedding_bag_collection(_configs())
+        assert table_init.materialise_on_host(model)
+    for name, table in reference.embedding_bags.items():
+        assert torch.equal(model.ebc.embedding_bags[name].weight, table.weight), name
