@@ -7,7 +7,7 @@ YAML configs all read these, so a typo in a YAML key or value is rejected with t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from lightning_sparse.dynamic.config import DynamicTableConfig
 from lightning_sparse.typed_config import NamedEnum, build_dataclass
@@ -89,11 +89,14 @@ class TableConfig:
         optimizer: this table's sparse optimizer (default: the strategy's ``optimizer``).
         dynamic: make this a dynamic table: raw int64 ids of any value are mapped to its rows by a hash
             table with admission, expiry and eviction (its ``capacity`` must equal the table's rows).
+        pretrained: path to a ``.npy`` file of the table's initial rows (float32, ``rows x dim``); each
+            rank reads only its shard's rows and columns (memory-mapped).
     """
 
     sharding: Optional[ShardingType] = None
     optimizer: Optional[SparseOptimizerConfig] = None
     dynamic: Optional[DynamicTableConfig] = None
+    pretrained: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.sharding is not None:
@@ -102,6 +105,22 @@ class TableConfig:
             self.optimizer = build_dataclass(SparseOptimizerConfig, self.optimizer, "TableConfig.optimizer")
         if isinstance(self.dynamic, dict):
             self.dynamic = build_dataclass(DynamicTableConfig, self.dynamic, "TableConfig.dynamic")
+
+
+class TableInitKind(NamedEnum):
+    """Where a table's initial values come from; decided once per table when the tables are resolved.
+
+    ``copy``: the module holds the full table on the host, each local shard is copied from it.
+    ``replay``: built on ``meta`` by lightning_sparse (``table_init.meta_embedding_bag_collection``): each
+    shard replays its part of the recorded draw, identical to a CPU build. ``init_fn``: on ``meta`` without
+    a recorded draw: the table config's ``init_fn`` is applied to each shard, so the values depend on the
+    placement. ``pretrained``: rows read from the ``.npy`` file of ``TableConfig.pretrained``.
+    """
+
+    COPY = "copy"
+    REPLAY = "replay"
+    INIT_FN = "init_fn"
+    PRETRAINED = "pretrained"
 
 
 class TableRoute(NamedEnum):
@@ -124,7 +143,9 @@ class ResolvedTable:
     """The effective settings of one table after defaults and overrides are merged.
 
     ``route`` and ``route_reason`` (why it is not fused, empty when it is) are decided once, in
-    ``resolve_tables``; ``param_path`` is the table weight's key in the model's state dict.
+    ``resolve_tables``; ``param_path`` is the table weight's key in the model's state dict. ``init`` says
+    where the initial values come from and ``initialiser`` carries it: the host weight (``copy``), the
+    ``TableInit`` or ``init_fn`` (``replay``, ``init_fn``) or the file path (``pretrained``).
     """
 
     name: str
@@ -136,3 +157,5 @@ class ResolvedTable:
     param_path: str = ""
     rows: int = 0
     dim: int = 0
+    init: TableInitKind = TableInitKind.COPY
+    initialiser: Any = None

@@ -100,8 +100,14 @@ def test_loading_a_file_checkpoint_explains_the_format(single_process_env, tmp_p
 
 
 def test_dense_optimizer_excludes_fused_tables_and_tables_learn(single_process_env):
+    import copy
+
+    from lightning_sparse.table_init import materialise_on_host
+
     model = _model()
-    before = {k: v.clone() for k, v in model.state_dict().items() if "embedding_bags" in k}
+    initial = copy.deepcopy(model)  # the tables are on meta: their initial values, materialised on a copy
+    materialise_on_host(initial)
+    before = {k: v.clone() for k, v in initial.state_dict().items() if "embedding_bags" in k}
     strategy = SparseStrategy(
         optimizer=SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.1),
         tables={"t_cat_1": TableConfig(sharding=ShardingType.DATA_PARALLEL, optimizer=SparseOptimizerConfig(kind="sgd", lr=0.5))},

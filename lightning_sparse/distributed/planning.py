@@ -1,5 +1,5 @@
-"""Planning and sharding: TorchRec's planner with our constraints, DistributedModelParallel, and the
-user's initial weights copied into the shards. Kept apart from the Lightning strategy so it can be used
+"""Planning and sharding: TorchRec's planner with our constraints, DistributedModelParallel, and each
+rank's shards filled with the tables' initial values (``distributed/materialise.py``). Kept apart from the Lightning strategy so it can be used
 (and tested) on a plain ``nn.Module``; the tables and their routes come from ``distributed/routes.py``.
 """
 
@@ -21,7 +21,8 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
-from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, _state_key, resolve_tables
+from lightning_sparse.distributed.materialise import materialise_shards
+from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, resolve_tables
 from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
 
 log = logging.getLogger(__name__)
@@ -128,37 +129,18 @@ def shard_tables(
     static_graph: bool = False,
     find_unused_parameters: bool = False,
 ) -> tuple[DistributedModelParallel, EmbeddingTables, ShardingPlan]:
-    """Resolves every table (route included), plans, shards and wraps ``model``; the model's own initial
-    table weights are copied into the shards. Every rank calls it (the plan is agreed collectively)."""
+    """Resolves every table (route and initialisation included), plans, shards and wraps ``model``, then
+    fills the local shards with the tables' initial values: copied from tables built on the host, or, for
+    tables built on ``meta``, generated (or read from a pretrained file) for the local shards only.
+    Every rank calls it (the plan is agreed collectively)."""
     tables = resolve_tables(model, device.type, default_sharding, default_optimizer, overrides)
     attach_fused_optimizers(tables, device.type)
     move_dense_modules(model, device, set(tables.modules))
     plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size)
     log.info("SparseStrategy sharding plan:\n%s", plan)
     dmp = shard_model(model, plan, device, process_group, static_graph, find_unused_parameters)
-    copy_initial_weights(model, tables)
+    materialise_shards(model, tables)
     return dmp, tables, plan
-
-
-def copy_initial_weights(model: nn.Module, tables: EmbeddingTables) -> None:
-    """Copies the tables' weights from before sharding into the local shards, then releases them.
-
-    DistributedModelParallel allocates fresh shards and re-initialises them; without this the user's
-    initialisation (or pre-trained rows) would be silently replaced.
-    """
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    state = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for table_name, (fqn, weight) in tables.weights.items():
-            target = state[_state_key(tables.modules[fqn], fqn, table_name)]
-            if isinstance(target, ShardedTensor):
-                for shard in target.local_shards():
-                    (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(weight[row : row + rows, col : col + cols])
-            else:
-                target.copy_(weight)
-    tables.weights.clear()
 
 
 def table_owners(dmp: DistributedModelParallel, tables: list[str]) -> dict[str, int]:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
+import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.types import ShardingPlan
 
-from lightning_sparse.config import ResolvedTable, ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+from lightning_sparse.config import ResolvedTable, ShardingType, SparseOptimizerConfig, TableConfig, TableInitKind, TableRoute
 from lightning_sparse.optim.fbgemm_kinds import fused_blocker
+from lightning_sparse.table_init import TableInit
 
 # Sharding types the native route runs under: each table whole on one rank, so its state is one local tensor.
 NATIVE_ROUTE_SHARDING = (ShardingType.AUTO, ShardingType.TABLE_WISE)
@@ -51,8 +55,8 @@ class EmbeddingTables:
 
     modules: dict[str, EmbeddingModule]
     tables: dict[str, ResolvedTable] = field(default_factory=dict)
-    # table name -> (module fqn, the table's weight before sharding); the weights are released once
-    # copied into the shards (see copy_initial_weights)
+    # table name -> (module fqn, the table's weight before sharding, on the host or on meta); released
+    # once the shards are filled (see distributed/materialise.py)
     weights: dict[str, tuple[str, nn.Parameter]] = field(default_factory=dict)
     # feature key -> table name
     features: dict[str, str] = field(default_factory=dict)
@@ -113,10 +117,12 @@ def resolve_tables(
         weighted = isinstance(module, EmbeddingBagCollection) and module.is_weighted()
         for cfg in _table_configs(module):
             pooling = cfg.pooling.name.lower() if isinstance(module, EmbeddingBagCollection) else "none"
-            table = _resolve_table(cfg.name, overrides.get(cfg.name, TableConfig()), device_type, allowed,
+            override = overrides.get(cfg.name, TableConfig())
+            table = _resolve_table(cfg.name, override, device_type, allowed,
                                    default_sharding, default_optimizer, pooling, weighted)
             weight = result.weights[cfg.name][1]
             table.param_path, table.rows, table.dim = _state_key(module, fqn, cfg.name), int(weight.shape[0]), int(weight.shape[1])
+            table.init, table.initialiser = _initialisation(table, cfg, weight, override.pretrained)
             if table.dynamic is not None:
                 if table.dynamic.capacity is None:  # read from the table: one number, one place
                     table.dynamic = dataclasses.replace(table.dynamic, capacity=table.rows)
@@ -161,6 +167,40 @@ def _resolve_table(
             )
         sharding = ShardingType.TABLE_WISE
     return ResolvedTable(name=name, sharding=sharding, optimizer=optimizer, dynamic=override.dynamic, route=route, route_reason=reason)
+
+
+def _initialisation(table: ResolvedTable, cfg, weight: nn.Parameter, pretrained: Optional[str]) -> tuple[TableInitKind, object]:
+    """Where ``table``'s initial values come from (see :class:`TableInitKind`), decided once."""
+    if pretrained is not None:
+        if table.dynamic is not None:
+            raise ValueError(
+                f"Table {table.name!r}: pretrained={pretrained!r} cannot be used with a dynamic table: its rows are "
+                "slots handed to ids at run time, so a file's row i has no id to belong to. Drop one of the two."
+            )
+        check_pretrained(table.name, pretrained, (table.rows, table.dim), weight.dtype)
+        return TableInitKind.PRETRAINED, str(pretrained)
+    if weight.device.type != "meta":
+        return TableInitKind.COPY, weight
+    if isinstance(cfg.init_fn, TableInit):
+        return TableInitKind.REPLAY, cfg.init_fn
+    return TableInitKind.INIT_FN, cfg.init_fn
+
+
+def check_pretrained(table_name: str, path: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """Checks a pretrained-rows file against its table (reads only the ``.npy`` header)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Table {table_name!r}: pretrained file {path!r} does not exist (TableConfig.pretrained)")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except ValueError as error:
+        raise ValueError(f"Table {table_name!r}: pretrained file {path!r} is not a .npy array file: {error}") from None
+    expected_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    if tuple(array.shape) != shape or array.dtype != expected_dtype:
+        raise ValueError(
+            f"Table {table_name!r}: pretrained file {path!r} holds an array of shape {tuple(array.shape)} and dtype "
+            f"{array.dtype}; the table needs shape {shape} (num_embeddings x embedding_dim) and dtype {expected_dtype}. "
+            f"Save the rows as numpy.save(path, rows.astype(numpy.{expected_dtype}))."
+        )
 
 
 def _state_key(module: EmbeddingModule, fqn: str, table_name: str) -> str:

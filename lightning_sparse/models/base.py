@@ -2,6 +2,8 @@
 
 Subclasses hold TorchRec EmbeddingBagCollections anywhere in their module tree (SparseStrategy finds
 and shards them; register each one once) and implement :meth:`forward` returning one logit per sample.
+The collections are built on ``meta`` (:func:`embedding_bag_collection`): under SparseStrategy each rank
+materialises only its shards; any other use materialises the full tables on the host first.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 
 from lightning_sparse.models.metrics import LogLoss, NormalizedEntropy
+from lightning_sparse.table_init import materialise_on_host, meta_embedding_bag_collection
 from lightning_sparse.validation import check_click_batch, check_loss
 
 
 def embedding_bag_collection(
-    num_embeddings_per_feature: list[int], embedding_dim: int, feature_names: list[str], device: str = "cpu"
+    num_embeddings_per_feature: list[int], embedding_dim: int, feature_names: list[str], device: str = "meta"
 ) -> EmbeddingBagCollection:
-    """One table per sparse feature, named ``t_<feature>``."""
+    """One table per sparse feature, named ``t_<feature>``.
+
+    On ``meta`` (the default) no table is allocated; its values, whenever materialised (per shard by
+    SparseStrategy, whole by :func:`~lightning_sparse.table_init.materialise_on_host`), and the global
+    random generator afterwards are exactly those of a build on ``"cpu"`` (today's TorchRec default).
+    """
     if len(feature_names) != len(num_embeddings_per_feature):
         raise ValueError(
             f"{len(feature_names)} feature names for {len(num_embeddings_per_feature)} table sizes; they must match"
@@ -33,6 +41,8 @@ def embedding_bag_collection(
         )
         for name, num in zip(feature_names, num_embeddings_per_feature)
     ]
+    if torch.device(device).type == "meta":
+        return meta_embedding_bag_collection(tables)
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))
 
 
@@ -66,6 +76,11 @@ def check_num_dense_features(num_dense_features: int) -> int:
     return max(num_dense_features, 1)
 
 
+def _tables_on_host_before_first_call(module: "ClickModule", args: Any) -> None:
+    materialise_on_host(module)  # a no-op once sharded (no TorchRec collection is left on meta)
+    module._host_tables_hook.remove()
+
+
 def check_dlrm_layer_sizes(embedding_dim: int, dense_arch_layer_sizes: list[int], over_arch_layer_sizes: list[int]) -> None:
     """DLRM-style nets (DLRM, DCN-v2): the bottom MLP ends at the embedding width, the top MLP at one logit."""
     if dense_arch_layer_sizes[-1] != embedding_dim:
@@ -95,6 +110,14 @@ class ClickModule(LightningModule):
         metrics = MetricCollection({"auc": BinaryAUROC(), "log_loss": LogLoss(), "ne": NormalizedEntropy()})
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # Called directly (no Trainer), a model built on meta first gets its full tables on the host.
+        self._host_tables_hook = self.register_forward_pre_hook(_tables_on_host_before_first_call)
+
+    def configure_model(self) -> None:
+        """Under a strategy other than SparseStrategy (registry name ``sparse``), which shards the tables
+        from ``meta`` itself, the tables built on ``meta`` are materialised whole on the host first."""
+        if getattr(self.trainer.strategy, "strategy_name", None) != "sparse":
+            materialise_on_host(self)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: Any) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

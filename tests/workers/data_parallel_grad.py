@@ -14,7 +14,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from gloo_spawn import spawn_gloo
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed.routes import embedding_parameters, resolve_tables
-from lightning_sparse.distributed.planning import attach_fused_optimizers, copy_initial_weights, plan_sharding, shard_model
+from lightning_sparse.distributed.materialise import materialise_shards
+from lightning_sparse.distributed.planning import attach_fused_optimizers, plan_sharding, shard_model
 
 WORLD_SIZE = 2
 BATCH = 16
@@ -68,7 +69,7 @@ def worker(rank: int, out: str) -> None:
     device = torch.device("cpu")
     plan = plan_sharding(model, tables, device, dist.group.WORLD)
     dmp = shard_model(model, plan, device, dist.group.WORLD)
-    copy_initial_weights(model, tables)
+    materialise_shards(model, tables)
     kjt, target = batch_of(rank)
     torch.nn.functional.mse_loss(dmp(kjt), target).backward()
     weight = embedding_parameters(model)["ebc.embedding_bags.dp.weight"]
