@@ -112,3 +112,7 @@ def skewed_ids(generator: torch.Generator, n: int, universe: int, shift: int) ->
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     rank = (universe * u**3).to(torch.int64) + shift
     return rank * 0x9E3779B97F4A7C1 - (1 << 62)
+
+
+# the serving tests' fixtures (redis_url, store_spec), importable by name from every test folder
+from serving_fixtures import redis_url, store_spec  # noqa: E402,F401

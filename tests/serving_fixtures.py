@@ -1,4 +1,6 @@
-"""Fixtures of the serving tests: a real redis-server on a free loopback port, a fresh store per test."""
+"""Fixtures of the serving tests (tests/serving/): a real redis-server on a free loopback port, a fresh store
+per test. Registered by tests/conftest.py; a conftest.py of its own in tests/serving would take over the
+module name ``conftest`` that the other test files import their helpers from."""
 
 from __future__ import annotations
 
@@ -11,20 +13,6 @@ from typing import Iterator
 
 import pytest
 
-
-def _shared_helpers():
-    """tests/conftest.py's helpers (this file shadows its module name ``conftest`` for tests in this folder)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lightning_sparse_tests_helpers", Path(__file__).parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _shared_helpers()
-REPO, WORKERS, read_checkpoint, run_worker = _helpers.REPO, _helpers.WORKERS, _helpers.read_checkpoint, _helpers.run_worker
-worker_env = _helpers._worker_env
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
