@@ -66,12 +66,6 @@ def test_weight_decay_on_a_column_wise_table_says_why_it_needs_table_wise(single
         _trainer(strategy).fit(_model(), _data())
 
 
-def test_row_wise_sharding_is_refused_on_cpu(single_process_env):
-    strategy = SparseStrategy(tables={"t_cat_0": TableConfig(sharding="row_wise")})
-    with pytest.raises(ValueError, match="'row_wise' is not available on cpu; allowed there: auto, table_wise"):
-        _trainer(strategy).fit(_model(), _data())
-
-
 def test_unknown_table_name_lists_the_model_tables(single_process_env):
     strategy = SparseStrategy(tables={"t_typo": TableConfig(sharding="table_wise")})
     with pytest.raises(ValueError, match=r"unknown table\(s\) \['t_typo'\].*'t_cat_0', 't_cat_1', 't_cat_2'"):

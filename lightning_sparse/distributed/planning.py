@@ -12,19 +12,28 @@ import torch
 import torch.distributed as dist
 import torchrec.optim as trec_optim
 from torch import nn
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+from lightning_sparse.distributed.row_wise import ROW_WISE_TYPES, row_wise_sharders
 from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, _state_key, resolve_tables
 from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
 
 log = logging.getLogger(__name__)
+
+
+# What ``auto`` lets TorchRec's planner choose from. On CPU not the row-wise types: the planner's cost model is
+# made for GPUs and picks row_wise for tables of 50 rows there, which would also pin a dynamic table's
+# checkpoint to its number of ranks; ask for row_wise per table (``distributed/comm.py``'s ``sharding_hint``
+# says which tables send fewer bytes that way).
+AUTO_SHARDING_TYPES: dict[str, list[ShardingType]] = {
+    "cpu": [t for t in FUSED_SHARDING_TYPES["cpu"] if t not in ROW_WISE_TYPES],
+    "cuda": FUSED_SHARDING_TYPES["cuda"],
+}
 
 
 def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, ParameterConstraints]:
@@ -37,7 +46,7 @@ def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, 
         if table.sharding is ShardingType.DATA_PARALLEL:
             types, kernels = [ShardingType.DATA_PARALLEL], [EmbeddingComputeKernel.DENSE.value]
         elif table.sharding is ShardingType.AUTO:
-            types, kernels = FUSED_SHARDING_TYPES[device_type], [EmbeddingComputeKernel.FUSED.value]
+            types, kernels = AUTO_SHARDING_TYPES[device_type], [EmbeddingComputeKernel.FUSED.value]
         else:
             types, kernels = [table.sharding], [EmbeddingComputeKernel.FUSED.value]
         constraints[name] = ParameterConstraints(sharding_types=[t.value for t in types], compute_kernels=kernels)
@@ -61,7 +70,8 @@ def attach_fused_optimizers(tables: EmbeddingTables, device_type: str) -> None:
 
 
 def sharders() -> list:
-    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    """TorchRec's sharders with row_wise / table_row_wise on every device type (see ``distributed/row_wise.py``)."""
+    return row_wise_sharders()
 
 
 def move_dense_modules(model: nn.Module, device: torch.device, embedding_fqns: set[str], prefix: str = "") -> None:

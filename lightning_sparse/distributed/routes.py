@@ -28,8 +28,15 @@ EmbeddingModule = Union[EmbeddingBagCollection, EmbeddingCollection]
 
 
 # Sharding types TorchRec can run with fused fbgemm kernels, per device type. ``auto`` chooses among these.
+# row_wise / table_row_wise run on CPU through the sharders of ``distributed/row_wise.py``.
 FUSED_SHARDING_TYPES: dict[str, list[ShardingType]] = {
-    "cpu": [ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.TABLE_COLUMN_WISE],
+    "cpu": [
+        ShardingType.TABLE_WISE,
+        ShardingType.COLUMN_WISE,
+        ShardingType.ROW_WISE,
+        ShardingType.TABLE_ROW_WISE,
+        ShardingType.TABLE_COLUMN_WISE,
+    ],
     "cuda": [
         ShardingType.TABLE_WISE,
         ShardingType.COLUMN_WISE,

@@ -44,8 +44,8 @@ def optimizer_config(route: str, kind: str) -> SparseOptimizerConfig:
     )
 
 
-def table_configs(route: str) -> dict[str, TableConfig]:
-    sharding = "data_parallel" if route == "data_parallel" else "table_wise"
+def table_configs(route: str, sharding: str = "table_wise") -> dict[str, TableConfig]:
+    sharding = "data_parallel" if route == "data_parallel" else sharding
     return {name: TableConfig(sharding=sharding, optimizer=optimizer_config(route, name[2:])) for name, _, _ in tables(route)}
 
 
@@ -61,6 +61,7 @@ class TinyModule(pl.LightningModule):
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         self.features = [f"f_{n}" for n, _, _ in tables(route)]
         self.head = torch.nn.Linear(sum(dim for _, _, dim in tables(route)), 1)
+        self.predictions: list[list[float]] = []  # this rank's forward outputs, step by step
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         # by key: a sharded collection's KeyedTensor orders its features by shard, not as configured
@@ -69,7 +70,9 @@ class TinyModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         kjt, target = batch
-        return torch.nn.functional.mse_loss(self(kjt), target)
+        prediction = self(kjt)
+        self.predictions.append(prediction.detach().tolist())
+        return torch.nn.functional.mse_loss(prediction, target)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -125,9 +128,10 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=2)
     parser.add_argument("--ckpt-dir", required=True)
     parser.add_argument("--ckpt-in", default=None)
+    parser.add_argument("--sharding", default="table_wise", help="sharding of every table off the data_parallel route")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
-    strategy = SparseStrategy(sharding="table_wise", tables=table_configs(args.route))
+    strategy = SparseStrategy(sharding="table_wise", tables=table_configs(args.route, args.sharding))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -138,11 +142,16 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=[ChangeSparseLr(), ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)],
     )
-    trainer.fit(make_model(args.route), Data(args.route), ckpt_path=args.ckpt_in)
+    model = make_model(args.route)
+    trainer.fit(model, Data(args.route), ckpt_path=args.ckpt_in)
     routes = {t.name: t.route.value for t in trainer.strategy.embedding_tables.tables.values()}
+    plan = {t: s.sharding_type for module_plan in strategy.distributed_model.plan.plan.values() for t, s in module_plan.items()}
+    predictions = [None] * trainer.world_size
+    torch.distributed.all_gather_object(predictions, model.predictions)
     if trainer.is_global_zero:
+        result = {"world_size": trainer.world_size, "global_step": trainer.global_step, "routes": routes, "plan": plan}
         with open(args.result, "w") as f:
-            json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step, "routes": routes}, f)
+            json.dump({**result, "predictions": predictions}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # a clean exit (see train.py)
 

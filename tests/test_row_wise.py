@@ -1,0 +1,116 @@
+"""Row-wise sharding (DES: partial pooled sums aggregated) on CPU processes (gloo), against one unsharded
+reference of the gradient rule every sharding type shares (the mean over ranks, see distributed/row_wise.py);
+resharding of checkpoints between row_wise and the other types; dynamic tables with a hash partition per row
+block; the clear error for kinds that only lightning_sparse's kernels run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import WORKERS, assert_trees_equal, read_checkpoint, run_worker
+from lightning_sparse.optim import init_state_for, sparse_update_for
+
+sys.path.insert(0, str(WORKERS))
+import sparse_kinds  # noqa: E402
+
+ROUTE = "fused"  # sgd, adagrad, rowwise_adagrad: the kinds fbgemm fuses exactly on CPU
+
+
+def reference(world_size: int, steps: int) -> tuple[dict[str, torch.Tensor], list[list[list[float]]]]:
+    """One process replays the global batches: each table gets the mean over ranks of the gradients of each
+    rank's mean loss, applied to the rows present. Returns the tables and predictions[rank][step]."""
+    model = sparse_kinds.make_model(ROUTE)
+    configs = {name: sparse_kinds.optimizer_config(ROUTE, name[2:]) for name, _, _ in sparse_kinds.tables(ROUTE)}
+    weights = {name: model.ebc.embedding_bags[name].weight for name in configs}
+    states = {name: init_state_for(configs[name], w.detach()) for name, w in weights.items()}
+    predictions: list[list[list[float]]] = [[] for _ in range(world_size)]
+    for step in range(steps):
+        position = (step * world_size) % sparse_kinds.BATCHES_PER_EPOCH
+        batches = [sparse_kinds.batch_at(ROUTE, position + rank) for rank in range(world_size)]
+        model.zero_grad()
+        outputs = [model(kjt) for kjt, _ in batches]
+        for rank, output in enumerate(outputs):
+            predictions[rank].append(output.detach().tolist())
+        loss = sum(torch.nn.functional.mse_loss(out, target) for out, (_, target) in zip(outputs, batches)) / world_size
+        loss.backward()
+        lr = sparse_kinds.LR if step < sparse_kinds.LR_CHANGE_STEP else sparse_kinds.LR_LATER
+        for name, weight in weights.items():
+            rows = torch.unique(torch.cat([kjt[f"f_{name}"].values() for kjt, _ in batches]))
+            configs[name].lr = lr
+            sparse_update_for(configs[name], weight.data, states[name], rows, weight.grad[rows])
+    return {name: w.detach() for name, w in weights.items()}, predictions
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise", "column_wise"])
+def test_sharding_types_share_one_gradient_rule_and_match_the_reference(tmp_path, sharding):
+    """Forward outputs at every step and every row after training, on 2 gloo processes, for every kind fbgemm
+    fuses on CPU; row_wise was refused on CPU before (TorchRec's sharder listed it for CUDA only)."""
+    result = run_worker("sparse_kinds.py", "--route", ROUTE, "--sharding", sharding, "--ckpt-dir", tmp_path, result=tmp_path / "r.json")
+    assert set(result["plan"].values()) == {sharding}, result["plan"]
+    steps = 2 * sparse_kinds.BATCHES_PER_EPOCH // 2
+    expected_tables, expected_predictions = reference(2, steps)
+    got = torch.tensor(result["predictions"], dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor(expected_predictions, dtype=torch.float64), atol=1e-6, rtol=0)
+    tensors, _ = read_checkpoint(tmp_path / "epoch=1.ckpt")
+    for name, _, _ in sparse_kinds.tables(ROUTE):
+        weight = tensors[f"model.ebc.embedding_bags.{name}.weight"]
+        torch.testing.assert_close(weight, expected_tables[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{sharding}/{name}: {m}")
+
+
+def test_gradient_division_turned_off_is_refused():
+    from torchrec.distributed import comm_ops
+
+    from lightning_sparse.distributed.planning import sharders
+
+    comm_ops.set_gradient_division(False)
+    try:
+        with pytest.raises(ValueError, match=r"set_gradient_division\(False\) was called.*mean over ranks"):
+            sharders()
+    finally:
+        comm_ops.set_gradient_division(True)
+    assert {"row_wise", "table_row_wise"} <= set(sharders()[0].sharding_types("cpu"))
+
+
+def test_row_wise_with_a_kind_fbgemm_does_not_fuse_says_why(single_process_env):
+    """decayed_adagrad, rowwise_adam and adam run in lightning_sparse's kernels, which need whole tables."""
+    from test_strategy_errors import _data, _model, _trainer
+
+    from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
+
+    strategy = SparseStrategy(tables={"t_cat_0": TableConfig(sharding="row_wise", optimizer=SparseOptimizerConfig(kind="adam"))})
+    with pytest.raises(ValueError, match="'t_cat_0': fbgemm has no fused 'adam' kernel on cpu.*need sharding 'table_wise'.*not 'row_wise'"):
+        _trainer(strategy).fit(_model(), _data())
+
+
+ROW_WISE_MIX = ["--table-sharding", "t_cat_0=row_wise", "--table-sharding", "t_cat_1=table_row_wise"]
+TABLE_WISE_MIX = ["--table-sharding", "t_cat_0=table_wise", "--table-sharding", "t_cat_1=column_wise"]
+
+
+@pytest.mark.multiprocess
+def test_checkpoints_reshard_between_row_wise_and_other_types(tmp_path):
+    """A row_wise checkpoint (2 processes) loads into table_wise / column_wise on 1 process and back into
+    row_wise on 2: weights and row-wise Adagrad state come out exactly as written."""
+    first, one, back = tmp_path / "rw.ckpt", tmp_path / "tw.ckpt", tmp_path / "rw_again.ckpt"
+    run_worker("train.py", "--devices", 2, *ROW_WISE_MIX, "--ckpt-out", first, result=tmp_path / "a.json")
+    run_worker("train.py", "--devices", 1, *TABLE_WISE_MIX, "--ckpt-in", first, "--ckpt-out", one, result=tmp_path / "b.json")
+    result = run_worker("train.py", "--devices", 2, *ROW_WISE_MIX, "--ckpt-in", one, "--ckpt-out", back, result=tmp_path / "c.json")
+    assert result["plan"]["t_cat_0"][0] == "row_wise" and result["plan"]["t_cat_1"][0] == "table_row_wise"
+    tensors = [read_checkpoint(path)[0] for path in (first, one, back)]
+    assert any("t_cat_0" in k and "momentum1" in k for k in tensors[0])
+    assert_trees_equal(tensors[0], tensors[1], "row_wise -> table_wise/column_wise on 1 process")
+    assert_trees_equal(tensors[0], tensors[2], "-> row_wise on 2 processes again")
+
+
+@pytest.mark.multiprocess
+def test_row_wise_dynamic_table_keeps_one_hash_partition_per_row_block(tmp_path):
+    common = ["--devices", 2, "--table-sharding", "t_cat_3=row_wise", "--dynamic-capacity", 128]
+    result = run_worker("train.py", *common, "--ckpt-out", tmp_path / "c.ckpt", result=tmp_path / "r.json")
+    assert result["plan"]["t_cat_3"][0] == "row_wise"
+    held = [sorted({k.split(".")[2] for k in keys if k.startswith("partitions.t_cat_3.")}) for keys in result["hash_state_keys_per_rank"]]
+    assert held == [["0_of_2"], ["1_of_2"]]  # each rank keeps the partition of its own row block
+    counters = result["dynamic_metrics"]["t_cat_3"]
+    assert counters["capacity"] == 128 and counters["admitted"] > 0
