@@ -129,9 +129,12 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", required=True)
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--sharding", default="table_wise", help="sharding of every table off the data_parallel route")
+    parser.add_argument("--count-communication", action="store_true")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
-    strategy = SparseStrategy(sharding="table_wise", tables=table_configs(args.route, args.sharding))
+    strategy = SparseStrategy(
+        sharding="table_wise", tables=table_configs(args.route, args.sharding), count_communication=args.count_communication
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -148,10 +151,15 @@ def main() -> None:
     plan = {t: s.sharding_type for module_plan in strategy.distributed_model.plan.plan.values() for t, s in module_plan.items()}
     predictions = [None] * trainer.world_size
     torch.distributed.all_gather_object(predictions, model.predictions)
+    comm = [None] * trainer.world_size
+    if args.count_communication:
+        report = strategy.communication_report()
+        torch.distributed.all_gather_object(comm, {"steps": report.steps, "per_step": report.per_step()})
     if trainer.is_global_zero:
         result = {"world_size": trainer.world_size, "global_step": trainer.global_step, "routes": routes, "plan": plan}
         with open(args.result, "w") as f:
-            json.dump({**result, "predictions": predictions}, f)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            json.dump({**result, "predictions": predictions, "comm": comm, "metrics": metrics}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # a clean exit (see train.py)
 

@@ -1,0 +1,88 @@
+"""The communication report: payload rules per collective, and on 2 gloo processes the bytes a row_wise step
+sends, by channel, equal to the closed-form count of the batches, with training unchanged by the counting."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import WORKERS, run_worker
+from lightning_sparse.callbacks import _comm_rows
+from lightning_sparse.distributed.comm import payload
+
+sys.path.insert(0, str(WORKERS))
+import sparse_kinds  # noqa: E402
+
+
+def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype)
+
+
+def test_payload_counts_what_leaves_and_reaches_this_rank():
+    # all_to_all with uneven splits: the chunk a rank keeps is not traffic
+    bound = {"output": _t(5, 2), "input": _t(7, 2), "output_split_sizes": [3, 2], "input_split_sizes": [4, 3]}
+    assert payload("all_to_all_single", bound, rank=1, world=2) == (4 * 2 * 4, 3 * 2 * 4)
+    assert payload("all_to_all_single", {"output": _t(6), "input": _t(6)}, rank=0, world=3) == (4 * 4, 4 * 4)
+    assert payload("reduce_scatter_tensor", {"output": _t(8, 16), "input": _t(16, 16)}, 0, 2) == (512, 512)
+    assert payload("all_gather_into_tensor", {"output_tensor": _t(24, 4), "input_tensor": _t(8, 4)}, 0, 3) == (256, 256)
+    assert payload("reduce_scatter", {"output": _t(2), "input_list": [_t(2), _t(2), _t(2)]}, 2, 3) == (16, 16)
+    assert payload("all_gather", {"tensor_list": [_t(3), _t(3)], "tensor": _t(3)}, 0, 2) == (12, 12)
+    assert payload("all_reduce", {"tensor": _t(17)}, 0, 2) == (68, 68)  # 2 (W - 1) / W of the buffer
+    assert payload("broadcast", {"tensor": _t(4), "src": 0}, 0, 3) == (32, 0)
+    assert payload("broadcast", {"tensor": _t(4), "src": 0}, 1, 3) == (0, 16)
+
+
+def test_fit_summary_prints_the_communication_rows():
+    metrics = {"comm/total/sent_bytes": 3072.0, "comm/total/received_bytes": 2048.0,
+               "comm/row_wise/t_a/sent_bytes": 1024.0, "comm/row_wise/t_a/received_bytes": 1024.0}  # fmt: skip
+    assert _comm_rows(metrics) == [
+        "comm total                sent 3.0 KiB, received 2.0 KiB",
+        "comm row_wise t_a         sent 1.0 KiB, received 1.0 KiB",
+    ]
+
+
+def _row_wise_input_bytes(rank: int, position: int) -> tuple[int, int]:
+    """Closed form of TorchRec's row-wise input dist for rank ``rank`` of 2 at batch ``position``: 3 int64 split
+    counts and the int64 lengths of every (feature, sample) to the other rank, and the ids in its row block."""
+    specs = sparse_kinds.tables("fused")
+    ids_to_other = []
+    for r in (0, 1):
+        kjt, _ = sparse_kinds.batch_at("fused", position + r)
+        n = 0
+        for name, rows, _ in specs:
+            block = (rows + 1) // 2
+            ids = kjt[f"f_{name}"].values()
+            n += int((ids >= block).sum()) if r == 0 else int((ids < block).sum())
+        ids_to_other.append(n)
+    fixed = 3 * 8 + len(specs) * sparse_kinds.BATCH * 8
+    return fixed + 8 * ids_to_other[rank], fixed + 8 * ids_to_other[1 - rank]
+
+
+@pytest.mark.multiprocess
+def test_row_wise_step_bytes_match_the_closed_form_and_training_is_unchanged(tmp_path):
+    from test_row_wise import reference
+
+    args = ["--route", "fused", "--sharding", "row_wise", "--count-communication", "--max-epochs", 1]
+    result = run_worker("sparse_kinds.py", *args, "--ckpt-dir", tmp_path, result=tmp_path / "r.json")
+    steps = sparse_kinds.BATCHES_PER_EPOCH // 2
+    _, expected_predictions = reference(2, steps)
+    torch.testing.assert_close(torch.tensor(result["predictions"]), torch.tensor(expected_predictions), atol=1e-6, rtol=0)
+    group = "row_wise/" + "+".join(sorted(name for name, _, _ in sparse_kinds.tables("fused")))
+    dims = sum(dim for _, _, dim in sparse_kinds.tables("fused"))
+    pooled = sparse_kinds.BATCH * dims * 4  # one float32 partial sum per (sample, feature) of the other rank
+    dense = 2 * (2 - 1) // 2 * (dims + 1) * 4  # the head Linear(dims, 1), all-reduced by DDP
+    for rank, report in enumerate(result["comm"]):
+        assert report["steps"] == steps
+        per_step = report["per_step"]
+        assert set(per_step) == {f"{group}/input_dist", f"{group}/output_dist", f"{group}/output_dist_backward", "dense/ddp/grad_allreduce"}
+        assert per_step[f"{group}/output_dist"] == [pooled, pooled]  # reduce_scatter of the partial sums
+        assert per_step[f"{group}/output_dist_backward"] == [pooled, pooled]  # all_gather of their gradients
+        assert per_step["dense/ddp/grad_allreduce"] == [dense, dense]
+        sent = [_row_wise_input_bytes(rank, 2 * s)[0] for s in range(steps)]
+        received = [_row_wise_input_bytes(rank, 2 * s)[1] for s in range(steps)]
+        assert per_step[f"{group}/input_dist"] == [sum(sent) / steps, sum(received) / steps]
+    last = _row_wise_input_bytes(0, 2 * (steps - 1))[0] + _row_wise_input_bytes(1, 2 * (steps - 1))[0]
+    assert result["metrics"][f"comm/{group}/sent_bytes"] == last + 2 * 2 * pooled  # the last step, both ranks
+    assert result["metrics"]["comm/total/sent_bytes"] == result["metrics"]["comm/total/received_bytes"]
