@@ -161,19 +161,21 @@ class CommunicationMonitor(pl.Callback):
     """Counts each training step's collectives with a :class:`~lightning_sparse.distributed.comm.CommunicationCounter`
     and logs ``comm/<sharding type>/<tables>/{sent,received}_bytes``, ``comm/dense/ddp/...`` and
     ``comm/total/...``: bytes of the step, summed over ranks (one ``all_gather_object`` after the step, not
-    counted). ``SparseStrategy(count_communication=True)`` adds it; it must run before other callbacks'
-    ``on_train_batch_end``, so the strategy puts it first."""
+    counted), on the first step and every ``every_n_steps`` (default: the trainer's ``log_every_n_steps``);
+    every step is counted in the report. ``SparseStrategy(count_communication=True)`` adds it; it must run
+    before other callbacks' ``on_train_batch_end``, so the strategy puts it first."""
 
-    def __init__(self, counter: Any, every_n_steps: int = 1) -> None:
+    def __init__(self, counter: Any, every_n_steps: Optional[int] = None) -> None:
         self.counter = counter
         self.every_n_steps = every_n_steps
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.counter.count_batch(batch)
         self.counter.start_step()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.counter.end_step()
-        if not _due(trainer, self.every_n_steps):
+        if not _due(trainer, self.every_n_steps or trainer.log_every_n_steps):
             return
         metrics = self.counter.report().as_metrics()
         if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:

@@ -10,7 +10,8 @@ import torch
 
 from conftest import WORKERS, run_worker
 from lightning_sparse.callbacks import _comm_rows
-from lightning_sparse.distributed.comm import payload
+from lightning_sparse.distributed.comm import Channel, CommunicationReport, Traffic, payload
+from lightning_sparse.distributed.comm_hint import BatchStats, cheapest, sharding_hint
 
 sys.path.insert(0, str(WORKERS))
 import sparse_kinds  # noqa: E402
@@ -41,6 +42,31 @@ def test_fit_summary_prints_the_communication_rows():
         "comm total                sent 3.0 KiB, received 2.0 KiB",
         "comm row_wise t_a         sent 1.0 KiB, received 1.0 KiB",
     ]
+
+
+def test_report_format_and_metrics():
+    channel = Channel("row_wise", "t_a+t_b", "output_dist")
+    report = CommunicationReport(steps=2, total={channel: Traffic(4096, 2048, 4)}, last_step={channel: Traffic(2048, 1024, 2)})
+    assert report.format().splitlines()[1].split() == ["row_wise/t_a+t_b/output_dist", "2.00", "1.00", "2.0"]
+    assert report.as_metrics() == {"comm/row_wise/t_a+t_b/sent_bytes": 2048, "comm/row_wise/t_a+t_b/received_bytes": 1024,
+                                   "comm/total/sent_bytes": 2048, "comm/total/received_bytes": 1024}  # fmt: skip
+
+
+def test_sharding_hint_closed_forms_on_two_ranks():
+    """B = 4 samples and 8 ids per rank per step, 10 rows (blocks of 5), dim 6; rank 0's ids all in rank 1's block."""
+    stats = [BatchStats(1, {"t": 4}, {"t": 8}, {"t": 8}), BatchStats(1, {"t": 4}, {"t": 8}, {"t": 0})]
+    hint = sharding_hint(stats, {"t": (10, 6)})["t"]
+    assert hint["table_wise"] == 8 * (4 + 8) + 8 * 4 * 6  # the non-owner's lengths and ids, pooled rows both ways
+    assert hint["column_wise"] == 2 * (8 * (4 + 8) + 8 * 4 * 3)
+    assert hint["row_wise"] == 2 * 8 * 4 + 8 * 8 + 2 * 4 * 6 * 8
+    assert hint["data_parallel"] == 8 * 10 * 7
+    assert cheapest({"t": hint}) == {"t": "table_wise"}
+    assert cheapest({"t": hint}, allowed=("row_wise", "data_parallel")) == {"t": "row_wise"}
+    kjt = sparse_kinds.batch_at("fused", 0)[0]
+    counted = BatchStats()
+    counted.add(kjt, {"f_t_sgd": "t_sgd"}, {"t_sgd": 30}, rank=1, world=2)
+    ids = kjt["f_t_sgd"].values()
+    assert (counted.samples, counted.ids, counted.outside_block) == ({"t_sgd": 8}, {"t_sgd": ids.numel()}, {"t_sgd": int((ids < 15).sum())})
 
 
 def _row_wise_input_bytes(rank: int, position: int) -> tuple[int, int]:
@@ -83,6 +109,11 @@ def test_row_wise_step_bytes_match_the_closed_form_and_training_is_unchanged(tmp
         sent = [_row_wise_input_bytes(rank, 2 * s)[0] for s in range(steps)]
         received = [_row_wise_input_bytes(rank, 2 * s)[1] for s in range(steps)]
         assert per_step[f"{group}/input_dist"] == [sum(sent) / steps, sum(received) / steps]
-    last = _row_wise_input_bytes(0, 2 * (steps - 1))[0] + _row_wise_input_bytes(1, 2 * (steps - 1))[0]
-    assert result["metrics"][f"comm/{group}/sent_bytes"] == last + 2 * 2 * pooled  # the last step, both ranks
+    first = _row_wise_input_bytes(0, 0)[0] + _row_wise_input_bytes(1, 0)[0]
+    # logged on the first step (then every log_every_n_steps), summed over both ranks
+    assert result["metrics"][f"comm/{group}/sent_bytes"] == first + 2 * 2 * pooled
     assert result["metrics"]["comm/total/sent_bytes"] == result["metrics"]["comm/total/received_bytes"]
+    # the planner hint's row_wise estimate is the measured group traffic less the split counts (3 int64 per pair)
+    hint = sharding_hint([BatchStats(**r["batch_stats"]) for r in result["comm"]], {n: (rows, d) for n, rows, d in sparse_kinds.tables("fused")})
+    measured = sum(sum(v[0] for k, v in r["per_step"].items() if k.startswith(group)) for r in result["comm"])
+    assert sum(h["row_wise"] for h in hint.values()) == pytest.approx(measured - 2 * 3 * 8)

@@ -16,9 +16,9 @@ all-gather moves); the others count their payload exactly.
 Each call is attributed to a :class:`Channel`: the sharding type and tables of the TorchRec sharding group
 that issued it (found on the Python stack: the group's input/output dist modules, or the ``KJTAllToAll``
 awaitables of its features), the backward of a group's output dist (a hook on the gradient of the awaited
-output tensor), DDP's all-reduce (split by the bytes each parameter has in the bucket: dense layers, and each
-``data_parallel`` table by name), the dynamic tables' id routing, the row union of ``data_parallel`` tables, or
-``other``. TorchRec batches every table of one sharding type into one collective, so a channel names all the
+output tensor), DDP's all-reduce of the dense layers, the all-reduce of a ``data_parallel`` group's gradient
+(TorchRec wraps those tables' lookup in a DDP of its own), the dynamic tables' id routing, the row union of
+``data_parallel`` tables, or ``other``. TorchRec batches every table of one sharding type into one collective, so a channel names all the
 tables of its group (``t_a+t_b``).
 """
 
@@ -29,12 +29,14 @@ import sys
 import threading
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lightning_sparse.distributed.comm_hint import BatchStats
 
 COLLECTIVES = (
     "all_to_all_single",
@@ -128,6 +130,9 @@ class CommunicationCounter:
         self.last_step: dict[Channel, Traffic] = {}
         self.total: dict[Channel, Traffic] = defaultdict(Traffic)
         self.steps = 0
+        self.batch_stats = BatchStats()
+        self._rows: dict[str, int] = {}  # static tables whose batches feed the planner hint
+        self._feature_to_table: dict[str, str] = {}
 
     # ------------------------------------------------------------ install
     def install(self) -> None:
@@ -165,17 +170,32 @@ class CommunicationCounter:
         return counted
 
     # -------------------------------------------------------- attribution
-    def attach(self, model: nn.Module, feature_to_table: dict[str, str], data_parallel_params: dict[int, str]) -> None:
+    def attach(self, model: nn.Module, feature_to_table: dict[str, str], rows: Optional[dict[str, int]] = None) -> None:
         """Knows ``model``'s TorchRec sharded collections (their dist modules are indexed lazily: TorchRec
-        creates input dists at the first forward) and which parameters are ``data_parallel`` tables."""
+        creates input dists at the first forward) and the rows of the tables whose batches :meth:`count_batch`
+        adds to ``batch_stats`` (the planner hint, ``distributed/comm_hint.py``)."""
+        self._feature_to_table, self._rows = dict(feature_to_table), dict(rows or {})
         from torchrec.distributed.embedding import ShardedEmbeddingCollection
         from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
         for module in model.modules():
             if isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)):
                 self._sharded.append((module, feature_to_table))
-        self._data_parallel_params = dict(data_parallel_params)
         self._index()
+
+    def data_parallel_lookups(self) -> list[tuple[Channel, nn.Module]]:
+        """The DDP modules TorchRec wraps around the lookups of data_parallel sharding groups (held in a plain
+        list, so ``modules()`` does not reach them), with the channel of their gradients' all-reduce."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        found = []
+        for module, feature_to_table in self._sharded:
+            types = getattr(module, "_sharding_types", None) or list(module._sharding_type_to_sharding)
+            for sharding_type, sharding, lookup in zip(types, module._embedding_shardings, module._lookups):
+                if isinstance(lookup, DistributedDataParallel):
+                    tables = "+".join(sorted({feature_to_table.get(f, f) for f in sharding.feature_names()}))
+                    found.append((Channel(sharding_type, tables, "grad_allreduce"), lookup))
+        return found
 
     def label(self, obj: Any, channel: Union[Channel, Callable[[Any], Optional[Channel]]]) -> None:
         """Attributes collectives issued while a method of ``obj`` is on the stack to ``channel`` (or to what
@@ -271,24 +291,25 @@ class CommunicationCounter:
         traffic.calls += 1
 
     # ---------------------------------------------------------------- DDP
-    def ddp_hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future:
-        """DDP's default all-reduce, its bytes split between dense layers and data_parallel tables."""
+    def ddp_hook(self, state: Any, bucket: dist.GradBucket, channel: Optional[Channel] = None) -> torch.futures.Future:
+        """DDP's default all-reduce (``allreduce_hook``: divide by the world size, all-reduce), its bytes given to
+        ``channel``: the dense layers, or the group of data_parallel tables whose own DDP TorchRec built."""
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        buffer = bucket.buffer()
-        element = buffer.element_size()
-        shares: dict[Channel, int] = defaultdict(int)
-        for param in bucket.parameters():
-            table = self._data_parallel_params.get(id(param))
-            channel = Channel("data_parallel", table, "grad_allreduce") if table else Channel("dense", "ddp", "grad_allreduce")
-            shares[channel] += param.numel() * element
-        accounted = sum(shares.values())
-        if buffer.numel() * element > accounted:
-            shares[Channel("dense", "ddp", "grad_allreduce")] += buffer.numel() * element - accounted
-        with self.scope(list(shares.items())):
+        with self.scope([(channel or Channel("dense", "ddp", "grad_allreduce"), 1)]):
             return allreduce_hook(state, bucket)
 
     # -------------------------------------------------------------- steps
+    def count_batch(self, batch: Any) -> None:
+        """Adds a training batch's KeyedJaggedTensors to ``batch_stats`` (samples, ids, ids outside the row block)."""
+        from lightning_utilities.core.apply_func import apply_to_collection
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        add = lambda kjt: self.batch_stats.add(kjt, self._feature_to_table, self._rows, rank, world)  # noqa: E731
+        apply_to_collection(batch, KeyedJaggedTensor, add)
+        self.batch_stats.steps += 1
+
     def start_step(self) -> None:
         self._step = defaultdict(Traffic)
         self._backward_pending = None
@@ -306,16 +327,18 @@ class CommunicationCounter:
         self._step = None
 
     def report(self) -> "CommunicationReport":
-        return CommunicationReport(self.steps, dict(self.total), dict(self.last_step))
+        return CommunicationReport(self.steps, dict(self.total), dict(self.last_step), self.batch_stats)
 
 
 @dataclass
 class CommunicationReport:
-    """This rank's traffic: ``total`` over ``steps`` counted training steps, and the ``last_step``'s."""
+    """This rank's traffic: ``total`` over ``steps`` counted training steps, the ``last_step``'s, and the
+    ``batch_stats`` of its training batches (for :func:`~lightning_sparse.distributed.comm_hint.sharding_hint`)."""
 
     steps: int
     total: dict[Channel, Traffic]
     last_step: dict[Channel, Traffic]
+    batch_stats: BatchStats = field(default_factory=BatchStats)
 
     def per_step(self) -> dict[str, tuple[float, float]]:
         """Channel key -> (mean bytes sent, mean bytes received) per step."""
@@ -359,8 +382,7 @@ def communication_counter(dmp: nn.Module, tables: Any, dynamic: Any = None, spar
     data-parallel row union, and registers the counting all-reduce hook on the DDP of the dense layers."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from lightning_sparse.config import TableRoute
-    from lightning_sparse.distributed.routes import embedding_parameters
+    from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer
 
     existing = getattr(dmp, "_lightning_sparse_comm", None)
     if existing is not None:
@@ -368,24 +390,19 @@ def communication_counter(dmp: nn.Module, tables: Any, dynamic: Any = None, spar
         return existing
     counter = CommunicationCounter()
     counter.install()
-    parameters = embedding_parameters(dmp)
-    data_parallel = {
-        id(param): table.name
-        for table in tables.tables.values()
-        if table.route is TableRoute.DATA_PARALLEL
-        for path, param in parameters.items()
-        if path == table.param_path or path.endswith("." + table.param_path)
-    }
-    counter.attach(dmp, dict(tables.features), data_parallel)
+    static_rows = {name: table.rows for name, table in tables.tables.items() if table.dynamic is None}
+    counter.attach(dmp, dict(tables.features), static_rows)
     if dynamic is not None:
         counter.label(dynamic, lambda frame: Channel("dynamic", str(frame.f_locals.get("table", "")), "ids"))
     for _, optimizer in getattr(sparse_optimizer, "optimizers", []):
-        if hasattr(optimizer, "tables"):  # lightning_sparse's kernels: the row union of data_parallel tables
+        if isinstance(optimizer, NativeKernelOptimizer):  # our kernels: the row union of data_parallel tables
             counter.label(optimizer, lambda frame: _row_union_channel(frame))
+    # a lambda: DDP checks a hook's annotations, which are strings under ``from __future__ import annotations``
     for module in dmp.modules():
         if isinstance(module, DistributedDataParallel):
-            # a lambda: DDP checks the annotations, which are strings under ``from __future__ import annotations``
             module.register_comm_hook(None, lambda state, bucket: counter.ddp_hook(state, bucket))
+    for channel, ddp in counter.data_parallel_lookups():  # TorchRec wraps each group of them in a DDP of its own
+        ddp.register_comm_hook(None, lambda state, bucket, channel=channel: counter.ddp_hook(state, bucket, channel))
     object.__setattr__(dmp, "_lightning_sparse_comm", counter)
     return counter
 

@@ -3,6 +3,7 @@ the tests replay the same batches on an unsharded reference. Dense lr is 0, so e
 only on the tables. Every hyper-parameter is set to a non-default value, and the sparse lr changes mid-run."""
 
 import argparse
+import dataclasses
 import json
 
 import lightning.pytorch as pl
@@ -154,7 +155,8 @@ def main() -> None:
     comm = [None] * trainer.world_size
     if args.count_communication:
         report = strategy.communication_report()
-        torch.distributed.all_gather_object(comm, {"steps": report.steps, "per_step": report.per_step()})
+        stats = dataclasses.asdict(report.batch_stats)
+        torch.distributed.all_gather_object(comm, {"steps": report.steps, "per_step": report.per_step(), "batch_stats": stats})
     if trainer.is_global_zero:
         result = {"world_size": trainer.world_size, "global_step": trainer.global_step, "routes": routes, "plan": plan}
         with open(args.result, "w") as f:
