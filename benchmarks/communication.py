@@ -30,6 +30,7 @@ Run: ``python benchmarks/communication.py`` (add ``--quick`` for a short check).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -115,6 +116,7 @@ def fit(sharding: str, rows: int, dim: int, batch: int, pooling: int, steps: int
     spec = next(p["t"] for p in strategy.distributed_model.plan.plan.values() if "t" in p).sharding_spec
     shards = [(s.placement.rank(), s.shard_sizes[1]) for s in spec.shards] if spec is not None else []
     out = {"shards": shards, "step_seconds": model.step_seconds}
+    release = [model, trainer]
     if count:
         per_rank: list = [None] * W
         dist.all_gather_object(per_rank, strategy.communication_report().by_kind())
@@ -124,6 +126,8 @@ def fit(sharding: str, rows: int, dim: int, batch: int, pooling: int, steps: int
         dist.all_gather_object(stats, strategy.communication_report().batch_stats)
         splits = 0 if sharding == "data_parallel" else 48  # what the hint leaves out: split counts, dense layers
         out["hint"] = sharding_hint(stats, {"t": (rows, dim)})["t"][sharding] + splits + 8 * (dim + 1)
+    del release, model, trainer, strategy
+    gc.collect()  # this run's model (reference cycles through the trainer) before the next one builds its table
     return out
 
 

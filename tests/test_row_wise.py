@@ -107,10 +107,16 @@ def test_checkpoints_reshard_between_row_wise_and_other_types(tmp_path):
 
 @pytest.mark.multiprocess
 def test_row_wise_dynamic_table_keeps_one_hash_partition_per_row_block(tmp_path):
-    common = ["--devices", 2, "--table-sharding", "t_cat_3=row_wise", "--dynamic-capacity", 128]
-    result = run_worker("train.py", *common, "--ckpt-out", tmp_path / "c.ckpt", result=tmp_path / "r.json")
+    common = ["--devices", 2, "--table-sharding", "t_cat_3=row_wise", "--table-sharding", "t_cat_2=data_parallel", "--dynamic-capacity", 128]
+    result = run_worker("train.py", *common, "--count-communication", "--ckpt-out", tmp_path / "c.ckpt", result=tmp_path / "r.json")
     assert result["plan"]["t_cat_3"][0] == "row_wise"
     held = [sorted({k.split(".")[2] for k in keys if k.startswith("partitions.t_cat_3.")}) for keys in result["hash_state_keys_per_rank"]]
     assert held == [["0_of_2"], ["1_of_2"]]  # each rank keeps the partition of its own row block
     counters = result["dynamic_metrics"]["t_cat_3"]
     assert counters["capacity"] == 128 and counters["admitted"] > 0
+    # the communication report names the id routing, the data_parallel table's collectives and the dense layers
+    for per_step in result["comm_per_step"]:
+        sent = {channel: bytes_sent for channel, (bytes_sent, _) in per_step.items()}
+        assert sent["dynamic/t_cat_3/ids"] > 0 and sent["data_parallel/t_cat_2/row_union"] == 50 * 4  # int32 mask, 2 ranks
+        assert sent["data_parallel/t_cat_2/grad_allreduce"] == 50 * 8 * 4  # the dense gradient, 2 (W - 1) / W of it
+        assert sent["dense/ddp/grad_allreduce"] > 0 and sent["row_wise/t_cat_3/output_dist_backward"] > 0

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # What ``auto`` lets TorchRec's planner choose from. On CPU not the row-wise types: the planner's cost model is
 # made for GPUs and picks row_wise for tables of 50 rows there, which would also pin a dynamic table's
-# checkpoint to its number of ranks; ask for row_wise per table (``distributed/comm.py``'s ``sharding_hint``
+# checkpoint to its number of ranks; ask for row_wise per table (``distributed/comm_hint.py``'s ``sharding_hint``
 # says which tables send fewer bytes that way).
 AUTO_SHARDING_TYPES: dict[str, list[ShardingType]] = {
     "cpu": [t for t in FUSED_SHARDING_TYPES["cpu"] if t not in ROW_WISE_TYPES],

@@ -21,9 +21,9 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_sparse.callbacks import CommunicationMonitor
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
-from lightning_sparse.callbacks import CommunicationMonitor
 from lightning_sparse.distributed.collectives import collective_device
 from lightning_sparse.distributed.comm import CommunicationCounter, CommunicationReport, communication_counter
 from lightning_sparse.distributed.planning import shard_tables, table_owners
