@@ -1,5 +1,6 @@
-"""The communication report: payload rules per collective, and on 2 gloo processes the bytes a row_wise step
-sends, by channel, equal to the closed-form count of the batches, with training unchanged by the counting."""
+"""The communication report: payload rules per collective, report and fit-summary formats, the planner hint's
+closed forms, and (called from tests/test_row_wise.py, which runs the 2-process job) the bytes a row_wise step
+sends, by channel, equal to the closed-form count of its batches."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import WORKERS, run_worker
+from conftest import WORKERS
 from lightning_sparse.callbacks import _comm_rows
 from lightning_sparse.distributed.comm import Channel, CommunicationReport, Traffic, payload
 from lightning_sparse.distributed.comm_hint import BatchStats, cheapest, sharding_hint
@@ -86,15 +87,10 @@ def _row_wise_input_bytes(rank: int, position: int) -> tuple[int, int]:
     return fixed + 8 * ids_to_other[rank], fixed + 8 * ids_to_other[1 - rank]
 
 
-@pytest.mark.multiprocess
-def test_row_wise_step_bytes_match_the_closed_form_and_training_is_unchanged(tmp_path):
-    from test_row_wise import reference
-
-    args = ["--route", "fused", "--sharding", "row_wise", "--count-communication", "--max-epochs", 1]
-    result = run_worker("sparse_kinds.py", *args, "--ckpt-dir", tmp_path, result=tmp_path / "r.json")
-    steps = sparse_kinds.BATCHES_PER_EPOCH // 2
-    _, expected_predictions = reference(2, steps)
-    torch.testing.assert_close(torch.tensor(result["predictions"]), torch.tensor(expected_predictions), atol=1e-6, rtol=0)
+def assert_row_wise_step_bytes(result: dict, steps: int) -> None:
+    """The bytes a row_wise step of the ``sparse_kinds.py`` worker (``--count-communication``) sent, by channel,
+    against the closed form of its batches; ``tests/test_row_wise.py`` runs the worker (and checks that
+    training with the counter on matches the unsharded reference)."""
     group = "row_wise/" + "+".join(sorted(name for name, _, _ in sparse_kinds.tables("fused")))
     dims = sum(dim for _, _, dim in sparse_kinds.tables("fused"))
     pooled = sparse_kinds.BATCH * dims * 4  # one float32 partial sum per (sample, feature) of the other rank
@@ -106,8 +102,9 @@ def test_row_wise_step_bytes_match_the_closed_form_and_training_is_unchanged(tmp
         assert per_step[f"{group}/output_dist"] == [pooled, pooled]  # reduce_scatter of the partial sums
         assert per_step[f"{group}/output_dist_backward"] == [pooled, pooled]  # all_gather of their gradients
         assert per_step["dense/ddp/grad_allreduce"] == [dense, dense]
-        sent = [_row_wise_input_bytes(rank, 2 * s)[0] for s in range(steps)]
-        received = [_row_wise_input_bytes(rank, 2 * s)[1] for s in range(steps)]
+        positions = [(2 * s) % sparse_kinds.BATCHES_PER_EPOCH for s in range(steps)]
+        sent = [_row_wise_input_bytes(rank, p)[0] for p in positions]
+        received = [_row_wise_input_bytes(rank, p)[1] for p in positions]
         assert per_step[f"{group}/input_dist"] == [sum(sent) / steps, sum(received) / steps]
     first = _row_wise_input_bytes(0, 0)[0] + _row_wise_input_bytes(1, 0)[0]
     # logged on the first step (then every log_every_n_steps), summed over both ranks

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import WORKERS, assert_trees_equal, read_checkpoint, run_worker
+from test_comm import assert_row_wise_step_bytes
 from lightning_sparse.optim import init_state_for, sparse_update_for
 
 sys.path.insert(0, str(WORKERS))
@@ -49,7 +50,8 @@ def reference(world_size: int, steps: int) -> tuple[dict[str, torch.Tensor], lis
 def test_sharding_types_share_one_gradient_rule_and_match_the_reference(tmp_path, sharding):
     """Forward outputs at every step and every row after training, on 2 gloo processes, for every kind fbgemm
     fuses on CPU; row_wise was refused on CPU before (TorchRec's sharder listed it for CUDA only)."""
-    result = run_worker("sparse_kinds.py", "--route", ROUTE, "--sharding", sharding, "--ckpt-dir", tmp_path, result=tmp_path / "r.json")
+    counting = ["--count-communication"] if sharding == "row_wise" else []  # the byte counter must not change training
+    result = run_worker("sparse_kinds.py", "--route", ROUTE, "--sharding", sharding, *counting, "--ckpt-dir", tmp_path, result=tmp_path / "r.json")
     assert set(result["plan"].values()) == {sharding}, result["plan"]
     steps = 2 * sparse_kinds.BATCHES_PER_EPOCH // 2
     expected_tables, expected_predictions = reference(2, steps)
@@ -59,6 +61,8 @@ def test_sharding_types_share_one_gradient_rule_and_match_the_reference(tmp_path
     for name, _, _ in sparse_kinds.tables(ROUTE):
         weight = tensors[f"model.ebc.embedding_bags.{name}.weight"]
         torch.testing.assert_close(weight, expected_tables[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{sharding}/{name}: {m}")
+    if counting:
+        assert_row_wise_step_bytes(result, steps)
 
 
 def test_gradient_division_turned_off_is_refused():
