@@ -1,7 +1,7 @@
 """Row-wise sharding (DES: partial pooled sums aggregated) on CPU processes (gloo), against one unsharded
 reference of the gradient rule every sharding type shares (the mean over ranks, see distributed/row_wise.py);
 resharding of checkpoints between row_wise and the other types; dynamic tables with a hash partition per row
-block; the clear error for kinds that only lightning_sparse's kernels run."""
+block; every kind in lightning_sparse's kernels on row_wise tables, and the error on column shards."""
 
 from __future__ import annotations
 
@@ -47,11 +47,14 @@ def reference(world_size: int, steps: int) -> tuple[dict[str, torch.Tensor], lis
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise", "column_wise"])
-def test_sharding_types_share_one_gradient_rule_and_match_the_reference(tmp_path, sharding):
+def test_sharding_types_share_one_gradient_rule_and_match_the_reference(tmp_path, sharding, monkeypatch):
     """Forward outputs at every step and every row after training, on 2 gloo processes, for every kind fbgemm
-    fuses on CPU; row_wise was refused on CPU before (TorchRec's sharder listed it for CUDA only)."""
+    fuses on CPU, ids read from every row block; row_wise was refused on CPU before (TorchRec's sharder listed
+    it for CUDA only)."""
+    monkeypatch.setattr(sparse_kinds, "IDS_OVER_ALL_ROWS", True)
     counting = ["--count-communication"] if sharding == "row_wise" else []  # the byte counter must not change training
-    result = run_worker("sparse_kinds.py", "--route", ROUTE, "--sharding", sharding, *counting, "--ckpt-dir", tmp_path, result=tmp_path / "r.json")
+    result = run_worker("sparse_kinds.py", "--route", ROUTE, "--sharding", sharding, "--ids-over-all-rows", *counting,
+                        "--ckpt-dir", tmp_path, result=tmp_path / "r.json")  # fmt: skip
     assert set(result["plan"].values()) == {sharding}, result["plan"]
     steps = 2 * sparse_kinds.BATCHES_PER_EPOCH // 2
     expected_tables, expected_predictions = reference(2, steps)
@@ -79,14 +82,41 @@ def test_gradient_division_turned_off_is_refused():
     assert {"row_wise", "table_row_wise"} <= set(sharders()[0].sharding_types("cpu"))
 
 
-def test_row_wise_with_a_kind_fbgemm_does_not_fuse_says_why(single_process_env):
-    """decayed_adagrad, rowwise_adam and adam run in lightning_sparse's kernels, which need whole tables."""
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise"])
+def test_every_kind_in_lightning_sparse_kernels_on_row_wise_matches_the_reference_and_resumes(tmp_path, monkeypatch, sharding):
+    """The kinds fbgemm does not fuse on CPU (and every kind with weight decay) run in lightning_sparse's
+    kernels on each rank's block of rows; their state is sharded by row blocks like the weights. row_wise:
+    trained from scratch against the reference, then resumed at epoch 1 bit for bit; table_row_wise: resumed
+    from a table_wise checkpoint (the state resharded into row blocks), against the reference."""
+    from test_sparse_kinds_strategy import reference_tables, trained_tables
+
+    monkeypatch.setattr(sparse_kinds, "IDS_OVER_ALL_ROWS", True)
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ["--route", "native", "--ids-over-all-rows"]
+    first_sharding = sharding if sharding == "row_wise" else "table_wise"
+    run_worker("sparse_kinds.py", *args, "--sharding", first_sharding, "--ckpt-dir", first, result=tmp_path / "a.json")
+    result = run_worker("sparse_kinds.py", *args, "--sharding", sharding, "--ckpt-dir", second,
+                        "--ckpt-in", first / "epoch=0.ckpt", result=tmp_path / "b.json")  # fmt: skip
+    assert set(result["plan"].values()) == {sharding} and set(result["routes"].values()) == {"native"}
+    expected = reference_tables("native", 2, 2 * sparse_kinds.BATCHES_PER_EPOCH // 2)
+    for name, weight in trained_tables("native", second / "epoch=1.ckpt").items():
+        torch.testing.assert_close(weight, expected[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    if sharding == "row_wise":
+        tensors_a, _ = read_checkpoint(first / "epoch=1.ckpt")
+        tensors_b, _ = read_checkpoint(second / "epoch=1.ckpt")
+        assert any(k.startswith("sparse_optimizer.state.native_kernels.") and "t_adam" in k for k in tensors_a)
+        assert_trees_equal(tensors_a, tensors_b, "row_wise native-kernel weights and optimizer state")
+
+
+def test_column_wise_with_a_kind_fbgemm_does_not_fuse_says_why(single_process_env):
+    """lightning_sparse's kernels need whole rows on a rank: table_wise or row_wise, not column shards."""
     from test_strategy_errors import _data, _model, _trainer
 
     from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
 
-    strategy = SparseStrategy(tables={"t_cat_0": TableConfig(sharding="row_wise", optimizer=SparseOptimizerConfig(kind="adam"))})
-    with pytest.raises(ValueError, match="'t_cat_0': fbgemm has no fused 'adam' kernel on cpu.*need sharding 'table_wise'.*not 'row_wise'"):
+    strategy = SparseStrategy(tables={"t_cat_0": TableConfig(sharding="column_wise", optimizer=SparseOptimizerConfig(kind="adam"))})
+    with pytest.raises(ValueError, match="'t_cat_0': fbgemm has no fused 'adam' kernel on cpu.*need whole rows.*not 'column_wise'"):
         _trainer(strategy).fit(_model(), _data())
 
 

@@ -6,7 +6,7 @@ user's initial weights copied into the shards. Kept apart from the Lightning str
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
 from lightning_sparse.distributed.row_wise import ROW_WISE_TYPES, row_wise_sharders
-from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, _state_key, resolve_tables
+from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, RowBlock, _state_key, resolve_tables, row_blocks
 from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
 
 log = logging.getLogger(__name__)
@@ -171,14 +171,21 @@ def copy_initial_weights(model: nn.Module, tables: EmbeddingTables) -> None:
     tables.weights.clear()
 
 
-def table_owners(dmp: DistributedModelParallel, tables: list[str]) -> dict[str, int]:
-    """The rank holding each of ``tables`` (table-wise sharded) under the DMP's plan."""
-    owners = {}
+def table_owners(dmp: DistributedModelParallel, tables: list[str]) -> dict[str, Union[int, list[RowBlock]]]:
+    """Where each of ``tables`` lives under the DMP's plan: the rank holding it (table-wise), or its row blocks
+    (row-wise: one block of rows per rank, see ``distributed/row_wise.py``)."""
+    owners: dict[str, Union[int, list[RowBlock]]] = {}
     for module_plan in dmp.plan.plan.values():
         for table in tables:
-            if table in module_plan:
-                ranks = module_plan[table].ranks
-                if module_plan[table].sharding_type != ShardingType.TABLE_WISE.value or not ranks or len(ranks) != 1:
-                    raise ValueError(f"table {table!r} must be sharded table_wise to use lightning_sparse kernels")
+            if table not in module_plan:
+                continue
+            sharding, ranks = module_plan[table].sharding_type, module_plan[table].ranks
+            if sharding in {t.value for t in ROW_WISE_TYPES}:
+                spec = module_plan[table].sharding_spec
+                rows = sum(shard.shard_sizes[0] for shard in spec.shards)
+                owners[table] = row_blocks(dmp.plan, table, rows)
+            elif sharding != ShardingType.TABLE_WISE.value or not ranks or len(ranks) != 1:
+                raise ValueError(f"table {table!r} must be sharded table_wise or row_wise to use lightning_sparse kernels")
+            else:
                 owners[table] = ranks[0]
     return owners

@@ -7,7 +7,9 @@ the ranks of one host). Each step TorchRec's row-wise sharding sends every id to
 samples' ranks (``reduce_scatter``; an uneven split goes through ``all_to_all`` and a local sum). What travels
 is one pooled vector per sample and feature, not the rows: DES's partial-result aggregation. In backward the
 gradient of each pooled vector is gathered to every rank holding a part of it (``all_gather``), turned into
-row gradients by fbgemm's fused backward and applied by the fused optimizer on the row's owner.
+row gradients by fbgemm's fused backward and applied by the fused optimizer on the row's owner (or, for kinds
+fbgemm does not fuse, by lightning_sparse's kernels on the owner's block, with state sharded by row blocks:
+``optim/native_kernel_optimizer.py``).
 
 All of that is TorchRec's (``sharding/rw_sharding.py``, ``twrw_sharding.py``, ``comm_ops.py``) and runs on CPU
 process groups too: gloo has ``reduce_scatter_tensor``, ``all_gather_into_tensor`` and ``all_to_all_single`` with

@@ -17,6 +17,9 @@ from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
 BATCH = 8
 BATCHES_PER_EPOCH = 4
 LR, LR_LATER, LR_CHANGE_STEP = 0.05, 0.02, 2
+# Ids are drawn from the first third of each table's rows (many repeats), or from all of them (so that every
+# block of a row-wise table is read): set by --ids-over-all-rows, and by tests before they replay the stream.
+IDS_OVER_ALL_ROWS = False
 # route -> the kinds it trains, one table each
 ROUTES = {
     "fused": ["sgd", "adagrad", "rowwise_adagrad"],
@@ -87,7 +90,8 @@ def batch_at(route: str, index: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
     values = []
     for t, (_, rows, _) in enumerate(specs):
         n = int(lengths[t * BATCH : (t + 1) * BATCH].sum())
-        values.append(torch.randint(0, rows // 3, (n,), generator=g))  # a third of the rows: many repeats
+        high = rows if IDS_OVER_ALL_ROWS else rows // 3  # a third of the rows: many repeats
+        values.append(torch.randint(0, high, (n,), generator=g))
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f_{n}" for n, _, _ in specs], values=torch.cat(values), lengths=lengths)
     return kjt, torch.randn(BATCH, generator=g)
 
@@ -131,8 +135,11 @@ def main() -> None:
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--sharding", default="table_wise", help="sharding of every table off the data_parallel route")
     parser.add_argument("--count-communication", action="store_true")
+    parser.add_argument("--ids-over-all-rows", action="store_true")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
+    global IDS_OVER_ALL_ROWS
+    IDS_OVER_ALL_ROWS = args.ids_over_all_rows
     strategy = SparseStrategy(
         sharding="table_wise", tables=table_configs(args.route, args.sharding), count_communication=args.count_communication
     )
