@@ -233,6 +233,52 @@ class PrequentialEvaluation(pl.Callback):
         self.state.load_state_dict(state_dict, _rank_world())
 
 
+class CommunicationMonitor(pl.Callback):
+    """Counts each training step's collectives with a :class:`~lightning_sparse.distributed.comm.CommunicationCounter`
+    and logs ``comm/<sharding type>/<tables>/{sent,received}_bytes``, ``comm/dense/ddp/...`` and
+    ``comm/total/...``: bytes of the step, summed over ranks (one ``all_gather_object`` after the step, not
+    counted), on the first step and every ``every_n_steps`` (default: the trainer's ``log_every_n_steps``);
+    every step is counted in the report. ``SparseStrategy(count_communication=True)`` adds it; it must run
+    before other callbacks' ``on_train_batch_end``, so the strategy puts it first."""
+
+    def __init__(self, counter: Any, every_n_steps: Optional[int] = None) -> None:
+        self.counter = counter
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.counter.count_batch(batch)
+        self.counter.start_step()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.counter.end_step()
+        if not _due(trainer, self.every_n_steps or trainer.log_every_n_steps):
+            return
+        metrics = self.counter.report().as_metrics()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, metrics)
+            metrics = {}
+            for part in gathered:
+                for name, value in part.items():
+                    metrics[name] = metrics.get(name, 0.0) + value
+        for name, value in sorted(metrics.items()):
+            pl_module.log(name, float(value), on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+def _comm_rows(metrics: dict[str, Any]) -> list[str]:
+    """One row per ``comm/<kind>/<tables>/sent_bytes``: bytes of the last step, all ranks, total first."""
+    rows = []
+    keys = sorted(k for k in metrics if k.startswith("comm/") and k.endswith("/sent_bytes"))
+    keys = [k for k in keys if k.startswith("comm/total/")] + [k for k in keys if not k.startswith("comm/total/")]
+    for key in keys:
+        name = key[len("comm/") : -len("/sent_bytes")].replace("/", " ")
+        received = metrics.get(key[: -len("sent_bytes")] + "received_bytes", 0.0)
+        label = f"comm {name}"
+        label = f"{label:<26}" if len(label) < 26 else label + " "
+        rows.append(f"{label}sent {float(metrics[key]) / 1024:,.1f} KiB, received {float(received) / 1024:,.1f} KiB")
+    return rows
+
+
 def _skipped_line_rows(metrics: dict[str, Any]) -> list[str]:
     """One row per stage that logged ``data/<stage>/skipped_lines`` (the data module's last pass), with the
     non-zero reasons: ``skipped lines (train)     3 (field_count 1, integer 2)``."""
@@ -250,8 +296,10 @@ def _skipped_line_rows(metrics: dict[str, Any]) -> list[str]:
 
 class FitSummary(pl.Callback):
     """Prints, on global rank 0 after fit, the numbers a reader checks first: the last validation AUC/NE,
-    the prequential AUC/NE (:class:`PrequentialEvaluation`), mean training samples/s, embedding memory and the lines the data module skipped as malformed in its
-    last train and validation pass (from whatever of them was logged)."""
+    the prequential AUC/NE (:class:`PrequentialEvaluation`), mean training samples/s, embedding memory and the
+    lines the data module skipped as malformed in its last train and validation pass, and the bytes the last
+    training step's collectives sent and received, by channel, summed over ranks, when ``CommunicationMonitor``
+    logged them (from whatever of them was logged)."""
 
     ROWS = [
         ("val/auc", "validation AUC", "{:.4f}", 1.0),
@@ -276,6 +324,7 @@ class FitSummary(pl.Callback):
             if key in metrics
         ]
         lines += _skipped_line_rows(metrics)
+        lines += _comm_rows(metrics)
         if lines:
             print(f"\nfit summary ({trainer.world_size} processes, step {trainer.global_step})")
             print("\n".join(lines))

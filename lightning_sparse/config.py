@@ -18,7 +18,8 @@ class ShardingType(NamedEnum):
 
     ``auto`` lets TorchRec's planner choose among the fused sharding types (it never silently picks
     ``data_parallel``, whose tables are trained by unfused dense kernels: ask for it explicitly).
-    ``row_wise`` and ``table_row_wise`` need a GPU.
+    ``row_wise`` and ``table_row_wise`` run on every backend (``distributed/row_wise.py``); on CPU ``auto``
+    never picks them (ask for them per table).
     """
 
     AUTO = "auto"

@@ -111,7 +111,8 @@ def wandb_history_and_summary(run_dir: Path) -> tuple[dict[str, list], dict[str,
 def test_fit_two_processes_then_validate_one_process_from_checkpoint(tmp_path):
     config = str(EXAMPLES / "dlrm.yaml")
     small = ["--data.init_args.num_train_batches", "40", "--data.init_args.batch_size", "256",
-             "--data.init_args.num_val_batches", "4", "--trainer.val_check_interval", "10"]
+             "--data.init_args.num_val_batches", "4", "--trainer.val_check_interval", "10",
+             "--trainer.strategy.init_args.count_communication", "true"]
     out = run_cli("fit", "--config", config, *small, cwd=tmp_path)
 
     run = tmp_path / "outputs" / "dlrm" / "csv" / "version_0"
@@ -128,6 +129,10 @@ def test_fit_two_processes_then_validate_one_process_from_checkpoint(tmp_path):
     png = run / "training_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "fit summary (2 processes" in out and "validation AUC" in out
+    # count_communication: bytes per step by channel, logged (summed over ranks) and in the fit summary
+    assert metrics["comm/total/sent_bytes"][-1] == metrics["comm/total/received_bytes"][-1] > 0
+    assert metrics["comm/column_wise/t_cat_0/sent_bytes"][-1] > 0 and metrics["comm/dense/ddp/sent_bytes"][-1] > 0
+    assert "comm total                sent " in out and "comm column_wise t_cat_0  sent " in out
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["trainer"]["strategy"]["init_args"]["tables"]["t_cat_0"]["sharding"] == "column_wise"
 
@@ -285,7 +290,7 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
     }
     assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
                          "process_group_backend", "timeout", "start_method", "bad_ids", "non_finite",
-                         "on_signal", "signal_checkpoint_path"}  # no accelerator/devices internals
+                         "on_signal", "signal_checkpoint_path", "count_communication"}  # no accelerator/devices internals
     assert args["bad_ids"] == "error" and args["non_finite"] == "error"
     # Linked from the data module, so not settable on the model.
     assert "num_embeddings_per_feature" not in cfg["model"]["init_args"]

@@ -6,15 +6,13 @@ rank's shards filled with the tables' initial values (``distributed/materialise.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 import torchrec.optim as trec_optim
 from torch import nn
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
@@ -22,10 +20,21 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
 from lightning_sparse.distributed.materialise import materialise_shards
-from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, resolve_tables
+from lightning_sparse.distributed.row_wise import ROW_WISE_TYPES, row_wise_sharders
+from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, RowBlock, resolve_tables, row_blocks
 from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
 
 log = logging.getLogger(__name__)
+
+
+# What ``auto`` lets TorchRec's planner choose from. On CPU not the row-wise types: the planner's cost model is
+# made for GPUs and picks row_wise for tables of 50 rows there, which would also pin a dynamic table's
+# checkpoint to its number of ranks; ask for row_wise per table (``distributed/comm_hint.py``'s ``sharding_hint``
+# says which tables send fewer bytes that way).
+AUTO_SHARDING_TYPES: dict[str, list[ShardingType]] = {
+    "cpu": [t for t in FUSED_SHARDING_TYPES["cpu"] if t not in ROW_WISE_TYPES],
+    "cuda": FUSED_SHARDING_TYPES["cuda"],
+}
 
 
 def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, ParameterConstraints]:
@@ -38,7 +47,7 @@ def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, 
         if table.sharding is ShardingType.DATA_PARALLEL:
             types, kernels = [ShardingType.DATA_PARALLEL], [EmbeddingComputeKernel.DENSE.value]
         elif table.sharding is ShardingType.AUTO:
-            types, kernels = FUSED_SHARDING_TYPES[device_type], [EmbeddingComputeKernel.FUSED.value]
+            types, kernels = AUTO_SHARDING_TYPES[device_type], [EmbeddingComputeKernel.FUSED.value]
         else:
             types, kernels = [table.sharding], [EmbeddingComputeKernel.FUSED.value]
         constraints[name] = ParameterConstraints(sharding_types=[t.value for t in types], compute_kernels=kernels)
@@ -62,7 +71,8 @@ def attach_fused_optimizers(tables: EmbeddingTables, device_type: str) -> None:
 
 
 def sharders() -> list:
-    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    """TorchRec's sharders with row_wise / table_row_wise on every device type (see ``distributed/row_wise.py``)."""
+    return row_wise_sharders()
 
 
 def move_dense_modules(model: nn.Module, device: torch.device, embedding_fqns: set[str], prefix: str = "") -> None:
@@ -143,14 +153,21 @@ def shard_tables(
     return dmp, tables, plan
 
 
-def table_owners(dmp: DistributedModelParallel, tables: list[str]) -> dict[str, int]:
-    """The rank holding each of ``tables`` (table-wise sharded) under the DMP's plan."""
-    owners = {}
+def table_owners(dmp: DistributedModelParallel, tables: list[str]) -> dict[str, Union[int, list[RowBlock]]]:
+    """Where each of ``tables`` lives under the DMP's plan: the rank holding it (table-wise), or its row blocks
+    (row-wise: one block of rows per rank, see ``distributed/row_wise.py``)."""
+    owners: dict[str, Union[int, list[RowBlock]]] = {}
     for module_plan in dmp.plan.plan.values():
         for table in tables:
-            if table in module_plan:
-                ranks = module_plan[table].ranks
-                if module_plan[table].sharding_type != ShardingType.TABLE_WISE.value or not ranks or len(ranks) != 1:
-                    raise ValueError(f"table {table!r} must be sharded table_wise to use lightning_sparse kernels")
+            if table not in module_plan:
+                continue
+            sharding, ranks = module_plan[table].sharding_type, module_plan[table].ranks
+            if sharding in {t.value for t in ROW_WISE_TYPES}:
+                spec = module_plan[table].sharding_spec
+                rows = sum(shard.shard_sizes[0] for shard in spec.shards)
+                owners[table] = row_blocks(dmp.plan, table, rows)
+            elif sharding != ShardingType.TABLE_WISE.value or not ranks or len(ranks) != 1:
+                raise ValueError(f"table {table!r} must be sharded table_wise or row_wise to use lightning_sparse kernels")
+            else:
                 owners[table] = ranks[0]
     return owners

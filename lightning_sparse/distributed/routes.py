@@ -24,16 +24,24 @@ from lightning_sparse.config import ResolvedTable, ShardingType, SparseOptimizer
 from lightning_sparse.optim.fbgemm_kinds import fused_blocker
 from lightning_sparse.table_init import TableInit
 
-# Sharding types the native route runs under: each table whole on one rank, so its state is one local tensor.
-NATIVE_ROUTE_SHARDING = (ShardingType.AUTO, ShardingType.TABLE_WISE)
+# Sharding types the native route runs under: each table whole on one rank, or one block of whole rows per
+# rank (row-wise), so a rank's state is one local tensor of the rows it holds.
+NATIVE_ROUTE_SHARDING = (ShardingType.AUTO, ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
 
 
 EmbeddingModule = Union[EmbeddingBagCollection, EmbeddingCollection]
 
 
 # Sharding types TorchRec can run with fused fbgemm kernels, per device type. ``auto`` chooses among these.
+# row_wise / table_row_wise run on CPU through the sharders of ``distributed/row_wise.py``.
 FUSED_SHARDING_TYPES: dict[str, list[ShardingType]] = {
-    "cpu": [ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.TABLE_COLUMN_WISE],
+    "cpu": [
+        ShardingType.TABLE_WISE,
+        ShardingType.COLUMN_WISE,
+        ShardingType.ROW_WISE,
+        ShardingType.TABLE_ROW_WISE,
+        ShardingType.TABLE_COLUMN_WISE,
+    ],
     "cuda": [
         ShardingType.TABLE_WISE,
         ShardingType.COLUMN_WISE,
@@ -161,11 +169,13 @@ def _resolve_table(
     if route is TableRoute.NATIVE:
         if sharding not in NATIVE_ROUTE_SHARDING:
             raise ValueError(
-                f"Table {name!r}: {reason}, so it runs in lightning_sparse kernels, which need sharding 'table_wise' "
-                f"(or 'auto'), not {sharding.value!r}. Use table_wise for this table, or an optimizer fbgemm fuses "
-                f"exactly there (kind sgd, adagrad or rowwise_adagrad with weight_decay 0)."
+                f"Table {name!r}: {reason}, so it runs in lightning_sparse kernels, which need whole rows on a rank: "
+                f"sharding 'table_wise', 'row_wise' or 'table_row_wise' (or 'auto'), not {sharding.value!r}. Use one of "
+                f"those for this table, or an optimizer fbgemm fuses exactly there (kind sgd, adagrad or "
+                f"rowwise_adagrad with weight_decay 0)."
             )
-        sharding = ShardingType.TABLE_WISE
+        if sharding is ShardingType.AUTO:
+            sharding = ShardingType.TABLE_WISE
     return ResolvedTable(name=name, sharding=sharding, optimizer=optimizer, dynamic=override.dynamic, route=route, route_reason=reason)
 
 

@@ -11,15 +11,16 @@ and moment decay touch those rows only, as on the other routes.
 
 One :class:`NativeKernelOptimizer` is a TorchRec ``KeyedOptimizer``: one param group per table (its
 hyper-parameters, read at every step: ``lr`` and the rest can change mid-run and are checkpointed) and state
-per table. A native table's state is a ``ShardedTensor`` of one shard placed on the rank that holds the table,
-so torch.distributed.checkpoint saves and reshards it like fbgemm's; a data-parallel table's state is
-replicated (a plain tensor, written once).
+per table. A native table's state is a ``ShardedTensor`` of one shard placed on the rank that holds the table
+(table-wise), or of one shard per row block (row-wise: each rank updates the rows of its block, from the row
+gradients of its own lookup), so torch.distributed.checkpoint saves and reshards it like fbgemm's; a
+data-parallel table's state is replicated (a plain tensor, written once).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor, nn
@@ -97,10 +98,13 @@ class NativeKernelOptimizer(KeyedOptimizer):
                 template = local if local is not None else torch.empty((table.rows, table.dim), device="meta")
                 tensors = init_state_for(table.optimizer, template)
                 owner = owners[table.name]
-                state[param] = {
-                    f"{table.name}.{key}": _on_rank(value, owner, rank if local is not None else -1, device)
-                    for key, value in tensors.items()
-                }
+                if isinstance(owner, list):  # row-wise: each rank holds the state of its block of rows
+                    state[param] = {f"{table.name}.{key}": _row_sharded(key, value, owner, table.rows, device) for key, value in tensors.items()}
+                else:
+                    state[param] = {
+                        f"{table.name}.{key}": _on_rank(value, owner, rank if local is not None else -1, device)
+                        for key, value in tensors.items()
+                    }
             self._states[table.name] = tensors
             groups.append({"params": [param], **{k: getattr(table.optimizer, k) for k in HYPERPARAMETERS}})
         super().__init__(params, state, groups)
@@ -149,4 +153,33 @@ def _on_rank(tensor: Tensor, owner: int, rank: int, device: torch.device) -> Sha
         tensor_properties=TensorProperties(dtype=tensor.dtype, layout=torch.strided, requires_grad=False),
     )
     local = [Shard(tensor=tensor, metadata=metadata)] if owner == rank else []
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local, global_metadata)
+
+
+def _row_sharded(key: str, tensor: Tensor, blocks: list[Any], rows: int, device: torch.device) -> Union[Tensor, ShardedTensor]:
+    """This rank's state of a row-wise table as a ShardedTensor with one shard per row block (the weight's
+    layout, so checkpoints reshard like fbgemm's). A state without rows (the global ``step`` of Adam kinds,
+    one per table and the same on every rank, as every rank updates its block in every step) stays a plain
+    tensor: torch.distributed.checkpoint keeps it once and loads it on every rank."""
+    import torch.distributed as dist
+
+    if key == "step" and tensor.numel() == 1:
+        return tensor
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tail = list(tensor.shape[1:])
+    shards, local = [], []
+    for block in blocks:
+        metadata = ShardMetadata(
+            shard_offsets=[block.row_offset] + [0] * len(tail),
+            shard_sizes=[block.rows] + tail,
+            placement=f"rank:{block.rank}/{tensor.device if tensor.device.type != 'meta' else device}",
+        )
+        shards.append(metadata)
+        if block.rank == rank:
+            local.append(Shard(tensor=tensor, metadata=metadata))
+    global_metadata = ShardedTensorMetadata(
+        shards_metadata=shards,
+        size=torch.Size([rows] + tail),
+        tensor_properties=TensorProperties(dtype=tensor.dtype, layout=torch.strided, requires_grad=False),
+    )
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, global_metadata)

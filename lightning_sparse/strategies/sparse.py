@@ -21,9 +21,11 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_sparse.callbacks import CommunicationMonitor
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
 from lightning_sparse.distributed.collectives import collective_device
+from lightning_sparse.distributed.comm import CommunicationCounter, CommunicationReport, communication_counter
 from lightning_sparse.distributed.planning import shard_tables, table_owners
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables, dynamic_tables_of
@@ -69,6 +71,9 @@ class SparseStrategy(DDPStrategy):
         on_signal: what a SIGTERM/SIGINT to any rank does: every rank stops at the next step boundary
             (``stop``), after saving a checkpoint when fitting (``checkpoint_and_stop``); see ``signals.py``.
         signal_checkpoint_path: where ``checkpoint_and_stop`` saves; default ``<default_root_dir>/on_signal.ckpt``.
+        count_communication: count the bytes of every collective per training step, by table and sharding type
+            (``communication_report()``, ``comm/...`` metrics, fit summary); off by default: it adds Python work
+            to every collective (see ``benchmarks/RESULTS.md``).
     """
 
     strategy_name = "sparse"
@@ -87,6 +92,7 @@ class SparseStrategy(DDPStrategy):
         non_finite: NonFinitePolicy = NonFinitePolicy.ERROR,
         on_signal: OnSignal = OnSignal.STOP,
         signal_checkpoint_path: Optional[str] = None,
+        count_communication: bool = False,
     ) -> None:
         # Accelerator, devices, cluster environment, precision and checkpoint IO are filled in by the
         # Trainer (as for any registered strategy), which keeps this signature to what a YAML config sets.
@@ -109,6 +115,8 @@ class SparseStrategy(DDPStrategy):
         self.on_signal = OnSignal.parse(on_signal, "SparseStrategy.on_signal")
         self.signal_checkpoint_path = signal_checkpoint_path
         self._stop_request = StopRequest()
+        self.count_communication = count_communication
+        self._comm: Optional[CommunicationCounter] = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -130,6 +138,10 @@ class SparseStrategy(DDPStrategy):
         self.precision_plugin.convert_module(self.model)
         self._dmp = self._shard(self.lightning_module)
         self.model = self._dmp
+        if self.count_communication:  # bytes of every collective, per table and sharding (distributed/comm.py)
+            self._comm = communication_counter(self._dmp, self._tables, self._dynamic, self._sparse_optimizer)
+            if not any(isinstance(c, CommunicationMonitor) for c in trainer.callbacks):
+                trainer.callbacks.insert(0, CommunicationMonitor(self._comm))
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -229,6 +241,12 @@ class SparseStrategy(DDPStrategy):
     @property
     def embedding_tables(self) -> EmbeddingTables:
         return self._tables
+
+    def communication_report(self) -> CommunicationReport:
+        """This rank's bytes sent and received per training step, by collective channel (needs ``count_communication``)."""
+        if self._comm is None:
+            raise RuntimeError("SparseStrategy.communication_report() needs SparseStrategy(count_communication=True).")
+        return self._comm.report()
 
     def all_reduce_bytes(self, value: int) -> int:
         """Sum of an integer over all ranks (e.g. bytes of local shards), or the value without a process group."""
@@ -444,6 +462,8 @@ class SparseStrategy(DDPStrategy):
         """Unwraps ``self.model`` as Lightning expects; the module keeps its sharded tables (and the DMP
         reference) so a later ``trainer.test`` or another Trainer reuses them."""
         self.model = self.lightning_module
+        if self._comm is not None:
+            self._comm.uninstall()
         _optimizers_to_device(self.optimizers, torch.device("cpu"))
         self.precision_plugin.teardown()
         assert self.accelerator is not None

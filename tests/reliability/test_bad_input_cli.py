@@ -62,12 +62,10 @@ def test_drop_policy_counts_dropped_ids_over_both_processes(tmp_path):
 BEFORE_START_UP = {
     "unknown table": (["--trainer.strategy.init_args.tables", "{t_typo: {sharding: table_wise}}"],
                       "names unknown table(s) ['t_typo']; the model's tables are ['t_cat_0', 't_cat_1'"),
-    "row_wise on cpu": (["--trainer.strategy.init_args.tables", "{t_cat_1: {sharding: row_wise}}"],
-                        "Table 't_cat_1': sharding 'row_wise' is not available on cpu; allowed there: auto, table_wise"),
     "dynamic capacity": (["--trainer.strategy.init_args.tables", "{t_cat_2: {dynamic: {capacity: 5}}}"],
                          "Table 't_cat_2': dynamic.capacity=5 must equal the table's rows (num_embeddings=20000)"),
     "adam on column_wise": (["--trainer.strategy.init_args.tables", "{t_cat_0: {sharding: column_wise, optimizer: {kind: adam}}}"],
-                            "Table 't_cat_0': fbgemm has no fused 'adam' kernel on cpu, so it runs in lightning_sparse kernels, which need sharding 'table_wise'"),
+                            "Table 't_cat_0': fbgemm has no fused 'adam' kernel on cpu, so it runs in lightning_sparse kernels, which need whole rows on a rank"),
 }
 
 

@@ -3,6 +3,7 @@ the tests replay the same batches on an unsharded reference. Dense lr is 0, so e
 only on the tables. Every hyper-parameter is set to a non-default value, and the sparse lr changes mid-run."""
 
 import argparse
+import dataclasses
 import json
 
 import lightning.pytorch as pl
@@ -16,6 +17,9 @@ from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
 BATCH = 8
 BATCHES_PER_EPOCH = 4
 LR, LR_LATER, LR_CHANGE_STEP = 0.05, 0.02, 2
+# Ids are drawn from the first third of each table's rows (many repeats), or from all of them (so that every
+# block of a row-wise table is read): set by --ids-over-all-rows, and by tests before they replay the stream.
+IDS_OVER_ALL_ROWS = False
 # route -> the kinds it trains, one table each
 ROUTES = {
     "fused": ["sgd", "adagrad", "rowwise_adagrad"],
@@ -44,8 +48,8 @@ def optimizer_config(route: str, kind: str) -> SparseOptimizerConfig:
     )
 
 
-def table_configs(route: str) -> dict[str, TableConfig]:
-    sharding = "data_parallel" if route == "data_parallel" else "table_wise"
+def table_configs(route: str, sharding: str = "table_wise") -> dict[str, TableConfig]:
+    sharding = "data_parallel" if route == "data_parallel" else sharding
     return {name: TableConfig(sharding=sharding, optimizer=optimizer_config(route, name[2:])) for name, _, _ in tables(route)}
 
 
@@ -61,6 +65,7 @@ class TinyModule(pl.LightningModule):
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         self.features = [f"f_{n}" for n, _, _ in tables(route)]
         self.head = torch.nn.Linear(sum(dim for _, _, dim in tables(route)), 1)
+        self.predictions: list[list[float]] = []  # this rank's forward outputs, step by step
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         # by key: a sharded collection's KeyedTensor orders its features by shard, not as configured
@@ -69,7 +74,9 @@ class TinyModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         kjt, target = batch
-        return torch.nn.functional.mse_loss(self(kjt), target)
+        prediction = self(kjt)
+        self.predictions.append(prediction.detach().tolist())
+        return torch.nn.functional.mse_loss(prediction, target)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -83,7 +90,8 @@ def batch_at(route: str, index: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
     values = []
     for t, (_, rows, _) in enumerate(specs):
         n = int(lengths[t * BATCH : (t + 1) * BATCH].sum())
-        values.append(torch.randint(0, rows // 3, (n,), generator=g))  # a third of the rows: many repeats
+        high = rows if IDS_OVER_ALL_ROWS else rows // 3  # a third of the rows: many repeats
+        values.append(torch.randint(0, high, (n,), generator=g))
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f_{n}" for n, _, _ in specs], values=torch.cat(values), lengths=lengths)
     return kjt, torch.randn(BATCH, generator=g)
 
@@ -125,9 +133,16 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=2)
     parser.add_argument("--ckpt-dir", required=True)
     parser.add_argument("--ckpt-in", default=None)
+    parser.add_argument("--sharding", default="table_wise", help="sharding of every table off the data_parallel route")
+    parser.add_argument("--count-communication", action="store_true")
+    parser.add_argument("--ids-over-all-rows", action="store_true")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
-    strategy = SparseStrategy(sharding="table_wise", tables=table_configs(args.route))
+    global IDS_OVER_ALL_ROWS
+    IDS_OVER_ALL_ROWS = args.ids_over_all_rows
+    strategy = SparseStrategy(
+        sharding="table_wise", tables=table_configs(args.route, args.sharding), count_communication=args.count_communication
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -138,11 +153,22 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=[ChangeSparseLr(), ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)],
     )
-    trainer.fit(make_model(args.route), Data(args.route), ckpt_path=args.ckpt_in)
+    model = make_model(args.route)
+    trainer.fit(model, Data(args.route), ckpt_path=args.ckpt_in)
     routes = {t.name: t.route.value for t in trainer.strategy.embedding_tables.tables.values()}
+    plan = {t: s.sharding_type for module_plan in strategy.distributed_model.plan.plan.values() for t, s in module_plan.items()}
+    predictions = [None] * trainer.world_size
+    torch.distributed.all_gather_object(predictions, model.predictions)
+    comm = [None] * trainer.world_size
+    if args.count_communication:
+        report = strategy.communication_report()
+        stats = dataclasses.asdict(report.batch_stats)
+        torch.distributed.all_gather_object(comm, {"steps": report.steps, "per_step": report.per_step(), "batch_stats": stats})
     if trainer.is_global_zero:
+        result = {"world_size": trainer.world_size, "global_step": trainer.global_step, "routes": routes, "plan": plan}
         with open(args.result, "w") as f:
-            json.dump({"world_size": trainer.world_size, "global_step": trainer.global_step, "routes": routes}, f)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            json.dump({**result, "predictions": predictions, "comm": comm, "metrics": metrics}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # a clean exit (see train.py)
 

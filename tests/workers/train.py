@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--dynamic-capacity", type=int, default=0, help="make t_cat_3 a dynamic table of this many rows")
     parser.add_argument("--dynamic-placement", default="sharded", choices=["sharded", "replicated"])
     parser.add_argument("--dynamic-fallback-rows", type=int, default=0)
+    parser.add_argument("--count-communication", action="store_true")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
 
@@ -117,6 +118,7 @@ def main() -> None:
         sharding=args.sharding,
         optimizer=SparseOptimizerConfig(kind=args.optimizer, lr=args.sparse_lr),
         tables=tables,
+        count_communication=args.count_communication,
     )
     checkpointing = []
     if args.ckpt_dir and args.ckpt_every_n_steps:
@@ -162,6 +164,10 @@ def main() -> None:
         global_step=trainer.global_step,
         sparse_lr=strategy.sparse_param_groups()[0]["lr"],
     )
+    if args.count_communication and args.stage == "fit":
+        per_step = [None] * trainer.world_size
+        torch.distributed.all_gather_object(per_step, strategy.communication_report().per_step())
+        result["comm_per_step"] = per_step
     batches = [None] * trainer.world_size
     torch.distributed.all_gather_object(batches, counter.per_epoch)
     result["train_batches_per_rank"] = batches
