@@ -7,12 +7,15 @@ tables TorchRec sharded with a fused kernel, updated inside backward) and our ke
 per-table hyper-parameters (read, set, pushed into fbgemm's kernels), the step of our kernels, and its
 checkpoint state.
 
-State (``state_dict``/``load_state_dict``): ``optimizer``, the CombinedOptimizer's state dict (per-row state as
-ShardedTensors or replicated tensors, which torch.distributed.checkpoint saves and reshards), and
-``hyperparameters``, every table's hyper-parameters keyed by parameter path. Param groups differ per rank (each
-holds its own shards' kernels), so :meth:`state_dict` gathers the hyper-parameters from all ranks (a collective)
-and stores them by table, independent of the sharding; :meth:`load_state_dict` applies to each local group the
-values saved for its parameter. It round-trips exactly (``tests/test_stateful_components.py``).
+State (``state_dict``/``load_state_dict``, so it can be handed to ``torch.distributed.checkpoint`` as it is):
+``optimizer``, the CombinedOptimizer's state dict (per-row state as ShardedTensors or replicated tensors, which
+DCP saves and reshards), and ``hyperparameters``, every table's hyper-parameters as ``(parameter path,
+{name: value})`` pairs. Param groups differ per rank (each holds its own shards' kernels), so :meth:`state_dict`
+gathers the hyper-parameters from all ranks (a collective) and keys them by table, independent of the
+sharding; :meth:`load_state_dict` applies to each local group the values saved for its parameter. They are a
+tuple, one object to DCP, because DCP's loader re-reads a nested dict of plain values as one entry when a rank
+lacks some of the checkpoint's keys (as every rank lacks the fused state of the tables it does not hold). It
+round-trips exactly through DCP on 2 ranks mid-epoch (``tests/test_stateful_components.py``).
 
 Nothing here imports ``distributed/`` or ``strategies/``: the caller passes the sharded model's parameters, the
 table owners and a function gathering objects from all ranks.
@@ -20,7 +23,7 @@ table owners and a function gathering objects from all ranks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -140,13 +143,13 @@ class SparseOptimizer:
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict[str, Any]:
         """``optimizer`` (tensors, per rank) and ``hyperparameters`` (every table's, from all ranks: a collective)."""
-        return {"optimizer": self.combined.state_dict(), "hyperparameters": self.hyperparameters()}
+        return {"optimizer": self.combined.state_dict(), "hyperparameters": tuple(sorted(self.hyperparameters().items()))}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Loads the optimizer state (tensors copied in place), then the saved hyper-parameters, if any."""
         self.combined.load_state_dict(state_dict["optimizer"])
-        hyperparameters: Optional[Mapping[str, Any]] = state_dict.get("hyperparameters")
+        hyperparameters = state_dict.get("hyperparameters")  # pairs, or a dict (as the strategy's checkpoint keeps it)
         if hyperparameters:
-            self.apply_hyperparameters(hyperparameters)
+            self.apply_hyperparameters(dict(hyperparameters))
         else:
             self.push_learning_rates()

@@ -278,7 +278,7 @@ class SparseStrategy(DDPStrategy):
         sharded = self.sharded_model
         sparse = sharded.optimizer.state_dict()
         trainer_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-        trainer_state[_SPARSE_HYPERPARAMETERS_KEY] = sparse["hyperparameters"]
+        trainer_state[_SPARSE_HYPERPARAMETERS_KEY] = dict(sparse["hyperparameters"])
         sharded_checkpoint.save_sharded(
             filepath,
             model_state=checkpoint["state_dict"],
