@@ -83,3 +83,12 @@ def test_nothing_is_added_to_the_module_and_a_new_trainer_reuses_the_sharded_mod
     del model, other
     gc.collect()
     assert module() is None and record() is None
+
+
+def test_a_sharded_module_whose_sharded_model_was_released_is_refused_clearly(single_process_env):
+    model = _model()
+    _trainer(_strategy()).fit(model, _data())
+    model.trainer = None  # detaches the only Trainer holding the sharded model
+    gc.collect()
+    with pytest.raises(RuntimeError, match="DLRMModule's embedding tables are already sharded, but no SparseStrategy holds"):
+        _trainer(_strategy()).validate(model, _data())

@@ -85,9 +85,10 @@ def sharded_model_of(module: nn.Module) -> Optional[ShardedModel]:
     record = ref() if ref is not None else None
     if record is None and embedding_parameters(module):
         raise RuntimeError(
-            f"{type(module).__name__}'s embedding tables were sharded by a SparseStrategy whose Trainer is gone: the "
-            "module was detached from it (module.trainer set to None), which released the sharded model's state. "
-            "Keep the module attached to its Trainer, or build a new module (loading a checkpoint) for a new Trainer."
+            f"{type(module).__name__}'s embedding tables are already sharded, but no SparseStrategy holds their sharded "
+            "model any more: the module was detached from the Trainer that sharded it (module.trainer set to None), "
+            "or that Trainer's setup failed after sharding. TorchRec's sharded tables cannot be sharded again: keep "
+            "the module attached to its Trainer, or build a new module (and load a checkpoint) for the new Trainer."
         )
     return record
 
