@@ -24,10 +24,11 @@ Three things are added here, each because the plain loader would make a resumed 
    A map-style dataset split by a ``DistributedSampler`` has equal counts by construction.
 
 Communication: ``data/`` sits below ``distributed/`` and is used without a Trainer too (a loader in a script,
-a dataset in a worker process), so it reads the default process group through Lightning's own helpers: the
-all-reduce is ``lightning.fabric``'s ``_sync_ddp`` (what ``DDPStrategy.reduce`` runs), the rank and world size
-come from :func:`process_rank_world`; objects are gathered with ``torch.distributed.all_gather_object``.
-The data modules take their rank and world size from their Trainer.
+a dataset in a worker process), so it uses the default process group: :func:`process_rank_world` (Lightning's
+``_distributed_is_initialized``) for rank and world size, one ``torch.distributed.all_reduce`` per batch for the
+agreement (Lightning's ``DDPStrategy.reduce`` would add a barrier before it, a second collective per batch), and
+``torch.distributed.all_gather_object`` for the positions. The data modules take rank and world size from their
+Trainer.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.distributed import _distributed_is_initialized, _sync_ddp
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -82,7 +83,9 @@ def all_ranks(flag: bool) -> bool:
         return flag
     on_gpu = dist.get_backend() == "nccl"  # nccl refuses CPU tensors
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    return bool(_sync_ddp(torch.tensor([int(flag)], dtype=torch.int32, device=device), reduce_op="min").item())
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _gather(obj: Any) -> list[Any]:

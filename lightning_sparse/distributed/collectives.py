@@ -16,9 +16,10 @@ from typing import Any, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.distributed import _distributed_is_initialized, _sync_ddp
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
 
 _T = TypeVar("_T")
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 def collective_device_type(backend: str) -> str:
@@ -66,11 +67,12 @@ class Collectives:
     (Lightning's rank and world size); code using a component on its own (a test, a script) passes nothing and
     gets :meth:`of_process_group`: the default process group when one is initialised, else a world of one.
 
-    Tensors are reduced by Lightning's ``_sync_ddp`` (what ``DDPStrategy.reduce`` runs) and barriers are
-    torch's, as ``DDPStrategy.barrier``'s; the components do not hold the strategy itself because they outlive
-    its Trainer (a later Trainer reuses the sharded model, see ``distributed/sharded_model.py``). Lightning's
-    strategies gather tensors only, so objects are gathered with ``torch.distributed.all_gather_object``, which
-    picks its own device. Tensors for :meth:`all_reduce` are built on :func:`collective_device`.
+    The components do not hold the strategy itself because they outlive its Trainer (a later Trainer reuses the
+    sharded model, see ``distributed/sharded_model.py``). :meth:`all_reduce` is one ``torch.distributed.all_reduce``:
+    Lightning's ``DDPStrategy.reduce`` (``_sync_ddp``) runs a barrier before every reduction, a second collective
+    in every step of a data-parallel table. Lightning's strategies gather tensors only, so objects are gathered
+    with ``torch.distributed.all_gather_object``, which picks its own device. Tensors for :meth:`all_reduce` are
+    built on :func:`collective_device`.
     """
 
     rank: int = 0
@@ -92,7 +94,8 @@ class Collectives:
         """``tensor`` reduced over all ranks in place (``sum``, ``min`` or ``max``) and returned."""
         if self.world_size == 1 or not _distributed_is_initialized():
             return tensor
-        return _sync_ddp(tensor, reduce_op=op)
+        dist.all_reduce(tensor, op=_REDUCE_OPS[op])
+        return tensor
 
     def all_gather_object(self, obj: _T) -> list[_T]:
         """Every rank's ``obj``, in rank order (a list of one in a world of one)."""
