@@ -39,16 +39,10 @@ from lightning_sparse.data.criteo_format import (  # noqa: F401 - re-exported: t
     open_criteo_file,
     parse_line,
 )
-from lightning_sparse.data.loading import ResumableLoader, fit_progress
+from lightning_sparse.data.loading import ResumableLoader, fit_progress, process_rank_world
 
 _REASONS = list(MalformedReason)
 _COL_LINES, _COL_SAMPLES, _COL_REASON0 = 0, 1, 2
-
-
-def _dist_rank_world() -> tuple:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class CriteoIterableDataset(IterableDataset):
@@ -119,8 +113,8 @@ class CriteoIterableDataset(IterableDataset):
     def __getstate__(self) -> dict:
         # Pickled for spawned DataLoader workers, where torch.distributed is not initialised: pin rank now.
         state = dict(self.__dict__)
-        if state["rank"] is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            state["rank"], state["world_size"] = _dist_rank_world()
+        if state["rank"] is None and process_rank_world()[1] > 1:
+            state["rank"], state["world_size"] = process_rank_world()
         return state
 
     @property
@@ -134,7 +128,7 @@ class CriteoIterableDataset(IterableDataset):
         )
 
     def _shard(self) -> tuple:
-        rank, world = (self.rank, self.world_size) if self.rank is not None else _dist_rank_world()
+        rank, world = (self.rank, self.world_size) if self.rank is not None else process_rank_world()
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if worker_id >= self._counters.shape[0]:
@@ -317,7 +311,8 @@ class CriteoDataModule(LightningDataModule):
     def _loader(self, stage: str, paths) -> ResumableLoader:
         if paths is None:
             raise ValueError(f"CriteoDataModule has no {stage}_paths; set data.{stage}_paths to run '{stage}'")
-        rank, world = _dist_rank_world()  # called after the process group exists (Lightning's setup)
+        # the Trainer's rank and world size (without a Trainer: the default process group's)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else process_rank_world()
         dataset = CriteoIterableDataset(
             paths, self.batch_size, self._num_embeddings, self.hash_seed, self.on_error,
             self.dense_transform, self.drop_last, rank=rank, world_size=world,

@@ -22,6 +22,13 @@ Three things are added here, each because the plain loader would make a resumed 
    Before handing out a batch the ranks all-reduce whether each has one; the pass ends for every rank as
    soon as one of them is out of data, and the others' surplus batches are dropped ("stop together").
    A map-style dataset split by a ``DistributedSampler`` has equal counts by construction.
+
+Communication: ``data/`` sits below ``distributed/`` and is used without a Trainer too (a loader in a script,
+a dataset in a worker process), so it uses the default process group: :func:`process_rank_world` (Lightning's
+``_distributed_is_initialized``) for rank and world size, one ``torch.distributed.all_reduce`` per batch for the
+agreement (Lightning's ``DDPStrategy.reduce`` would add a barrier before it, a second collective per batch), and
+``torch.distributed.all_gather_object`` for the positions. The data modules take rank and world size from their
+Trainer.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -62,21 +70,18 @@ def fit_progress(trainer: "pl.Trainer") -> Callable[[], Consumed]:
     return consumed
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+def process_rank_world() -> tuple[int, int]:
+    """This process's rank and world size in the default process group; ``(0, 1)`` without one."""
+    if _distributed_is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def all_ranks(flag: bool) -> bool:
     """True when ``flag`` is true on every rank (a MIN all-reduce; on one process, ``flag`` itself)."""
-    if not _distributed():
+    if process_rank_world()[1] == 1:
         return flag
-    on_gpu = dist.get_backend() == "nccl"
+    on_gpu = dist.get_backend() == "nccl"  # nccl refuses CPU tensors
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
@@ -84,9 +89,10 @@ def all_ranks(flag: bool) -> bool:
 
 
 def _gather(obj: Any) -> list[Any]:
-    if not _distributed():
+    world = process_rank_world()[1]
+    if world == 1:
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
 
@@ -179,7 +185,7 @@ class ResumableLoader(StatefulDataLoader):
         if not ranks or all(r["loader"] is None for r in ranks):
             super().load_state_dict({})
             return
-        rank, world = _rank_world()
+        rank, world = process_rank_world()
         if len(ranks) != world:
             raise ValueError(
                 f"The checkpoint's data position was saved mid-epoch by {len(ranks)} processes; this run has "

@@ -26,6 +26,10 @@ optimizer kind, ModelCheckpoint with a monitor and ``save_last``, EarlyStopping,
 OneCycleLR, SequentialLR, ReduceLROnPlateau, bf16-mixed): only containers, numbers, strings and tensors,
 which torch allows by default, so no extra globals are registered. A callback or data module storing
 its own types registers them with ``torch.serialization.add_safe_globals``; the error says so.
+
+Every function here is called on every rank. Ranks exchange their checksums, failures and verification
+problems as objects through the :class:`~lightning_sparse.distributed.collectives.Collectives` they are given
+(SparseStrategy passes Lightning's rank and world size; the default is the default process group's).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
@@ -60,6 +63,7 @@ from lightning_sparse.distributed.checkpoint_manifest import (
     verify_files,
     write_manifest,
 )
+from lightning_sparse.distributed.collectives import Collectives
 from lightning_sparse.typed_config import checkpoint_safe_types
 
 __all__ = [
@@ -103,13 +107,15 @@ def save_sharded(
     dynamic_tables_state: dict[str, Any],
     trainer_state: dict[str, Any],
     is_global_zero: bool,
+    collectives: Optional[Collectives] = None,
 ) -> None:
     """Called on every rank. Replaces any previous checkpoint at ``path`` once the new one is complete."""
     global _saves_started
     _saves_started += 1
     path = Path(path)
     staging = sibling(path, STAGING)
-    rank = _rank()
+    collectives = collectives or Collectives.of_process_group()
+    rank = collectives.rank
 
     def prepare() -> None:
         if is_global_zero:
@@ -134,7 +140,7 @@ def save_sharded(
 
     untouched = "the previous checkpoint at that path, if any, is untouched"
     try:
-        _on_every_rank(f"preparing {str(staging)!r}", path, untouched, prepare)
+        _on_every_rank(collectives, f"preparing {str(staging)!r}", path, untouched, prepare)
         try:
             dcp.save(
                 _tensors(model_state, sparse_optimizer_state, dynamic_tables_state),
@@ -145,9 +151,9 @@ def save_sharded(
                 f"Saving checkpoint {str(path)!r} failed while writing the shards ({_free_space(path.parent)}); "
                 f"{untouched}. torch.distributed.checkpoint said: {error}"
             ) from error
-        shares = _on_every_rank("writing and checksumming the files", path, untouched, write_and_checksum)
+        shares = _on_every_rank(collectives, "writing and checksumming the files", path, untouched, write_and_checksum)
         _on_every_rank(
-            "publishing it", path, f"a previous checkpoint is at that path or, complete, in {str(sibling(path, REPLACED))!r}",
+            collectives, "publishing it", path, f"a previous checkpoint is at that path or, complete, in {str(sibling(path, REPLACED))!r}",
             lambda: commit(shares),
         )
     except BaseException:
@@ -164,11 +170,12 @@ def load_sharded(
     model_state: dict[str, Any],
     sparse_optimizer_state: dict[str, Any],
     dynamic_tables_state: dict[str, Any],
+    collectives: Optional[Collectives] = None,
 ) -> dict[str, Any]:
     """Verifies the checkpoint, loads tensors in place into the given (current) state dicts; returns the
     trainer state. Called on every rank."""
     path = Path(path)
-    verify_checkpoint(path)
+    verify_checkpoint(path, collectives)
     _check_dynamic_tables_present(path, dynamic_tables_state)
     dcp.load(
         _tensors(model_state, sparse_optimizer_state, dynamic_tables_state),
@@ -183,20 +190,21 @@ def remove_sharded(path: "str | os.PathLike") -> None:
     remove(Path(path))
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
+def verify_checkpoint(path: Path, collectives: Optional[Collectives] = None) -> dict[str, Any]:
     """Checks the manifest and every file's size and checksum; raises naming every bad file. Collective:
     each rank hashes every ``world_size``-th file and all ranks raise the same error."""
+    collectives = collectives or Collectives.of_process_group()
     problems: list[tuple[type, str]]
     manifest: dict[str, Any] = {}
     try:
         manifest = _complete_manifest(path)
-        problems = verify_files(path, manifest, sorted(manifest["files"])[_rank() :: _world_size()])
+        problems = verify_files(path, manifest, sorted(manifest["files"])[collectives.rank :: collectives.world_size])
     except (IncompleteCheckpointError, CorruptCheckpointError) as error:
         problems = [(type(error), str(error))]
     except OSError as error:
         problems = [(IncompleteCheckpointError, f"{str(path)!r} cannot be read: {error}")]
     found: list[tuple[type, str]] = []
-    for share in _all_gather(problems):
+    for share in collectives.all_gather_object(problems):
         found.extend(problem for problem in share if problem not in found)
     if found:
         kind = CorruptCheckpointError if any(k is CorruptCheckpointError for k, _ in found) else IncompleteCheckpointError
@@ -315,7 +323,7 @@ def _write_durably(obj: Any, file: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _on_every_rank(phase: str, path: Path, consequence: str, work: Callable[[], _T]) -> list[_T]:
+def _on_every_rank(collectives: Collectives, phase: str, path: Path, consequence: str, work: Callable[[], _T]) -> list[_T]:
     """Runs ``work`` on this rank and gathers results; if it failed anywhere, every rank raises the same
     error (a rank raising alone would leave the others waiting in the next collective)."""
     result: Any = None
@@ -324,7 +332,7 @@ def _on_every_rank(phase: str, path: Path, consequence: str, work: Callable[[], 
         result = work()
     except Exception as error:  # reported to every rank below
         local = error
-    gathered = _all_gather((result, None if local is None else f"{type(local).__name__}: {local}"))
+    gathered = collectives.all_gather_object((result, None if local is None else f"{type(local).__name__}: {local}"))
     failures = [f"rank {rank}: {error}" for rank, (_, error) in enumerate(gathered) if error]
     if failures:
         raise CheckpointSaveError(
@@ -341,22 +349,6 @@ def _fault_injection_point(rank: int, point: str) -> None:
     spec = os.environ.get(FAULT_ENV, "").split(":")
     if len(spec) >= 2 and spec[:2] == [str(rank), str(_saves_started)] and (spec[2:] or ["written"])[0] == point:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_gather(obj: _T) -> list[_T]:
-    if _world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * _world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def _tensors(model_state: dict, sparse_optimizer_state: dict, dynamic_tables_state: dict) -> dict[str, Any]:

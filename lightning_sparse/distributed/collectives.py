@@ -5,14 +5,21 @@ type associated with device type cpu"), gloo takes CPU tensors. Code that builds
 communicate it (a byte count, split sizes) asks :func:`collective_device` where to build it, so the same
 line works under gloo on CPUs and under nccl on GPUs. Object collectives (``all_gather_object``) already
 choose their device inside torch.distributed and need nothing from here.
+
+:class:`Collectives` is what the components under the strategy communicate with (see its docstring).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+
+_T = TypeVar("_T")
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 def collective_device_type(backend: str) -> str:
@@ -49,3 +56,51 @@ def collective_device(group: Optional[dist.ProcessGroup] = None) -> torch.device
     if module is None or not hasattr(module, "current_device"):
         raise RuntimeError(f"process group backend needs {device_type!r} tensors, but torch has no '{device_type}' device module")
     return torch.device(device_type, module.current_device())
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """Rank, world size and the collectives that the components under :class:`SparseStrategy` use.
+
+    Components below ``strategies/`` (dynamic tables, the sparse optimizer, checkpoint IO) take one of these
+    instead of the strategy, which they must not import. The strategy hands them ``Collectives.of_strategy(self)``
+    (Lightning's rank and world size); code using a component on its own (a test, a script) passes nothing and
+    gets :meth:`of_process_group`: the default process group when one is initialised, else a world of one.
+
+    The components do not hold the strategy itself because they outlive its Trainer (a later Trainer reuses the
+    sharded model, see ``distributed/sharded_model.py``). :meth:`all_reduce` is one ``torch.distributed.all_reduce``:
+    Lightning's ``DDPStrategy.reduce`` (``_sync_ddp``) runs a barrier before every reduction, a second collective
+    in every step of a data-parallel table. Lightning's strategies gather tensors only, so objects are gathered
+    with ``torch.distributed.all_gather_object``, which picks its own device. Tensors for :meth:`all_reduce` are
+    built on :func:`collective_device`.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def of_strategy(cls, strategy: Any) -> "Collectives":
+        """The rank and world size of a Lightning strategy (its ``global_rank`` and ``world_size``)."""
+        return cls(int(strategy.global_rank), int(strategy.world_size))
+
+    @classmethod
+    def of_process_group(cls) -> "Collectives":
+        """The default process group's rank and world size, or a world of one without a process group."""
+        if not _distributed_is_initialized():
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``tensor`` reduced over all ranks in place (``sum``, ``min`` or ``max``) and returned."""
+        if self.world_size == 1 or not _distributed_is_initialized():
+            return tensor
+        dist.all_reduce(tensor, op=_REDUCE_OPS[op])
+        return tensor
+
+    def all_gather_object(self, obj: _T) -> list[_T]:
+        """Every rank's ``obj``, in rank order (a list of one in a world of one)."""
+        if self.world_size == 1 or not _distributed_is_initialized():
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered

@@ -17,13 +17,21 @@ remaps the global batch with the same step and clock, and each rank keeps its ow
 Either way the policy sees the same batch a single process would (remapping depends on the distinct ids
 and their counts, not on their order), so a table_wise table ends in the same state under both
 placements. Rows handed to a new id are re-initialised, and their optimizer state zeroed, on whichever
-ranks hold pieces of them; the assigned rows are shared with every rank for that.
+ranks hold pieces of them; the assigned rows are shared with every rank for that. Which tensors those are
+is bound once (:meth:`DynamicTables.bind_rows`): each table's weight under its parameter path, carried on its
+``ResolvedTable``, and the per-row state the sparse optimizer keeps for that path.
+
+Communication: ids and rows travel by ``torch.distributed.all_to_all_single`` (Lightning has no all-to-all) on
+:func:`~lightning_sparse.distributed.collectives.collective_device`; everything else (the replicated tables'
+ids, assigned rows, counters) is gathered as objects through the :class:`Collectives` handed in.
+
+:class:`DynamicTables` is ``Stateful`` (``state_dict``/``load_state_dict`` of its hash tables, see the class).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +40,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.types import ShardingPlan
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_sparse.distributed.collectives import collective_device
+from lightning_sparse.distributed.collectives import Collectives, collective_device
 from lightning_sparse.distributed.routes import EmbeddingTables, RowBlock, row_blocks
 from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, HashPlacement, shard_of
 from lightning_sparse.dynamic.kjt import split_by_key, values_of, with_slots
@@ -53,9 +61,13 @@ class DynamicTables(nn.Module):
         feature_to_table: every feature key of those tables -> table name.
         blocks: table name -> its row blocks under the sharding plan (needed for ``sharded`` placement).
         rank: this process's rank; it keeps the partitions of the blocks placed on it.
+        param_paths: table name -> its weight's key in the model's state dict (``ResolvedTable.param_path``);
+            needed by :meth:`bind_rows` only.
+        collectives: rank, world size and object gathers (default: the default process group's).
 
-    State: ``remappers.<table>.*`` for replicated tables, ``partitions.<table>.<i>_of_<n>.*`` for the
-    partitions of sharded tables that this rank keeps.
+    State (``Stateful``: ``state_dict``/``load_state_dict``, those of ``nn.Module``): ``remappers.<table>.*``
+    for replicated tables, ``partitions.<table>.<i>_of_<n>.*`` for the partitions of sharded tables that this
+    rank keeps; it round-trips exactly (``tests/test_stateful_components.py``).
     """
 
     def __init__(
@@ -64,11 +76,17 @@ class DynamicTables(nn.Module):
         feature_to_table: dict[str, str],
         blocks: Optional[dict[str, list[RowBlock]]] = None,
         rank: int = 0,
+        param_paths: Optional[dict[str, str]] = None,
+        collectives: Optional[Collectives] = None,
     ) -> None:
         super().__init__()
         self.configs = dict(configs)
         self.feature_to_table = dict(feature_to_table)
         self.rank = rank
+        self.param_paths = dict(param_paths or {})
+        self.collectives = collectives or Collectives.of_process_group()
+        self._weights: dict[str, Any] = {}
+        self._row_states: dict[str, list[Any]] = {}
         self.remappers = nn.ModuleDict()
         self.partitions = nn.ModuleDict()
         self.partition_ranks: dict[str, list[int]] = {}
@@ -127,9 +145,9 @@ class DynamicTables(nn.Module):
         keys = [k for k in kjt.keys() if self.feature_to_table.get(k) in self.remappers]
         if not keys:
             return {}, {}
-        gathered = _all_gather(({key: values_of(kjt, [key]) for key in keys}, time.time()))
+        gathered = self.collectives.all_gather_object(({key: values_of(kjt, [key]) for key in keys}, time.time()))
         now = gathered[0][1]  # one clock for every replica
-        rank = _rank()
+        rank = self.collectives.rank
         slots_by_key, assigned = {}, {}
         for table, remapper in self.remappers.items():
             table_keys = [k for k in keys if self.feature_to_table[k] == table]
@@ -155,7 +173,7 @@ class DynamicTables(nn.Module):
         """
         owners = self.partition_ranks[table]
         n_partitions = len(owners)
-        world = _world_size()
+        world = self.collectives.world_size
         ids_device = ids.device
         if world > 1:
             ids = ids.to(collective_device())  # the backend's device: nccl refuses CPU tensors, gloo takes them
@@ -194,17 +212,26 @@ class DynamicTables(nn.Module):
         if not admit:
             return rows, torch.zeros(0, dtype=torch.int64)
         by_partition: dict[int, torch.Tensor] = {}
-        for part in _all_gather(assigned_here):
+        for part in self.collectives.all_gather_object(assigned_here):
             by_partition.update(part)
         assigned = [by_partition[i] for i in sorted(by_partition)]
         return rows, torch.cat(assigned) if assigned else torch.zeros(0, dtype=torch.int64)
 
     # ------------------------------------------------------ recycled rows
+    def bind_rows(self, model_state: Mapping[str, Any], row_states: Callable[[str], list[Any]]) -> None:
+        """Binds the tensors :meth:`recycle_rows` writes: each table's weight, ``model_state[param path]`` (a
+        ``state_dict(keep_vars=True)`` of the sharded model: local shards are views of the live weights), and
+        ``row_states(param path)``, the sparse optimizer's state tensors of that parameter."""
+        missing = sorted(set(self.configs) - set(self.param_paths))
+        if missing:
+            raise ValueError(f"DynamicTables has no parameter path for the dynamic table(s) {missing}: pass param_paths")
+        self._weights = {table: model_state[path] for table, path in self.param_paths.items()}
+        self._row_states = {table: list(row_states(path)) for table, path in self.param_paths.items()}
+
     @torch.no_grad()
-    def recycle_rows(
-        self, assigned: dict[str, torch.Tensor], weights: dict[str, Any], optimizer_states: dict[str, list[Any]], step: int
-    ) -> None:
-        """Re-initialises the assigned rows held by this rank and zeroes their per-row optimizer state.
+    def recycle_rows(self, assigned: dict[str, torch.Tensor], step: int) -> None:
+        """Re-initialises the assigned rows held by this rank and zeroes their per-row optimizer state
+        (in the tensors bound by :meth:`bind_rows`).
 
         The fresh values come from a generator seeded by (table, step), so every world size and every
         resumed run draws the same rows.
@@ -213,7 +240,9 @@ class DynamicTables(nn.Module):
             if rows.numel() == 0:
                 continue
             config = self.configs[table]
-            weight = weights[table]
+            if table not in self._weights:
+                raise RuntimeError(f"DynamicTables.recycle_rows: table {table!r} has no bound weight; call bind_rows first")
+            weight = self._weights[table]
             generator = torch.Generator().manual_seed((step + 1) * 1_000_003 + self._seed_of[table])
             fresh = torch.empty(rows.numel(), weight.size(1))
             initial_rows(fresh, config, generator)
@@ -221,7 +250,7 @@ class DynamicTables(nn.Module):
                 inside = (rows >= row0) & (rows < row0 + shard.size(0))
                 if bool(inside.any()):
                     shard[rows[inside] - row0] = fresh[inside][:, col0 : col0 + shard.size(1)].to(shard.dtype)
-            for state in optimizer_states.get(table, []):
+            for state in self._row_states.get(table, []):
                 if state.dim() == 0 or state.size(0) != config.capacity:
                     continue  # not per-row (e.g. a global step counter)
                 for shard, (row0, _) in _local_pieces(state):
@@ -240,10 +269,10 @@ class DynamicTables(nn.Module):
     def global_metrics(self) -> dict[str, dict[str, int]]:
         """Counters of the whole tables: partitions summed over ranks. Collective: call it on every rank."""
         local = self.metrics()
-        if not self.partitions or not _distributed():
+        if not self.partitions or self.collectives.world_size == 1:
             return local
         sharded = {name: local[name] for name in self.partitions}
-        gathered = _all_gather(sharded)
+        gathered = self.collectives.all_gather_object(sharded)
         local.update({name: _sum_counters([part[name] for part in gathered]) for name in sharded})
         return local
 
@@ -273,30 +302,13 @@ def _local_pieces(tensor: Any) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     return [(tensor, (0, 0))] if tensor.numel() else []
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if not _distributed():
-        return [obj]
-    out: list[Optional[Any]] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def dynamic_tables_of(tables: EmbeddingTables, plan: ShardingPlan, rank: int) -> Optional[DynamicTables]:
+def dynamic_tables_of(tables: EmbeddingTables, plan: ShardingPlan, collectives: Collectives) -> Optional[DynamicTables]:
     """The hash tables of the model's dynamic tables (this rank's part of them), or None when none is dynamic."""
-    configs = {name: table.dynamic for name, table in tables.tables.items() if table.dynamic is not None}
-    if not configs:
+    dynamic = {name: table for name, table in tables.tables.items() if table.dynamic is not None}
+    if not dynamic:
         return None
+    configs = {name: table.dynamic for name, table in dynamic.items()}
     blocks = {name: row_blocks(plan, name, config.capacity) for name, config in configs.items()}
-    return DynamicTables(configs, {f: t for f, t in tables.features.items() if t in configs}, blocks, rank)
+    features = {f: t for f, t in tables.features.items() if t in configs}
+    paths = {name: table.param_path for name, table in dynamic.items()}
+    return DynamicTables(configs, features, blocks, collectives.rank, paths, collectives)

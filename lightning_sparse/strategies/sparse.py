@@ -1,4 +1,12 @@
-"""SparseStrategy: Lightning's DDP strategy with TorchRec-sharded, fbgemm-fused embedding tables."""
+"""SparseStrategy: Lightning's DDP strategy with TorchRec-sharded, fbgemm-fused embedding tables.
+
+The strategy wires components into Lightning's hooks and holds no state of its own: the sharded model and
+the components that own its state (:class:`~lightning_sparse.distributed.sharded_model.ShardedModel`: the
+DMP, the resolved tables, the sparse optimizer with its hyper-parameters, the dynamic tables) are built once
+per LightningModule and found again by later stages and Trainers; checkpoints are read in one place,
+:meth:`SparseStrategy.load_checkpoint`. Components get their rank, world size and collectives as a
+:class:`~lightning_sparse.distributed.collectives.Collectives`, never the strategy.
+"""
 
 from __future__ import annotations
 
@@ -18,29 +26,24 @@ from torch import nn
 from torch.optim import Optimizer
 from lightning_utilities.core.apply_func import apply_to_collection
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.callbacks import CommunicationMonitor
-from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
-from lightning_sparse.distributed.collectives import collective_device
+from lightning_sparse.distributed.collectives import Collectives, collective_device
 from lightning_sparse.distributed.comm import CommunicationCounter, CommunicationReport, communication_counter
-from lightning_sparse.distributed.planning import shard_tables, table_owners
+from lightning_sparse.distributed.planning import shard_tables
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
-from lightning_sparse.distributed.sharded_dynamic import DynamicTables, dynamic_tables_of
-from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
+from lightning_sparse.distributed.sharded_dynamic import DynamicTables
+from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
 
 log = logging.getLogger(__name__)
 
-# The DistributedModelParallel that owns a LightningModule's sharded tables is kept on the module itself
-# (not as a submodule), so any later Trainer or stage reuses it instead of sharding twice.
-_DMP_ATTRIBUTE = "_lightning_sparse_dmp"
-_TABLES_ATTRIBUTE = "_lightning_sparse_tables"
-_DYNAMIC_ATTRIBUTE = "_lightning_sparse_dynamic_tables"
 # Collectives wait this long for a stuck rank (torch's gloo default is 30 minutes). A dead rank is detected
 # sooner (see launcher.py); raise it if a rank can legitimately lag the others longer (slow checkpoint writes).
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=5)
@@ -102,13 +105,7 @@ class SparseStrategy(DDPStrategy):
         self.table_configs = {name: _as_table_config(name, cfg) for name, cfg in (tables or {}).items()}
         self.static_graph = static_graph
         self.find_unused_parameters = find_unused_parameters
-        self._dmp: Optional[DistributedModelParallel] = None
-        self._sparse_optimizer: Optional[KeyedOptimizer] = None
-        self._loaded_sparse_optimizer_state: Optional[dict[str, Any]] = None
-        self._loaded_sparse_hyperparameters: Optional[dict[str, dict[str, Any]]] = None
-        self._tables: Optional[EmbeddingTables] = None
-        self._dynamic: Optional[DynamicTables] = None
-        self._dynamic_target_cache: Optional[tuple[dict[str, Any], dict[str, list[Any]]]] = None
+        self._sharded: Optional[ShardedModel] = None
         self.bad_ids = BadIdPolicy.parse(bad_ids, "SparseStrategy.bad_ids")
         self.non_finite = NonFinitePolicy.parse(non_finite, "SparseStrategy.non_finite")
         self._input_checks: Optional[InputChecks] = None
@@ -124,6 +121,12 @@ class SparseStrategy(DDPStrategy):
         # Checkpoints hold sharded tensors: they can only be read into the sharded model.
         return True
 
+    def connect(self, model: Any) -> None:
+        """Picks up the sharded model of ``model`` left by an earlier stage or Trainer, before anything else
+        runs (see ``distributed/sharded_model.py`` for how it is kept alive)."""
+        super().connect(model)
+        self._sharded = sharded_model_of(model)
+
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
@@ -136,10 +139,12 @@ class SparseStrategy(DDPStrategy):
             )
         self._install_stop_handling(trainer)
         self.precision_plugin.convert_module(self.model)
-        self._dmp = self._shard(self.lightning_module)
-        self.model = self._dmp
+        if self._sharded is None:
+            self._sharded = self._shard(self.lightning_module)
+        self.model = self._sharded.dmp
         if self.count_communication:  # bytes of every collective, per table and sharding (distributed/comm.py)
-            self._comm = communication_counter(self._dmp, self._tables, self._dynamic, self._sparse_optimizer)
+            sharded = self._sharded
+            self._comm = communication_counter(sharded.dmp, sharded.tables, sharded.dynamic, sharded.optimizer.combined)
             if not any(isinstance(c, CommunicationMonitor) for c in trainer.callbacks):
                 trainer.callbacks.insert(0, CommunicationMonitor(self._comm))
         if fitting:
@@ -148,14 +153,13 @@ class SparseStrategy(DDPStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _shard(self, module: LightningModule) -> DistributedModelParallel:
-        """Plans and shards ``module`` once; later stages and Trainers reuse the same DMP."""
-        existing = getattr(module, _DMP_ATTRIBUTE, None)
-        if existing is not None:
-            self._tables = getattr(module, _TABLES_ATTRIBUTE)
-            self._dynamic = getattr(module, _DYNAMIC_ATTRIBUTE)
-            self._sparse_optimizer = self._build_sparse_optimizer(existing)
-            return existing
+    @property
+    def collectives(self) -> Collectives:
+        """This strategy's rank and world size for the components (they never hold the strategy)."""
+        return Collectives.of_strategy(self)
+
+    def _shard(self, module: LightningModule) -> ShardedModel:
+        """Plans and shards ``module`` and builds the components that own its state (once per module)."""
         process_group = dist.group.WORLD
         dmp, tables, plan = shard_tables(
             module,
@@ -168,52 +172,7 @@ class SparseStrategy(DDPStrategy):
             static_graph=self.static_graph,
             find_unused_parameters=self.find_unused_parameters,
         )
-        device = self.root_device
-        object.__setattr__(module, _DMP_ATTRIBUTE, dmp)
-        object.__setattr__(module, _TABLES_ATTRIBUTE, tables)
-        self._tables = tables
-        self._dynamic = dynamic_tables_of(tables, plan, dist.get_rank(process_group))
-        if self._dynamic is not None:
-            self._dynamic.place_partitions(device)
-        object.__setattr__(module, _DYNAMIC_ATTRIBUTE, self._dynamic)
-        self._sparse_optimizer = self._build_sparse_optimizer(dmp)
-        return dmp
-
-    def _build_sparse_optimizer(self, dmp: DistributedModelParallel) -> KeyedOptimizer:
-        """One KeyedOptimizer over every table: fbgemm's fused optimizers (``fused`` route) and our kernels'
-        optimizer (``native`` and ``data_parallel`` routes). Built once per DMP."""
-        existing = getattr(dmp, "_lightning_sparse_optimizer", None)
-        if existing is not None:
-            return existing
-        optimizers: list[Union[KeyedOptimizer, tuple[str, KeyedOptimizer]]] = [("fused", dmp.fused_optimizer)]
-        ours = [t for t in self._tables.tables.values() if t.route is not TableRoute.FUSED]
-        if ours:
-            gradients, rows = attach_row_captures(dmp, self._tables.tables)
-            native = [t.name for t in ours if t.route is TableRoute.NATIVE]
-            kernels = NativeKernelOptimizer(
-                ours,
-                embedding_parameters(self.lightning_module),
-                gradients,
-                rows,
-                table_owners(dmp, native),
-                self.global_rank,
-                self._unite_rows,
-                self.root_device,
-            )
-            optimizers.append(("native_kernels", kernels))
-        combined = CombinedOptimizer(optimizers)
-        object.__setattr__(dmp, "_lightning_sparse_optimizer", combined)
-        return combined
-
-    def _unite_rows(self, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """The rows any rank read of a data-parallel table of ``num_rows`` rows (one all-reduce of a mask)."""
-        if self.world_size == 1:
-            return rows
-        device = collective_device()
-        mask = torch.zeros(num_rows, dtype=torch.int32, device=device)
-        mask[rows.to(device)] = 1
-        dist.all_reduce(mask)
-        return mask.nonzero().squeeze(1).to(rows.device)
+        return ShardedModel.build(module, dmp, tables, plan, self.root_device, self.collectives)
 
     def setup_optimizers(self, trainer: Trainer) -> None:
         """Builds the user's (dense) optimizers, then removes the embedding weights from them."""
@@ -225,22 +184,25 @@ class SparseStrategy(DDPStrategy):
 
     # ------------------------------------------------------------- training
     @property
+    def sharded_model(self) -> ShardedModel:
+        """The sharded model and the components that own its state (kept across stages and Trainers)."""
+        if self._sharded is None:
+            raise RuntimeError("SparseStrategy's sharded model is available after the Trainer has set up the model.")
+        return self._sharded
+
+    @property
     def sparse_optimizer(self) -> KeyedOptimizer:
-        """The optimizer of every embedding table (see ``_build_sparse_optimizer``); its state is checkpointed."""
-        if self._sparse_optimizer is None:
-            raise RuntimeError("SparseStrategy.sparse_optimizer is available after the Trainer has set up the model.")
-        return self._sparse_optimizer
+        """The optimizer of every embedding table (a CombinedOptimizer: ``fused`` and ``native_kernels``)."""
+        return self.sharded_model.optimizer.combined
 
     @property
     def distributed_model(self) -> DistributedModelParallel:
         """The DistributedModelParallel wrapping the LightningModule (kept across stages)."""
-        if self._dmp is None:
-            raise RuntimeError("SparseStrategy.distributed_model is available after the Trainer has set up the model.")
-        return self._dmp
+        return self.sharded_model.dmp
 
     @property
     def embedding_tables(self) -> EmbeddingTables:
-        return self._tables
+        return self.sharded_model.tables
 
     def communication_report(self) -> CommunicationReport:
         """This rank's bytes sent and received per training step, by collective channel (needs ``count_communication``)."""
@@ -250,46 +212,21 @@ class SparseStrategy(DDPStrategy):
 
     def all_reduce_bytes(self, value: int) -> int:
         """Sum of an integer over all ranks (e.g. bytes of local shards), or the value without a process group."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return value
         total = torch.tensor([value], dtype=torch.int64, device=collective_device())  # nccl refuses CPU tensors
-        dist.all_reduce(total)
-        return int(total.item())
+        return int(self.reduce(total, reduce_op="sum").item())
 
     def set_sparse_lr(self, lr: float) -> None:
         """Sets the learning rate of every embedding table (applied from the next step, checkpointed)."""
-        if lr < 0:
-            raise ValueError(f"sparse learning rate must be >= 0, got {lr}")
-        for group in self.sparse_param_groups():
-            group["lr"] = lr
-        self._push_fused_learning_rates()
+        self.sharded_model.optimizer.set_lr(lr)
 
     def sparse_param_groups(self) -> list[dict[str, Any]]:
-        """The param groups that hold the tables' hyper-parameters (lr, eps, ...), one or more per table.
-
-        The fused groups of native-route tables are left out: their fbgemm kernel only looks rows up (lr 0);
-        the table's real hyper-parameters live in our kernels' optimizer group.
-        """
-        native = {id(p) for p in self._route_parameters(TableRoute.NATIVE)}
-        groups = []
-        for name, sub in self.sparse_optimizer.optimizers:
-            for group in sub.param_groups:
-                if name == "native_kernels" or not any(id(p) in native for p in group["params"]):
-                    groups.append(group)
-        return groups
-
-    def _route_parameters(self, route: TableRoute) -> list[nn.Parameter]:
-        parameters = embedding_parameters(self.lightning_module)
-        return [parameters[t.param_path] for t in self.embedding_tables.tables.values() if t.route is route]
-
-    def _push_fused_learning_rates(self) -> None:
-        # fbgemm kernels read the learning rate from their own field; TorchRec copies it there on zero_grad().
-        self.distributed_model.fused_optimizer.zero_grad()
+        """The param groups that hold the tables' hyper-parameters (see ``SparseOptimizer.param_groups``)."""
+        return self.sharded_model.optimizer.param_groups()
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._push_fused_learning_rates()
+        self.sharded_model.optimizer.push_learning_rates()
         args = self._checked(args, training=True)
-        if self._dynamic is not None:
+        if self.dynamic_tables is not None:
             args = (self._remap_for_training(args[0]),) + args[1:]
         return super().training_step(*args, **kwargs)
 
@@ -317,46 +254,25 @@ class SparseStrategy(DDPStrategy):
     @property
     def dynamic_tables(self) -> Optional[DynamicTables]:
         """The hash tables of the model's dynamic tables (None when it has none)."""
-        return self._dynamic
+        return self._sharded.dynamic if self._sharded is not None else None
 
     def _remap_for_training(self, batch: Any) -> Any:
-        step = self.lightning_module.trainer.global_step
+        dynamic, step = self.dynamic_tables, self.lightning_module.trainer.global_step
         assigned_rows: dict[str, torch.Tensor] = {}
 
         def remap(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-            remapped, assigned = self._dynamic.remap_for_training(kjt, step)
+            remapped, assigned = dynamic.remap_for_training(kjt, step)
             assigned_rows.update(assigned)
             return remapped
 
         batch = apply_to_collection(batch, KeyedJaggedTensor, remap)
-        weights, states = self._dynamic_targets()
-        self._dynamic.recycle_rows(assigned_rows, weights, states, step)
+        dynamic.recycle_rows(assigned_rows, step)
         return batch
 
     def _remap_for_evaluation(self, args: tuple) -> tuple:
-        if self._dynamic is None or not args:
+        if self.dynamic_tables is None or not args:
             return args
-        return (apply_to_collection(args[0], KeyedJaggedTensor, self._dynamic.remap_for_evaluation),) + args[1:]
-
-    def _dynamic_targets(self) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-        """Each dynamic table's weight and optimizer state tensors (local shards are views of the live ones)."""
-        if self._dynamic_target_cache is None:
-            tables = set(self._dynamic.configs)
-            weights = {}
-            for key, value in self.lightning_module.state_dict(keep_vars=True).items():
-                parts = key.split(".")
-                if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in tables:
-                    weights[parts[-2]] = value
-            states: dict[str, list[Any]] = {}
-            for key, state in self.sparse_optimizer.state_dict()["state"].items():
-                parts = key.split(".")
-                if len(parts) >= 2 and parts[-2] in tables:
-                    states.setdefault(parts[-2], []).extend(v for v in state.values() if hasattr(v, "dim"))
-            self._dynamic_target_cache = (weights, states)
-        return self._dynamic_target_cache
-
-    def _dynamic_tables_state(self) -> dict[str, Any]:
-        return self._dynamic.state_dict() if self._dynamic is not None else {}
+        return (apply_to_collection(args[0], KeyedJaggedTensor, self.dynamic_tables.remap_for_evaluation),) + args[1:]
 
     def optimizer_step(
         self,
@@ -368,10 +284,7 @@ class SparseStrategy(DDPStrategy):
         """Steps the dense optimizer (its closure runs forward/backward, which updates fbgemm-fused tables),
         then our kernels' optimizer, which updates the native and data-parallel tables after backward."""
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        for name, keyed in self.sparse_optimizer.optimizers:
-            if name != "fused":  # fbgemm's fused optimizers already ran inside backward
-                keyed.step()
-                keyed.zero_grad()
+        self.sharded_model.optimizer.step_kernels()
         return output
 
     # ----------------------------------------------------------- checkpoints
@@ -381,75 +294,44 @@ class SparseStrategy(DDPStrategy):
         """Writes a sharded checkpoint directory; must run on every rank (Lightning calls it on all)."""
         if storage_options is not None:
             raise TypeError("SparseStrategy.save_checkpoint does not take storage_options")
+        sharded = self.sharded_model
+        sparse = sharded.optimizer.state_dict()
         trainer_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-        trainer_state[_SPARSE_HYPERPARAMETERS_KEY] = self._gather_sparse_hyperparameters()
+        trainer_state[_SPARSE_HYPERPARAMETERS_KEY] = dict(sparse["hyperparameters"])
         sharded_checkpoint.save_sharded(
             filepath,
             model_state=checkpoint["state_dict"],
-            sparse_optimizer_state=self.sparse_optimizer.state_dict(),
-            dynamic_tables_state=self._dynamic_tables_state(),
+            sparse_optimizer_state=sparse["optimizer"],
+            dynamic_tables_state=sharded.dynamic.state_dict() if sharded.dynamic is not None else {},
             trainer_state=trainer_state,
             is_global_zero=self.is_global_zero,
+            collectives=self.collectives,
         )
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Loads a checkpoint into the model and every component, here and only here: the tensors are read in
+        place into the current (possibly differently sharded) state dicts, then each component loads its
+        state. The sparse optimizer takes its state and hyper-parameters when fitting, as Lightning restores
+        optimizers only then. Returns the rest for Lightning (loops, dense optimizers, callbacks)."""
+        sharded = self.sharded_model
         model_state = self.lightning_module.state_dict()
-        sparse_state = self.sparse_optimizer.state_dict()
-        dynamic_state = self._dynamic_tables_state()
-        trainer_state = sharded_checkpoint.load_sharded(checkpoint_path, model_state, sparse_state, dynamic_state)
-        if self._dynamic is not None:
-            self._dynamic.load_state_dict(dynamic_state)
+        sparse_state = sharded.optimizer.combined.state_dict()
+        dynamic_state = sharded.dynamic.state_dict() if sharded.dynamic is not None else {}
+        trainer_state = sharded_checkpoint.load_sharded(
+            checkpoint_path, model_state, sparse_state, dynamic_state, collectives=self.collectives
+        )
+        if sharded.dynamic is not None:
+            sharded.dynamic.load_state_dict(dynamic_state)
+        hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)
+        if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            sharded.optimizer.load_state_dict({"optimizer": sparse_state, "hyperparameters": hyperparameters})
         trainer_state["state_dict"] = model_state
-        self._loaded_sparse_optimizer_state = sparse_state
-        self._loaded_sparse_hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)
         return trainer_state
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         # load_checkpoint already read the tensors in place; this re-applies them through the modules'
         # own load hooks (which keep TorchRec's sharded views consistent).
         self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
-
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        super().load_optimizer_state_dict(checkpoint)
-        if self._loaded_sparse_optimizer_state is not None:
-            self.sparse_optimizer.load_state_dict(self._loaded_sparse_optimizer_state)
-            self._loaded_sparse_optimizer_state = None
-        if self._loaded_sparse_hyperparameters:
-            self._apply_sparse_hyperparameters(self._loaded_sparse_hyperparameters)
-            self._loaded_sparse_hyperparameters = None
-        self._push_fused_learning_rates()
-
-    def _gather_sparse_hyperparameters(self) -> dict[str, dict[str, Any]]:
-        """Hyper-parameters (lr, eps, ...) of every table's sparse optimizer group, keyed by parameter FQN.
-
-        Param groups differ per rank (each holds its own shards' kernels), so they are gathered from all
-        ranks and stored by table, which also makes them independent of the sharding (resharding-safe).
-        """
-        optimizer = self.sparse_optimizer
-        key_of = {id(param): key for key, param in optimizer.params.items()}
-        local = {
-            key_of[id(param)]: {k: v for k, v in group.items() if k != "params"}
-            for group in optimizer.param_groups
-            for param in group["params"]
-        }
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return local
-        gathered: list[Optional[dict[str, dict[str, Any]]]] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        merged: dict[str, dict[str, Any]] = {}
-        for part in gathered:
-            merged.update(part or {})
-        return merged
-
-    def _apply_sparse_hyperparameters(self, hyperparameters: Mapping[str, Mapping[str, Any]]) -> None:
-        optimizer = self.sparse_optimizer
-        key_of = {id(param): key for key, param in optimizer.params.items()}
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                saved = hyperparameters.get(key_of[id(param)])
-                if saved is not None:
-                    group.update({k: v for k, v in saved.items() if k in group})
-                    break
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         """Deletes a checkpoint directory (ModelCheckpoint's old top-k) so that a removal cut short never
@@ -459,8 +341,8 @@ class SparseStrategy(DDPStrategy):
 
     # -------------------------------------------------------------- teardown
     def teardown(self) -> None:
-        """Unwraps ``self.model`` as Lightning expects; the module keeps its sharded tables (and the DMP
-        reference) so a later ``trainer.test`` or another Trainer reuses them."""
+        """Unwraps ``self.model`` as Lightning expects; the sharded model stays with this strategy (and so with
+        the module's Trainer), so a later ``trainer.test`` or another Trainer reuses it."""
         self.model = self.lightning_module
         if self._comm is not None:
             self._comm.uninstall()
