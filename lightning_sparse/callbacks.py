@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_sparse.data.loading import _rank_world
+from lightning_sparse.data.loading import process_rank_world
 from lightning_sparse.models.prequential import PrequentialState
 from lightning_sparse.optim.memory import MemoryReport, memory_report
 from lightning_sparse.plotting import NothingToPlot, plot_training_curves
@@ -227,10 +227,10 @@ class PrequentialEvaluation(pl.Callback):
                               sync_dist=not on_step, reduce_fx="max")  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state.state_dict(_rank_world())
+        return self.state.state_dict(process_rank_world())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.state.load_state_dict(state_dict, _rank_world())
+        self.state.load_state_dict(state_dict, process_rank_world())
 
 
 class CommunicationMonitor(pl.Callback):

@@ -33,7 +33,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.data.criteo import OnError, SkippedLinesMonitor
-from lightning_sparse.data.loading import ResumableLoader, _rank_world, fit_progress
+from lightning_sparse.data.loading import ResumableLoader, process_rank_world, fit_progress
 from lightning_sparse.data.stream_schema import REASONS, IdTransform, RecordError, SparseColumn, StreamRecordError, StreamSchema
 from lightning_sparse.data.stream_sources import (
     ChainedSource,
@@ -139,7 +139,7 @@ class StreamDataset(IterableDataset):
         # Pickled for spawned DataLoader workers, where torch.distributed is not initialised: pin the rank now.
         state = dict(self.__dict__)
         if state["rank"] is None:
-            state["rank"], state["world_size"] = _rank_world()
+            state["rank"], state["world_size"] = process_rank_world()
         return state
 
     @property
@@ -147,7 +147,7 @@ class StreamDataset(IterableDataset):
         return StreamStats(self._counters.sum(dim=0).tolist())
 
     def _reader(self) -> tuple[int, int, int]:
-        rank, world = (self.rank, self.world_size) if self.rank is not None else _rank_world()
+        rank, world = (self.rank, self.world_size) if self.rank is not None else process_rank_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if worker >= self._counters.shape[0]:
@@ -281,7 +281,7 @@ class StreamDataModule(LightningDataModule):
             trainer.callbacks.append(SkippedLinesMonitor())
 
     def _loader(self, stage: str, source: RecordSource, max_records: Optional[int]) -> ResumableLoader:
-        rank, world = _rank_world()  # called after the process group exists (Lightning's setup)
+        rank, world = process_rank_world()  # called after the process group exists (Lightning's setup)
         dataset = StreamDataset(
             source, self.schema, self.batch_size, max_records, self.on_error, self.drop_last,
             rank=rank, world_size=world, max_workers=max(1, self.num_workers),
