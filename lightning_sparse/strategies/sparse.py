@@ -21,13 +21,14 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+from lightning_sparse.config import PipelineConfig, ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
 from lightning_sparse.distributed.collectives import collective_device
 from lightning_sparse.distributed.planning import shard_tables, table_owners
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables, dynamic_tables_of
 from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
+from lightning_sparse.strategies import pipelines
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
@@ -69,6 +70,8 @@ class SparseStrategy(DDPStrategy):
         on_signal: what a SIGTERM/SIGINT to any rank does: every rank stops at the next step boundary
             (``stop``), after saving a checkpoint when fitting (``checkpoint_and_stop``); see ``signals.py``.
         signal_checkpoint_path: where ``checkpoint_and_stop`` saves; default ``<default_root_dir>/on_signal.ckpt``.
+        pipeline: ``none`` | ``sparse_dist`` | ``semi_sync`` | ``{kind: hybrid, staleness: S}``: how the steps'
+            stages overlap (:class:`~lightning_sparse.config.PipelineConfig`, ``strategies/pipelines.py``).
     """
 
     strategy_name = "sparse"
@@ -87,6 +90,7 @@ class SparseStrategy(DDPStrategy):
         non_finite: NonFinitePolicy = NonFinitePolicy.ERROR,
         on_signal: OnSignal = OnSignal.STOP,
         signal_checkpoint_path: Optional[str] = None,
+        pipeline: Optional[PipelineConfig] = None,
     ) -> None:
         # Accelerator, devices, cluster environment, precision and checkpoint IO are filled in by the
         # Trainer (as for any registered strategy), which keeps this signature to what a YAML config sets.
@@ -109,6 +113,8 @@ class SparseStrategy(DDPStrategy):
         self.on_signal = OnSignal.parse(on_signal, "SparseStrategy.on_signal")
         self.signal_checkpoint_path = signal_checkpoint_path
         self._stop_request = StopRequest()
+        self.pipeline = PipelineConfig.parse(pipeline, "SparseStrategy.pipeline")
+        self._pipeline: Optional[pipelines.PipelineDriver] = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -132,6 +138,7 @@ class SparseStrategy(DDPStrategy):
         self.model = self._dmp
         if fitting:
             self.setup_optimizers(trainer)
+            self._pipeline = pipelines.build_driver(self, trainer)
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -144,7 +151,8 @@ class SparseStrategy(DDPStrategy):
             self._dynamic = getattr(module, _DYNAMIC_ATTRIBUTE)
             self._sparse_optimizer = self._build_sparse_optimizer(existing)
             return existing
-        process_group = dist.group.WORLD
+        tables_group = pipelines.embedding_process_group(self.pipeline)
+        process_group = tables_group or dist.group.WORLD
         dmp, tables, plan = shard_tables(
             module,
             self.root_device,
@@ -155,6 +163,7 @@ class SparseStrategy(DDPStrategy):
             local_world_size=self.num_processes,
             static_graph=self.static_graph,
             find_unused_parameters=self.find_unused_parameters,
+            dense_process_group=dist.group.WORLD if tables_group is not None else None,
         )
         device = self.root_device
         object.__setattr__(module, _DMP_ATTRIBUTE, dmp)
@@ -273,7 +282,25 @@ class SparseStrategy(DDPStrategy):
         args = self._checked(args, training=True)
         if self._dynamic is not None:
             args = (self._remap_for_training(args[0]),) + args[1:]
-        return super().training_step(*args, **kwargs)
+        if self._pipeline is None:
+            return super().training_step(*args, **kwargs)
+        self._pipeline.before_forward()
+        output = super().training_step(*args, **kwargs)
+        self._pipeline.after_forward()
+        self.lightning_module.log(pipelines.STALENESS_METRIC, float(self._pipeline.max_staleness), batch_size=1)
+        return output
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """The train loader, read through the pipeline (which looks ahead) when there is one."""
+        dataloader = super().process_dataloader(dataloader)
+        if self._pipeline is not None and self.lightning_module.trainer.training:
+            return self._pipeline.wrap(dataloader)
+        return dataloader
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self._pipeline is not None:
+            self._pipeline.drain()  # no batch in flight while the tables serve evaluation lookups
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         return super().validation_step(*self._remap_for_evaluation(self._checked(args)), **kwargs)
@@ -350,11 +377,17 @@ class SparseStrategy(DDPStrategy):
         """Steps the dense optimizer (its closure runs forward/backward, which updates fbgemm-fused tables),
         then our kernels' optimizer, which updates the native and data-parallel tables after backward."""
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._pipeline is None or not self._pipeline.owns_row_updates:
+            self._step_row_kernels()
+        if self._pipeline is not None:
+            self._pipeline.after_optimizer_step()
+        return output
+
+    def _step_row_kernels(self) -> None:
         for name, keyed in self.sparse_optimizer.optimizers:
             if name != "fused":  # fbgemm's fused optimizers already ran inside backward
                 keyed.step()
                 keyed.zero_grad()
-        return output
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(
@@ -363,6 +396,8 @@ class SparseStrategy(DDPStrategy):
         """Writes a sharded checkpoint directory; must run on every rank (Lightning calls it on all)."""
         if storage_options is not None:
             raise TypeError("SparseStrategy.save_checkpoint does not take storage_options")
+        if self._pipeline is not None:
+            self._pipeline.drain()  # a checkpoint holds no batch in flight (see strategies/pipelines.py)
         trainer_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
         trainer_state[_SPARSE_HYPERPARAMETERS_KEY] = self._gather_sparse_hyperparameters()
         sharded_checkpoint.save_sharded(
@@ -443,6 +478,9 @@ class SparseStrategy(DDPStrategy):
     def teardown(self) -> None:
         """Unwraps ``self.model`` as Lightning expects; the module keeps its sharded tables (and the DMP
         reference) so a later ``trainer.test`` or another Trainer reuses them."""
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
         self.model = self.lightning_module
         _optimizers_to_device(self.optimizers, torch.device("cpu"))
         self.precision_plugin.teardown()
