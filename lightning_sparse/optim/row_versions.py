@@ -39,11 +39,13 @@ class _KernelVersions:
         self.in_flight: deque[list[Tensor]] = deque()
         self._handle = kernel.emb_module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    @torch.no_grad()
     def _hook(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if not torch.is_grad_enabled() or not self.owner.enabled:
+        if not torch.is_grad_enabled() or not self.owner.enabled:  # not a training lookup
             return
-        indices, offsets, _ = _lookup_inputs(args, kwargs)
+        with torch.no_grad():
+            self._count(*_lookup_inputs(args, kwargs)[:2])
+
+    def _count(self, indices: Tensor, offsets: Tensor) -> None:
         batch = (offsets.numel() - 1) // self.num_features
         read = []
         for i, table in enumerate(self.tables):

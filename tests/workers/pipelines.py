@@ -1,6 +1,7 @@
 """Trains DLRM on the synthetic stream under SparseStrategy(pipeline=...) on N CPU processes.
 
-Rank 0 writes, to ``--result``: every step's loss (rank 0's), a sha256 of every rank's local tensors of the
+Several scenarios run one after another in the same processes (start-up is most of a run's time). For each,
+rank 0 writes, to ``--result``: every step's loss (rank 0's), a sha256 of every rank's local tensors of the
 model and sparse optimizer state after fit (so runs can be compared bit for bit), the largest staleness any
 rank's row version counters saw, and the global step.
 """
@@ -48,68 +49,60 @@ def digest(strategy) -> dict[str, str]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--pipeline", default="none")
-    parser.add_argument("--staleness", type=int, default=None)
-    parser.add_argument("--optimizer", default="rowwise_adagrad")
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--max-epochs", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--val-check-interval", type=float, default=1.0)
-    parser.add_argument("--ckpt-dir", default=None)
-    parser.add_argument("--ckpt-every-n-steps", type=int, default=0)
-    parser.add_argument("--ckpt-in", default=None)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args()
-
+def fit(spec: dict, devices: int) -> dict:
+    """One fit of a scenario: ``pipeline``, ``staleness``, ``optimizer``, ``batches``, ``val_check_interval``,
+    ``ckpt_dir`` + ``ckpt_every`` (a checkpoint every n steps), ``ckpt_in`` (resume)."""
     pl.seed_everything(1234)
     sizes = [40, 60, 30, 50]  # small tables: rows repeat across batches, so staleness is visible
     data = SyntheticClickDataModule(
-        num_embeddings_per_feature=sizes, batch_size=32, num_train_batches=args.batches, num_val_batches=2,
+        num_embeddings_per_feature=sizes, batch_size=32, num_train_batches=spec.get("batches", 8), num_val_batches=2,
     )  # fmt: skip
     model = DLRMModule(
         num_embeddings_per_feature=sizes, num_dense_features=data.num_dense_features, embedding_dim=8,
         dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
     )  # fmt: skip
-    pipeline = {"kind": args.pipeline}
-    if args.staleness is not None:
-        pipeline["staleness"] = args.staleness
-    strategy = lightning_sparse.SparseStrategy(
-        sharding="table_wise", optimizer=SparseOptimizerConfig(kind=args.optimizer, lr=0.05), pipeline=pipeline
-    )
+    pipeline = {"kind": spec["pipeline"]}
+    if spec.get("staleness") is not None:
+        pipeline["staleness"] = spec["staleness"]
+    optimizer = SparseOptimizerConfig(kind=spec.get("optimizer", "rowwise_adagrad"), lr=0.05)
+    strategy = lightning_sparse.SparseStrategy(sharding="table_wise", optimizer=optimizer, pipeline=pipeline)
     losses = Losses()
     callbacks = [losses]
-    if args.ckpt_dir:
-        callbacks.append(
-            ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=args.ckpt_every_n_steps)
-        )
+    if spec.get("ckpt_dir"):
+        every = ModelCheckpoint(dirpath=spec["ckpt_dir"], filename="{step}", save_top_k=-1, every_n_train_steps=spec["ckpt_every"])
+        callbacks.append(every)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.max_epochs, max_steps=args.max_steps,
-        val_check_interval=args.val_check_interval, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=spec.get("epochs", 1),
+        val_check_interval=spec.get("val_check_interval", 1.0), num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=bool(spec.get("ckpt_dir")), enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, deterministic=True,
     )  # fmt: skip
-    trainer.fit(model, data, ckpt_path=args.ckpt_in)
+    trainer.fit(model, data, ckpt_path=spec.get("ckpt_in"))
+    os.environ.setdefault("LOCAL_RANK", "0")  # the ranks exist now: later Trainers of this script start none
     staleness = torch.tensor([float(trainer.callback_metrics.get("pipeline/max_staleness", -1.0))])
     torch.distributed.all_reduce(staleness, op=torch.distributed.ReduceOp.MAX)
     digests = [None] * trainer.world_size
     torch.distributed.all_gather_object(digests, digest(strategy))
-    routes = {t.name: t.route.value for t in strategy.embedding_tables.tables.values()}
-    if trainer.is_global_zero:
+    return {
+        "losses": losses.losses,
+        "digests": digests,
+        "max_staleness": float(staleness),
+        "global_step": trainer.global_step,
+        "routes": {t.name: t.route.value for t in strategy.embedding_tables.tables.values()},
+        "val_auc": float(trainer.callback_metrics.get("val/auc", -1.0)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--scenarios", required=True, help="JSON: {name: spec} run one after another (see fit)")
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    results = {name: fit(spec, args.devices) for name, spec in json.loads(args.scenarios).items()}
+    if torch.distributed.get_rank() == 0:
         with open(args.result, "w") as f:
-            json.dump(
-                {
-                    "losses": losses.losses,
-                    "digests": digests,
-                    "max_staleness": float(staleness),
-                    "global_step": trainer.global_step,
-                    "routes": routes,
-                    "val_auc": float(trainer.callback_metrics.get("val/auc", -1.0)),
-                },
-                f,
-            )
+            json.dump(results, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
