@@ -31,6 +31,8 @@ def _scenarios(tmp_path) -> dict[str, dict]:
         "semi_sync": {**fused, "pipeline": "semi_sync"},
         "hybrid_2": {**fused, "pipeline": "hybrid", "staleness": 2},
         "hybrid_4": {**fused, "pipeline": "hybrid", "staleness": 4},
+        "two_epochs_none": {"batches": 8, "epochs": 2, "pipeline": "none"},
+        "two_epochs_hybrid_0": {"batches": 8, "epochs": 2, "pipeline": "hybrid", "staleness": 0},
         "native_none": {**native, "pipeline": "none"},
         "native_sparse_dist": {**native, "pipeline": "sparse_dist"},
         "native_hybrid_0": {**native, "pipeline": "hybrid", "staleness": 0},
@@ -55,6 +57,13 @@ def test_sparse_dist_and_hybrid_0_are_bit_identical_to_none(runs, route, exact):
     assert got["losses"] == expected["losses"]
     assert got["digests"] == expected["digests"]  # every rank's shards, dense weights and optimizer states
     assert got["max_staleness"] == 0.0
+
+
+def test_a_new_epoch_starts_the_pipeline_afresh(runs):
+    """The look-ahead never crosses an epoch: two epochs of hybrid S=0 are still bit-identical to none."""
+    expected, got = runs["two_epochs_none"], runs["two_epochs_hybrid_0"]
+    assert got["global_step"] == expected["global_step"] == 8
+    assert (got["losses"], got["digests"]) == (expected["losses"], expected["digests"])
 
 
 @pytest.mark.parametrize("staleness", [1, 2, 4])
@@ -151,6 +160,18 @@ def test_a_forward_the_pipeline_cannot_trace_stops_at_setup(single_process_env, 
 def test_unsupported_combinations_stop_at_setup(single_process_env, strategy, match):
     with pytest.raises(ValueError, match=match):
         _fit(strategy, _model())
+
+
+class Manual(DLRMModule):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+
+def test_manual_optimization_is_refused(single_process_env):
+    model = Manual(num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    with pytest.raises(ValueError, match="needs automatic optimization"):
+        _fit(SparseStrategy(pipeline="sparse_dist"), model)
 
 
 def test_hybrid_with_gradient_accumulation_is_refused(single_process_env):

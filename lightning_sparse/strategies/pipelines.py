@@ -314,10 +314,15 @@ class PipelineDriver:
         self.versions.applied()
 
     # ----------------------------------------------------------------- drain
+    def settle(self) -> None:
+        """Waits until the worker has done everything queued (the updates of the batches trained so far)."""
+        if self._worker is not None:
+            self._submit(lambda: None).result()
+
     def drain(self) -> None:
         """No batch in flight afterwards: queued updates done, lookups of untrained batches dropped, forwards restored."""
         if self._worker is not None:
-            self._submit(lambda: None).result()
+            self.settle()
             failures = [f.exception() for f in self._lookups if f.done() and f.exception() is not None]
             self._lookups.clear()
             self._current = None

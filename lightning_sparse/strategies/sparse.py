@@ -251,6 +251,8 @@ class SparseStrategy(DDPStrategy):
         """Sets the learning rate of every embedding table (applied from the next step, checkpointed)."""
         if lr < 0:
             raise ValueError(f"sparse learning rate must be >= 0, got {lr}")
+        if self._pipeline is not None:
+            self._pipeline.settle()  # the row updates already queued on the pipeline's worker keep the old rate
         for group in self.sparse_param_groups():
             group["lr"] = lr
         self._push_fused_learning_rates()
