@@ -185,6 +185,7 @@ class PipelineDriver:
         self._handed_out = 0  # how many of _entries Lightning has fetched
         self._worker: Optional[ThreadPoolExecutor] = None
         self._lookups: deque[Future] = deque()  # hybrid: one per entry from _entries[0], in order
+        self._updates: deque[Future] = deque()  # hybrid: row updates queued, not yet checked for failure
         self._trained = 0  # hybrid: batches whose update is queued since the last drain
         self._current: Optional[Future] = None
 
@@ -236,6 +237,8 @@ class PipelineDriver:
         if not self._entries:
             raise RuntimeError("SparseStrategy pipeline: training_step ran on a batch the pipeline did not read")
         if self._asynchronous:
+            while self._updates and self._updates[0].done():
+                self._updates.popleft().result()  # re-raises a failed row update
             self._schedule_lookups()
             self._current = self._lookups.popleft()
             context = self._current.result()  # re-raises a failure of the worker
@@ -251,6 +254,7 @@ class PipelineDriver:
         if len(stages.batches) < 2 and self._have(2) == 2:
             stages.enqueue_batch(iter([self._entries[1][1]]))
         stages._set_module_context(stages.contexts[0])
+        stages._wait_for_batch()  # on CUDA: this stream waits for batch i's input dist stream (a no-op on CPU)
         if len(stages.batches) >= 2:
             stages.start_sparse_data_dist(stages.batches[1], stages.contexts[1])
 
@@ -262,7 +266,7 @@ class PipelineDriver:
         """After the dense step: the batch's row update (now, or queued on the worker), then the next lookups."""
         if self._asynchronous:
             context = self._current.result()
-            self._submit(self._update, context)
+            self._updates.append(self._submit(self._update, context))
             self._current = None
             self._trained += 1
             self._entries.popleft()
@@ -319,23 +323,26 @@ class PipelineDriver:
         if self._worker is not None:
             self._submit(lambda: None).result()
 
-    def drain(self) -> None:
+    def drain(self, raise_failures: bool = True) -> None:
         """No batch in flight afterwards: queued updates done, lookups of untrained batches dropped, forwards restored."""
+        failures = []
         if self._worker is not None:
             self.settle()
-            failures = [f.exception() for f in self._lookups if f.done() and f.exception() is not None]
+            failures = [f.exception() for f in (*self._updates, *self._lookups) if f.exception() is not None]
             self._lookups.clear()
+            self._updates.clear()
             self._current = None
             self._trained = 0
-            if failures:
-                raise failures[0]
         self._stages.reset()
         self.versions.forget_in_flight()
         if self._stages._model_attached:
             self._stages.detach()
+        if failures and raise_failures:
+            raise failures[0]
 
     def close(self) -> None:
-        self.drain()
+        """At teardown (also after a failure, which has been raised already): drain, then stop the worker."""
+        self.drain(raise_failures=False)
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
