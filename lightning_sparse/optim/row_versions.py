@@ -1,17 +1,20 @@
 """Per-row version counters: the staleness a pipelined lookup actually saw, measured rather than assumed.
 
 Every lookup kernel (fbgemm TBE) of a sharded table sees, in training, the rows the *global* batch reads of
-its local shards (after TorchRec's input dist). Two counters per local row:
+its local shards (after TorchRec's input dist). Think of two versions per local row: ``due[r]``, how many
+earlier training lookups read row ``r`` (in a synchronous loop, how many updates it would have received
+before this lookup), and ``applied[r]``, how many of those updates had been applied when it is read again.
+The staleness of ``r`` at a lookup is ``due[r] - applied[r]``, the number of earlier batches whose update of
+``r`` this lookup did not see. Only the difference matters, so one counter per row is kept:
+``pending[r] = due[r] - applied[r]``, the number of batches that read ``r`` and are not updated yet.
 
-- ``due[r]``: how many earlier training lookups read row ``r`` (so, in a synchronous loop, how many updates
-  row ``r`` would have received before this lookup);
-- ``applied[r]``: how many of those updates had been applied when this lookup read it.
-
-At a lookup, the staleness of row ``r`` is ``due[r] - applied[r]``: the number of earlier batches whose
-update of ``r`` this lookup did not see. The largest over the looked-up rows is recorded, ``due`` is
-advanced for them, and the rows wait in a FIFO until :meth:`RowVersions.applied` says that batch's row
-update is done (lookups and updates both happen in batch order). A synchronous loop therefore always
-measures 0; a pipeline with a staleness bound ``S`` must measure at most ``S`` (``tests/test_pipelines.py``).
+At a lookup, the largest ``pending`` over the rows read is recorded, then ``pending`` of each row read is
+raised by one; the lookup's indices wait in a FIFO until :meth:`RowVersions.applied` says that batch's row
+update is done, which lowers them again (lookups and updates both happen in batch order). A row read several
+times by one batch counts once: the new values are gathered before they are written back, so duplicate
+writes carry the same value (no sort, no ``unique``; a lookup costs one gather and one scatter of its ids).
+A synchronous loop therefore always measures 0; a pipeline with a staleness bound ``S`` must measure at
+most ``S`` (``tests/test_pipelines.py``).
 
 Lookups made without gradients (validation, test, predict) are not counted: they update nothing.
 """
@@ -28,14 +31,13 @@ from lightning_sparse.optim.row_gradients import _lookup_inputs, find_lookup_ker
 
 
 class _KernelVersions:
-    """The counters of one lookup kernel's tables (local rows)."""
+    """The ``pending`` counters of one lookup kernel's tables (local rows)."""
 
     def __init__(self, kernel: Any, owner: "RowVersions") -> None:
         self.owner = owner
         self.tables, self.num_features, _ = tables_in_lookup(kernel)
-        rows = [w.shape[0] for w in kernel.emb_module.split_embedding_weights()]
-        self.due = [torch.zeros(n, dtype=torch.int64) for n in rows]
-        self.applied = [torch.zeros(n, dtype=torch.int64) for n in rows]
+        weights = kernel.emb_module.split_embedding_weights()
+        self.pending = [torch.zeros(w.shape[0], dtype=torch.int32, device=w.device) for w in weights]
         self.in_flight: deque[list[Tensor]] = deque()
         self._handle = kernel.emb_module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
@@ -47,27 +49,30 @@ class _KernelVersions:
 
     def _count(self, indices: Tensor, offsets: Tensor) -> None:
         batch = (offsets.numel() - 1) // self.num_features
+        ends = offsets[[t.features[0] * batch for t in self.tables] + [(self.tables[-1].features[-1] + 1) * batch]].tolist()
         read = []
-        for i, table in enumerate(self.tables):
-            begin, end = int(offsets[table.features[0] * batch]), int(offsets[(table.features[-1] + 1) * batch])
-            rows = torch.unique(indices[begin:end].long().cpu())
+        for i in range(len(self.tables)):
+            rows = indices[ends[i] : ends[i + 1]].to(torch.int64)
             if rows.numel():
-                stale = int((self.due[i][rows] - self.applied[i][rows]).max())
-                self.owner.observe(stale)
-                self.due[i][rows] += 1
+                seen = self.pending[i][rows]
+                self.owner.observe(int(seen.max()))
+                self.pending[i][rows] = seen + 1
             read.append(rows)
         self.in_flight.append(read)
 
+    def _lower(self, read: list[Tensor]) -> None:
+        for counter, rows in zip(self.pending, read):
+            if rows.numel():
+                counter[rows] = counter[rows] - 1
+
     def applied_oldest(self) -> None:
         if self.in_flight:
-            for counter, rows in zip(self.applied, self.in_flight.popleft()):
-                counter[rows] += 1
+            self._lower(self.in_flight.popleft())
 
     def forget_in_flight(self) -> None:
-        """Lookups whose batches will never be updated (dropped by a drain) no longer count as due."""
+        """Lookups whose batches will never be updated (dropped by a drain) no longer count."""
         while self.in_flight:
-            for counter, rows in zip(self.due, self.in_flight.pop()):
-                counter[rows] -= 1
+            self._lower(self.in_flight.pop())
 
     def remove(self) -> None:
         self._handle.remove()

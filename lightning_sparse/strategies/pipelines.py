@@ -179,7 +179,8 @@ class PipelineDriver:
         self._asynchronous = config.kind in (PipelineKind.HYBRID, PipelineKind.SEMI_SYNC)
         self._stages = _Stages(dmp, device, precomputed=self._asynchronous)
         self._stages.detach()
-        self.versions = RowVersions(dmp)
+        # Staleness is counted where it can be non-zero; sparse_dist and none never read a row before its update.
+        self.versions = RowVersions(dmp) if self._asynchronous else None
         self._source: Optional[Iterator[Any]] = None
         self._entries: deque[tuple[Any, KeyedJaggedTensor]] = deque()  # read, not trained yet (in order)
         self._handed_out = 0  # how many of _entries Lightning has fetched
@@ -195,8 +196,9 @@ class PipelineDriver:
         return self._asynchronous
 
     @property
-    def max_staleness(self) -> int:
-        return self.versions.max_staleness
+    def max_staleness(self) -> Optional[int]:
+        """The largest staleness this rank's lookups saw (hybrid, semi_sync), None where it is not counted."""
+        return self.versions.max_staleness if self.versions is not None else None
 
     # ------------------------------------------------------------ the loader
     def wrap(self, loader: Any) -> LookaheadLoader:
@@ -258,9 +260,12 @@ class PipelineDriver:
         if len(stages.batches) >= 2:
             stages.start_sparse_data_dist(stages.batches[1], stages.contexts[1])
 
-    def after_forward(self) -> None:
+    def after_forward(self, module: Any) -> None:
+        """In ``training_step``, after the user's: batch i+1's input dist completes (sparse_dist); logs staleness."""
         if not self._asynchronous and len(self._stages.batches) >= 2:
             self._stages.wait_sparse_data_dist(self._stages.contexts[1])
+        if self.versions is not None:
+            module.log(STALENESS_METRIC, float(self.versions.max_staleness), batch_size=1)
 
     def after_optimizer_step(self) -> None:
         """After the dense step: the batch's row update (now, or queued on the worker), then the next lookups."""
@@ -273,7 +278,6 @@ class PipelineDriver:
             self._handed_out -= 1
             self._schedule_lookups()
             return
-        self.versions.applied()
         self._stages.dequeue_batch()
         self._entries.popleft()
         self._handed_out -= 1
@@ -334,7 +338,8 @@ class PipelineDriver:
             self._current = None
             self._trained = 0
         self._stages.reset()
-        self.versions.forget_in_flight()
+        if self.versions is not None:
+            self.versions.forget_in_flight()
         if self._stages._model_attached:
             self._stages.detach()
         if failures and raise_failures:

@@ -288,8 +288,7 @@ class SparseStrategy(DDPStrategy):
             return super().training_step(*args, **kwargs)
         self._pipeline.before_forward()
         output = super().training_step(*args, **kwargs)
-        self._pipeline.after_forward()
-        self.lightning_module.log(pipelines.STALENESS_METRIC, float(self._pipeline.max_staleness), batch_size=1)
+        self._pipeline.after_forward(self.lightning_module)
         return output
 
     def process_dataloader(self, dataloader: object) -> object:
