@@ -9,6 +9,7 @@
    and validation AUC on the drifting synthetic stream, after the same training samples, within 0.005.
 
     python benchmarks/pipelines.py [--steps 40] [--batch-size 2048] [--pooling-factor 1] [--repeats 2]
+    python benchmarks/pipelines.py --auc-only 1,2,4 [--steps 120]     # AUC of none vs hybrid S only
 
 Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end.
 """
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--pooling-factor", type=int, default=1, help="ids per feature per sample (1 = one-hot)")
     parser.add_argument("--delay-ms", type=float, default=20.0, help="injected delay per step in the lookup (part 2)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the best is kept")
+    parser.add_argument("--auc-only", default=None, help="e.g. 1,2,4: only validation AUC of none and hybrid with these staleness bounds, no delay")
     parser.add_argument("--variant", choices=["lightning", "torchrec"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=4, help="staleness of the hybrid variant (part 2)")
@@ -193,6 +195,8 @@ def main() -> None:
     if args.variant == "torchrec":
         return torch.multiprocessing.spawn(run_torchrec, args=(_free_port(), args), nprocs=2)
 
+    if args.auc_only:
+        return auc_only(args)
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name, variant in variants(args.staleness).items():
@@ -217,6 +221,16 @@ def main() -> None:
     print(f"\n(a)/(b) = {ab:.3f}            goal >= 0.97   {'met' if ab >= 0.97 else 'NOT met'}")
     print(f"hybrid S={args.staleness} / none = {speedup:.2f}x   goal >= 1.5    {'met' if speedup >= 1.5 else 'NOT met'}")
     print(f"|AUC gap| = {auc_gap:.4f}         goal <= 0.005  {'met' if auc_gap <= 0.005 else 'NOT met'}")
+
+
+def auc_only(args) -> None:
+    """Validation AUC after the same training samples: none vs hybrid with each staleness (deterministic runs)."""
+    base = _run({"variant": "lightning", "pipeline": "none", "auc": 1, "delay_ms": 0}, args)["auc"]
+    print(f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps, 2 processes")
+    print(f"\n| pipeline | val AUC | AUC - none |\n|---|---:|---:|\n| none | {base:.4f} | |")
+    for staleness in (int(s) for s in args.auc_only.split(",")):
+        auc = _run({"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1, "delay_ms": 0}, args)["auc"]
+        print(f"| hybrid S={staleness} | {auc:.4f} | {auc - base:+.4f} |")
 
 
 if __name__ == "__main__":
