@@ -74,6 +74,12 @@ def test_observed_staleness_never_exceeds_the_bound_and_reaches_it(runs, stalene
     assert run["global_step"] == 6
 
 
+def test_only_the_worker_pipelines_shard_the_tables_on_a_group_of_their_own(runs):
+    own = {name: run["tables_on_own_group"] for name, run in runs.items()}
+    assert own["hybrid_2"] and own["semi_sync"] and own["native_hybrid_0"]
+    assert not own["none"] and not own["sparse_dist"]
+
+
 def test_semi_sync_is_hybrid_with_staleness_1(runs):
     assert runs["semi_sync"]["digests"] == runs["hybrid_1"]["digests"]
     assert runs["semi_sync"]["max_staleness"] == 1.0

@@ -90,6 +90,7 @@ def fit(spec: dict, devices: int) -> dict:
         "global_step": trainer.global_step,
         "routes": {t.name: t.route.value for t in strategy.embedding_tables.tables.values()},
         "val_auc": float(trainer.callback_metrics.get("val/auc", -1.0)),
+        "tables_on_own_group": strategy.distributed_model._env.process_group is not torch.distributed.group.WORLD,
     }
 
 
