@@ -210,7 +210,7 @@ def main() -> None:
         f"model: DLRM, {len(TABLE_SIZES)} tables ({sum(TABLE_SIZES):,} rows x 64), pooling factor {args.pooling_factor}, "
         f"batch {args.batch_size}/rank, {args.steps} steps ({WARMUP_STEPS} warm-up), best of {args.repeats}"
     )
-    print(f"\n| variant | steps/s | val AUC |\n|---|---:|---:|")
+    print("\n| variant | steps/s | val AUC |\n|---|---:|---:|")
     for name, got in best.items():
         auc = f"{got['auc']:.4f}" if got["auc"] == got["auc"] else "-"
         print(f"| {name}{f' {args.delay_ms:g} ms' if 'delay' in name else ''} | {got['steps_per_sec']:.2f} | {auc} |")

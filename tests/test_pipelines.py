@@ -7,8 +7,7 @@ import json
 
 import lightning.pytorch as pl
 import pytest
-import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor
 
 from conftest import run_worker
 from lightning_sparse import SparseStrategy, TableConfig

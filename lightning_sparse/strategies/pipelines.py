@@ -40,7 +40,6 @@ the same step, so a checkpoint holds no in-flight state and a resumed run repeat
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
