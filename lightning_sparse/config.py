@@ -160,3 +160,65 @@ class ResolvedTable:
     dim: int = 0
     init: TableInitKind = TableInitKind.COPY
     initialiser: Any = None
+
+
+class PipelineKind(NamedEnum):
+    """How a training step's stages overlap (``lightning_sparse/strategies/pipelines.py``).
+
+    ``none``: input distribution, lookup, dense forward/backward and row update one after another.
+    ``sparse_dist``: TorchRec's ``TrainPipelineSparseDist``: the next batch's input distribution starts
+    before this batch's forward; results are bit-identical to ``none``.
+    ``hybrid``: PERSIA's hybrid synchronisation: embedding lookups run up to ``staleness`` batches ahead on
+    a worker thread, so a lookup may miss the row updates of at most ``staleness`` earlier batches; the
+    dense layers stay synchronous. ``staleness: 0`` is bit-identical to ``none``.
+    ``semi_sync``: TorchRec's ``TrainPipelineSemiSync`` semantics (the next batch's lookup before this
+    batch's row update): ``hybrid`` with ``staleness: 1``.
+    """
+
+    NONE = "none"
+    SPARSE_DIST = "sparse_dist"
+    HYBRID = "hybrid"
+    SEMI_SYNC = "semi_sync"
+
+
+@dataclass
+class PipelineConfig:
+    """The strategy's training pipeline.
+
+    Args:
+        kind: see :class:`PipelineKind`.
+        staleness: ``hybrid`` only: how many earlier batches' row updates a lookup may miss (``S`` >= 0).
+            ``semi_sync`` is 1, ``none`` and ``sparse_dist`` 0; another value for them is an error.
+    """
+
+    kind: PipelineKind = PipelineKind.NONE
+    staleness: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.kind = PipelineKind.parse(self.kind, "PipelineConfig.kind")
+        fixed = {PipelineKind.NONE: 0, PipelineKind.SPARSE_DIST: 0, PipelineKind.SEMI_SYNC: 1}
+        if self.kind is PipelineKind.HYBRID:
+            if self.staleness is None or int(self.staleness) != self.staleness or self.staleness < 0:
+                raise ValueError(
+                    f"PipelineConfig.staleness={self.staleness!r}: pipeline 'hybrid' needs an integer staleness >= 0 "
+                    "(e.g. {kind: hybrid, staleness: 4})"
+                )
+            self.staleness = int(self.staleness)
+        elif self.staleness is not None and self.staleness != fixed[self.kind]:
+            raise ValueError(
+                f"PipelineConfig.staleness={self.staleness!r} does not apply to pipeline {self.kind.value!r} "
+                f"(its staleness is {fixed[self.kind]}); choose kind 'hybrid' to set it"
+            )
+        else:
+            self.staleness = fixed[self.kind]
+
+    @classmethod
+    def parse(cls, value: "PipelineConfig | PipelineKind | str | dict | None", what: str) -> "PipelineConfig":
+        """A config from itself, a kind's name (``"sparse_dist"``) or a mapping (``{kind: hybrid, staleness: 2}``)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return build_dataclass(cls, value, what)
+        return cls(kind=PipelineKind.parse(value, what))

@@ -290,7 +290,7 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
     }
     assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
                          "process_group_backend", "timeout", "start_method", "bad_ids", "non_finite",
-                         "on_signal", "signal_checkpoint_path", "count_communication"}  # no accelerator/devices internals
+                         "on_signal", "signal_checkpoint_path", "count_communication", "pipeline"}  # no accelerator/devices internals
     assert args["bad_ids"] == "error" and args["non_finite"] == "error"
     # Linked from the data module, so not settable on the model.
     assert "num_embeddings_per_feature" not in cfg["model"]["init_args"]

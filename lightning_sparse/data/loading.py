@@ -43,8 +43,9 @@ from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-# States kept per pass: the one after the batch the trainer is on, plus Lightning's prefetched batch and slack.
-_KEPT_STATES = 4
+# States kept per pass: the one after the batch the trainer is on, plus Lightning's prefetched batch, the
+# batches a SparseStrategy pipeline reads ahead (``hybrid`` with staleness S: S + 1) and slack.
+_KEPT_STATES = 16
 
 
 class Consumed(NamedTuple):

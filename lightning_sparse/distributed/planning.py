@@ -114,18 +114,31 @@ def shard_model(
     process_group: dist.ProcessGroup,
     static_graph: bool = False,
     find_unused_parameters: bool = False,
+    dense_process_group: Optional[dist.ProcessGroup] = None,
 ) -> DistributedModelParallel:
-    """Wraps ``model`` in DistributedModelParallel: sharded fused tables, dense modules under DDP."""
+    """Wraps ``model`` in DistributedModelParallel: sharded fused tables, dense modules under DDP (on
+    ``dense_process_group`` when given: the tables' collectives may then run on another thread)."""
+    wrapper = _DenseGroupWrapper(static_graph=static_graph, find_unused_parameters=find_unused_parameters)
+    wrapper.dense_process_group = dense_process_group
     return DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(process_group),
         device=device,
         plan=plan,
         sharders=sharders(),
-        data_parallel_wrapper=DefaultDataParallelWrapper(
-            static_graph=static_graph, find_unused_parameters=find_unused_parameters
-        ),
+        data_parallel_wrapper=wrapper,
     )
+
+
+class _DenseGroupWrapper(DefaultDataParallelWrapper):
+    """TorchRec's DDP wrapper, on a process group other than the tables' when asked (pipeline ``hybrid``)."""
+
+    dense_process_group: Optional[dist.ProcessGroup] = None
+
+    def _ddp_wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device, ignore: set) -> None:
+        if self.dense_process_group is not None:
+            env = ShardingEnv.from_process_group(self.dense_process_group)
+        super()._ddp_wrap(dmp, env, device, ignore)
 
 
 def shard_tables(
@@ -138,6 +151,7 @@ def shard_tables(
     local_world_size: Optional[int] = None,
     static_graph: bool = False,
     find_unused_parameters: bool = False,
+    dense_process_group: Optional[dist.ProcessGroup] = None,
 ) -> tuple[DistributedModelParallel, EmbeddingTables, ShardingPlan]:
     """Resolves every table (route and initialisation included), plans, shards and wraps ``model``, then
     fills the local shards with the tables' initial values: copied from tables built on the host, or, for
@@ -148,7 +162,7 @@ def shard_tables(
     move_dense_modules(model, device, set(tables.modules))
     plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size)
     log.info("SparseStrategy sharding plan:\n%s", plan)
-    dmp = shard_model(model, plan, device, process_group, static_graph, find_unused_parameters)
+    dmp = shard_model(model, plan, device, process_group, static_graph, find_unused_parameters, dense_process_group)
     materialise_shards(model, tables)
     return dmp, tables, plan
 

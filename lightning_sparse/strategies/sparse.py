@@ -30,7 +30,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.callbacks import CommunicationMonitor
-from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
+from lightning_sparse.config import PipelineConfig, ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
 from lightning_sparse.distributed.collectives import Collectives, collective_device
 from lightning_sparse.distributed.comm import CommunicationCounter, CommunicationReport, communication_counter
@@ -38,6 +38,7 @@ from lightning_sparse.distributed.planning import shard_tables
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
+from lightning_sparse.strategies import pipelines
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
@@ -77,6 +78,8 @@ class SparseStrategy(DDPStrategy):
         count_communication: count the bytes of every collective per training step, by table and sharding type
             (``communication_report()``, ``comm/...`` metrics, fit summary); off by default: it adds Python work
             to every collective (see ``benchmarks/RESULTS.md``).
+        pipeline: ``none`` | ``sparse_dist`` | ``semi_sync`` | ``{kind: hybrid, staleness: S}``: how the steps'
+            stages overlap (:class:`~lightning_sparse.config.PipelineConfig`, ``strategies/pipelines.py``).
     """
 
     strategy_name = "sparse"
@@ -96,6 +99,7 @@ class SparseStrategy(DDPStrategy):
         on_signal: OnSignal = OnSignal.STOP,
         signal_checkpoint_path: Optional[str] = None,
         count_communication: bool = False,
+        pipeline: Optional[PipelineConfig] = None,
     ) -> None:
         # Accelerator, devices, cluster environment, precision and checkpoint IO are filled in by the
         # Trainer (as for any registered strategy), which keeps this signature to what a YAML config sets.
@@ -114,6 +118,8 @@ class SparseStrategy(DDPStrategy):
         self._stop_request = StopRequest()
         self.count_communication = count_communication
         self._comm: Optional[CommunicationCounter] = None
+        self.pipeline = PipelineConfig.parse(pipeline, "SparseStrategy.pipeline")
+        self._pipeline: Optional[pipelines.PipelineDriver] = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -149,6 +155,7 @@ class SparseStrategy(DDPStrategy):
                 trainer.callbacks.insert(0, CommunicationMonitor(self._comm))
         if fitting:
             self.setup_optimizers(trainer)
+            self._pipeline = pipelines.build_driver(self, trainer)
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -160,7 +167,8 @@ class SparseStrategy(DDPStrategy):
 
     def _shard(self, module: LightningModule) -> ShardedModel:
         """Plans and shards ``module`` and builds the components that own its state (once per module)."""
-        process_group = dist.group.WORLD
+        tables_group = pipelines.embedding_process_group(self.pipeline)
+        process_group = tables_group or dist.group.WORLD
         dmp, tables, plan = shard_tables(
             module,
             self.root_device,
@@ -171,6 +179,7 @@ class SparseStrategy(DDPStrategy):
             local_world_size=self.num_processes,
             static_graph=self.static_graph,
             find_unused_parameters=self.find_unused_parameters,
+            dense_process_group=dist.group.WORLD if tables_group is not None else None,
         )
         return ShardedModel.build(module, dmp, tables, plan, self.root_device, self.collectives)
 
@@ -217,6 +226,8 @@ class SparseStrategy(DDPStrategy):
 
     def set_sparse_lr(self, lr: float) -> None:
         """Sets the learning rate of every embedding table (applied from the next step, checkpointed)."""
+        if self._pipeline is not None:
+            self._pipeline.settle()  # the row updates already queued on the pipeline's worker keep the old rate
         self.sharded_model.optimizer.set_lr(lr)
 
     def sparse_param_groups(self) -> list[dict[str, Any]]:
@@ -228,7 +239,24 @@ class SparseStrategy(DDPStrategy):
         args = self._checked(args, training=True)
         if self.dynamic_tables is not None:
             args = (self._remap_for_training(args[0]),) + args[1:]
-        return super().training_step(*args, **kwargs)
+        if self._pipeline is None:
+            return super().training_step(*args, **kwargs)
+        self._pipeline.before_forward()
+        output = super().training_step(*args, **kwargs)
+        self._pipeline.after_forward(self.lightning_module)
+        return output
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """The train loader, read through the pipeline (which looks ahead) when there is one."""
+        dataloader = super().process_dataloader(dataloader)
+        if self._pipeline is not None and self.lightning_module.trainer.training:
+            return self._pipeline.wrap(dataloader)
+        return dataloader
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self._pipeline is not None:
+            self._pipeline.drain()  # no batch in flight while the tables serve evaluation lookups
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         return super().validation_step(*self._remap_for_evaluation(self._checked(args)), **kwargs)
@@ -284,7 +312,10 @@ class SparseStrategy(DDPStrategy):
         """Steps the dense optimizer (its closure runs forward/backward, which updates fbgemm-fused tables),
         then our kernels' optimizer, which updates the native and data-parallel tables after backward."""
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self.sharded_model.optimizer.step_kernels()
+        if self._pipeline is None or not self._pipeline.owns_row_updates:
+            self.sharded_model.optimizer.step_kernels()
+        if self._pipeline is not None:
+            self._pipeline.after_optimizer_step()
         return output
 
     # ----------------------------------------------------------- checkpoints
@@ -294,6 +325,8 @@ class SparseStrategy(DDPStrategy):
         """Writes a sharded checkpoint directory; must run on every rank (Lightning calls it on all)."""
         if storage_options is not None:
             raise TypeError("SparseStrategy.save_checkpoint does not take storage_options")
+        if self._pipeline is not None:
+            self._pipeline.drain()  # a checkpoint holds no batch in flight (see strategies/pipelines.py)
         sharded = self.sharded_model
         sparse = sharded.optimizer.state_dict()
         trainer_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
@@ -343,6 +376,9 @@ class SparseStrategy(DDPStrategy):
     def teardown(self) -> None:
         """Unwraps ``self.model`` as Lightning expects; the sharded model stays with this strategy (and so with
         the module's Trainer), so a later ``trainer.test`` or another Trainer reuses it."""
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
         self.model = self.lightning_module
         if self._comm is not None:
             self._comm.uninstall()

@@ -1,0 +1,237 @@
+"""Pipelines (issue 14), side by side in one run, on 2 CPU gloo processes, DLRM of benchmarks/throughput.py:
+
+1. sparse_dist: (a) Lightning + SparseStrategy(pipeline="sparse_dist") vs (b) a hand-written loop calling
+   TorchRec's TrainPipelineSparseDist.progress() over the same model, optimizers and pre-built batches.
+   Goal (a)/(b) >= 0.97.
+2. hybrid: SparseStrategy(pipeline={kind: hybrid, staleness: 4}) vs pipeline "none", both through Lightning,
+   with a fixed delay of --delay-ms per step injected in the embedding lookup (a sleep in a forward pre-hook
+   of the lookup kernels, as a remote embedding store or a slow all_to_all would add). Goal >= 1.5x steps/s,
+   and validation AUC on the drifting synthetic stream, after the same training samples, within 0.005.
+
+    python benchmarks/pipelines.py [--steps 40] [--batch-size 2048] [--pooling-factor 1] [--repeats 2]
+    python benchmarks/pipelines.py --auc-only 1,2,4 [--steps 120]     # AUC of none vs hybrid S only
+
+Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import DENSE_FEATURES, TABLE_SIZES, _free_port, _init, _RankSampler, dlrm_module, sparse_config  # noqa: E402
+
+WARMUP_STEPS = 5
+DRIFT_PERIOD = 16  # batches per drift phase of the synthetic stream
+VAL_BATCHES = 8
+
+
+def stream(args, num_batches: int, split_offset: int = 0):
+    from lightning_sparse.data import SyntheticClickStream
+
+    return SyntheticClickStream(
+        num_batches=num_batches, batch_size=args.batch_size, num_embeddings_per_feature=TABLE_SIZES,
+        num_dense_features=DENSE_FEATURES, pooling_factor=args.pooling_factor, drift_period=DRIFT_PERIOD,
+        split_offset=split_offset,
+    )  # fmt: skip
+
+
+def rank_batches(args, rank: int) -> list:
+    train = stream(args, 2 * args.steps)
+    return [train[i] for i in range(rank, 2 * args.steps, 2)]
+
+
+# ------------------------------------------------------------------------------------- (a) Lightning
+def run_lightning(args) -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_sparse import SparseStrategy
+    from lightning_sparse.optim.row_gradients import find_lookup_kernels
+
+    class InMemory(pl.LightningDataModule):
+        def train_dataloader(self):
+            batches = rank_batches(args, self.trainer.global_rank)
+            return DataLoader(batches, batch_size=None, sampler=_RankSampler(args.steps))
+
+        def val_dataloader(self):
+            val = stream(args, VAL_BATCHES, split_offset=2 * args.steps)
+            sampler = DistributedSampler(val, num_replicas=2, rank=self.trainer.global_rank, shuffle=False)
+            return DataLoader(val, batch_size=None, sampler=sampler)
+
+    class Clock(pl.Callback):
+        """Steps/s after the warm-up steps; an optional sleep in every training lookup."""
+
+        def on_fit_start(self, trainer, pl_module):
+            kernels = find_lookup_kernels(trainer.strategy.distributed_model)
+            delay = args.delay_ms / 1000 / len(kernels)
+
+            def sleep(module, inputs):
+                if torch.is_grad_enabled():  # training lookups only
+                    time.sleep(delay)
+
+            for kernel in kernels if args.delay_ms else []:
+                kernel.emb_module.register_forward_pre_hook(sleep)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == WARMUP_STEPS:
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.end = time.perf_counter()
+
+    pl.seed_everything(0)
+    clock = Clock()
+    pipeline = {"kind": args.pipeline, **({"staleness": args.staleness} if args.pipeline == "hybrid" else {})}
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[clock],
+        strategy=SparseStrategy(sharding="table_wise", optimizer=sparse_config(), pipeline=pipeline),
+        limit_val_batches=1.0 if args.auc else 0, use_distributed_sampler=False,  # each rank reads its own list
+    )  # fmt: skip
+    trainer.fit(dlrm_module(), InMemory())
+    if trainer.is_global_zero:
+        steps_per_sec = (args.steps - WARMUP_STEPS) / (clock.end - clock.start)
+        _write(args.result, steps_per_sec, float(trainer.callback_metrics.get("val/auc", float("nan"))))
+
+
+# ------------------------------------------------------------------------ (b) TorchRec's pipeline class
+class WithLoss(torch.nn.Module):
+    """DLRM returning (loss, logits) from a Batch, as TorchRec's pipelines call a model."""
+
+    def __init__(self, dlrm: torch.nn.Module) -> None:
+        super().__init__()
+        self.dlrm = dlrm
+
+    def forward(self, batch):
+        logits = self.dlrm(batch.dense_features, batch.sparse_features).reshape(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels), logits
+
+
+def run_torchrec(rank: int, port: int, args) -> None:
+    import torch.distributed as dist
+    from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSparseDist
+
+    from lightning_sparse.config import ShardingType
+    from lightning_sparse.distributed.planning import attach_fused_optimizers, plan_sharding, shard_model
+    from lightning_sparse.distributed.routes import resolve_tables
+
+    _init(rank, port)
+    torch.manual_seed(0)
+    model = WithLoss(dlrm_module().dlrm)
+    tables = resolve_tables(model, "cpu", ShardingType.TABLE_WISE, sparse_config(), None)
+    attach_fused_optimizers(tables, "cpu")
+    plan = plan_sharding(model, tables, torch.device("cpu"), dist.group.WORLD)
+    dmp = shard_model(model, plan, torch.device("cpu"), dist.group.WORLD)
+    dense = [p for p in dmp.parameters() if not hasattr(p, "_in_backward_optimizers")]
+    pipeline = TrainPipelineSparseDist(dmp, torch.optim.Adam(dense, lr=1e-3), torch.device("cpu"))
+    batches = iter(rank_batches(args, rank))
+    for i in range(args.steps):
+        if i == WARMUP_STEPS:
+            start = time.perf_counter()
+        pipeline.progress(batches)
+    seconds = time.perf_counter() - start
+    dist.barrier()
+    if rank == 0:
+        _write(args.result, (args.steps - WARMUP_STEPS) / seconds, float("nan"))
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ shared
+def _write(path: str, steps_per_sec: float, auc: float) -> None:
+    with open(path, "w") as f:
+        json.dump({"steps_per_sec": steps_per_sec, "auc": auc}, f)
+
+
+def _run(variant: dict, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "r.json")
+        cmd = [
+            sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+            "--pooling-factor", str(args.pooling_factor), "--result", result,
+        ] + [f"--{k.replace('_', '-')}={v}" for k, v in variant.items()]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
+        with open(result) as f:
+            return json.load(f)
+
+
+def variants(staleness: int) -> dict[str, dict]:
+    return {
+        "(a) Lightning + SparseStrategy(pipeline=sparse_dist)": {"variant": "lightning", "pipeline": "sparse_dist"},
+        "(b) TorchRec TrainPipelineSparseDist.progress loop": {"variant": "torchrec"},
+        "none, delay": {"variant": "lightning", "pipeline": "none", "auc": 1},
+        f"hybrid S={staleness}, delay": {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="steps per rank (the first 5 are warm-up)")
+    parser.add_argument("--batch-size", type=int, default=2048, help="samples per rank per step")
+    parser.add_argument("--pooling-factor", type=int, default=1, help="ids per feature per sample (1 = one-hot)")
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="injected delay per step in the lookup (part 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the best is kept")
+    parser.add_argument("--auc-only", default=None, help="e.g. 1,2,4: only validation AUC of none and hybrid with these staleness bounds, no delay")
+    parser.add_argument("--variant", choices=["lightning", "torchrec"], help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--staleness", type=int, default=4, help="staleness of the hybrid variant (part 2)")
+    parser.add_argument("--auc", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant == "lightning":
+        return run_lightning(args)
+    if args.variant == "torchrec":
+        return torch.multiprocessing.spawn(run_torchrec, args=(_free_port(), args), nprocs=2)
+
+    if args.auc_only:
+        return auc_only(args)
+    best: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, variant in variants(args.staleness).items():
+            delay = {"delay_ms": args.delay_ms if "delay" in name else 0}
+            got = _run({**variant, **delay}, args)
+            if name not in best or got["steps_per_sec"] > best[name]["steps_per_sec"]:
+                best[name] = got
+    load = os.getloadavg()[0]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f}, torch {torch.__version__}, 2 gloo processes")
+    print(
+        f"model: DLRM, {len(TABLE_SIZES)} tables ({sum(TABLE_SIZES):,} rows x 64), pooling factor {args.pooling_factor}, "
+        f"batch {args.batch_size}/rank, {args.steps} steps ({WARMUP_STEPS} warm-up), best of {args.repeats}"
+    )
+    print("\n| variant | steps/s | val AUC |\n|---|---:|---:|")
+    for name, got in best.items():
+        auc = f"{got['auc']:.4f}" if got["auc"] == got["auc"] else "-"
+        print(f"| {name}{f' {args.delay_ms:g} ms' if 'delay' in name else ''} | {got['steps_per_sec']:.2f} | {auc} |")
+    names = list(best)
+    ab = best[names[0]]["steps_per_sec"] / best[names[1]]["steps_per_sec"]
+    speedup = best[names[3]]["steps_per_sec"] / best[names[2]]["steps_per_sec"]
+    auc_gap = abs(best[names[3]]["auc"] - best[names[2]]["auc"])
+    print(f"\n(a)/(b) = {ab:.3f}            goal >= 0.97   {'met' if ab >= 0.97 else 'NOT met'}")
+    print(f"hybrid S={args.staleness} / none = {speedup:.2f}x   goal >= 1.5    {'met' if speedup >= 1.5 else 'NOT met'}")
+    print(f"|AUC gap| = {auc_gap:.4f}         goal <= 0.005  {'met' if auc_gap <= 0.005 else 'NOT met'}")
+
+
+def auc_only(args) -> None:
+    """Validation AUC after the same training samples: none vs hybrid with each staleness (deterministic runs)."""
+    base = _run({"variant": "lightning", "pipeline": "none", "auc": 1, "delay_ms": 0}, args)["auc"]
+    print(f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps, 2 processes")
+    print(f"\n| pipeline | val AUC | AUC - none |\n|---|---:|---:|\n| none | {base:.4f} | |")
+    for staleness in (int(s) for s in args.auc_only.split(",")):
+        auc = _run({"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1, "delay_ms": 0}, args)["auc"]
+        print(f"| hybrid S={staleness} | {auc:.4f} | {auc - base:+.4f} |")
+
+
+if __name__ == "__main__":
+    main()
