@@ -80,6 +80,43 @@ class SparseOptimizerConfig:
                 raise ValueError(f"SparseOptimizerConfig.{name} must be in [0, 1], got {value}")
 
 
+class CacheBacking(NamedEnum):
+    """Where a cached table's full rows and optimizer state live (see :class:`CacheConfig`).
+
+    ``auto``: host memory when training on a GPU, a memory-mapped file on local disk on a CPU.
+    ``host``: tensors in host memory. ``mmap``: a file under ``CacheConfig.path`` (tables larger than RAM).
+    """
+
+    AUTO = "auto"
+    HOST = "host"
+    MMAP = "mmap"
+
+
+@dataclass
+class CacheConfig:
+    """A look-forward (ScratchPipe) cache: the table's rows live in a backing store, the kernels train a
+    scratchpad of ``rows`` slots, filled ahead of time from the ids of the next ``lookahead`` batches.
+
+    Args:
+        rows: scratchpad slots C; the ids of any ``lookahead + 1`` consecutive batches must fit.
+        lookahead: k, how many batches ahead the planner reads ids (0: copies wait for the lookup).
+        backing: :class:`CacheBacking`.
+        path: folder of the memory-mapped backing files (default: the system's temporary folder).
+    """
+
+    rows: int
+    lookahead: int = 2
+    backing: CacheBacking = CacheBacking.AUTO
+    path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("rows", 1), ("lookahead", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"CacheConfig.{name} must be an integer >= {low}, got {value!r}")
+        self.backing = CacheBacking.parse(self.backing, "CacheConfig.backing")
+
+
 @dataclass
 class TableConfig:
     """Per-table overrides; unset fields take the strategy-wide defaults.
@@ -89,11 +126,14 @@ class TableConfig:
         optimizer: this table's sparse optimizer (default: the strategy's ``optimizer``).
         dynamic: make this a dynamic table: raw int64 ids of any value are mapped to its rows by a hash
             table with admission, expiry and eviction (its ``capacity`` must equal the table's rows).
+        cache: keep the table's rows in a backing store and train them in a scratchpad filled ahead of
+            time (:class:`CacheConfig`); the table then runs on the ``native`` route.
     """
 
     sharding: Optional[ShardingType] = None
     optimizer: Optional[SparseOptimizerConfig] = None
     dynamic: Optional[DynamicTableConfig] = None
+    cache: Optional[CacheConfig] = None
 
     def __post_init__(self) -> None:
         if self.sharding is not None:
@@ -102,6 +142,8 @@ class TableConfig:
             self.optimizer = build_dataclass(SparseOptimizerConfig, self.optimizer, "TableConfig.optimizer")
         if isinstance(self.dynamic, dict):
             self.dynamic = build_dataclass(DynamicTableConfig, self.dynamic, "TableConfig.dynamic")
+        if isinstance(self.cache, dict):
+            self.cache = build_dataclass(CacheConfig, self.cache, "TableConfig.cache")
 
 
 class TableRoute(NamedEnum):
@@ -124,7 +166,8 @@ class ResolvedTable:
     """The effective settings of one table after defaults and overrides are merged.
 
     ``route`` and ``route_reason`` (why it is not fused, empty when it is) are decided once, in
-    ``resolve_tables``; ``param_path`` is the table weight's key in the model's state dict.
+    ``resolve_tables``; ``param_path`` is the table weight's key in the model's state dict. ``rows`` are the
+    rows of the sharded table: a cached table's scratchpad slots (its ids range over ``cache_rows``).
     """
 
     name: str
@@ -136,3 +179,5 @@ class ResolvedTable:
     param_path: str = ""
     rows: int = 0
     dim: int = 0
+    cache: Optional[CacheConfig] = None
+    cache_rows: int = 0

@@ -147,6 +147,8 @@ def _resolve_table(
             f"allowed there: {', '.join(['auto'] + [s.value for s in allowed])}"
         )
     optimizer = override.optimizer or default_optimizer
+    if override.cache is not None:
+        return _resolve_cached(name, override, sharding, optimizer)
     if sharding is ShardingType.DATA_PARALLEL:
         route, reason = TableRoute.DATA_PARALLEL, "data_parallel sharding"
     else:
@@ -161,6 +163,22 @@ def _resolve_table(
             )
         sharding = ShardingType.TABLE_WISE
     return ResolvedTable(name=name, sharding=sharding, optimizer=optimizer, dynamic=override.dynamic, route=route, route_reason=reason)
+
+
+def _resolve_cached(name: str, override: TableConfig, sharding: ShardingType, optimizer: SparseOptimizerConfig) -> ResolvedTable:
+    """A cached table runs on the native route: our kernels update scratchpad rows given slot ids, which
+    fbgemm's fused backward (rows = ids) and a replicated data-parallel table cannot do."""
+    blocker = ""
+    if override.dynamic is not None:
+        blocker = "it is also dynamic (its ids are remapped by a hash table; cache a static table)"
+    elif sharding not in NATIVE_ROUTE_SHARDING:
+        blocker = f"its sharding is {sharding.value!r}; a cached table must be whole on one rank: 'table_wise' or 'auto'"
+    if blocker:
+        raise ValueError(f"Table {name!r}: a cache option on a table kind that cannot take it: {blocker}. Remove "
+                         "TableConfig.cache from this table, or change what is named.")
+    return ResolvedTable(name=name, sharding=ShardingType.TABLE_WISE, optimizer=optimizer, route=TableRoute.NATIVE,
+                         route_reason="cached table: lightning_sparse kernels update its scratchpad slots",
+                         cache=override.cache)
 
 
 def _state_key(module: EmbeddingModule, fqn: str, table_name: str) -> str:

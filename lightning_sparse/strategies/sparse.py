@@ -12,7 +12,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import Optimizer
@@ -21,6 +21,8 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_sparse.cache.prefetch import LookaheadLoader
+from lightning_sparse.cache.tables import CachedTables
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
 from lightning_sparse.distributed.collectives import collective_device
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 _DMP_ATTRIBUTE = "_lightning_sparse_dmp"
 _TABLES_ATTRIBUTE = "_lightning_sparse_tables"
 _DYNAMIC_ATTRIBUTE = "_lightning_sparse_dynamic_tables"
+_CACHE_ATTRIBUTE = "_lightning_sparse_cached_tables"
+# Where the cached tables' backing stores sit among the checkpoint's dynamic-table state.
+_CACHE_PREFIX = "lookahead_cache."
 # Collectives wait this long for a stuck rank (torch's gloo default is 30 minutes). A dead rank is detected
 # sooner (see launcher.py); raise it if a rank can legitimately lag the others longer (slow checkpoint writes).
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=5)
@@ -103,6 +108,7 @@ class SparseStrategy(DDPStrategy):
         self._tables: Optional[EmbeddingTables] = None
         self._dynamic: Optional[DynamicTables] = None
         self._dynamic_target_cache: Optional[tuple[dict[str, Any], dict[str, list[Any]]]] = None
+        self._cache: Optional[CachedTables] = None
         self.bad_ids = BadIdPolicy.parse(bad_ids, "SparseStrategy.bad_ids")
         self.non_finite = NonFinitePolicy.parse(non_finite, "SparseStrategy.non_finite")
         self._input_checks: Optional[InputChecks] = None
@@ -142,9 +148,11 @@ class SparseStrategy(DDPStrategy):
         if existing is not None:
             self._tables = getattr(module, _TABLES_ATTRIBUTE)
             self._dynamic = getattr(module, _DYNAMIC_ATTRIBUTE)
+            self._cache = getattr(module, _CACHE_ATTRIBUTE, None)
             self._sparse_optimizer = self._build_sparse_optimizer(existing)
             return existing
         process_group = dist.group.WORLD
+        self._cache = CachedTables.prepare(module, self.table_configs)  # scratchpads replace cached tables
         dmp, tables, plan = shard_tables(
             module,
             self.root_device,
@@ -165,6 +173,10 @@ class SparseStrategy(DDPStrategy):
             self._dynamic.place_partitions(device)
         object.__setattr__(module, _DYNAMIC_ATTRIBUTE, self._dynamic)
         self._sparse_optimizer = self._build_sparse_optimizer(dmp)
+        if self._cache is not None:
+            native = dict(self._sparse_optimizer.optimizers)["native_kernels"]
+            self._cache.bind(tables, native, table_owners(dmp, list(self._cache.configs)), self.global_rank, device)
+        object.__setattr__(module, _CACHE_ATTRIBUTE, self._cache)
         return dmp
 
     def _build_sparse_optimizer(self, dmp: DistributedModelParallel) -> KeyedOptimizer:
@@ -202,6 +214,19 @@ class SparseStrategy(DDPStrategy):
         mask[rows.to(device)] = 1
         dist.all_reduce(mask)
         return mask.nonzero().squeeze(1).to(rows.device)
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """With cached tables, the train loader is read ``lookahead`` batches ahead (``cache/prefetch.py``)."""
+        trainer = self.lightning_module.trainer if self._lightning_module is not None else None
+        if self._cache is None or trainer is None or trainer.state.stage != RunningStage.TRAINING:
+            return dataloader
+        ahead = max(config.lookahead for config in self._cache.configs.values())
+        return LookaheadLoader(dataloader, ahead, self._cache.new_pass, self._cache.on_batch_read)
+
+    @property
+    def cached_tables(self) -> Optional[CachedTables]:
+        """The model's cached tables (None when it has none)."""
+        return self._cache
 
     def setup_optimizers(self, trainer: Trainer) -> None:
         """Builds the user's (dense) optimizers, then removes the embedding weights from them."""
@@ -273,6 +298,10 @@ class SparseStrategy(DDPStrategy):
         args = self._checked(args, training=True)
         if self._dynamic is not None:
             args = (self._remap_for_training(args[0]),) + args[1:]
+        if self._cache is not None:
+            args = (self._cache.before_training_step(args[0]),) + args[1:]
+            for key, value in self._cache.metrics().items():
+                self.lightning_module.log(key, value, on_step=True, on_epoch=False)
         return super().training_step(*args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -316,9 +345,11 @@ class SparseStrategy(DDPStrategy):
         return batch
 
     def _remap_for_evaluation(self, args: tuple) -> tuple:
-        if self._dynamic is None or not args:
-            return args
-        return (apply_to_collection(args[0], KeyedJaggedTensor, self._dynamic.remap_for_evaluation),) + args[1:]
+        if self._dynamic is not None and args:
+            args = (apply_to_collection(args[0], KeyedJaggedTensor, self._dynamic.remap_for_evaluation),) + args[1:]
+        if self._cache is not None and args:
+            args = (self._cache.before_evaluation_step(args[0]),) + args[1:]
+        return args
 
     def _dynamic_targets(self) -> tuple[dict[str, Any], dict[str, list[Any]]]:
         """Each dynamic table's weight and optimizer state tensors (local shards are views of the live ones)."""
@@ -338,7 +369,12 @@ class SparseStrategy(DDPStrategy):
         return self._dynamic_target_cache
 
     def _dynamic_tables_state(self) -> dict[str, Any]:
-        return self._dynamic.state_dict() if self._dynamic is not None else {}
+        """The dynamic tables' hash tables and the cached tables' backing stores (dirty slots written back)."""
+        state = self._dynamic.state_dict() if self._dynamic is not None else {}
+        if self._cache is not None:
+            owners = table_owners(self.distributed_model, list(self._cache.configs))
+            state.update({_CACHE_PREFIX + k: v for k, v in self._cache.state_dict(owners, self.global_rank).items()})
+        return state
 
     def optimizer_step(
         self,
@@ -380,7 +416,9 @@ class SparseStrategy(DDPStrategy):
         dynamic_state = self._dynamic_tables_state()
         trainer_state = sharded_checkpoint.load_sharded(checkpoint_path, model_state, sparse_state, dynamic_state)
         if self._dynamic is not None:
-            self._dynamic.load_state_dict(dynamic_state)
+            self._dynamic.load_state_dict({k: v for k, v in dynamic_state.items() if not k.startswith(_CACHE_PREFIX)})
+        if self._cache is not None:
+            self._cache.after_load()  # the backing stores were read in place
         trainer_state["state_dict"] = model_state
         self._loaded_sparse_optimizer_state = sparse_state
         self._loaded_sparse_hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)

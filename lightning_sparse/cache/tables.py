@@ -1,0 +1,285 @@
+"""The cached tables of a model under SparseStrategy: set-up, the per-step window, remapping and checkpoints.
+
+:meth:`CachedTables.prepare` runs before sharding: each cached table of the user's TorchRec modules is
+shrunk to its scratchpad (``cache.rows`` rows), so TorchRec plans and builds a TBE of ``C`` rows; the
+table's initial rows are kept aside. :meth:`CachedTables.bind` runs once the native optimizer exists: the
+rank holding the table gets a backing store filled with those rows and with fresh optimizer state, and
+the scratchpad tensors (the TBE's weights and the optimizer's state) are handed to a :class:`CachedTable`.
+
+Each step, the :class:`~lightning_sparse.cache.prefetch.LookaheadLoader` has already read the next batches;
+:meth:`before_training_step` plans the batch ``k`` steps ahead (every rank's ids, one ``all_gather``) and
+replaces this batch's ids by slots. :meth:`state_dict` writes dirty slots back and returns the backing
+stores; after loading them every scratchpad starts empty, which changes no trained value: the planner only
+decides where rows sit, never what they hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightning_sparse.cache.backing import BackingStore, host_store, mmap_store
+from lightning_sparse.cache.scratchpad import CachedTable
+from lightning_sparse.config import CacheBacking, CacheConfig, ResolvedTable, TableConfig
+from lightning_sparse.dynamic.kjt import split_by_key, values_of, with_slots
+from lightning_sparse.optim.kernels import init_state_for
+from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, _on_rank
+
+GLOBAL_STATE = ("step",)  # optimizer state of a whole table, not per row: it stays with the scratchpad
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class CachedTables:
+    """Every cached table of a model on this rank (see the module docstring)."""
+
+    def __init__(self, configs: dict[str, CacheConfig], initial: dict[str, Tensor]) -> None:
+        self.configs = configs
+        self._initial = initial  # table -> its full initial weight, until bind() moves it to the backing store
+        self.rows = {name: int(weight.shape[0]) for name, weight in initial.items()}
+        self.tables: dict[str, CachedTable] = {}
+        self.feature_to_table: dict[str, str] = {}
+        self._read: deque[dict[str, Tensor]] = deque()  # this rank's ids of batches read and not yet gathered
+        self._gathered: dict[int, dict[str, Tensor]] = {}  # batch of this pass -> all ranks' ids per table
+        self._step = 0  # training steps of this pass
+        self._planned: dict[str, int] = {}  # table -> last batch of this pass in its window
+        self._last_seq = -1  # the planners' batch numbers grow across passes; this pass's start at _pass_start
+        self._pass_start = 0
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    # -------------------------------------------------------------- set-up
+    @classmethod
+    def prepare(cls, model: nn.Module, overrides: dict[str, TableConfig]) -> Optional["CachedTables"]:
+        """Shrinks every cached table of ``model`` to its scratchpad before sharding; None when none is cached."""
+        configs = {name: cfg.cache for name, cfg in overrides.items() if cfg.cache is not None}
+        if not configs:
+            return None
+        initial: dict[str, Tensor] = {}
+        for module in model.modules():
+            if not isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+                continue
+            container = module.embedding_bags if isinstance(module, EmbeddingBagCollection) else module.embeddings
+            attribute = "_embedding_bag_configs" if isinstance(module, EmbeddingBagCollection) else "_embedding_configs"
+            table_configs = getattr(module, attribute)
+            for i, table in enumerate(table_configs):
+                if table.name not in configs:
+                    continue
+                slots = min(configs[table.name].rows, table.num_embeddings)
+                layer = container[table.name]
+                initial[table.name] = layer.weight.detach()
+                table_configs[i] = dataclasses.replace(table, num_embeddings=slots)
+                layer.weight = nn.Parameter(layer.weight.detach()[:slots].clone())
+                layer.num_embeddings = slots
+        return cls({name: cfg for name, cfg in configs.items() if name in initial}, initial)
+
+    def bind(self, tables: Any, optimizer: NativeKernelOptimizer, owners: dict[str, int], rank: int,
+             device: torch.device) -> None:
+        """Creates the backing stores on the rank holding each table and binds the scratchpads.
+
+        ``tables`` is the strategy's ``EmbeddingTables`` (resolved tables and feature -> table)."""
+        for name, config in sorted(self.configs.items()):
+            table = tables.tables[name]
+            table.cache_rows = self.rows[name]
+            features = [f for f, t in tables.features.items() if t == name]
+            self.feature_to_table.update({f: name for f in features})
+            fresh = init_state_for(table.optimizer, torch.zeros(1, table.dim))
+            self._shapes[name] = {"weight": (self.rows[name], table.dim)}
+            self._shapes[name].update({k: (self.rows[name], *v.shape[1:]) for k, v in fresh.items() if k not in GLOBAL_STATE})
+            scratch = store = None
+            if owners[name] == rank:
+                weight, state = optimizer.table_tensors(name)
+                scratch = {"weight": weight, **{k: v for k, v in state.items() if k not in GLOBAL_STATE}}
+                store = self._new_store(table, config, scratch, device, rank)
+            self.tables[name] = CachedTable(name, self.rows[name], table.rows, scratch, store)
+        self._initial.clear()
+        self._start_pass()
+
+    def _new_store(self, table: ResolvedTable, config: CacheConfig, scratch: dict[str, Tensor], device: torch.device,
+                   rank: int) -> BackingStore:
+        n = self.rows[table.name]
+        shapes = self._shapes[table.name]
+        if set(shapes) != set(scratch):
+            raise RuntimeError(f"cached table {table.name!r}: scratchpad state {sorted(scratch)} != expected {sorted(shapes)}")
+        backing = config.backing
+        if backing is CacheBacking.AUTO:
+            backing = CacheBacking.HOST if device.type == "cuda" else CacheBacking.MMAP
+        if backing is CacheBacking.HOST:
+            store = host_store(shapes, pin=device.type == "cuda")
+        else:
+            store = mmap_store(shapes, config.path, f"{table.name}.rank{rank}")
+        fresh = init_state_for(table.optimizer, torch.zeros(1, table.dim))
+        initial = self._initial[table.name]
+        with torch.no_grad():
+            for start in range(0, n, 1 << 16):  # in chunks: the backing store may be larger than RAM
+                end = min(n, start + (1 << 16))
+                store.tensors["weight"][start:end].copy_(initial[start:end])
+                for key, value in fresh.items():
+                    if key in store.tensors:
+                        store.tensors[key][start:end].copy_(value.expand_as(store.tensors[key][start:end]))
+        store.flush()
+        return store
+
+    def table_rows(self) -> dict[str, int]:
+        """Each cached table's rows N (the range of its ids)."""
+        return dict(self.rows)
+
+    # ---------------------------------------------------------- the window
+    def new_pass(self) -> None:
+        """A new pass over the train loader: batches read ahead in the last one will not be trained."""
+        self.wait()
+        self._read.clear()
+        for table in self.tables.values():
+            table.planner.window.clear()
+        self._pass_start = self._last_seq + 1
+        self._start_pass()
+
+    def _start_pass(self) -> None:
+        self._read.clear()
+        self._gathered.clear()
+        self._step = 0
+        self._planned = dict.fromkeys(self.tables, -1)
+
+    def on_batch_read(self, batch: Any) -> None:
+        """The look-ahead loader read ``batch``: its cached tables' ids join the queue (this rank's)."""
+        ids: dict[str, list[Tensor]] = {}
+
+        def collect(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+            for name in self.tables:
+                keys = self._keys(kjt, name)
+                if keys:
+                    ids.setdefault(name, []).append(values_of(kjt, keys).detach().cpu())
+            return kjt
+
+        apply_to_collection(batch, KeyedJaggedTensor, collect)
+        self._read.append({name: self._valid(name, torch.cat(parts)) for name, parts in ids.items()})
+
+    def _valid(self, name: str, ids: Tensor) -> Tensor:
+        # ids outside the table are the input checks' to report (or drop); they never get a slot
+        return ids[(ids >= 0) & (ids < self.rows[name])]
+
+    def _keys(self, kjt: KeyedJaggedTensor, table: str) -> list[str]:
+        return [key for key in kjt.keys() if self.feature_to_table.get(key) == table]
+
+    def wait(self) -> None:
+        for table in self.tables.values():
+            table.wait()
+
+    def before_training_step(self, batch: Any) -> Any:
+        """Plans each table's window up to ``k`` batches ahead of this step's and returns the batch with slots."""
+        self.wait()
+        step = self._step
+        horizon = step + max(cfg.lookahead for cfg in self.configs.values())
+        first = max(self._gathered, default=step - 1) + 1
+        local = [self._read.popleft() for _ in range(min(horizon + 1 - first, len(self._read)))]
+        gathered = _all_gather(local)
+        for i in range(min(len(part) for part in gathered)):
+            self._gathered[first + i] = {
+                name: torch.cat([part[i].get(name, _EMPTY) for part in gathered]) for name in self.tables
+            }
+        if step not in self._gathered:
+            raise RuntimeError(
+                "cached tables: this training step's batch was not read by the look-ahead loader. SparseStrategy "
+                "installs it on the train loader (process_dataloader); do not iterate that loader elsewhere."
+            )
+        for name, table in self.tables.items():
+            table.planner.retire(self._pass_start + step - 1)
+            loaded_now = 0
+            for seq in range(self._planned[name] + 1, min(step + self.configs[name].lookahead, max(self._gathered)) + 1):
+                moves = table.plan(self._pass_start + seq, self._gathered[seq][name])
+                self._last_seq = max(self._last_seq, self._pass_start + seq)
+                self._planned[name] = seq
+                if seq == step:
+                    loaded_now = int(moves.load_rows.numel())
+                    table.wait()  # this batch's own rows are being copied: the lookup needs them
+            table.mark_trained(self._gathered[step][name])
+            distinct = int(torch.unique(self._gathered[step][name]).numel())
+            table.counters["lookups"] += distinct
+            table.counters["hits"] += distinct - loaded_now
+        del self._gathered[step]
+        self._step += 1
+        return apply_to_collection(batch, KeyedJaggedTensor, self._remap)
+
+    def before_evaluation_step(self, batch: Any) -> Any:
+        """Copies an evaluation batch's missing rows in (all ranks' ids) and returns it with slots."""
+        self.wait()
+        ids: dict[str, list[Tensor]] = {}
+
+        def collect(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+            for name in self.tables:
+                keys = self._keys(kjt, name)
+                if keys:
+                    ids.setdefault(name, []).append(self._valid(name, values_of(kjt, keys).detach().cpu()))
+            return kjt
+
+        apply_to_collection(batch, KeyedJaggedTensor, collect)
+        gathered = _all_gather({name: torch.cat(parts) for name, parts in ids.items()})
+        for name, table in self.tables.items():
+            table.plan(max(self._last_seq, 0), torch.cat([part.get(name, _EMPTY) for part in gathered]))
+            table.planner.window.pop()  # an evaluation batch holds no slot beyond its own lookup
+            table.wait()
+        return apply_to_collection(batch, KeyedJaggedTensor, self._remap)
+
+    def _remap(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        slots_by_key = {}
+        for name, table in self.tables.items():
+            keys = self._keys(kjt, name)
+            if keys:
+                slots_by_key.update(split_by_key(kjt, keys, table.lookup(values_of(kjt, keys))))
+        return with_slots(kjt, slots_by_key) if slots_by_key else kjt
+
+    # --------------------------------------------------------- checkpoints
+    def state_dict(self, owners: dict[str, int], rank: int) -> dict[str, Any]:
+        """The backing stores, dirty slots written back first: ``<table>.<weight|state>`` [N, ...] tensors,
+        each a ShardedTensor of one shard on the rank holding the table."""
+        state: dict[str, Any] = {}
+        for name, table in sorted(self.tables.items()):
+            table.flush()
+            for key, tensor in self._store_templates(name, table).items():
+                state[f"{name}.{key}"] = _on_rank(tensor, owners[name], rank if table.holds_rows else -1, tensor.device
+                                                  if tensor.device.type != "meta" else torch.device("cpu"))
+        return state
+
+    def _store_templates(self, name: str, table: CachedTable) -> dict[str, Tensor]:
+        if table.store is not None:
+            return table.store.tensors
+        shapes = self._shapes.get(name, {})
+        return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+
+    def after_load(self) -> None:
+        """The backing stores were loaded in place: every scratchpad starts empty, the window anew."""
+        self._start_pass()
+        for table in self.tables.values():
+            table.reset()
+
+    # ------------------------------------------------------------- metrics
+    def metrics(self) -> dict[str, float]:
+        """``cache/<table>/...`` of the steps since the last call: hit rate at lookup, rows in and back, bytes."""
+        out = {}
+        for name, table in sorted(self.tables.items()):
+            c = table.take_counters()
+            out[f"cache/{name}/hit_rate"] = c["hits"] / c["lookups"] if c["lookups"] else 1.0
+            out[f"cache/{name}/rows_in"] = float(c["rows_in"])
+            out[f"cache/{name}/rows_back"] = float(c["rows_back"])
+            out[f"cache/{name}/bytes_moved"] = float(c["bytes_moved"])
+        return out
+
+
+_EMPTY = torch.empty(0, dtype=torch.int64)
