@@ -102,12 +102,15 @@ class CacheConfig:
         lookahead: k, how many batches ahead the planner reads ids (0: copies wait for the lookup).
         backing: :class:`CacheBacking`.
         path: folder of the memory-mapped backing files (default: the system's temporary folder).
+        score_decay: per-batch decay of the use counts that order the eviction of rows no batch of the
+            window needs, in (0, 1] (1: plain counts).
     """
 
     rows: int
     lookahead: int = 2
     backing: CacheBacking = CacheBacking.AUTO
     path: Optional[str] = None
+    score_decay: float = 0.99
 
     def __post_init__(self) -> None:
         for name, low in (("rows", 1), ("lookahead", 0)):
@@ -115,6 +118,9 @@ class CacheConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"CacheConfig.{name} must be an integer >= {low}, got {value!r}")
         self.backing = CacheBacking.parse(self.backing, "CacheConfig.backing")
+        if isinstance(self.score_decay, bool) or not isinstance(self.score_decay, (int, float)) or not 0 < self.score_decay <= 1:
+            raise ValueError(f"CacheConfig.score_decay must be a number in (0, 1], got {self.score_decay!r}")
+        self.score_decay = float(self.score_decay)
 
 
 @dataclass

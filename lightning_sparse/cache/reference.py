@@ -2,7 +2,8 @@
 
 It states the planner's rule in the most literal form: for each missing row of the new batch, the victim
 is the slot with the furthest next use within the window (no use in the window counts as beyond it; a
-slot some window batch needs is never taken), ties broken by the least recent use, then the lowest slot.
+slot some window batch needs is never taken), beyond the window the lowest decayed use count first, ties
+broken by the least recent use, then the lowest slot.
 The tests feed both the same batches and compare every move; :func:`lru_moves` and
 :func:`prefetch_moves` are the baselines of ``benchmarks/lookahead_cache.py``.
 """
@@ -12,12 +13,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterable, Optional, Sequence
 
+from lightning_sparse.cache.lookahead import use_weight
+
 
 class ReferencePlanner:
     """The same slots and moves as ``LookaheadPlanner`` for the same batches."""
 
-    def __init__(self, rows: int, slots: int) -> None:
+    def __init__(self, rows: int, slots: int, score_decay: float = 0.99) -> None:
         self.slots = min(slots, rows)
+        self.score: dict[int, float] = {}
+        self.growth, self.origin = 1.0 / score_decay, 0
         self.slot_of: dict[int, int] = {}
         self.row_of: list[Optional[int]] = [None] * self.slots
         self.last_use: list[int] = [-1] * self.slots
@@ -26,6 +31,9 @@ class ReferencePlanner:
     def push(self, seq: int, ids: Iterable[int]) -> tuple[list[int], list[int], list[int], list[int]]:
         """(load rows, load slots, evicted rows, their slots), rows ascending as the planner returns them."""
         rows = sorted(set(int(i) for i in ids))
+        weight = use_weight(self, seq)
+        for row in rows:
+            self.score[row] = self.score.get(row, 0.0) + weight
         missing = [r for r in rows if r not in self.slot_of]
 
         def next_use(slot: int) -> float:
@@ -39,7 +47,7 @@ class ReferencePlanner:
         candidates = [s for s in range(self.slots) if next_use(s) == float("inf")]
         if len(candidates) < len(missing):
             raise ValueError(f"batch {seq}: the window's rows do not fit in {self.slots} slots")
-        candidates.sort(key=lambda s: (self.last_use[s], s))
+        candidates.sort(key=lambda s: (-1.0 if self.row_of[s] is None else self.score[self.row_of[s]], self.last_use[s], s))
         victims = candidates[: len(missing)]
         evicted = [(self.row_of[s], s) for s in victims if self.row_of[s] is not None]
         for row, _ in evicted:
@@ -56,9 +64,9 @@ class ReferencePlanner:
         self.window = [(s, b) for s, b in self.window if s > seq]
 
 
-def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int) -> list[int]:
+def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.99) -> list[int]:
     """Rows copied (in + back) per training step by the look-forward planner over ``batches``."""
-    planner = ReferencePlanner(rows, slots)
+    planner = ReferencePlanner(rows, slots, score_decay)
     per_step = [0] * len(batches)
     dirty: set[int] = set()
     for step in range(len(batches)):

@@ -38,11 +38,13 @@ class CachedTable:
         scratch: the scratchpad's per-row tensors on the rank holding the table (``weight`` and per-row
             optimizer state, each ``[C, ...]``), ``None`` on other ranks.
         store: the backing store with the same names, ``[N, ...]`` (``None`` on other ranks).
+        score_decay: see :class:`~lightning_sparse.config.CacheConfig`.
     """
 
-    def __init__(self, name: str, rows: int, slots: int, scratch: Optional[dict[str, Tensor]], store: Optional[BackingStore]) -> None:
+    def __init__(self, name: str, rows: int, slots: int, scratch: Optional[dict[str, Tensor]], store: Optional[BackingStore],
+                 score_decay: float = 0.99) -> None:
         self.name = name
-        self.planner = LookaheadPlanner(rows, slots, name)
+        self.planner = LookaheadPlanner(rows, slots, name, score_decay)
         self.scratch = scratch
         self.store = store
         self.dirty = torch.zeros(self.planner.slots, dtype=torch.bool)

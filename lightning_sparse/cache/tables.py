@@ -108,7 +108,7 @@ class CachedTables:
                 weight, state = optimizer.table_tensors(name)
                 scratch = {"weight": weight, **{k: v for k, v in state.items() if k not in GLOBAL_STATE}}
                 store = self._new_store(table, config, scratch, device, rank)
-            self.tables[name] = CachedTable(name, self.rows[name], table.rows, scratch, store)
+            self.tables[name] = CachedTable(name, self.rows[name], table.rows, scratch, store, config.score_decay)
         self._initial.clear()
         self._start_pass()
 
