@@ -1,7 +1,9 @@
-"""Trains one table per sparse optimizer kind under SparseStrategy, cached (a scratchpad of ``--cache`` slots
-over a backing store) or not; the tests compare the two bit for bit. Ids drift through the table so rows are
-evicted, written back and copied in again; weight decay is set, so the uncached tables run on the native
-route too, as the cached ones do. Checkpoints are written every 3 steps (mid-epoch)."""
+"""Trains two tables per sparse optimizer kind under SparseStrategy, side by side in one run: ``t_<kind>``
+cached (a scratchpad of ``--cache`` slots over a backing store) and its twin ``t_<kind>_plain`` not cached.
+Both start from the same rows and read the same ids, and one head reads each (``head(cached) + head(plain)``),
+so both get the same output gradient: the tests compare them bit for bit. Ids drift through the table, so
+rows are evicted, written back and copied in again; weight decay is set, so the uncached twins run on the
+native route, as cached tables do. Checkpoints are written every 3 steps (mid-epoch) and validation runs."""
 
 import argparse
 import json
@@ -27,13 +29,12 @@ def optimizer_config(kind: str) -> SparseOptimizerConfig:
 
 
 def table_configs(kinds: list[str], cache: int, lookahead: int, folder: str) -> dict[str, TableConfig]:
-    return {
-        f"t_{kind}": TableConfig(
-            sharding="table_wise", optimizer=optimizer_config(kind),
-            cache=CacheConfig(rows=cache, lookahead=lookahead, path=folder) if cache else None,
-        )
-        for kind in kinds
-    }
+    configs = {}
+    for kind in kinds:
+        configs[f"t_{kind}"] = TableConfig(sharding="table_wise", optimizer=optimizer_config(kind),
+                                           cache=CacheConfig(rows=cache, lookahead=lookahead, path=folder))
+        configs[f"t_{kind}_plain"] = TableConfig(sharding="table_wise", optimizer=optimizer_config(kind))
+    return configs
 
 
 class TinyModule(pl.LightningModule):
@@ -41,13 +42,19 @@ class TinyModule(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.features = [f"f_{kind}" for kind in kinds]
-        configs = [EmbeddingBagConfig(name=f"t_{k}", num_embeddings=ROWS, embedding_dim=4, feature_names=[f"f_{k}"]) for k in kinds]
+        configs = [EmbeddingBagConfig(name=f"t_{k}{twin}", num_embeddings=ROWS, embedding_dim=4, feature_names=[f"f_{k}{twin}"])
+                   for k in kinds for twin in ("", "_plain")]
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+        with torch.no_grad():
+            for k in kinds:
+                self.ebc.embedding_bags[f"t_{k}_plain"].weight.copy_(self.ebc.embedding_bags[f"t_{k}"].weight)
         self.head = torch.nn.Linear(4 * len(kinds), 1)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(kjt).to_dict()
-        return self.head(torch.cat([pooled[key] for key in self.features], dim=1)).squeeze(-1)
+        cached = torch.cat([pooled[key] for key in self.features], dim=1)
+        plain = torch.cat([pooled[key + "_plain"] for key in self.features], dim=1)
+        return (self.head(cached) + self.head(plain)).squeeze(-1)
 
     def training_step(self, batch, batch_idx):
         kjt, target = batch
@@ -67,7 +74,8 @@ def batch_at(kinds: list[str], index: int) -> tuple[KeyedJaggedTensor, torch.Ten
     lengths = torch.randint(1, 4, (len(kinds) * BATCH,), generator=g)
     values = [(11 * index + torch.randint(0, 16, (int(lengths[t * BATCH:(t + 1) * BATCH].sum()),), generator=g)) % ROWS
               for t in range(len(kinds))]
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f_{k}" for k in kinds], values=torch.cat(values), lengths=lengths)
+    keys = [f"f_{k}" for k in kinds] + [f"f_{k}_plain" for k in kinds]  # the twins read the same ids
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values + values), lengths=torch.cat([lengths, lengths]))
     return kjt, torch.randn(BATCH, generator=g)
 
 
@@ -113,7 +121,7 @@ class CacheMetrics(Callback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--cache", type=int, default=40, help="scratchpad rows; 0: not cached")
+    parser.add_argument("--cache", type=int, default=40, help="scratchpad rows")
     parser.add_argument("--lookahead", type=int, default=1)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=8)
