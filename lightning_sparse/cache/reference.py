@@ -79,14 +79,16 @@ def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, loo
     return per_step
 
 
-def lru_moves(batches: Sequence[Sequence[int]], slots: int, ahead: int = 0) -> list[int]:
+def lru_moves(batches: Sequence[Sequence[int]], slots: int, ahead: int = 0, misses: Optional[list[int]] = None) -> list[int]:
     """Rows copied (in + back) per step by an LRU cache of ``slots`` rows that loads a batch's misses at its
     lookup (``ahead=0``), or one batch ahead with the current batch's rows locked (``ahead=1``: fbgemm's
-    ``prefetch_pipeline``). Every trained row is dirty, so an evicted trained row is written back."""
+    ``prefetch_pipeline``). Every trained row is dirty, so an evicted trained row is written back. ``misses``,
+    if given, gets each step's rows loaded at their own lookup."""
     cache: "OrderedDict[int, bool]" = OrderedDict()  # row -> dirty, least recently used first
     per_step = [0] * len(batches)
 
-    def admit(step: int, batch: Sequence[int], locked: set[int]) -> None:
+    def admit(step: int, batch: Sequence[int], locked: set[int]) -> int:
+        loaded = 0
         for row in sorted(set(int(i) for i in batch)):
             if row in cache:
                 cache.move_to_end(row)
@@ -98,10 +100,15 @@ def lru_moves(batches: Sequence[Sequence[int]], slots: int, ahead: int = 0) -> l
                 per_step[step] += int(cache.pop(victim))
             cache[row] = False
             per_step[step] += 1
+            loaded += 1
+        return loaded
 
     for step, batch in enumerate(batches):
+        missed = 0
         if ahead == 0 or step == 0:
-            admit(step, batch, set(int(i) for i in batch))
+            missed = admit(step, batch, set(int(i) for i in batch))
+        if misses is not None:
+            misses.append(missed)
         if ahead and step + 1 < len(batches):
             admit(step, batches[step + 1], set(int(i) for i in batch) | set(int(i) for i in batches[step + 1]))
         for row in set(int(i) for i in batch):
