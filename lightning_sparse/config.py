@@ -110,7 +110,7 @@ class CacheConfig:
     lookahead: int = 2
     backing: CacheBacking = CacheBacking.AUTO
     path: Optional[str] = None
-    score_decay: float = 0.99
+    score_decay: float = 0.995
 
     def __post_init__(self) -> None:
         for name, low in (("rows", 1), ("lookahead", 0)):

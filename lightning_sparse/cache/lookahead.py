@@ -58,7 +58,7 @@ class LookaheadPlanner:
         score_decay: per-batch decay of a row's use count (1: plain counts).
     """
 
-    def __init__(self, rows: int, slots: int, table: str = "table", score_decay: float = 0.99) -> None:
+    def __init__(self, rows: int, slots: int, table: str = "table", score_decay: float = 0.995) -> None:
         if slots > rows:
             slots = rows  # a scratchpad larger than the table holds it whole
         self.rows, self.slots, self.table = rows, slots, table
@@ -67,6 +67,7 @@ class LookaheadPlanner:
         self.last_use = torch.full((slots,), -1, dtype=torch.int64)
         self.window: deque[tuple[int, Tensor]] = deque()  # (seq, sorted unique rows) of batches not yet retired
         self.score = torch.zeros(rows, dtype=torch.float64)  # decayed use counts, times growth ** (seq - origin)
+        self.slot_score = torch.full((self.slots,), -1.0, dtype=torch.float64)  # the score of each slot's row; -1: empty
         self.growth = 1.0 / score_decay
         self.origin = 0
 
@@ -77,12 +78,14 @@ class LookaheadPlanner:
         self.last_use.fill_(-1)
         self.window.clear()
         self.score.zero_()
+        self.slot_score.fill_(-1.0)
         self.origin = 0
 
     def push(self, seq: int, ids: Tensor) -> Moves:
         """Batch ``seq`` (its ids, any order, duplicates allowed) enters the window; returns the copies."""
         rows = torch.unique(ids.reshape(-1).long().cpu())
-        self.score[rows] += use_weight(self, seq)
+        weight = use_weight(self, seq)  # first: it may rescale every count
+        self.score[rows] += weight
         slot = self.slot_of[rows].long()
         missing = rows[slot < 0]
         empty = torch.empty(0, dtype=torch.int64)
@@ -95,7 +98,9 @@ class LookaheadPlanner:
         self.slot_of[evict_rows] = -1
         self.slot_of[missing] = victims.int()
         self.row_of[victims] = missing
-        self.last_use[self.slot_of[rows].long()] = seq
+        slots = self.slot_of[rows].long()
+        self.last_use[slots] = seq
+        self.slot_score[slots] = self.score[rows]
         self.window.append((seq, rows))
         return Moves(seq, missing, victims, evict_rows, evict_slots)
 
@@ -127,8 +132,7 @@ class LookaheadPlanner:
             protected[held[held >= 0]] = True
         held = self.slot_of[rows].long()
         protected[held[held >= 0]] = True
-        free = (~protected).nonzero().squeeze(1)
-        if free.numel() < needed:
+        if self.slots - int(protected.sum()) < needed:
             union = torch.unique(torch.cat([r for _, r in self.window] + [rows]))
             raise WorkingSetTooLarge(
                 f"cached table {self.table!r}: batch {seq} needs {rows.numel()} rows and, with the "
@@ -136,11 +140,18 @@ class LookaheadPlanner:
                 f"more than the scratchpad's {self.slots} slots. Raise TableConfig.cache.rows to at least "
                 f"{union.numel()}, lower cache.lookahead, or use smaller batches."
             )
-        # empty slots first, then the lowest decayed count, the least recent use, the lowest slot (stable sorts)
-        free = free[torch.sort(self.last_use[free], stable=True).indices]
-        held_rows = self.row_of[free]
-        score = torch.where(held_rows >= 0, self.score[held_rows.clamp(min=0)], -1.0)
-        return free[torch.sort(score, stable=True).indices[:needed]]
+        # empty slots (never protected) first, by slot; then the lowest decayed count, the least recent use, the
+        # lowest slot: only slots at or below the needed-th smallest count can be chosen, so only those are sorted
+        empty = (self.slot_score < 0).nonzero().squeeze(1)[:needed]
+        needed -= int(empty.numel())
+        if needed == 0:
+            return empty
+        key = self.slot_score.masked_fill(protected, float("inf"))
+        key[empty] = float("inf")
+        threshold = torch.topk(key, needed, largest=False, sorted=False).values.max()
+        chosen = (key <= threshold).nonzero().squeeze(1)
+        chosen = chosen[torch.sort(self.last_use[chosen], stable=True).indices]
+        return torch.cat([empty, chosen[torch.sort(key[chosen], stable=True).indices[:needed]]])
 
 
 RESCALE_AT = 2.0**400  # use weights stay far from float64's overflow
@@ -157,5 +168,7 @@ def use_weight(planner: "LookaheadPlanner | object", seq: int) -> float:
                 scores[row] /= weight
         else:
             scores /= weight
+            held = planner.slot_score >= 0
+            planner.slot_score[held] = planner.slot_score[held] / weight
         planner.origin, weight = seq, 1.0
     return weight

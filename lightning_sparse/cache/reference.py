@@ -19,7 +19,7 @@ from lightning_sparse.cache.lookahead import use_weight
 class ReferencePlanner:
     """The same slots and moves as ``LookaheadPlanner`` for the same batches."""
 
-    def __init__(self, rows: int, slots: int, score_decay: float = 0.99) -> None:
+    def __init__(self, rows: int, slots: int, score_decay: float = 0.995) -> None:
         self.slots = min(slots, rows)
         self.score: dict[int, float] = {}
         self.growth, self.origin = 1.0 / score_decay, 0
@@ -64,7 +64,7 @@ class ReferencePlanner:
         self.window = [(s, b) for s, b in self.window if s > seq]
 
 
-def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.99) -> list[int]:
+def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.995) -> list[int]:
     """Rows copied (in + back) per training step by the look-forward planner over ``batches``."""
     planner = ReferencePlanner(rows, slots, score_decay)
     per_step = [0] * len(batches)
