@@ -5,6 +5,7 @@ and mid-epoch checkpoints; a 2-process run resumed mid-epoch ends bit-identical 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -50,14 +51,26 @@ def test_every_kind_cached_trains_bit_identically_to_uncached_on_one_process(tmp
     assert len(hit_rate) == 8 and hit_rate[0] == 0.0 and hit_rate[1:] == [1.0] * 7  # step 0 is cold; then all hits
     assert sum(rows_in) > 40  # more rows than slots were copied in: rows were evicted
     assert metrics["cache/t_adam/bytes_moved"][0] == rows_in[0] * 4 * 3 * 4  # weight, exp_avg, exp_avg_sq: 4 floats each
-    assert (tmp_path / "t_adam.rank0.weight.bin").stat().st_size == cached_tables.ROWS * 4 * 4  # mmap on CPU
+    files = json.loads((tmp_path / "r.json.rank0").read_text())  # memory-mapped on CPU, one file per tensor
+    assert files[str(tmp_path / "t_adam.rank0.weight.bin")] == cached_tables.ROWS * 4 * 4
+    assert str(tmp_path / "t_adam.rank0.exp_avg_sq.bin") in files and str(tmp_path / "t_rowwise_adagrad.rank0.sum.bin") in files
+    assert not list(tmp_path.glob("*.bin"))  # deleted when the process ended
+    assert "cache/t_adam/rows_back" in metrics
+    tensors, _ = read_checkpoint(tmp_path / "last.ckpt")
+    assert tensors["model.ebc.embedding_bags.t_adam.weight"].shape == (40, 4)  # the scratchpad, not read back
 
 
 def test_two_processes_cached_and_resumed_mid_epoch_are_bit_identical(tmp_path):
     kinds = "adam,rowwise_adagrad"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ("--kinds", kinds, "--devices", 2, "--cache", 72, "--lookahead", 2)
-    run_worker("cached_tables.py", *args, "--ckpt-dir", straight, result=tmp_path / "a.json")
+    metrics = run_worker("cached_tables.py", *args, "--ckpt-dir", straight, result=tmp_path / "a.json")["metrics"]
+    # 4 steps a pass on 2 processes: the first step of each pass waits for its rows, the others all hit
+    hit_rate = metrics["cache/t_adam/hit_rate"]
+    assert hit_rate[0] < 1 and hit_rate[4] < 1 and hit_rate[1:4] == hit_rate[5:] == [1.0] * 3, hit_rate
+    # only the rank holding a table keeps its backing store
+    files = [name for rank in (0, 1) for name in json.loads((tmp_path / f"a.json.rank{rank}").read_text())]
+    assert sorted(Path(f).name.split(".rank")[0] + ".weight" for f in files if f.endswith(".weight.bin")) == ["t_adam.weight", "t_rowwise_adagrad.weight"]
     run_worker("cached_tables.py", *args, "--ckpt-dir", resumed, "--ckpt-in", straight / "step=3.ckpt", result=tmp_path / "b.json")
     a = compare_twins(straight / "last.ckpt", kinds.split(","))
     b = compare_twins(resumed / "last.ckpt", kinds.split(","))

@@ -143,6 +143,15 @@ def test_memory_mapped_store_reads_back_what_it_wrote(tmp_path):
     assert not (tmp_path / "t.weight.bin").exists()
 
 
+def test_a_backing_file_in_use_by_another_store_is_an_error(tmp_path):
+    first = mmap_store({"weight": (10, 3)}, str(tmp_path), "t")
+    with pytest.raises(BackingFileError, match=r"backing file '.*t\.weight\.bin' is in use by another process"):
+        mmap_store({"weight": (10, 3)}, str(tmp_path), "t")
+    assert (tmp_path / "t.weight.bin").exists()  # the first store's file is untouched
+    first.close()
+    mmap_store({"weight": (10, 3)}, str(tmp_path), "t").close()
+
+
 def _model() -> torch.nn.Module:
     configs = [EmbeddingBagConfig(name="t_a", num_embeddings=50, embedding_dim=4, feature_names=["f_a"])]
     return torch.nn.ModuleDict({"ebc": EmbeddingBagCollection(tables=configs)})
@@ -184,3 +193,19 @@ def test_lookahead_loader_reads_ahead_and_reports_each_batch_once():
     assert next(it) == 0 and read == [0, 1, 2]
     assert list(it) == [1, 2, 3, 4] and read == [0, 1, 2, 3, 4]
     assert len(loader) == 5 and passes == [1]
+
+
+def test_cache_option_from_yaml_through_the_cli_parser():
+    from jsonargparse import ArgumentParser
+
+    from lightning_sparse import SparseStrategy
+    from lightning_sparse.cli import register_enums_by_value
+
+    register_enums_by_value()
+    parser = ArgumentParser()
+    parser.add_class_arguments(SparseStrategy, "strategy")
+    config = parser.parse_string(
+        "strategy:\n  tables:\n    t_items:\n      cache: {rows: 50000, lookahead: 2, backing: mmap, path: /mnt/nvme/ls-cache}\n"
+    )
+    strategy = parser.instantiate_classes(config).strategy
+    assert strategy.table_configs["t_items"].cache == CacheConfig(rows=50000, lookahead=2, backing="mmap", path="/mnt/nvme/ls-cache")

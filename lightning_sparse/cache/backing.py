@@ -8,16 +8,21 @@ table's optimizer kind (``sum``, ``exp_avg``, ``exp_avg_sq``). Two kinds of memo
   run asynchronously): the GPU's scratchpad is small and fast, the host's memory large.
 - ``mmap``: one file per tensor, mapped into memory (``numpy.memmap``): a table larger than RAM, paged in
   and out by the operating system. The file is allocated in full when it is created, so a full disk is an
-  error at setup naming the file, the bytes it needs and the bytes free, never a crash mid-training.
+  error at setup naming the file, the bytes it needs and the bytes free, never a crash mid-training. Each
+  file is locked (``flock``) while in use, so a second run pointed at the same folder stops with an error
+  instead of sharing rows, and deleted when the store is closed or the process ends (the checkpoint holds
+  the table).
 
 The tensors of both are plain torch tensors: the checkpoint writes and reads them in place.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -33,10 +38,11 @@ class BackingFileError(OSError):
 class BackingStore:
     """Named tensors of ``rows`` rows each; ``read``/``write`` move whole rows of all of them."""
 
-    def __init__(self, tensors: dict[str, Tensor], files: Optional[list[Path]] = None) -> None:
+    def __init__(self, tensors: dict[str, Tensor], files: Optional[list[Path]] = None, handles: Optional[list] = None) -> None:
         self.tensors = tensors
         self.files = files or []
         self.rows = int(next(iter(tensors.values())).shape[0])
+        self._release = weakref.finalize(self, _release, list(self.files), handles or [])
 
     @property
     def row_bytes(self) -> int:
@@ -58,13 +64,19 @@ class BackingStore:
                 array.flush()
 
     def close(self) -> None:
-        """Releases the tensors and deletes the backing files."""
+        """Releases the tensors and deletes the backing files (also done when the process ends)."""
         self.tensors = {}
-        for file in self.files:
-            try:
-                file.unlink()
-            except FileNotFoundError:
-                pass
+        self._release()
+
+
+def _release(files: list[Path], handles: list) -> None:
+    for file in files:
+        try:
+            file.unlink()
+        except FileNotFoundError:
+            pass
+    for handle in handles:
+        handle.close()
 
 
 def host_store(shapes: dict[str, tuple[int, ...]], pin: bool = False) -> BackingStore:
@@ -92,16 +104,35 @@ def mmap_store(shapes: dict[str, tuple[int, ...]], folder: Optional[str], prefix
             f"the disk of {str(directory)!r} has {free} bytes free. Set TableConfig.cache.path to a folder on a disk "
             "with room, or shrink the table."
         )
-    tensors, files = {}, []
-    for name, shape in shapes.items():
-        file = directory / f"{prefix}.{name}.bin"
-        _allocate(file, need[name], free)
-        files.append(file)
-        array = np.memmap(file, dtype=np.float32, mode="r+", shape=shape)
-        tensor = torch.from_numpy(array)
-        tensor._lightning_sparse_memmap = array  # keeps the mapping alive and lets flush() reach it
-        tensors[name] = tensor
-    return BackingStore(tensors, files)
+    tensors, files, handles = {}, [], []
+    try:
+        for name, shape in shapes.items():
+            file = directory / f"{prefix}.{name}.bin"
+            handles.append(_lock(file))
+            files.append(file)
+            _allocate(file, need[name], free)
+            array = np.memmap(file, dtype=np.float32, mode="r+", shape=shape)
+            tensor = torch.from_numpy(array)
+            tensor._lightning_sparse_memmap = array  # keeps the mapping alive and lets flush() reach it
+            tensors[name] = tensor
+    except BaseException:
+        _release(files, handles)
+        raise
+    return BackingStore(tensors, files, handles)
+
+
+def _lock(file: Path):
+    """An exclusive lock on ``file`` (created if missing), held while the returned handle is open."""
+    handle = open(file, "ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise BackingFileError(
+            f"backing file {str(file)!r} is in use by another process (a run with the same cache path and table); "
+            "give this run another TableConfig.cache.path."
+        ) from None
+    return handle
 
 
 def _allocate(file: Path, size: int, free: int) -> None:

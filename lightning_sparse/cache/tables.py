@@ -137,10 +137,6 @@ class CachedTables:
         store.flush()
         return store
 
-    def table_rows(self) -> dict[str, int]:
-        """Each cached table's rows N (the range of its ids)."""
-        return dict(self.rows)
-
     # ---------------------------------------------------------- the window
     def new_pass(self) -> None:
         """A new pass over the train loader: batches read ahead in the last one will not be trained."""

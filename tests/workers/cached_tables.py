@@ -140,6 +140,10 @@ def main() -> None:
                                             save_last=True)],
     )
     trainer.fit(TinyModule(kinds), Data(kinds), ckpt_path=args.ckpt_in)
+    # each rank's backing files (deleted when the process ends) and their sizes
+    stores = {name: table.store for name, table in trainer.strategy.cached_tables.tables.items() if table.store is not None}
+    with open(f"{args.result}.rank{trainer.global_rank}", "w") as f:
+        json.dump({str(file): file.stat().st_size for store in stores.values() for file in store.files}, f)
     if trainer.is_global_zero:
         routes = {t.name: t.route.value for t in trainer.strategy.embedding_tables.tables.values()}
         with open(args.result, "w") as f:
