@@ -27,6 +27,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.cache.backing import BackingStore, host_store, mmap_store
+from lightning_sparse.cache.lookahead import WorkingSetTooLarge
 from lightning_sparse.cache.scratchpad import CachedTable
 from lightning_sparse.config import CacheBacking, CacheConfig, ResolvedTable, TableConfig
 from lightning_sparse.dynamic.kjt import split_by_key, values_of, with_slots
@@ -199,7 +200,11 @@ class CachedTables:
             table.planner.retire(self._pass_start + step - 1)
             loaded_now = 0
             for seq in range(self._planned[name] + 1, min(step + self.configs[name].lookahead, max(self._gathered)) + 1):
-                moves = table.plan(self._pass_start + seq, self._gathered[seq][name])
+                try:
+                    moves = table.plan(self._pass_start + seq, self._gathered[seq][name])
+                except WorkingSetTooLarge as error:
+                    raise WorkingSetTooLarge(f"{error} (batch {self._pass_start + seq} is batch {seq} of this pass over "
+                                             f"the train loader, planned before the pass's step {step})") from None
                 self._last_seq = max(self._last_seq, self._pass_start + seq)
                 self._planned[name] = seq
                 if seq == step:
