@@ -81,6 +81,49 @@ class SparseOptimizerConfig:
                 raise ValueError(f"SparseOptimizerConfig.{name} must be in [0, 1], got {value}")
 
 
+class CacheBacking(NamedEnum):
+    """Where a cached table's full rows and optimizer state live (see :class:`CacheConfig`).
+
+    ``auto``: host memory when training on a GPU, a memory-mapped file on local disk on a CPU.
+    ``host``: tensors in host memory. ``mmap``: a file under ``CacheConfig.path`` (tables larger than RAM).
+    """
+
+    AUTO = "auto"
+    HOST = "host"
+    MMAP = "mmap"
+
+
+@dataclass
+class CacheConfig:
+    """A look-forward (ScratchPipe) cache: the table's rows live in a backing store, the kernels train a
+    scratchpad of ``rows`` slots, filled ahead of time from the ids of the next ``lookahead`` batches.
+
+    Args:
+        rows: scratchpad slots C; the ids of any ``lookahead + 1`` consecutive batches must fit.
+        lookahead: k, how many batches ahead the planner reads ids (0: copies wait for the lookup).
+        backing: :class:`CacheBacking`.
+        path: folder of the memory-mapped backing files (default: the system's temporary folder).
+        score_decay: per-batch decay of the use counts that order the eviction of rows no batch of the
+            window needs, in (0, 1] (1: plain counts).
+    """
+
+    rows: int
+    lookahead: int = 2
+    backing: CacheBacking = CacheBacking.AUTO
+    path: Optional[str] = None
+    score_decay: float = 0.995
+
+    def __post_init__(self) -> None:
+        for name, low in (("rows", 1), ("lookahead", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"CacheConfig.{name} must be an integer >= {low}, got {value!r}")
+        self.backing = CacheBacking.parse(self.backing, "CacheConfig.backing")
+        if isinstance(self.score_decay, bool) or not isinstance(self.score_decay, (int, float)) or not 0 < self.score_decay <= 1:
+            raise ValueError(f"CacheConfig.score_decay must be a number in (0, 1], got {self.score_decay!r}")
+        self.score_decay = float(self.score_decay)
+
+
 @dataclass
 class TableConfig:
     """Per-table overrides; unset fields take the strategy-wide defaults.
@@ -92,12 +135,15 @@ class TableConfig:
             table with admission, expiry and eviction (its ``capacity`` must equal the table's rows).
         pretrained: path to a ``.npy`` file of the table's initial rows (float32, ``rows x dim``); each
             rank reads only its shard's rows and columns (memory-mapped).
+        cache: keep the table's rows in a backing store and train them in a scratchpad filled ahead of
+            time (:class:`CacheConfig`); the table then runs on the ``native`` route.
     """
 
     sharding: Optional[ShardingType] = None
     optimizer: Optional[SparseOptimizerConfig] = None
     dynamic: Optional[DynamicTableConfig] = None
     pretrained: Optional[str] = None
+    cache: Optional[CacheConfig] = None
 
     def __post_init__(self) -> None:
         if self.sharding is not None:
@@ -106,6 +152,8 @@ class TableConfig:
             self.optimizer = build_dataclass(SparseOptimizerConfig, self.optimizer, "TableConfig.optimizer")
         if isinstance(self.dynamic, dict):
             self.dynamic = build_dataclass(DynamicTableConfig, self.dynamic, "TableConfig.dynamic")
+        if isinstance(self.cache, dict):
+            self.cache = build_dataclass(CacheConfig, self.cache, "TableConfig.cache")
 
 
 class TableInitKind(NamedEnum):
@@ -146,7 +194,8 @@ class ResolvedTable:
     ``route`` and ``route_reason`` (why it is not fused, empty when it is) are decided once, in
     ``resolve_tables``; ``param_path`` is the table weight's key in the model's state dict. ``init`` says
     where the initial values come from and ``initialiser`` carries it: the host weight (``copy``), the
-    ``TableInit`` or ``init_fn`` (``replay``, ``init_fn``) or the file path (``pretrained``).
+    ``TableInit`` or ``init_fn`` (``replay``, ``init_fn``) or the file path (``pretrained``). ``rows`` are the
+    rows of the sharded table: a cached table's scratchpad slots (its ids range over ``cache_rows``).
     """
 
     name: str
@@ -160,6 +209,8 @@ class ResolvedTable:
     dim: int = 0
     init: TableInitKind = TableInitKind.COPY
     initialiser: Any = None
+    cache: Optional[CacheConfig] = None
+    cache_rows: int = 0
 
 
 class PipelineKind(NamedEnum):

@@ -124,7 +124,10 @@ class InputChecks:
     def for_tables(cls, tables: Any, bad_ids: BadIdPolicy, non_finite: NonFinitePolicy) -> "InputChecks":
         """Checks for a strategy's ``EmbeddingTables`` (its ``modules`` and resolved ``tables``)."""
         dynamic = [name for name, table in tables.tables.items() if table.dynamic is not None]
-        checks = cls(static_tables_by_feature(tables.modules.values(), dynamic), bad_ids, non_finite)
+        static = static_tables_by_feature(tables.modules.values(), dynamic)
+        cached = {name: table.cache_rows for name, table in tables.tables.items() if table.cache is not None}
+        static = {key: StaticTable(t.name, cached.get(t.name, t.rows)) for key, t in static.items()}  # ids range over N
+        checks = cls(static, bad_ids, non_finite)
         checks.tables = tables
         return checks
 

@@ -287,6 +287,7 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
         "optimizer": {**args["tables"]["t_cat_7"]["optimizer"], "kind": "adagrad"},
         "dynamic": None,
         "pretrained": None,
+        "cache": None,
     }
     assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
                          "process_group_backend", "timeout", "start_method", "bad_ids", "non_finite",

@@ -101,8 +101,9 @@ def _gather(obj: Any) -> list[Any]:
 class _Pass(Iterator):
     """One pass over the loader: counts its batches and remembers the loader state after the last few."""
 
-    def __init__(self, base: Iterator, start: int, lockstep: bool) -> None:
+    def __init__(self, base: Iterator, start: int, lockstep: bool, kept: int = _KEPT_STATES) -> None:
         self.base = base
+        self.kept = kept
         self.lockstep = lockstep
         self.batches = start  # batches handed out in this pass, counting those before a resume
         self.ended = False
@@ -122,7 +123,7 @@ class _Pass(Iterator):
             raise StopIteration
         self.batches += 1
         self.states[self.batches] = copy.deepcopy(self.base.state_dict())
-        self.states.pop(self.batches - _KEPT_STATES, None)
+        self.states.pop(self.batches - self.kept, None)
         return batch
 
 
@@ -143,6 +144,7 @@ class ResumableLoader(StatefulDataLoader):
         self.consumed = consumed
         self._pass: Optional[_Pass] = None
         self._resume_at = 0  # batches of the restored pass already consumed; 0 for a fresh pass
+        self.read_ahead = 0  # batches a wrapper reads before the trainer gets them (the cache's look-ahead loader)
 
     @property
     def lockstep(self) -> bool:
@@ -151,7 +153,7 @@ class ResumableLoader(StatefulDataLoader):
 
     def __iter__(self) -> _Pass:  # type: ignore[override]
         start, self._resume_at = self._resume_at, 0
-        self._pass = _Pass(super().__iter__(), start, self.lockstep)
+        self._pass = _Pass(super().__iter__(), start, self.lockstep, _KEPT_STATES + self.read_ahead)
         return self._pass
 
     def _local_state(self) -> dict[str, Any]:

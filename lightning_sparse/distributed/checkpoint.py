@@ -82,6 +82,7 @@ METADATA_FILE = ".metadata"
 MODEL_KEY = "model"
 SPARSE_OPTIMIZER_KEY = "sparse_optimizer"
 DYNAMIC_TABLES_KEY = "dynamic_tables"
+CACHED_TABLES_KEY = "cached_tables"
 FAULT_ENV = "LIGHTNING_SPARSE_FAULT_KILL_AT_SAVE"
 _T = TypeVar("_T")
 _saves_started = 0
@@ -108,6 +109,7 @@ def save_sharded(
     trainer_state: dict[str, Any],
     is_global_zero: bool,
     collectives: Optional[Collectives] = None,
+    cached_tables_state: Optional[dict[str, Any]] = None,
 ) -> None:
     """Called on every rank. Replaces any previous checkpoint at ``path`` once the new one is complete."""
     global _saves_started
@@ -143,7 +145,7 @@ def save_sharded(
         _on_every_rank(collectives, f"preparing {str(staging)!r}", path, untouched, prepare)
         try:
             dcp.save(
-                _tensors(model_state, sparse_optimizer_state, dynamic_tables_state),
+                _tensors(model_state, sparse_optimizer_state, dynamic_tables_state, cached_tables_state),
                 storage_writer=dcp.FileSystemWriter(str(staging)),
             )
         except dcp.CheckpointException as error:  # raised on every rank
@@ -171,6 +173,7 @@ def load_sharded(
     sparse_optimizer_state: dict[str, Any],
     dynamic_tables_state: dict[str, Any],
     collectives: Optional[Collectives] = None,
+    cached_tables_state: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Verifies the checkpoint, loads tensors in place into the given (current) state dicts; returns the
     trainer state. Called on every rank."""
@@ -178,7 +181,7 @@ def load_sharded(
     verify_checkpoint(path, collectives)
     _check_dynamic_tables_present(path, dynamic_tables_state)
     dcp.load(
-        _tensors(model_state, sparse_optimizer_state, dynamic_tables_state),
+        _tensors(model_state, sparse_optimizer_state, dynamic_tables_state, cached_tables_state),
         storage_reader=dcp.FileSystemReader(str(path)),
         planner=_WeightsOnlyLoadPlanner(),
     )
@@ -351,13 +354,16 @@ def _fault_injection_point(rank: int, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _tensors(model_state: dict, sparse_optimizer_state: dict, dynamic_tables_state: dict) -> dict[str, Any]:
+def _tensors(model_state: dict, sparse_optimizer_state: dict, dynamic_tables_state: dict,
+             cached_tables_state: Optional[dict] = None) -> dict[str, Any]:
     parts = {MODEL_KEY: model_state}
     sparse_state = _stateful_only(sparse_optimizer_state)
     if sparse_state["state"]:  # sgd everywhere keeps none; DCP would then ask for a key it never wrote
         parts[SPARSE_OPTIMIZER_KEY] = sparse_state
     if dynamic_tables_state:
         parts[DYNAMIC_TABLES_KEY] = dynamic_tables_state
+    if cached_tables_state:  # the cached tables' backing stores (cache/tables.py)
+        parts[CACHED_TABLES_KEY] = cached_tables_state
     return parts
 
 

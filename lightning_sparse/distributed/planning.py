@@ -19,6 +19,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+from lightning_sparse.distributed.cached_tables import shrink_to_scratchpads
 from lightning_sparse.distributed.materialise import materialise_shards
 from lightning_sparse.distributed.row_wise import ROW_WISE_TYPES, row_wise_sharders
 from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, RowBlock, resolve_tables, row_blocks
@@ -155,9 +156,11 @@ def shard_tables(
 ) -> tuple[DistributedModelParallel, EmbeddingTables, ShardingPlan]:
     """Resolves every table (route and initialisation included), plans, shards and wraps ``model``, then
     fills the local shards with the tables' initial values: copied from tables built on the host, or, for
-    tables built on ``meta``, generated (or read from a pretrained file) for the local shards only.
+    tables built on ``meta``, generated (or read from a pretrained file) for the local shards only. A cached
+    table is planned and sharded as its scratchpad (its full initialisation is kept for its backing store).
     Every rank calls it (the plan is agreed collectively)."""
     tables = resolve_tables(model, device.type, default_sharding, default_optimizer, overrides)
+    shrink_to_scratchpads(tables)  # cached tables: TorchRec plans and shards their scratchpads
     attach_fused_optimizers(tables, device.type)
     move_dense_modules(model, device, set(tables.modules))
     plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size)

@@ -68,6 +68,9 @@ class EmbeddingTables:
     weights: dict[str, tuple[str, nn.Parameter]] = field(default_factory=dict)
     # feature key -> table name
     features: dict[str, str] = field(default_factory=dict)
+    # cached table -> its full-size resolved table (rows N, initialisation), until its backing store is filled
+    # (``cache/tables.py``: ``shrink_to_scratchpads`` puts it here, ``CachedTables.build`` takes it)
+    cache_sources: dict[str, ResolvedTable] = field(default_factory=dict)
 
 
 def find_embedding_modules(model: nn.Module) -> dict[str, EmbeddingModule]:
@@ -161,6 +164,8 @@ def _resolve_table(
             f"allowed there: {', '.join(['auto'] + [s.value for s in allowed])}"
         )
     optimizer = override.optimizer or default_optimizer
+    if override.cache is not None:
+        return _resolve_cached(name, override, sharding, optimizer)
     if sharding is ShardingType.DATA_PARALLEL:
         route, reason = TableRoute.DATA_PARALLEL, "data_parallel sharding"
     else:
@@ -211,6 +216,20 @@ def check_pretrained(table_name: str, path: str, shape: tuple[int, int], dtype: 
             f"{array.dtype}; the table needs shape {shape} (num_embeddings x embedding_dim) and dtype {expected_dtype}. "
             f"Save the rows as numpy.save(path, rows.astype(numpy.{expected_dtype}))."
         )
+def _resolve_cached(name: str, override: TableConfig, sharding: ShardingType, optimizer: SparseOptimizerConfig) -> ResolvedTable:
+    """A cached table runs on the native route: our kernels update scratchpad rows given slot ids, which
+    fbgemm's fused backward (rows = ids) and a replicated data-parallel table cannot do."""
+    blocker = ""
+    if override.dynamic is not None:
+        blocker = "it is also dynamic (its ids are remapped by a hash table; cache a static table)"
+    elif sharding not in (ShardingType.AUTO, ShardingType.TABLE_WISE):
+        blocker = f"its sharding is {sharding.value!r}; a cached table must be whole on one rank: 'table_wise' or 'auto'"
+    if blocker:
+        raise ValueError(f"Table {name!r}: a cache option on a table kind that cannot take it: {blocker}. Remove "
+                         "TableConfig.cache from this table, or change what is named.")
+    return ResolvedTable(name=name, sharding=ShardingType.TABLE_WISE, optimizer=optimizer, route=TableRoute.NATIVE,
+                         route_reason="cached table: lightning_sparse kernels update its scratchpad slots",
+                         cache=override.cache)
 
 
 def _state_key(module: EmbeddingModule, fqn: str, table_name: str) -> str:

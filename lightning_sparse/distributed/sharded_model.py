@@ -1,7 +1,8 @@
 """A sharded model and the components that own its state, found again by any later Trainer.
 
 :class:`ShardedModel` is what sharding a LightningModule produces, once: TorchRec's DistributedModelParallel,
-the resolved tables, the dynamic tables' hash tables and the sparse optimizer. A second stage
+the resolved tables, the dynamic tables' hash tables, the sparse optimizer and the cached tables' backing stores
+(``cache/tables.py``). A second stage
 (``trainer.validate`` after ``fit``) or a new Trainer given the same module must reuse it: the module's
 embedding modules were replaced by TorchRec's sharded ones, which cannot be sharded again, and the hash tables
 and our kernels' optimizer state live outside the module.
@@ -28,7 +29,9 @@ from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
 
+from lightning_sparse.cache.tables import CachedTables
 from lightning_sparse.config import TableRoute
+from lightning_sparse.distributed.cached_tables import cached_tables_of
 from lightning_sparse.distributed.collectives import Collectives, collective_device
 from lightning_sparse.distributed.planning import table_owners
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
@@ -46,6 +49,7 @@ class ShardedModel:
     tables: EmbeddingTables
     optimizer: SparseOptimizer
     dynamic: Optional[DynamicTables]
+    cache: Optional[CachedTables] = None
 
     @classmethod
     def build(
@@ -74,7 +78,9 @@ class ShardedModel:
         )
         if dynamic is not None:
             dynamic.bind_rows(module.state_dict(keep_vars=True), optimizer.row_states)
-        record = cls(dmp, tables, optimizer, dynamic)
+        owners = table_owners(dmp, sorted(tables.cache_sources))
+        cache = cached_tables_of(tables, owners, optimizer.native, collectives, device)
+        record = cls(dmp, tables, optimizer, dynamic, cache)
         _RECORDS[module] = weakref.ref(record)
         return record
 

@@ -139,6 +139,10 @@ class NativeKernelOptimizer(KeyedOptimizer):
             if table.route is TableRoute.DATA_PARALLEL:
                 group["params"][0].grad = None
 
+    def table_tensors(self, name: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """A native table's local weight (the TBE's) and optimizer state tensors, which the step updates in place."""
+        return self._local_weight[name], self._states[name]
+
     def tables(self) -> list[ResolvedTable]:
         return list(self._tables)
 

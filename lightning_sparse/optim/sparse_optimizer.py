@@ -23,7 +23,7 @@ table owners and a function gathering objects from all ranks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +139,11 @@ class SparseOptimizer:
             if param is not None:
                 states.extend(v for v in sub.state.get(param, {}).values() if hasattr(v, "dim"))
         return states
+
+    @property
+    def native(self) -> Optional[NativeKernelOptimizer]:
+        """Our kernels' optimizer (native and data-parallel tables), None when every table is fused."""
+        return dict(self.combined.optimizers).get(NATIVE_KERNELS)
 
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict[str, Any]:

@@ -78,6 +78,13 @@ def check_pipeline_setup(config: PipelineConfig, tables: dict[str, ResolvedTable
             f"SparseStrategy(pipeline={kind!r}): dynamic tables {dynamic} remap raw ids at the step that trains them, "
             "which a pipeline has already distributed; use pipeline 'none' with dynamic tables."
         )
+    cached = sorted(t.name for t in tables.values() if t.cache is not None)
+    if cached:
+        raise ValueError(
+            f"SparseStrategy(pipeline={kind!r}): cached tables {cached} replace a batch's ids by scratchpad slots at the "
+            "step that trains it, after a pipeline has already distributed the raw ids (and the pipeline's look-ahead "
+            "would bypass the cache's); use pipeline 'none' with cached tables (TableConfig.cache)."
+        )
     if config.kind in (PipelineKind.HYBRID, PipelineKind.SEMI_SYNC):
         replicated = sorted(t.name for t in tables.values() if t.route is TableRoute.DATA_PARALLEL)
         if replicated:

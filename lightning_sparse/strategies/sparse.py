@@ -2,7 +2,7 @@
 
 The strategy wires components into Lightning's hooks and holds no state of its own: the sharded model and
 the components that own its state (:class:`~lightning_sparse.distributed.sharded_model.ShardedModel`: the
-DMP, the resolved tables, the sparse optimizer with its hyper-parameters, the dynamic tables) are built once
+DMP, the resolved tables, the sparse optimizer with its hyper-parameters, the dynamic and cached tables) are built once
 per LightningModule and found again by later stages and Trainers; checkpoints are read in one place,
 :meth:`SparseStrategy.load_checkpoint`. Components get their rank, world size and collectives as a
 :class:`~lightning_sparse.distributed.collectives.Collectives`, never the strategy.
@@ -29,6 +29,8 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_sparse.cache.prefetch import LookaheadLoader
+from lightning_sparse.cache.tables import CachedTables
 from lightning_sparse.callbacks import CommunicationMonitor
 from lightning_sparse.config import PipelineConfig, ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
@@ -239,6 +241,9 @@ class SparseStrategy(DDPStrategy):
         args = self._checked(args, training=True)
         if self.dynamic_tables is not None:
             args = (self._remap_for_training(args[0]),) + args[1:]
+        if self.cached_tables is not None:  # ids -> scratchpad slots, planned k batches ahead (cache/tables.py)
+            args = (self.cached_tables.before_training_step(args[0]),) + args[1:]
+            self.lightning_module.log_dict(self.cached_tables.metrics(), on_step=True, on_epoch=False)
         if self._pipeline is None:
             return super().training_step(*args, **kwargs)
         self._pipeline.before_forward()
@@ -247,11 +252,17 @@ class SparseStrategy(DDPStrategy):
         return output
 
     def process_dataloader(self, dataloader: object) -> object:
-        """The train loader, read through the pipeline (which looks ahead) when there is one."""
+        """The train loader, read through the pipeline (which looks ahead) when there is one, or ahead for the
+        cached tables' planner (``cache/prefetch.py``); never both (``pipelines.check_pipeline_setup``)."""
         dataloader = super().process_dataloader(dataloader)
-        if self._pipeline is not None and self.lightning_module.trainer.training:
+        if not self.lightning_module.trainer.training:
+            return dataloader
+        if self._pipeline is not None:
             return self._pipeline.wrap(dataloader)
-        return dataloader
+        cache = self.cached_tables
+        if cache is None:
+            return dataloader
+        return LookaheadLoader(dataloader, max(c.lookahead for c in cache.configs.values()), cache.new_pass, cache.on_batch_read)
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
@@ -298,9 +309,16 @@ class SparseStrategy(DDPStrategy):
         return batch
 
     def _remap_for_evaluation(self, args: tuple) -> tuple:
-        if self.dynamic_tables is None or not args:
-            return args
-        return (apply_to_collection(args[0], KeyedJaggedTensor, self.dynamic_tables.remap_for_evaluation),) + args[1:]
+        if self.dynamic_tables is not None and args:
+            args = (apply_to_collection(args[0], KeyedJaggedTensor, self.dynamic_tables.remap_for_evaluation),) + args[1:]
+        if self.cached_tables is not None and args:
+            args = (self.cached_tables.before_evaluation_step(args[0]),) + args[1:]
+        return args
+
+    @property
+    def cached_tables(self) -> Optional[CachedTables]:
+        """The scratchpads and backing stores of the model's cached tables (None when it has none)."""
+        return self._sharded.cache if self._sharded is not None else None
 
     def optimizer_step(
         self,
@@ -339,6 +357,7 @@ class SparseStrategy(DDPStrategy):
             trainer_state=trainer_state,
             is_global_zero=self.is_global_zero,
             collectives=self.collectives,
+            cached_tables_state=sharded.cache.state_dict() if sharded.cache is not None else None,
         )
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -350,11 +369,15 @@ class SparseStrategy(DDPStrategy):
         model_state = self.lightning_module.state_dict()
         sparse_state = sharded.optimizer.combined.state_dict()
         dynamic_state = sharded.dynamic.state_dict() if sharded.dynamic is not None else {}
+        cache_state = sharded.cache.state_dict() if sharded.cache is not None else None
         trainer_state = sharded_checkpoint.load_sharded(
-            checkpoint_path, model_state, sparse_state, dynamic_state, collectives=self.collectives
+            checkpoint_path, model_state, sparse_state, dynamic_state, collectives=self.collectives,
+            cached_tables_state=cache_state,
         )
         if sharded.dynamic is not None:
             sharded.dynamic.load_state_dict(dynamic_state)
+        if sharded.cache is not None:
+            sharded.cache.load_state_dict(cache_state)
         hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)
         if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             sharded.optimizer.load_state_dict({"optimizer": sparse_state, "hyperparameters": hyperparameters})

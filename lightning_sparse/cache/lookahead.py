@@ -1,0 +1,174 @@
+"""The look-forward planner of a cached table: which scratchpad slot holds which row, and what to copy.
+
+ScratchPipe (ISCA'22) trains a table in a small scratchpad of ``C`` slots while its rows live in a large,
+slow backing store. Unlike an LRU cache, which learns that a row is missing when the lookup asks for it, the
+planner reads the ids of the next ``k`` batches ahead of time: a batch enters the *window* ``k`` steps before
+it is trained (:meth:`LookaheadPlanner.push`), its missing rows get slots then, and the copies run while the
+current step computes. At the lookup every row is already in the scratchpad: a guaranteed hit.
+
+Eviction is Belady's rule within the window: the victim is the slot whose next use is furthest ahead. A slot
+whose row some batch of the window needs is never a victim (evicting it would cost a copy back within the
+window); slots with no use in the window are next needed beyond the horizon, where the planner estimates the
+next use from each row's past: the row with the lowest use count, decayed by ``score_decay`` per batch
+(Kraken's feature score), is expected furthest ahead and goes first; ties go to the least recently used,
+then the lowest slot. (Against LRU's order for the rows beyond the window, this cuts the rows moved on a
+Zipf stream by about a fifth, ``benchmarks/lookahead_cache.py``.) When the rows of the window do not fit in
+``C`` slots the planner stops with :class:`WorkingSetTooLarge`, naming the batch and its rows.
+
+The ids of a cached table are rows ``[0, N)``, so the map row -> slot is a dense int32 tensor of ``N``
+entries (4 bytes a row, against ``4 * dim`` and more for the row itself) rather than the dynamic tables' hash
+index, whose admission and expiry policies have no role here. The decayed counts are one float64 per row,
+kept as counts of growing weight (``1 / score_decay`` to the batch number, rescaled when large) so that a
+use adds one number instead of decaying all rows. :mod:`lightning_sparse.cache.reference` is a
+plain-Python twin of this planner; the tests compare their moves batch by batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class WorkingSetTooLarge(ValueError):
+    """The rows of the window's batches do not fit in the scratchpad."""
+
+
+@dataclass(frozen=True)
+class Moves:
+    """The copies that make batch ``seq`` resident: write ``evict_rows`` back from ``evict_slots`` first
+    (their rows' last use is over), then copy ``load_rows`` into ``load_slots``."""
+
+    seq: int
+    load_rows: Tensor
+    load_slots: Tensor
+    evict_rows: Tensor
+    evict_slots: Tensor
+
+
+class LookaheadPlanner:
+    """Slots of a scratchpad of ``slots`` rows for a table of ``rows`` rows, planned over a window of batches.
+
+    Args:
+        rows: the table's rows N (ids are ``0 <= id < N``).
+        slots: scratchpad slots C.
+        table: the table's name, for error messages.
+        score_decay: per-batch decay of a row's use count (1: plain counts).
+    """
+
+    def __init__(self, rows: int, slots: int, table: str = "table", score_decay: float = 0.995) -> None:
+        if slots > rows:
+            slots = rows  # a scratchpad larger than the table holds it whole
+        self.rows, self.slots, self.table = rows, slots, table
+        self.slot_of = torch.full((rows,), -1, dtype=torch.int32)
+        self.row_of = torch.full((slots,), -1, dtype=torch.int64)
+        self.last_use = torch.full((slots,), -1, dtype=torch.int64)
+        self.window: deque[tuple[int, Tensor]] = deque()  # (seq, sorted unique rows) of batches not yet retired
+        self.score = torch.zeros(rows, dtype=torch.float64)  # decayed use counts, times growth ** (seq - origin)
+        self.slot_score = torch.full((self.slots,), -1.0, dtype=torch.float64)  # the score of each slot's row; -1: empty
+        self.growth = 1.0 / score_decay
+        self.origin = 0
+
+    def reset(self) -> None:
+        """Forgets every slot and the window (after the backing store was reloaded from a checkpoint)."""
+        self.slot_of.fill_(-1)
+        self.row_of.fill_(-1)
+        self.last_use.fill_(-1)
+        self.window.clear()
+        self.score.zero_()
+        self.slot_score.fill_(-1.0)
+        self.origin = 0
+
+    def push(self, seq: int, ids: Tensor) -> Moves:
+        """Batch ``seq`` (its ids, any order, duplicates allowed) enters the window; returns the copies."""
+        rows = torch.unique(ids.reshape(-1).long().cpu())
+        weight = use_weight(self, seq)  # first: it may rescale every count
+        self.score[rows] += weight
+        slot = self.slot_of[rows].long()
+        missing = rows[slot < 0]
+        empty = torch.empty(0, dtype=torch.int64)
+        victims = empty
+        if missing.numel():
+            victims = self._victims(seq, rows, int(missing.numel()))
+        evicted_rows = self.row_of[victims]
+        held = evicted_rows >= 0
+        evict_rows, evict_slots = evicted_rows[held], victims[held]
+        self.slot_of[evict_rows] = -1
+        self.slot_of[missing] = victims.int()
+        self.row_of[victims] = missing
+        slots = self.slot_of[rows].long()
+        self.last_use[slots] = seq
+        self.slot_score[slots] = self.score[rows]
+        self.window.append((seq, rows))
+        return Moves(seq, missing, victims, evict_rows, evict_slots)
+
+    def retire(self, seq: int) -> None:
+        """Batches up to ``seq`` are trained: their rows no longer hold slots for the window."""
+        while self.window and self.window[0][0] <= seq:
+            self.window.popleft()
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        """The slots of ``ids`` (same shape and dtype); every id must be resident (a pushed batch's)."""
+        slots = self.slot_of[ids.long().cpu()]
+        if slots.numel() and int(slots.min()) < 0:
+            absent = ids.reshape(-1)[(slots < 0).reshape(-1).to(ids.device)][:5].tolist()
+            raise RuntimeError(
+                f"cached table {self.table!r}: ids {absent} are not in the scratchpad at the lookup; their batch "
+                "did not pass through the look-ahead loader (was the train loader iterated outside the trainer?)"
+            )
+        return slots.to(device=ids.device, dtype=ids.dtype)
+
+    def resident(self, ids: Tensor) -> Tensor:
+        """Whether each id has a slot now."""
+        return self.slot_of[ids.long().cpu()] >= 0
+
+    def _victims(self, seq: int, rows: Tensor, needed: int) -> Tensor:
+        """``needed`` slots holding no row of the window (nor of ``rows``): empty ones, then least recently used."""
+        protected = torch.zeros(self.slots, dtype=torch.bool)
+        for _, window_rows in self.window:
+            held = self.slot_of[window_rows].long()
+            protected[held[held >= 0]] = True
+        held = self.slot_of[rows].long()
+        protected[held[held >= 0]] = True
+        if self.slots - int(protected.sum()) < needed:
+            union = torch.unique(torch.cat([r for _, r in self.window] + [rows]))
+            raise WorkingSetTooLarge(
+                f"cached table {self.table!r}: batch {seq} needs {rows.numel()} rows and, with the "
+                f"{len(self.window)} batch(es) before it in the look-ahead window, {union.numel()} distinct rows, "
+                f"more than the scratchpad's {self.slots} slots. Raise TableConfig.cache.rows to at least "
+                f"{union.numel()}, lower cache.lookahead, or use smaller batches."
+            )
+        # empty slots (never protected) first, by slot; then the lowest decayed count, the least recent use, the
+        # lowest slot: only slots at or below the needed-th smallest count can be chosen, so only those are sorted
+        empty = (self.slot_score < 0).nonzero().squeeze(1)[:needed]
+        needed -= int(empty.numel())
+        if needed == 0:
+            return empty
+        key = self.slot_score.masked_fill(protected, float("inf"))
+        key[empty] = float("inf")
+        threshold = torch.topk(key, needed, largest=False, sorted=False).values.max()
+        chosen = (key <= threshold).nonzero().squeeze(1)
+        chosen = chosen[torch.sort(self.last_use[chosen], stable=True).indices]
+        return torch.cat([empty, chosen[torch.sort(key[chosen], stable=True).indices[:needed]]])
+
+
+RESCALE_AT = 2.0**400  # use weights stay far from float64's overflow
+
+
+def use_weight(planner: "LookaheadPlanner | object", seq: int) -> float:
+    """The weight a use at batch ``seq`` adds to a row's count: ``growth ** (seq - origin)``; when it would
+    pass ``RESCALE_AT`` every count is divided by it first (the same on ``planner.score``, a tensor or a dict)."""
+    weight = planner.growth ** (seq - planner.origin)
+    if weight > RESCALE_AT:
+        scores = planner.score
+        if isinstance(scores, dict):
+            for row in scores:
+                scores[row] /= weight
+        else:
+            scores /= weight
+            held = planner.slot_score >= 0
+            planner.slot_score[held] = planner.slot_score[held] / weight
+        planner.origin, weight = seq, 1.0
+    return weight

@@ -1,0 +1,116 @@
+"""Plain-Python twin of :class:`~lightning_sparse.cache.lookahead.LookaheadPlanner`: dicts and lists, no tensors.
+
+It states the planner's rule in the most literal form: for each missing row of the new batch, the victim
+is the slot with the furthest next use within the window (no use in the window counts as beyond it; a
+slot some window batch needs is never taken), beyond the window the lowest decayed use count first, ties
+broken by the least recent use, then the lowest slot.
+The tests feed both the same batches and compare every move; :func:`lru_moves` and
+:func:`prefetch_moves` are the baselines of ``benchmarks/lookahead_cache.py``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Optional, Sequence
+
+from lightning_sparse.cache.lookahead import use_weight
+
+
+class ReferencePlanner:
+    """The same slots and moves as ``LookaheadPlanner`` for the same batches."""
+
+    def __init__(self, rows: int, slots: int, score_decay: float = 0.995) -> None:
+        self.slots = min(slots, rows)
+        self.score: dict[int, float] = {}
+        self.growth, self.origin = 1.0 / score_decay, 0
+        self.slot_of: dict[int, int] = {}
+        self.row_of: list[Optional[int]] = [None] * self.slots
+        self.last_use: list[int] = [-1] * self.slots
+        self.window: list[tuple[int, set[int]]] = []
+
+    def push(self, seq: int, ids: Iterable[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(load rows, load slots, evicted rows, their slots), rows ascending as the planner returns them."""
+        rows = sorted(set(int(i) for i in ids))
+        weight = use_weight(self, seq)
+        for row in rows:
+            self.score[row] = self.score.get(row, 0.0) + weight
+        missing = [r for r in rows if r not in self.slot_of]
+
+        def next_use(slot: int) -> float:
+            row = self.row_of[slot]
+            if row is None:
+                return float("inf")
+            if row in rows:
+                return seq
+            return min((s for s, batch in self.window if row in batch), default=float("inf"))
+
+        candidates = [s for s in range(self.slots) if next_use(s) == float("inf")]
+        if len(candidates) < len(missing):
+            raise ValueError(f"batch {seq}: the window's rows do not fit in {self.slots} slots")
+        candidates.sort(key=lambda s: (-1.0 if self.row_of[s] is None else self.score[self.row_of[s]], self.last_use[s], s))
+        victims = candidates[: len(missing)]
+        evicted = [(self.row_of[s], s) for s in victims if self.row_of[s] is not None]
+        for row, _ in evicted:
+            del self.slot_of[row]
+        for row, slot in zip(missing, victims):
+            self.slot_of[row] = slot
+            self.row_of[slot] = row
+        for row in rows:
+            self.last_use[self.slot_of[row]] = seq
+        self.window.append((seq, set(rows)))
+        return missing, victims, [r for r, _ in evicted], [s for _, s in evicted]
+
+    def retire(self, seq: int) -> None:
+        self.window = [(s, b) for s, b in self.window if s > seq]
+
+
+def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.995) -> list[int]:
+    """Rows copied (in + back) per training step by the look-forward planner over ``batches``."""
+    planner = ReferencePlanner(rows, slots, score_decay)
+    per_step = [0] * len(batches)
+    dirty: set[int] = set()
+    for step in range(len(batches)):
+        planner.retire(step - 1)
+        for seq in range(step if step == 0 else step + lookahead, min(step + lookahead, len(batches) - 1) + 1):
+            loads, _, evicted, _ = planner.push(seq, batches[seq])
+            per_step[step] += len(loads) + sum(1 for r in evicted if r in dirty)
+            dirty -= set(evicted)
+        dirty |= set(int(i) for i in batches[step])
+    return per_step
+
+
+def lru_moves(batches: Sequence[Sequence[int]], slots: int, ahead: int = 0, misses: Optional[list[int]] = None) -> list[int]:
+    """Rows copied (in + back) per step by an LRU cache of ``slots`` rows that loads a batch's misses at its
+    lookup (``ahead=0``), or one batch ahead with the current batch's rows locked (``ahead=1``: fbgemm's
+    ``prefetch_pipeline``). Every trained row is dirty, so an evicted trained row is written back. ``misses``,
+    if given, gets each step's rows loaded at their own lookup."""
+    cache: "OrderedDict[int, bool]" = OrderedDict()  # row -> dirty, least recently used first
+    per_step = [0] * len(batches)
+
+    def admit(step: int, batch: Sequence[int], locked: set[int]) -> int:
+        loaded = 0
+        for row in sorted(set(int(i) for i in batch)):
+            if row in cache:
+                cache.move_to_end(row)
+                continue
+            if len(cache) >= slots:
+                victim = next((r for r in cache if r not in locked), None)
+                if victim is None:
+                    raise ValueError(f"step {step}: the locked rows fill all {slots} slots")
+                per_step[step] += int(cache.pop(victim))
+            cache[row] = False
+            per_step[step] += 1
+            loaded += 1
+        return loaded
+
+    for step, batch in enumerate(batches):
+        missed = 0
+        if ahead == 0 or step == 0:
+            missed = admit(step, batch, set(int(i) for i in batch))
+        if misses is not None:
+            misses.append(missed)
+        if ahead and step + 1 < len(batches):
+            admit(step, batches[step + 1], set(int(i) for i in batch) | set(int(i) for i in batches[step + 1]))
+        for row in set(int(i) for i in batch):
+            cache[row] = True
+    return per_step
