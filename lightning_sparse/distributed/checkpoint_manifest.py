@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from lightning_sparse.durable import fsync_dir
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "lightning_sparse.checkpoint/1"
 HASH = "sha256"
@@ -202,20 +204,6 @@ def _is_complete(directory: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
-
-
-def fsync_dir(directory: Path) -> None:
-    """Makes renames and new entries in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _self_checksum(body: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_sparse.serving import collect
+from lightning_sparse.durable import fsync_dir
 from lightning_sparse.serving.format import (
     CURRENT_FILE,
     DENSE_FILE,
@@ -43,7 +44,6 @@ from lightning_sparse.serving.format import (
     ExportError,
     SchemaMismatchError,
     file_entry,
-    fsync_dir,
     partial_dir,
     rank_file,
     read_current,

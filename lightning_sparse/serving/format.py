@@ -52,6 +52,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
+from lightning_sparse.durable import fsync_dir
+
 FORMAT = "lightning_sparse.serving/1"
 CURRENT_FILE = "current.json"
 MANIFEST_FILE = "manifest.json"
@@ -112,20 +114,6 @@ def file_entry(path: Path) -> dict[str, Any]:
             digest.update(chunk)
             size += len(chunk)
     return {"bytes": size, "sha256": digest.hexdigest()}
-
-
-def fsync_dir(directory: Path) -> None:
-    """Makes renames and new entries in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_json_atomically(path: Path, content: dict[str, Any]) -> None:
