@@ -3,16 +3,15 @@ the last complete one), and a corrupt, partial or mismatched export is a clear e
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import WORKERS, read_checkpoint
+from conftest import REPO, WORKERS, _worker_env, read_checkpoint
 from replay import checkpoint_tensors, live_tables, max_difference
 
 from lightning_sparse.serving import CorruptExportError, DeltaExport, IncompleteExportError, apply_pending, load_version, open_store
@@ -20,26 +19,16 @@ from lightning_sparse.serving.export import FAULT_ENV
 from lightning_sparse.serving.format import TableSchema, file_entry, partial_dir, read_current, read_manifest, sealed, version_dir, write_json_atomically
 
 
-def _train(argv: list[str], fault: str) -> None:
-    if fault:
-        os.environ[FAULT_ENV] = fault
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        os.environ.pop(key, None)
-    sys.path.insert(0, str(WORKERS))
-    sys.argv = ["serving_fit.py", *argv]
-    import serving_fit
-
-    serving_fit.main()
-
-
 def train(tmp: Path, exports: Path, run: int, fault: str = "") -> int:
-    """One single-process run of 40 steps exporting every 5 (in a forked child: no second import of torch)."""
+    """One single-process run of 40 steps exporting every 5, in a process of its own (a forked child would
+    inherit a process group an earlier test left in this one, and hang in its first collective)."""
     argv = ["--devices", "1", "--batches", "40", "--every-n-steps", "5", "--exports", str(exports),
             "--ckpt-out", str(tmp / f"run{run}.ckpt"), "--result", str(tmp / f"run{run}.json")]  # fmt: skip
-    child = multiprocessing.get_context("fork").Process(target=_train, args=(argv, fault))
-    child.start()
-    child.join(300)
-    return child.exitcode
+    env = _worker_env()
+    if fault:
+        env[FAULT_ENV] = fault
+    cmd = [sys.executable, str(WORKERS / "serving_fit.py"), *argv]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300).returncode
 
 
 @pytest.fixture(scope="module")
