@@ -108,6 +108,13 @@ class DeltaExport(Callback):
                 f"DeltaExport needs SparseStrategy (strategy: sparse), got {type(strategy).__name__}: it exports the "
                 "strategy's sharded embedding tables"
             )
+        with_fallback = {n: t.dynamic.fallback_rows for n, t in strategy.embedding_tables.tables.items() if t.dynamic and t.dynamic.fallback_rows}
+        if with_fallback:
+            raise ExportError(
+                f"DeltaExport: dynamic tables with fallback rows cannot be exported yet ({with_fallback}): an id without a "
+                "slot trains a shared fallback row, which has no raw id of its own, and a store serving rows by raw id "
+                "would give such ids zeros instead; set fallback_rows: 0 on the tables you export"
+            )
         self._diff = collect.ShardDiff()
         self._pieces = collect.local_pieces(strategy)
         self._tables = collect.table_schemas(strategy)

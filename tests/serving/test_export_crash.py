@@ -122,3 +122,13 @@ def test_an_export_directory_of_another_model_is_refused(crashed_runs):
 def test_bad_export_options_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         DeltaExport(str(tmp_path), **kwargs)
+
+
+def test_a_dynamic_table_with_fallback_rows_is_refused_with_the_reason(tmp_path):
+    """Fallback rows have no raw id: exporting them would serve zeros where training read the fallback row."""
+    cmd = [sys.executable, str(WORKERS / "serving_fit.py"), "--devices", "1", "--batches", "4", "--every-n-steps", "2",
+           "--exports", str(tmp_path / "exports"), "--fallback-rows", "4", "--result", str(tmp_path / "r.json")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "fallback rows cannot be exported yet ({'t_cat_0': 4})" in proc.stderr
+    assert "set fallback_rows: 0" in proc.stderr

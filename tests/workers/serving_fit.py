@@ -56,12 +56,14 @@ def main() -> None:
     parser.add_argument("--every-n-steps", type=int, default=10)
     parser.add_argument("--quantize", default="none")
     parser.add_argument("--ckpt-out", default=None)
+    parser.add_argument("--fallback-rows", type=int, default=0, help="fallback rows of the dynamic table t_cat_0")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     pl.seed_everything(0)
     data = SyntheticClickDataModule(**data_args(args.batches, args.batch_size))
     model = DLRMModule(num_embeddings_per_feature=SIZES, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
-    dynamic = DynamicTableConfig(admission=AdmissionConfig(min_count=1), expiry=ExpiryConfig(ttl_steps=6, sweep_every_steps=3))
+    dynamic = DynamicTableConfig(admission=AdmissionConfig(min_count=1), expiry=ExpiryConfig(ttl_steps=6, sweep_every_steps=3),
+                                 fallback_rows=args.fallback_rows)
     strategy = lightning_sparse.SparseStrategy(
         sharding="table_wise",
         optimizer=SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.1),
