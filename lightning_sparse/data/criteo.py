@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 
 from lightning_sparse.data.criteo_format import (  # noqa: F401 - re-exported: the format's public names live here too
@@ -39,7 +39,7 @@ from lightning_sparse.data.criteo_format import (  # noqa: F401 - re-exported: t
     open_criteo_file,
     parse_line,
 )
-from lightning_sparse.data.loading import ResumableLoader, fit_progress, process_rank_world
+from lightning_sparse.data.loading import ResumableLoader, fit_progress, process_rank_world, reader_of
 
 _REASONS = list(MalformedReason)
 _COL_LINES, _COL_SAMPLES, _COL_REASON0 = 0, 1, 2
@@ -128,12 +128,7 @@ class CriteoIterableDataset(IterableDataset):
         )
 
     def _shard(self) -> tuple:
-        rank, world = (self.rank, self.world_size) if self.rank is not None else process_rank_world()
-        info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if worker_id >= self._counters.shape[0]:
-            raise ValueError(f"DataLoader worker {worker_id} exceeds max_workers={self._counters.shape[0]}")
-        return rank * num_workers + worker_id, world * num_workers, worker_id
+        return reader_of(self.rank, self.world_size, self._counters.shape[0])
 
     def state_dict(self) -> dict[str, Any]:
         """Where the current pass stands: after the last batch yielded (``{}`` before the first pass)."""

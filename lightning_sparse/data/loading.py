@@ -40,7 +40,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 # States kept per pass: the one after the batch the trainer is on, plus Lightning's prefetched batch, the
@@ -76,6 +76,17 @@ def process_rank_world() -> tuple[int, int]:
     if _distributed_is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def reader_of(rank: Optional[int], world_size: Optional[int], max_workers: int) -> tuple[int, int, int]:
+    """This DataLoader worker's reader among all ranks' workers: ``(reader, readers, worker)``, reader
+    ``rank * workers + worker`` of ``world * workers``. ``rank``/``world_size`` None: the default process group's."""
+    rank, world = (rank, world_size) if rank is not None else process_rank_world()
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    if worker >= max_workers:
+        raise ValueError(f"DataLoader worker {worker} exceeds max_workers={max_workers}")
+    return rank * workers + worker, world * workers, worker
 
 
 def all_ranks(flag: bool) -> bool:

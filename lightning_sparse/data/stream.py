@@ -28,12 +28,12 @@ from typing import Any, Iterator, List, Optional, Union
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.data.criteo import OnError, SkippedLinesMonitor
-from lightning_sparse.data.loading import ResumableLoader, process_rank_world, fit_progress
+from lightning_sparse.data.loading import ResumableLoader, fit_progress, process_rank_world, reader_of
 from lightning_sparse.data.stream_schema import REASONS, IdTransform, RecordError, SparseColumn, StreamRecordError, StreamSchema
 from lightning_sparse.data.stream_sources import (
     ChainedSource,
@@ -147,12 +147,7 @@ class StreamDataset(IterableDataset):
         return StreamStats(self._counters.sum(dim=0).tolist())
 
     def _reader(self) -> tuple[int, int, int]:
-        rank, world = (self.rank, self.world_size) if self.rank is not None else process_rank_world()
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if worker >= self._counters.shape[0]:
-            raise ValueError(f"DataLoader worker {worker} exceeds max_workers={self._counters.shape[0]}")
-        return rank * workers + worker, world * workers, worker
+        return reader_of(self.rank, self.world_size, self._counters.shape[0])
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._state) if self._state is not None else {}
