@@ -33,6 +33,7 @@ import sys
 from enum import Enum
 from typing import Any, Callable, NoReturn, Optional
 
+import torch
 from jsonargparse import Namespace
 from jsonargparse.typing import get_registered_type, register_type
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -278,6 +279,10 @@ def main(args: Optional[list[str]] = None) -> None:
         parser_class=SparseArgumentParser,
         args=args,
     )
+    # PyTorch asks every trainer process to leave its process groups at the end of main(): left to the
+    # interpreter's teardown, gloo's and NCCL's threads can abort a process that finished its work.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import torch
+
 from conftest import REPO, _worker_env
 from lightning_sparse.cli import main, summarize_config_error
 from lightning_sparse.loggers import default_wandb_to_offline
@@ -406,3 +408,15 @@ def test_wandb_defaults_to_offline_without_credentials(env, netrc, expected, tmp
     monkeypatch.setenv("NETRC", str(netrc_path))
     assert default_wandb_to_offline() == expected
     assert os.environ.get("WANDB_MODE", "online") == expected
+
+
+def test_cli_leaves_its_process_group_at_the_end(tmp_path, single_process_env, offline):
+    """PyTorch asks trainer processes to destroy their process groups at the end of main(); left to the
+    interpreter's teardown, the backend's threads can abort a process that finished its work."""
+    main([
+        "fit", "--config", str(EXAMPLES / "dlrm.yaml"), "--trainer.devices", "1", "--trainer.max_steps", "2",
+        "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
+        "--trainer.logger", "false", "--trainer.callbacks", "null", "--trainer.enable_checkpointing", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size", "64",
+    ])
+    assert not torch.distributed.is_initialized()

@@ -17,6 +17,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
 from lightning_sparse.config import CacheConfig
 from lightning_sparse.data.loading import ResumableLoader, fit_progress
+from leave import leave_and_exit
 
 KINDS = ["sgd", "adagrad", "rowwise_adagrad", "decayed_adagrad", "rowwise_adam", "rowwise_adam_m", "adam"]
 ROWS, BATCH, BATCHES = 120, 6, 8
@@ -148,8 +149,7 @@ def main() -> None:
         routes = {t.name: t.route.value for t in trainer.strategy.embedding_tables.tables.values()}
         with open(args.result, "w") as f:
             json.dump({"global_step": trainer.global_step, "routes": routes, "metrics": metrics.seen}, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_and_exit()  # see leave.py
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import lightning_sparse
 from lightning_sparse.config import SparseOptimizerConfig
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.models import DLRMModule
+from leave import leave_and_exit
 
 
 class Losses(pl.Callback):
@@ -104,8 +105,7 @@ def main() -> None:
     if torch.distributed.get_rank() == 0:
         with open(args.result, "w") as f:
             json.dump(results, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_and_exit()  # see leave.py
 
 
 if __name__ == "__main__":

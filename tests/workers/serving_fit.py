@@ -21,6 +21,7 @@ from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig, ExpiryConfig
 from lightning_sparse.models import DLRMModule
 from lightning_sparse.serving import DeltaExport
+from leave import leave_and_exit
 
 SIZES = [40, 30, 20, 10]
 
@@ -103,8 +104,7 @@ def main() -> None:
         }  # fmt: skip
         with open(args.result, "w") as f:
             json.dump(result, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_and_exit()  # see leave.py
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
+from leave import leave_and_exit
 
 BATCH = 8
 BATCHES_PER_EPOCH = 4
@@ -169,8 +170,7 @@ def main() -> None:
         with open(args.result, "w") as f:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
             json.dump({**result, "predictions": predictions, "comm": comm, "metrics": metrics}, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # a clean exit (see train.py)
+    leave_and_exit()  # see leave.py
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from lightning_sparse.config import SparseOptimizerConfig, TableConfig
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig
 from lightning_sparse.models import DLRMModule
+from leave import leave_and_exit
 
 SAVE_AT, BATCHES = 2, 8  # global step of the save; batches per epoch of the two ranks together (4 steps)
 
@@ -112,8 +113,7 @@ def main() -> None:
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
             json.dump({"routes": routes, "ranks": reports, "global_step": trainer.global_step}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_and_exit()  # see leave.py
 
 
 if __name__ == "__main__":

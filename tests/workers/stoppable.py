@@ -21,6 +21,7 @@ import torch
 import lightning_sparse
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.models import DLRMModule
+from leave import leave_and_exit
 
 
 class PhaseMarkers(pl.Callback):
@@ -102,8 +103,7 @@ def main() -> None:
     if trainer.is_global_zero:
         result = {"global_step": trainer.global_step, "train_batches": markers.train_batches}
         (args.run_dir / "result.json").write_text(json.dumps(result))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_and_exit()  # see leave.py
 
 
 if __name__ == "__main__":

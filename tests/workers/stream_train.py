@@ -18,6 +18,7 @@ from lightning_sparse.callbacks import PrequentialEvaluation
 from lightning_sparse.config import SparseOptimizerConfig
 from lightning_sparse.data import ParquetSource, SparseColumn, StreamDataModule, StreamSchema, TsvSource
 from lightning_sparse.models import DLRMModule
+from leave import leave_and_exit
 
 SCHEMA = StreamSchema(
     label="label",
@@ -85,8 +86,7 @@ def main() -> None:
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
             json.dump({"ranks": ranks, "global_step": trainer.global_step}, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_and_exit()  # see leave.py
 
 
 if __name__ == "__main__":

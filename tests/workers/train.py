@@ -18,6 +18,7 @@ from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig, Expiry
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.data.criteo import CriteoDataModule
 from lightning_sparse.models import DLRMModule
+from leave import leave_and_exit
 
 
 class StepLR(DLRMModule):
@@ -182,10 +183,7 @@ def main() -> None:
     if trainer.is_global_zero:
         with open(args.result, "w") as f:
             json.dump(result, f)
-    # Leave the process group before interpreter shutdown: gloo's threads torn down at exit sometimes
-    # end the process with "terminate called without an active exception".
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_and_exit()  # see leave.py
 
 
 if __name__ == "__main__":
