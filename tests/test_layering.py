@@ -1,4 +1,5 @@
-"""The floors of the module map (docs/architecture.md, "Where it may import from"), enforced: no module of lightning_sparse imports one above it.
+"""The floors of the module map (docs/architecture.md, "Where it may import from"), enforced: no module of
+lightning_sparse imports one above it.
 
 Top to bottom: the CLI, the strategy with the Lightning callbacks (it installs some), ``distributed/``, then
 ``optim/ serving/ cache/ models/``, then ``dynamic/ data/`` and the typed configuration that YAML, Python
