@@ -187,7 +187,7 @@ class SyntheticClickDataModule(LightningDataModule):
 
     def __init__(
         self,
-        num_embeddings_per_feature: list[int] = [1000] * 8,  # noqa: B006 - a YAML-friendly default, never mutated
+        num_embeddings_per_feature: list[int] = [1000] * 8,  # a YAML-friendly default, never mutated
         id_space_per_feature: Optional[list[int]] = None,
         num_dense_features: int = 13,
         batch_size: int = 256,

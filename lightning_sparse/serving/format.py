@@ -49,7 +49,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.compute  # pa.compute
 import pyarrow.parquet as pq
 
 from lightning_sparse.durable import fsync_dir

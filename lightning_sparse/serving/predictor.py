@@ -137,7 +137,7 @@ def _build(class_path: str, hparams: dict[str, Any]) -> nn.Module:
 def _embedding_bags(module: nn.Module) -> dict[str, nn.Module]:
     """Table name -> the nn.EmbeddingBag / nn.Embedding holding it (keyed by its state-dict path's end)."""
     out = {}
-    for fqn, sub in module.named_modules():
+    for sub in module.modules():
         if isinstance(sub, EmbeddingBagCollection):
             out.update({name: bag for name, bag in sub.embedding_bags.items()})
         elif isinstance(sub, EmbeddingCollection):

@@ -166,7 +166,7 @@ class ServingStore(ABC):
         meta = self.meta()
         return meta.version if meta else 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op default: a store without a connection has nothing to close
         pass
 
     def __enter__(self) -> "ServingStore":

@@ -54,7 +54,7 @@ class RedisStore(ServingStore):
     def _rows_key(self, table: str) -> str:
         return f"{self.prefix}:rows:{table}"
 
-    def _call(self, what: str, fn):  # noqa: ANN001 - wraps any client call
+    def _call(self, what: str, fn):  # wraps any client call
         try:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as error:
