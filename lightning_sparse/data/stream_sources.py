@@ -75,7 +75,7 @@ class _FileSource(RecordSource):
                 raise FileNotFoundError(f"{name}: file(s) not found: {missing}")
 
     def _listing(self) -> List[str]:
-        return list(self.fixed) if self.fixed is not None else sorted(glob.glob(self.pattern))
+        return sorted(glob.glob(self.pattern)) if self.pattern is not None else list(self.fixed or [])
 
     def _next_file(self, current: Optional[str]) -> Optional[str]:
         """The file after ``current`` (the first when None); with ``follow``, waits for one to appear."""

@@ -21,7 +21,7 @@ the checkpoint, so a run resumed at any step, mid-epoch included, reads the batc
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -210,7 +210,7 @@ class SyntheticClickDataModule(LightningDataModule):
         self.num_dense_features = num_dense_features
         self.feature_names = feature_names(len(self.num_embeddings_per_feature))
         self.batch_size = batch_size
-        common = dict(
+        common: dict[str, Any] = dict(
             batch_size=batch_size,
             num_embeddings_per_feature=id_space,
             num_dense_features=num_dense_features,
@@ -233,7 +233,7 @@ class SyntheticClickDataModule(LightningDataModule):
         """
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         consumed = fit_progress(self.trainer) if train and self.trainer is not None else None
         return ResumableLoader(dataset, batch_size=None, sampler=sampler, consumed=consumed)
 

@@ -72,7 +72,7 @@ class StoreMeta:
         return json.dumps({**self.__dict__, "tables": tables}, sort_keys=True).encode()
 
     @staticmethod
-    def from_json(data: bytes) -> "StoreMeta":
+    def from_json(data: bytes | str) -> "StoreMeta":
         raw = json.loads(data)
         raw["tables"] = {n: TableSchema(int(t["dim"]), bool(t["dynamic"])) for n, t in raw["tables"].items()}
         return StoreMeta(**raw)
