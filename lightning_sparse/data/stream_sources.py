@@ -174,8 +174,10 @@ class TsvSource(_FileSource):
 class ParquetSource(_FileSource):
     """Parquet files, one record per row (a list column is a multi-hot sparse feature).
 
-    Args: as :class:`TsvSource` (``paths``, ``follow``, ``poll_seconds``, ``idle_timeout_s``), plus
-        ``read_rows``: rows decoded at a time.
+    ``paths``, ``follow``, ``poll_seconds`` and ``idle_timeout_s`` are as for :class:`TsvSource`.
+
+    Args:
+        read_rows: rows decoded at a time.
 
     Position: ``(file, rows read)``; resuming skips whole row groups by their metadata and reads from there.
     """

@@ -178,7 +178,9 @@ class SyntheticClickDataModule(LightningDataModule):
             table must be dynamic (``TableConfig(dynamic=...)``), which maps the raw ids to its rows.
         num_dense_features: number of dense (float) features.
         batch_size: samples per batch.
-        num_train_batches / num_val_batches / num_test_batches: batches per split (per epoch).
+        num_train_batches: batches of the train split (per epoch).
+        num_val_batches: batches of the validation split.
+        num_test_batches: batches of the test split.
         zipf_exponent: skew of id popularity (larger = more skewed).
         drift_period: shift popular ids every this many batches (0 = stationary stream).
         seed: seed of the hidden model and of the stream.
