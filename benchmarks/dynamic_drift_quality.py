@@ -42,9 +42,9 @@ from torchrec.modules.mc_modules import DistanceLFU_EvictionPolicy, ManagedColli
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from drift_streams import STREAMS, Batch, Stream  # noqa: E402
+from drift_streams import STREAMS, Batch, Stream
 
-from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, RowInitConfig  # noqa: E402
+from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, RowInitConfig
 
 FEATURES = ("user", "item")
 DIM = 32

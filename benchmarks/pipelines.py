@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import DENSE_FEATURES, TABLE_SIZES, _free_port, _init, _RankSampler, dlrm_module, sparse_config  # noqa: E402
+from throughput import DENSE_FEATURES, TABLE_SIZES, _free_port, _init, _RankSampler, dlrm_module, sparse_config
 
 WARMUP_STEPS = 5
 DRIFT_PERIOD = 16  # batches per drift phase of the synthetic stream

@@ -61,11 +61,11 @@ def main() -> None:
         weights = [torch.randn(args.rows, args.dim, generator=g) * 0.01 for _ in range(args.tables)]
         states = [init_state(kind, w) for w in weights]
 
-        def one_pass() -> None:
+        def one_pass(weights=weights, states=states, config=config) -> None:
             for w, s, lookup in zip(weights, states, lookups):
                 embedding_row_update_for(config, w, s, *lookup)
 
-        def two_steps() -> None:
+        def two_steps(weights=weights, states=states, config=config) -> None:
             for w, s, lookup in zip(weights, states, lookups):
                 rows, grads = embedding_row_grads(*lookup)
                 sparse_update_for(config, w, s, rows, grads.float())

@@ -155,8 +155,8 @@ def lookups(root: Path, batches: int) -> None:
 def replay(root: Path) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     sys.path.insert(0, str(REPO / "tests" / "serving"))
-    from conftest import read_checkpoint, run_worker  # noqa: E402 - the tests' helpers
-    from replay import checkpoint_tensors, live_tables, max_difference  # noqa: E402
+    from conftest import read_checkpoint, run_worker  # the tests' helpers
+    from replay import checkpoint_tensors, live_tables, max_difference
 
     exports = root / "replay"
     result = run_worker("serving_fit.py", "--devices", 2, "--batches", 400, "--every-n-steps", 20,

@@ -272,8 +272,8 @@ def main() -> None:
         f"batch {args.batch_size}/rank, {args.steps} steps, best of {args.repeats}"
     )
     print()
-    print(f"| variant | samples/s |")
-    print(f"|---|---:|")
+    print("| variant | samples/s |")
+    print("|---|---:|")
     for variant, name in names.items():
         print(f"| {name} | {best[variant]:,.0f} |")
     print()

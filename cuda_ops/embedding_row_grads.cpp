@@ -296,9 +296,10 @@ void row_update_typed(const Args& a, const at::Tensor& grad_output, const at::Te
       }
       const int64_t row = unique_rows[u];
       float* w_row = w_p + row * dim;
-      // 0 + g, as sparse_opt_<kind> sums a row's one gradient into a zeroed buffer (turns -0 into +0)
-      #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) g[d] = with_weight_decay(add_rn(0.0f, static_cast<float>(sum[d])), w_row[d], wd);
+// 0 + g, as sparse_opt_<kind> sums a row's one gradient into a zeroed buffer (turns -0 into +0)
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d)
+        g[d] = with_weight_decay(add_rn(0.0f, static_cast<float>(sum[d])), w_row[d], wd);
       update(row, w_row, g.data(), dim);
     }
   }
@@ -306,11 +307,11 @@ void row_update_typed(const Args& a, const at::Tensor& grad_output, const at::Te
 
 void embedding_row_update_cpu(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& offsets,
                               const c10::optional<at::Tensor>& per_sample_weights, const at::Tensor& features,
-                              const at::Tensor& column_offsets, int64_t dim, int64_t num_features,
-                              int64_t pooling_mode, c10::string_view kind, const at::Tensor& weight,
-                              const c10::optional<at::Tensor>& sum, const c10::optional<at::Tensor>& exp_avg,
-                              const c10::optional<at::Tensor>& exp_avg_sq, const c10::optional<at::Tensor>& step,
-                              double lr, double eps, double weight_decay, double beta1, double beta2, double decay) {
+                              const at::Tensor& column_offsets, int64_t dim, int64_t num_features, int64_t pooling_mode,
+                              c10::string_view kind, const at::Tensor& weight, const c10::optional<at::Tensor>& sum,
+                              const c10::optional<at::Tensor>& exp_avg, const c10::optional<at::Tensor>& exp_avg_sq,
+                              const c10::optional<at::Tensor>& step, double lr, double eps, double weight_decay,
+                              double beta1, double beta2, double decay) {
   using namespace lightning_sparse_optim;
   TORCH_CHECK(grad_output.device().is_cpu() && weight.device().is_cpu(),
               "embedding_row_update: expected CPU tensors here, got ", grad_output.device(), " and ", weight.device());
@@ -348,7 +349,7 @@ TORCH_LIBRARY_FRAGMENT(lightning_sparse, m) {
       "float lr, float eps, float weight_decay, float beta1, float beta2, float decay) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) { 
+TORCH_LIBRARY_IMPL(lightning_sparse, CPU, m) {
   m.impl("embedding_row_grads", &embedding_row_grads_cpu);
   m.impl("embedding_row_update", &embedding_row_update_cpu);
 }

@@ -35,7 +35,7 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
 }
 
-#define GRID_STRIDE(i, n)                                                             \
+#define GRID_STRIDE(i, n)                                                                \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
@@ -96,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor> row_grads_typed(const Args& a, const at::Tens
   const at::TensorOptions long_opts = idx.options().dtype(at::kLong);
   const int64_t n = a.num_indices, bags = off.numel() - 1;
   at::Tensor flags = at::zeros({1}, idx.options().dtype(at::kInt));
-  check_offsets_kernel<offset_t><<<blocks_for(bags + 1), kThreads, 0, stream>>>(off.data_ptr<offset_t>(), bags, n,
-                                                                                 flags.data_ptr<int>());
+  check_offsets_kernel<offset_t>
+      <<<blocks_for(bags + 1), kThreads, 0, stream>>>(off.data_ptr<offset_t>(), bags, n, flags.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t listed_bags = static_cast<int64_t>(a.features.size()) * a.batch;
   at::Tensor row = at::empty({n}, long_opts), src = at::empty({n}, long_opts);

@@ -77,8 +77,7 @@ inline Args check_args(const at::Tensor& grad_output, const at::Tensor& indices,
   TORCH_CHECK(offsets.numel() >= 1, op, "offsets must hold num_features * batch + 1 entries, got none");
   const int64_t bags = offsets.numel() - 1;
   TORCH_CHECK(bags % num_features == 0, op, "offsets has ", offsets.numel(), " entries, not num_features (",
-              num_features,
-              ") * batch + 1: a variable batch size per feature is not supported");
+              num_features, ") * batch + 1: a variable batch size per feature is not supported");
   const int64_t n = indices.numel();
   if (per_sample_weights.has_value() && per_sample_weights->defined()) {
     const at::Tensor& w = *per_sample_weights;
@@ -117,8 +116,7 @@ inline Args check_args(const at::Tensor& grad_output, const at::Tensor& indices,
   }
   std::sort(listed.begin(), listed.end());
   for (size_t k = 0; k < listed.size(); ++k) {
-    TORCH_CHECK(k == 0 || listed[k].first != listed[k - 1].first, op, "feature ", listed[k].first,
-                " is listed twice");
+    TORCH_CHECK(k == 0 || listed[k].first != listed[k - 1].first, op, "feature ", listed[k].first, " is listed twice");
     a.features.push_back(listed[k].first);
     a.column_offsets.push_back(listed[k].second);
   }

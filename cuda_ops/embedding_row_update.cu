@@ -48,11 +48,10 @@ void embedding_row_update_cuda(const at::Tensor& grad_output, const at::Tensor& 
   const at::Tensor g = grads.to(at::kFloat);
   const auto op = dispatcher.findSchemaOrThrow(("lightning_sparse::sparse_opt_" + kind).c_str(), "");
   if (kind == "sgd") {
-    op.typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>().call(
-        weight, rows, g, lr, weight_decay);
+    op.typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>().call(weight, rows, g, lr,
+                                                                                                   weight_decay);
   } else if (kind == "adagrad" || kind == "rowwise_adagrad") {
-    op.typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
-                  double)>()
+    op.typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double)>()
         .call(weight, state_tensor(sum, kind, "sum"), rows, g, lr, eps, weight_decay);
   } else if (kind == "decayed_adagrad") {
     op.typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
@@ -61,8 +60,8 @@ void embedding_row_update_cuda(const at::Tensor& grad_output, const at::Tensor& 
   } else if (kind == "rowwise_adam") {
     op.typed<void(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, const at::Tensor&, double, double, double, double, double)>()
-        .call(weight, exp_avg, state_tensor(exp_avg_sq, kind, "exp_avg_sq"), state_tensor(step, kind, "step"), rows,
-              g, lr, eps, weight_decay, beta1, beta2);
+        .call(weight, exp_avg, state_tensor(exp_avg_sq, kind, "exp_avg_sq"), state_tensor(step, kind, "step"), rows, g,
+              lr, eps, weight_decay, beta1, beta2);
   } else {
     op.typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                   const at::Tensor&, double, double, double, double, double)>()

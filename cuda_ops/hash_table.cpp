@@ -257,7 +257,8 @@ std::vector<int32_t> sketch_add_and_estimate(const Table& t, const Misses& m) {
     int32_t* c = col.data();
     const uint64_t salt = sketch_salt(r);
     at::parallel_for(0, nc, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) c[j] = static_cast<int32_t>(mix64(static_cast<uint64_t>(m.ids[j]) + salt) & col_mask);
+      for (int64_t j = begin; j < end; ++j)
+        c[j] = static_cast<int32_t>(mix64(static_cast<uint64_t>(m.ids[j]) + salt) & col_mask);
       if (begin == 0 && end == nc) {  // the only chunk: no other thread touches the counters
         for (int64_t j = begin; j < end; ++j) row[c[j]] += m.count[j];
       } else {
@@ -290,7 +291,8 @@ void order_eligible(std::vector<Eligible>& elig, const std::vector<int32_t>& est
     hi = std::max(hi, est[e.at]);
   }
   if (static_cast<int64_t>(hi) - lo >= (1 << 20)) {
-    std::stable_sort(elig.begin(), elig.end(), [&](const Eligible& a, const Eligible& b) { return est[a.at] > est[b.at]; });
+    std::stable_sort(elig.begin(), elig.end(),
+                     [&](const Eligible& a, const Eligible& b) { return est[a.at] > est[b.at]; });
     return;
   }
   std::vector<uint32_t> start(hi - lo + 2, 0);  // bucket d holds estimate hi - d
@@ -477,13 +479,15 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
     if (!exact) {
       for (int64_t d = 0; d < b_end; ++d)
         if (start[d + 1] - start[d] > 1)
-          std::sort(ranked.begin() + start[d], ranked.begin() + start[d + 1],
-                    [](const Ranked& x, const Ranked& y) { return x.key < y.key || (x.key == y.key && x.slot < y.slot); });
+          std::sort(ranked.begin() + start[d], ranked.begin() + start[d + 1], [](const Ranked& x, const Ranked& y) {
+            return x.key < y.key || (x.key == y.key && x.slot < y.slot);
+          });
     }
     const int64_t k = std::min<int64_t>(rest, static_cast<int64_t>(ranked.size()));
     std::vector<int64_t> victims;
     victims.reserve(k);
-    while (static_cast<int64_t>(victims.size()) < k && cand_prio[victims.size()] > priority(ranked[victims.size()].slot))
+    while (static_cast<int64_t>(victims.size()) < k &&
+           cand_prio[victims.size()] > priority(ranked[victims.size()].slot))
       victims.push_back(ranked[victims.size()].slot);
     if (static_cast<int64_t>(victims.size()) < k || static_cast<int64_t>(victims.size()) == rest) final_ = true;
     return victims;
@@ -559,19 +563,19 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
     const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
     const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta, const at::Tensor& counters,
-    const at::Tensor& decay_powers, int64_t step, double now, int64_t policy, int64_t min_count,
-    int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset, int64_t fallback_offset,
-    int64_t fallback_rows) {
+    const at::Tensor& decay_powers, int64_t step, double now, int64_t policy, int64_t min_count, int64_t coin_threshold,
+    int64_t coin_key, int64_t halve_every, int64_t slot_offset, int64_t fallback_offset, int64_t fallback_rows) {
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "hash_remap: ids must be a CPU int64 tensor");
   TORCH_CHECK(fallback_rows >= 0, "hash_remap: fallback_rows must be >= 0, got ", fallback_rows);
-  TORCH_CHECK(policy >= kLFU && policy <= kFeatureScore, "hash_remap: policy must be 0 (lfu), 1 (lru) or 2 (feature_score)");
+  TORCH_CHECK(policy >= kLFU && policy <= kFeatureScore,
+              "hash_remap: policy must be 0 (lfu), 1 (lru) or 2 (feature_score)");
   // bounds that keep int32 sketch counters below 2**30 (lightning_sparse/dynamic/config.py)
   TORCH_CHECK(halve_every >= 1 && halve_every <= (int64_t(1) << 28), "hash_remap: halve_every must be in [1, 2**28]");
   TORCH_CHECK(ids.numel() < (int64_t(1) << 28), "hash_remap: a call takes fewer than 2**28 ids, got ", ids.numel());
   check_state(decay_powers, at::kDouble, "decay_powers", at::kCPU);
   TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
-  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
-                       meta, counters);
+  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
+                       counters);
   const Decay decay(decay_powers.data_ptr<double>());
   const at::Tensor ids_c = ids.contiguous();
   const int64_t n = ids_c.numel();
@@ -588,18 +592,19 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     int64_t misses = 0;
     const bool alone = begin == 0 && end == n;  // the only chunk: no other thread touches the counts
-    find_pipelined(t, id, begin, end, [&](int64_t e) { __builtin_prefetch(&hits_per_slot[e], 1); },
-                   [&](int64_t i, int64_t s) {
-      slot[i] = s;
-      if (s < 0) {
-        ++misses;
-      } else if (alone) {  // branch-free: whether a slot is hit for the first time is unpredictable
-        ++hits_per_slot[s];
-        hit_bits[s >> 6] |= uint64_t(1) << (s & 63);
-      } else if (__atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED) == 0) {
-        __atomic_fetch_or(&hit_bits[s >> 6], uint64_t(1) << (s & 63), __ATOMIC_RELAXED);
-      }
-    });
+    find_pipelined(
+        t, id, begin, end, [&](int64_t e) { __builtin_prefetch(&hits_per_slot[e], 1); },
+        [&](int64_t i, int64_t s) {
+          slot[i] = s;
+          if (s < 0) {
+            ++misses;
+          } else if (alone) {  // branch-free: whether a slot is hit for the first time is unpredictable
+            ++hits_per_slot[s];
+            hit_bits[s >> 6] |= uint64_t(1) << (s & 63);
+          } else if (__atomic_fetch_add(&hits_per_slot[s], 1, __ATOMIC_RELAXED) == 0) {
+            __atomic_fetch_or(&hit_bits[s >> 6], uint64_t(1) << (s & 63), __ATOMIC_RELAXED);
+          }
+        });
     misses_by[at::get_thread_num()] += misses;
   });
   int64_t n_miss = 0;
@@ -705,7 +710,8 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     });
   }
   for (int64_t j = 0; j < n_assigned; ++j)
-    for (int32_t k = m.first[elig[j].at]; k < m.first[elig[j].at + 1]; ++k) slot[m.occ[k].pos] = assigned[j] + slot_offset;
+    for (int32_t k = m.first[elig[j].at]; k < m.first[elig[j].at + 1]; ++k)
+      slot[m.occ[k].pos] = assigned[j] + slot_offset;
   if (fallback_rows > 0 && n_miss > 0) {  // the ids still without a slot read their fallback row
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
@@ -747,8 +753,8 @@ at::Tensor hash_expire_cpu(const at::Tensor& slot_ids, const at::Tensor& slot_co
                            const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
                            const at::Tensor& counters, int64_t step, double now, int64_t ttl_steps,
                            double ttl_seconds) {
-  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
-                       meta, counters);
+  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
+                       counters);
   std::vector<uint8_t> quiet(t.capacity, 0);
   at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {

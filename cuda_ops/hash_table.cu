@@ -55,7 +55,7 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-#define GRID_STRIDE(i, n)                                                             \
+#define GRID_STRIDE(i, n)                                                                \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
@@ -86,8 +86,7 @@ __global__ void hit_kernel(Table t, const int64_t* __restrict__ slot, const int6
 }
 
 __device__ __forceinline__ int64_t sketch_cell(const Table& t, int64_t id, int64_t r) {
-  const uint64_t col = mix64(static_cast<uint64_t>(id) + sketch_salt(r)) &
-                       static_cast<uint64_t>(t.width - 1);
+  const uint64_t col = mix64(static_cast<uint64_t>(id) + sketch_salt(r)) & static_cast<uint64_t>(t.width - 1);
   return r * t.width + static_cast<int64_t>(col);
 }
 
@@ -117,9 +116,7 @@ __global__ void admit_kernel(Table t, const int64_t* __restrict__ uniq, const in
     for (int64_t r = 0; r < t.depth; ++r) est = min(est, static_cast<int64_t>(t.sketch[sketch_cell(t, id, r)]));
     if (t.depth == 0) est = 0;
     bool ok = est >= min_count;
-    if (ok && coin_threshold < (int64_t(1) << 53)) {
-      ok = admission_coin(id, coin_key, step_salt) < coin_threshold;
-    }
+    if (ok && coin_threshold < (int64_t(1) << 53)) { ok = admission_coin(id, coin_key, step_salt) < coin_threshold; }
     estimate[j] = est;
     eligible[j] = ok;
   }
@@ -223,7 +220,8 @@ Table make_table(const at::Tensor& slot_ids, const at::Tensor& slot_count, const
                  const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
                  const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
                  const at::Tensor& counters) {
-  TORCH_CHECK(slot_ids.device().is_cuda(), "hash table state 'slot_ids' must be a CUDA tensor here, got ", slot_ids.device());
+  TORCH_CHECK(slot_ids.device().is_cuda(), "hash table state 'slot_ids' must be a CUDA tensor here, got ",
+              slot_ids.device());
   return view_state(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
                     counters);
 }
@@ -237,7 +235,7 @@ struct DeviceClusterRunner {
     const at::Tensor c = ids.contiguous();
     at::Tensor out = at::empty({c.numel()}, c.options());
     homes_kernel<<<blocks_for(c.numel()), kThreads, 0, stream>>>(t, c.data_ptr<int64_t>(), c.numel(),
-                                                                  out.data_ptr<int64_t>());
+                                                                 out.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
@@ -251,9 +249,9 @@ struct DeviceClusterRunner {
 
   void insert(const ClusterGroups& g, const at::Tensor& ids, const at::Tensor& slots) const {
     const at::Tensor a = ids.contiguous(), s = slots.contiguous();
-    insert_groups_kernel<<<blocks_for(g.size()), kThreads, 0, stream>>>(
-        t, a.data_ptr<int64_t>(), s.data_ptr<int64_t>(), g.order.data_ptr<int64_t>(), g.key.data_ptr<int64_t>(),
-        g.size());
+    insert_groups_kernel<<<blocks_for(g.size()), kThreads, 0, stream>>>(t, a.data_ptr<int64_t>(), s.data_ptr<int64_t>(),
+                                                                        g.order.data_ptr<int64_t>(),
+                                                                        g.key.data_ptr<int64_t>(), g.size());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -264,9 +262,8 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
     const at::Tensor& ids, const at::Tensor& slot_ids, const at::Tensor& slot_count, const at::Tensor& slot_last_step,
     const at::Tensor& slot_last_time, const at::Tensor& slot_score, const at::Tensor& free_list,
     const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta, const at::Tensor& counters,
-    const at::Tensor& decay_powers, int64_t step, double now, int64_t policy, int64_t min_count,
-    int64_t coin_threshold, int64_t coin_key, int64_t halve_every, int64_t slot_offset, int64_t fallback_offset,
-    int64_t fallback_rows) {
+    const at::Tensor& decay_powers, int64_t step, double now, int64_t policy, int64_t min_count, int64_t coin_threshold,
+    int64_t coin_key, int64_t halve_every, int64_t slot_offset, int64_t fallback_offset, int64_t fallback_rows) {
   TORCH_CHECK(fallback_rows >= 0, "hash_remap: fallback_rows must be >= 0, got ", fallback_rows);
   TORCH_CHECK(ids.device() == slot_ids.device() && ids.scalar_type() == at::kLong,
               "hash_remap: ids must be an int64 tensor on the state's device (", slot_ids.device(), "), got ",
@@ -277,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
   TORCH_CHECK(halve_every >= 1 && halve_every <= (int64_t(1) << 28), "hash_remap: halve_every must be in [1, 2**28]");
   TORCH_CHECK(ids.numel() < (int64_t(1) << 28), "hash_remap: a call takes fewer than 2**28 ids, got ", ids.numel());
   const c10::cuda::CUDAGuard guard(slot_ids.device());
-  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
-                       meta, counters);
+  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
+                       counters);
   check_state(decay_powers, at::kDouble, "decay_powers", slot_ids.device());
   TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
   const double* powers = decay_powers.data_ptr<double>();
@@ -344,9 +341,9 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
     cand = cand.index_select(0, order);
     cand_f = cand_f.index_select(0, order);
   }
-  const at::Tensor cand_prio =
-      policy == kLRU ? at::full({n_elig}, static_cast<double>(step), cand_f.options().dtype(at::kDouble))
-                     : cand_f.to(at::kDouble);
+  const at::Tensor cand_prio = policy == kLRU
+                                   ? at::full({n_elig}, static_cast<double>(step), cand_f.options().dtype(at::kDouble))
+                                   : cand_f.to(at::kDouble);
   const int64_t n_free = std::min(free, n_elig);
   const at::Tensor free_slots = free_list.narrow(0, free - n_free, n_free).flip({0}).to(at::kLong);
   meta.narrow(0, kFreeCount, 1).fill_(free - n_free);
@@ -392,8 +389,8 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
   counters.narrow(0, kAdmitted, 1).add_(n_assigned);
   at::Tensor out_u = at::empty({u}, uniq.options());
   if (u > 0) {
-    lookup_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), u, slot_offset,
-                                                          fallback_offset, fallback_rows, out_u.data_ptr<int64_t>());
+    lookup_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), u, slot_offset, fallback_offset,
+                                                          fallback_rows, out_u.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   at::Tensor out = out_u.index_select(0, inverse.reshape({-1})).view(ids.sizes());
@@ -434,12 +431,12 @@ at::Tensor hash_expire_cuda(const at::Tensor& slot_ids, const at::Tensor& slot_c
                             const at::Tensor& counters, int64_t step, double now, int64_t ttl_steps,
                             double ttl_seconds) {
   const c10::cuda::CUDAGuard guard(slot_ids.device());
-  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch,
-                       meta, counters);
+  Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
+                       counters);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor quiet = at::empty({t.capacity}, slot_ids.options().dtype(at::kBool));
   expire_mark_kernel<<<blocks_for(t.capacity), kThreads, 0, stream>>>(t, step, now, ttl_steps, ttl_seconds,
-                                                                       quiet.data_ptr<bool>());
+                                                                      quiet.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor expired = at::nonzero(quiet).view({-1}).contiguous();  // ascending slots
   const int64_t m = expired.numel();

@@ -22,8 +22,8 @@ constexpr uint64_t kSaltFallback = 0x8EBC6AF09C88C6E3ULL;
 
 // positions in meta / counters (lightning_sparse/dynamic/state.py: Meta, Counter)
 constexpr int kFreeCount = 0, kSketchAdds = 1, kLastSweepStep = 2;
-constexpr int kAdmitted = 0, kEvicted = 1, kExpired = 2, kRejectedFull = 3, kRejectedAdmission = 4,
-              kLookups = 5, kHits = 6, kSketchHalvings = 7;
+constexpr int kAdmitted = 0, kEvicted = 1, kExpired = 2, kRejectedFull = 3, kRejectedAdmission = 4, kLookups = 5,
+              kHits = 6, kSketchHalvings = 7;
 // eviction policies (state.py: POLICY_CODE)
 constexpr int kLFU = 0, kLRU = 1, kFeatureScore = 2;
 
@@ -39,15 +39,16 @@ LS_HOST_DEVICE inline uint64_t sketch_salt(int64_t row) { return kSaltSketch * s
 
 // The 53-bit admission coin of an id at a step, given step_salt = step * kGolden (hashing.py: coin_from_key).
 LS_HOST_DEVICE inline int64_t admission_coin(int64_t id, int64_t coin_key, uint64_t step_salt) {
-  return static_cast<int64_t>(mix64(mix64(static_cast<uint64_t>(id) + static_cast<uint64_t>(coin_key)) ^ step_salt) >> 11);
+  return static_cast<int64_t>(mix64(mix64(static_cast<uint64_t>(id) + static_cast<uint64_t>(coin_key)) ^ step_salt) >>
+                              11);
 }
 
 // The row an id without a slot reads: offset + hash(id) % rows, or -1 when the table keeps no fallback
 // rows (hashing.py: fallback_rows_of).
 LS_HOST_DEVICE inline int64_t fallback_row(int64_t id, int64_t offset, int64_t rows) {
   if (rows <= 0) return -1;
-  return offset + static_cast<int64_t>((mix64(static_cast<uint64_t>(id) + kSaltFallback) >> 33) %
-                                       static_cast<uint64_t>(rows));
+  return offset +
+         static_cast<int64_t>((mix64(static_cast<uint64_t>(id) + kSaltFallback) >> 33) % static_cast<uint64_t>(rows));
 }
 
 // Raw pointers into the state tensors (all on one device) and their sizes.
@@ -193,8 +194,8 @@ inline void check_index_update(const at::Tensor& index, const at::Tensor& slot_i
   check_state(insert_ids, at::kLong, "insert_ids", device);
   check_state(insert_slots, at::kLong, "insert_slots", device);
   const int64_t c = slot_ids.numel(), h = index.numel();
-  TORCH_CHECK(h >= 2 * c && (h & (h - 1)) == 0, "hash_index_update: the index must have a power-of-two size >= 2 * ",
-              c, " (the slots' count), got ", h);
+  TORCH_CHECK(h >= 2 * c && (h & (h - 1)) == 0, "hash_index_update: the index must have a power-of-two size >= 2 * ", c,
+              " (the slots' count), got ", h);
   TORCH_CHECK(erase_slots.dim() == 1 && insert_ids.dim() == 1 && insert_slots.sizes() == insert_ids.sizes(),
               "hash_index_update: erase_slots, insert_ids and insert_slots must be 1-D, one slot per inserted id");
   for (const at::Tensor& slots : {erase_slots, insert_slots}) {
@@ -309,7 +310,8 @@ template <typename Runner>
 std::pair<at::Tensor, at::Tensor> update_index_by_clusters(const at::Tensor& index, const at::Tensor& slot_ids,
                                                            const at::Tensor& erase_slots, const at::Tensor& insert_ids,
                                                            const at::Tensor& insert_slots, Runner& run) {
-  at::Tensor erase_cluster = at::empty({0}, erase_slots.options()), insert_cluster = at::empty({0}, insert_ids.options());
+  at::Tensor erase_cluster = at::empty({0}, erase_slots.options()),
+             insert_cluster = at::empty({0}, insert_ids.options());
   if (erase_slots.numel() > 0) {
     const at::Tensor homes = run.homes(slot_ids.index_select(0, erase_slots));
     const ClusterGroups groups = group_by_cluster(cluster_of_position(index.lt(0)), homes);

@@ -105,10 +105,10 @@ void for_each_unique_row(const at::Tensor& weight, const at::Tensor& indices, co
       std::fill(buf.begin(), buf.end(), 0.0f);
       for (int64_t k = first; k < last; ++k) {
         const float* src = g_p + (presorted ? k : keyed[k].second) * dim;
-        #pragma omp simd  // columns are independent; vector ops round like scalar ones
+#pragma omp simd  // columns are independent; vector ops round like scalar ones
         for (int64_t d = 0; d < dim; ++d) buf[d] = add_rn(buf[d], src[d]);
       }
-      #pragma omp simd  // columns are independent; vector ops round like scalar ones
+#pragma omp simd  // columns are independent; vector ops round like scalar ones
       for (int64_t d = 0; d < dim; ++d) buf[d] = with_weight_decay(buf[d], w_row[d], wd);
       update(row, w_row, buf.data(), dim);
     }
@@ -122,8 +122,7 @@ void run(Kind kind, const at::Tensor& weight, const KindState& state, const at::
   for_each_unique_row(weight, indices, grad, weight_decay, update.tables(), update);
 }
 
-void sgd(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad, double lr,
-         double weight_decay) {
+void sgd(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad, double lr, double weight_decay) {
   run(Kind::kSgd, weight, {}, indices, grad, lr, 0.0, weight_decay, 0.0, 0.0, 0.0);
 }
 
@@ -132,13 +131,13 @@ void adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& 
   run(Kind::kAdagrad, weight, KindState{sum, {}, {}, {}}, indices, grad, lr, eps, weight_decay, 0.0, 0.0, 0.0);
 }
 
-void rowwise_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices,
-                     const at::Tensor& grad, double lr, double eps, double weight_decay) {
+void rowwise_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices, const at::Tensor& grad,
+                     double lr, double eps, double weight_decay) {
   run(Kind::kRowwiseAdagrad, weight, KindState{sum, {}, {}, {}}, indices, grad, lr, eps, weight_decay, 0.0, 0.0, 0.0);
 }
 
-void decayed_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices,
-                     const at::Tensor& grad, double lr, double eps, double weight_decay, double decay) {
+void decayed_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices, const at::Tensor& grad,
+                     double lr, double eps, double weight_decay, double decay) {
   run(Kind::kDecayedAdagrad, weight, KindState{sum, {}, {}, {}}, indices, grad, lr, eps, weight_decay, decay, 0.0, 0.0);
 }
 

@@ -34,7 +34,7 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
 }
 
-#define GRID_STRIDE(i, n)                                                             \
+#define GRID_STRIDE(i, n)                                                                \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
@@ -84,9 +84,8 @@ Batch group_rows(const at::Tensor& weight, const at::Tensor& indices, const at::
   const at::Tensor g = grad.contiguous(), occurrence = order.contiguous();
   b.summed = at::empty({b.unique, dim}, weight.options());
   sum_rows_kernel<<<blocks_for(b.unique * dim), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      g.data_ptr<float>(), occurrence.data_ptr<int64_t>(), segment_end.data_ptr<int64_t>(),
-      b.rows.data_ptr<int64_t>(), weight.data_ptr<float>(), b.unique, dim, static_cast<float>(weight_decay),
-      b.summed.data_ptr<float>());
+      g.data_ptr<float>(), occurrence.data_ptr<int64_t>(), segment_end.data_ptr<int64_t>(), b.rows.data_ptr<int64_t>(),
+      weight.data_ptr<float>(), b.unique, dim, static_cast<float>(weight_decay), b.summed.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return b;
 }
@@ -94,9 +93,9 @@ Batch group_rows(const at::Tensor& weight, const at::Tensor& indices, const at::
 // Pointers of one update; state pointers are null when the kind has none.
 struct Update {
   float* w = nullptr;
-  float* s = nullptr;  // sum (Adagrad kinds)
-  float* m = nullptr;  // exp_avg
-  float* v = nullptr;  // exp_avg_sq
+  float* s = nullptr;       // sum (Adagrad kinds)
+  float* m = nullptr;       // exp_avg
+  float* v = nullptr;       // exp_avg_sq
   int64_t* step = nullptr;  // per-row steps, or null for a global step
   const int64_t* rows = nullptr;
   const float* summed = nullptr;
@@ -205,8 +204,8 @@ void adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& 
   run<Kind::kAdagrad>(weight, group_rows(weight, indices, grad, weight_decay), p);
 }
 
-void rowwise_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices,
-                     const at::Tensor& grad, double lr, double eps, double weight_decay) {
+void rowwise_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices, const at::Tensor& grad,
+                     double lr, double eps, double weight_decay) {
   const c10::cuda::CUDAGuard guard(weight.device());
   check_table(sum, weight, "sum", true);
   Update p;
@@ -215,8 +214,8 @@ void rowwise_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::
   run<Kind::kRowwiseAdagrad>(weight, group_rows(weight, indices, grad, weight_decay), p);
 }
 
-void decayed_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices,
-                     const at::Tensor& grad, double lr, double eps, double weight_decay, double decay) {
+void decayed_adagrad(const at::Tensor& weight, const at::Tensor& sum, const at::Tensor& indices, const at::Tensor& grad,
+                     double lr, double eps, double weight_decay, double decay) {
   const c10::cuda::CUDAGuard guard(weight.device());
   check_table(sum, weight, "sum", false);
   Update p;

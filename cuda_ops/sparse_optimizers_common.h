@@ -154,8 +154,7 @@ inline void check_step(const at::Tensor& step, const at::Tensor& weight) {
   TORCH_CHECK(step.device() == weight.device() && step.scalar_type() == at::kLong && step.is_contiguous(),
               "step must be a contiguous int64 tensor on the weight's device (", weight.device(), ")");
   TORCH_CHECK(step.dim() == 1 && (step.size(0) == 1 || step.size(0) == weight.size(0)),
-              "step must have shape [1] (global step) or [", weight.size(0), "] (per-row steps), got ",
-              step.sizes());
+              "step must have shape [1] (global step) or [", weight.size(0), "] (per-row steps), got ", step.sizes());
 }
 
 }  // namespace lightning_sparse_optim

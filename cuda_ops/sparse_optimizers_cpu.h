@@ -141,25 +141,25 @@ class RowUpdate {
     const Hyper& h = h_;
     switch (kind_) {
       case Kind::kSgd: {
-        #pragma omp simd  // columns are independent; vector ops round like scalar ones
+#pragma omp simd  // columns are independent; vector ops round like scalar ones
         for (int64_t d = 0; d < dim; ++d) sgd_element(w[d], g[d], h);
         break;
       }
       case Kind::kAdagrad: {
         float* s = s_ + row * dim;
-        #pragma omp simd
+#pragma omp simd
         for (int64_t d = 0; d < dim; ++d) adagrad_element(w[d], s[d], g[d], h);
         break;
       }
       case Kind::kRowwiseAdagrad: {
         const float multiplier = rowwise_adagrad_multiplier(s_[row], mean_square(g, dim), h);
-        #pragma omp simd
+#pragma omp simd
         for (int64_t d = 0; d < dim; ++d) scaled_step(w[d], multiplier, g[d]);
         break;
       }
       case Kind::kDecayedAdagrad: {
         float* s = s_ + row * dim;
-        #pragma omp simd
+#pragma omp simd
         for (int64_t d = 0; d < dim; ++d) decayed_adagrad_element(w[d], s[d], g[d], h);
         break;
       }
@@ -167,7 +167,7 @@ class RowUpdate {
         const BiasCorrections bc = steps_.advance(row);
         const float denom = rowwise_adam_denominator(v_[row], mean_square(g, dim), h, bc);
         float* m = m_ ? m_ + row * dim : nullptr;
-        #pragma omp simd
+#pragma omp simd
         for (int64_t d = 0; d < dim; ++d) rowwise_adam_element(w[d], m ? m + d : nullptr, g[d], denom, h, bc);
         break;
       }
@@ -175,7 +175,7 @@ class RowUpdate {
         const BiasCorrections bc = steps_.advance(row);
         float* m = m_ + row * dim;
         float* v = v_ + row * dim;
-        #pragma omp simd
+#pragma omp simd
         for (int64_t d = 0; d < dim; ++d) adam_element(w[d], m[d], v[d], g[d], h, bc);
         break;
       }

@@ -41,13 +41,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
-import lightning_sparse.data.criteo  # noqa: F401 - its enums and data module are selectable from YAML
+import lightning_sparse.data.criteo  # its enums and data module are selectable from YAML
 import lightning_sparse.dynamic.config  # noqa: F401 - its enums are registered below
 from lightning_sparse import __version__
 from lightning_sparse.typed_config import NamedEnum
 from lightning_sparse.loggers import default_wandb_to_offline, fill_save_dirs, reserve_version
 from lightning_sparse.models import ClickModule
-from lightning_sparse.strategies import SparseStrategy  # noqa: F401 - registers strategy="sparse"
+from lightning_sparse.strategies import SparseStrategy  # registers strategy="sparse"
 from lightning_sparse.distributed.routes import resolve_tables
 
 DEFAULT_MODEL = "lightning_sparse.models.DLRMModule"
@@ -266,6 +266,9 @@ class SparseCLI(LightningCLI):
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lightning-sparse`` console script (``serve-apply``: :mod:`lightning_sparse.serving.cli`)."""
     argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["--version"]:
+        print(f"lightning-sparse {__version__}")
+        return
     if argv[:1] == ["serve-apply"]:
         from lightning_sparse.serving.cli import main as serve_apply
 

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 from enum import Enum
+from typing import TypeVar
+
+
+_E = TypeVar("_E", bound="NamedEnum")
 
 
 class NamedEnum(str, Enum):
     """A string enum whose parser names the allowed values on a bad input."""
 
     @classmethod
-    def parse(cls, value: "str | NamedEnum", what: str) -> "NamedEnum":
+    def parse(cls: type[_E], value: object, what: str) -> _E:
+        """``value`` (a member, or its name in any case, as YAML gives it) as a member of ``cls``."""
         if isinstance(value, cls):
             return value
         try:

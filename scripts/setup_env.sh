@@ -30,10 +30,15 @@ $PIP install -q "torch==$TORCH_VERSION" "$FBGEMM_PACKAGE"
 # its real runtime dependencies come from our pyproject.
 $PIP install -q --no-deps "torchrec==$TORCHREC_VERSION"
 [ -z "${TORCHREC_EXTRA_DEPS:-}" ] || $PIP install -q $TORCHREC_EXTRA_DEPS
-# The package itself (editable), its runtime and test dependencies, and the native extension
-# built from cuda_ops/ against the torch installed above (with the CUDA sources when a CUDA toolkit is
-# found). A failed compile stops here with the compiler's message (setup.py); the check below also
-# refuses an extension without CUDA kernels where a toolkit is present.
-$PIP install -q "torch==$TORCH_VERSION" -e ".[test]" --no-build-isolation
+# The package itself (editable) with its runtime, test and dev (lint, types, docs, wheel) dependencies.
+# The native extension is built just after, in place, against the torch installed above: an editable
+# install would compile it in a throw-away directory, while build_ext keeps its objects in build/temp.*,
+# so a later `make install` recompiles only the changed cuda_ops/ files and the wheel that
+# tests/test_packaging.py builds only links them.
+LS_NO_NATIVE=1 $PIP install -q "torch==$TORCH_VERSION" -e ".[test,dev]" --no-build-isolation
+# The native extension from cuda_ops/ (with the CUDA sources when a CUDA toolkit is found). A failed
+# compile stops here with the compiler's message (setup.py); the check below also refuses an extension
+# without CUDA kernels where a toolkit is present.
+"$VENV/bin/python" setup.py -q build_ext --inplace
 "$VENV/bin/python" scripts/check_native.py
 "$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, lightning; print('torch', torch.__version__, '| lightning', lightning.__version__)"

@@ -15,7 +15,7 @@ import torch
 from conftest import WORKERS, assert_trees_equal, read_checkpoint, run_worker
 
 sys.path.insert(0, str(WORKERS))
-import cached_tables  # noqa: E402
+import cached_tables
 
 pytestmark = pytest.mark.multiprocess
 CACHE_KEY = "cached_tables"

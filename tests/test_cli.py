@@ -8,7 +8,6 @@ the command line for rank 1); parse-only cases (errors, ``--print_config``) run 
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
 import random

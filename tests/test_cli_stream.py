@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from test_cli import _main_exit, offline, read_csv_metrics, run_cli  # noqa: F401 - offline is a fixture
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "stream.yaml"
@@ -25,7 +26,8 @@ def test_stream_example_trains_prequentially_through_the_cli(tmp_path):
     assert (run / "training_curves.png").stat().st_size > 0
 
 
-def test_a_bad_id_transform_in_the_schema_is_refused_before_start_up(tmp_path, capsys, offline):
+@pytest.mark.usefixtures("offline")
+def test_a_bad_id_transform_in_the_schema_is_refused_before_start_up(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(EXAMPLE.read_text().replace("transform: modulo", "transform: crc"))
     code, _, err = _main_exit(["fit", "--config", str(config)], capsys)

@@ -15,7 +15,7 @@ from lightning_sparse.distributed.comm import Channel, CommunicationReport, Traf
 from lightning_sparse.distributed.comm_hint import BatchStats, cheapest, sharding_hint
 
 sys.path.insert(0, str(WORKERS))
-import sparse_kinds  # noqa: E402
+import sparse_kinds
 
 
 def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -57,7 +57,7 @@ def table(kind: str, first_moment: bool, per_row_step: bool, seed: int = 5):
     weight = torch.randn(NUM_ROWS, DIM, generator=g)
     weight[3, 1] = -0.0
     state = init_state(kind, weight, first_moment=first_moment, per_row_step=per_row_step)
-    for key, value in state.items():  # non-trivial state: earlier steps happened
+    for value in state.values():  # non-trivial state: earlier steps happened
         if value.dtype == torch.float32:
             value.copy_(torch.rand(value.shape, generator=g))
         else:

@@ -222,8 +222,12 @@ def test_cached_tables_built_on_meta_fill_their_backing_store_from_the_full_init
     from lightning_sparse.distributed.planning import shard_tables
     from lightning_sparse.distributed.sharded_model import ShardedModel
 
-    configs = lambda: [EmbeddingBagConfig(name="replayed", embedding_dim=4, num_embeddings=50, feature_names=["a"]),  # noqa: E731
-                       EmbeddingBagConfig(name="pre", embedding_dim=4, num_embeddings=30, feature_names=["b"])]
+    def configs() -> list[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(name="replayed", embedding_dim=4, num_embeddings=50, feature_names=["a"]),
+            EmbeddingBagConfig(name="pre", embedding_dim=4, num_embeddings=30, feature_names=["b"]),
+        ]
+
     torch.manual_seed(5)
     cpu = EmbeddingBagCollection(tables=configs())
     rows = np.arange(30 * 4, dtype=np.float32).reshape(30, 4)

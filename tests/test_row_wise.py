@@ -15,7 +15,7 @@ from test_comm import assert_row_wise_step_bytes
 from lightning_sparse.optim import init_state_for, sparse_update_for
 
 sys.path.insert(0, str(WORKERS))
-import sparse_kinds  # noqa: E402
+import sparse_kinds
 
 ROUTE = "fused"  # sgd, adagrad, rowwise_adagrad: the kinds fbgemm fuses exactly on CPU
 
@@ -63,7 +63,7 @@ def test_sharding_types_share_one_gradient_rule_and_match_the_reference(tmp_path
     tensors, _ = read_checkpoint(tmp_path / "epoch=1.ckpt")
     for name, _, _ in sparse_kinds.tables(ROUTE):
         weight = tensors[f"model.ebc.embedding_bags.{name}.weight"]
-        torch.testing.assert_close(weight, expected_tables[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{sharding}/{name}: {m}")
+        torch.testing.assert_close(weight, expected_tables[name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{sharding}/{name}: {m}")
     if counting:
         assert_row_wise_step_bytes(result, steps)
 
@@ -101,7 +101,7 @@ def test_every_kind_in_lightning_sparse_kernels_on_row_wise_matches_the_referenc
     assert set(result["plan"].values()) == {sharding} and set(result["routes"].values()) == {"native"}
     expected = reference_tables("native", 2, 2 * sparse_kinds.BATCHES_PER_EPOCH // 2)
     for name, weight in trained_tables("native", second / "epoch=1.ckpt").items():
-        torch.testing.assert_close(weight, expected[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(weight, expected[name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     if sharding == "row_wise":
         tensors_a, _ = read_checkpoint(first / "epoch=1.ckpt")
         tensors_b, _ = read_checkpoint(second / "epoch=1.ckpt")

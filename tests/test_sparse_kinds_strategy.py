@@ -14,7 +14,7 @@ from conftest import WORKERS, assert_trees_equal, read_checkpoint, run_worker
 from lightning_sparse.optim import init_state_for, sparse_update_for
 
 sys.path.insert(0, str(WORKERS))
-import sparse_kinds  # noqa: E402
+import sparse_kinds
 
 pytestmark = pytest.mark.multiprocess
 
@@ -56,7 +56,7 @@ def test_every_kind_on_every_route_matches_unsharded_reference(tmp_path, route, 
     expected = reference_tables(route, devices, steps)
     for name, weight in trained_tables(route, tmp_path / "epoch=1.ckpt").items():
         assert not torch.equal(weight, sparse_kinds.make_model(route).ebc.embedding_bags[name].weight.detach()), name
-        torch.testing.assert_close(weight, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{route}/{name}: {m}")
+        torch.testing.assert_close(weight, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{route}/{name}: {m}")
 
 
 @pytest.mark.parametrize("route", sorted(sparse_kinds.ROUTES))

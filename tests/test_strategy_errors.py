@@ -162,7 +162,6 @@ def test_dynamic_table_capacity_must_match_its_rows(single_process_env):
 
 def test_dynamic_table_trains_and_logs_its_counters(single_process_env):
     from lightning_sparse.callbacks import DynamicTableMonitor
-    from lightning_sparse.dynamic import DynamicTableConfig
 
     data = SyntheticClickDataModule(num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=3, num_val_batches=1)
     model = DLRMModule(num_embeddings_per_feature=[100, 200, 64], embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])

@@ -40,6 +40,7 @@ from lightning_sparse.data.criteo_format import (  # noqa: F401 - re-exported: t
     parse_line,
 )
 from lightning_sparse.data.loading import ResumableLoader, fit_progress, process_rank_world, reader_of
+from lightning_sparse.trainer_attrs import add_callback_once, trainer_datamodule
 
 _REASONS = list(MalformedReason)
 _COL_LINES, _COL_SAMPLES, _COL_REASON0 = 0, 1, 2
@@ -102,7 +103,7 @@ class CriteoIterableDataset(IterableDataset):
         self.drop_last = bool(drop_last)
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
-        if world_size is not None and not 0 <= rank < world_size:
+        if rank is not None and world_size is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.rank, self.world_size = rank, world_size
         # Workers run in other processes: counters live in shared memory, one row per worker so no races.
@@ -299,9 +300,8 @@ class CriteoDataModule(LightningDataModule):
         return list(self._num_embeddings)
 
     def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        if trainer is not None and not any(isinstance(c, SkippedLinesMonitor) for c in trainer.callbacks):
-            trainer.callbacks.append(SkippedLinesMonitor())
+        if self.trainer is not None:
+            add_callback_once(self.trainer, SkippedLinesMonitor())
 
     def _loader(self, stage: str, paths) -> ResumableLoader:
         if paths is None:
@@ -344,7 +344,7 @@ class SkippedLinesMonitor(pl.Callback):
     """
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        dataset = getattr(trainer.datamodule, "datasets", {}).get(stage)
+        dataset = getattr(trainer_datamodule(trainer), "datasets", {}).get(stage)
         if dataset is None:
             return
         malformed = dataset.stats.malformed

@@ -27,11 +27,12 @@ The reader that streams files as batches is in :mod:`lightning_sparse.data.crite
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import IO, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ def normalize_paths(paths: PathsLike, what: str) -> List[str]:
     return out
 
 
-def open_criteo_file(path: str) -> IO[bytes]:
+def open_criteo_file(path: str) -> io.BufferedIOBase:
     """Opens ``path`` for binary line iteration, decompressing it if it starts with the gzip magic bytes."""
     with open(path, "rb") as f:
         magic = f.read(2)

@@ -34,7 +34,7 @@ Trainer.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -81,7 +81,7 @@ def process_rank_world() -> tuple[int, int]:
 def reader_of(rank: Optional[int], world_size: Optional[int], max_workers: int) -> tuple[int, int, int]:
     """This DataLoader worker's reader among all ranks' workers: ``(reader, readers, worker)``, reader
     ``rank * workers + worker`` of ``world * workers``. ``rank``/``world_size`` None: the default process group's."""
-    rank, world = (rank, world_size) if rank is not None else process_rank_world()
+    rank, world = (rank, world_size) if rank is not None and world_size is not None else process_rank_world()
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     if worker >= max_workers:
@@ -109,10 +109,18 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+class _StatefulIterator(Protocol):
+    """A ``StatefulDataLoader`` iterator: its position is its ``state_dict``."""
+
+    def __next__(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
 class _Pass(Iterator):
     """One pass over the loader: counts its batches and remembers the loader state after the last few."""
 
-    def __init__(self, base: Iterator, start: int, lockstep: bool, kept: int = _KEPT_STATES) -> None:
+    def __init__(self, base: _StatefulIterator, start: int, lockstep: bool, kept: int = _KEPT_STATES) -> None:
         self.base = base
         self.kept = kept
         self.lockstep = lockstep
@@ -162,7 +170,7 @@ class ResumableLoader(StatefulDataLoader):
         """Whether the ranks agree on every batch (datasets without a length; see the module docstring)."""
         return isinstance(self.dataset, IterableDataset)
 
-    def __iter__(self) -> _Pass:  # type: ignore[override]
+    def __iter__(self) -> _Pass:
         start, self._resume_at = self._resume_at, 0
         self._pass = _Pass(super().__iter__(), start, self.lockstep, _KEPT_STATES + self.read_ahead)
         return self._pass

@@ -43,6 +43,7 @@ from lightning_sparse.data.stream_sources import (
     SyntheticSource,
     TsvSource,
 )
+from lightning_sparse.trainer_attrs import add_callback_once
 
 __all__ = [
     "ChainedSource", "IdTransform", "IterableSource", "ParquetSource", "RecordSource", "SparseColumn", "StreamDataModule",
@@ -271,9 +272,8 @@ class StreamDataModule(LightningDataModule):
         return self.schema.num_embeddings_per_feature
 
     def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        if trainer is not None and not any(isinstance(c, SkippedLinesMonitor) for c in trainer.callbacks):
-            trainer.callbacks.append(SkippedLinesMonitor())
+        if self.trainer is not None:
+            add_callback_once(self.trainer, SkippedLinesMonitor())
 
     def _loader(self, stage: str, source: RecordSource, max_records: Optional[int]) -> ResumableLoader:
         rank, world = process_rank_world()  # called after the process group exists (Lightning's setup)

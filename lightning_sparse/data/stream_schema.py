@@ -177,7 +177,7 @@ class StreamSchema:
         else:
             raise RecordError("label", f"label field {self.label!r} must be 0 or 1, got {label!r}")
         dense = [self._dense(name, record.get(name)) for name in self.dense]
-        sparse = [column.ids(record.get(column.field)) for column in self.sparse]
+        sparse = [column.ids(record.get(column.field or column.name)) for column in self.sparse]
         return label, dense, sparse
 
     def _dense(self, name: str, value: Any) -> float:

@@ -75,7 +75,7 @@ class _FileSource(RecordSource):
                 raise FileNotFoundError(f"{name}: file(s) not found: {missing}")
 
     def _listing(self) -> List[str]:
-        return list(self.fixed) if self.fixed is not None else sorted(glob.glob(self.pattern))
+        return sorted(glob.glob(self.pattern)) if self.pattern is not None else list(self.fixed or [])
 
     def _next_file(self, current: Optional[str]) -> Optional[str]:
         """The file after ``current`` (the first when None); with ``follow``, waits for one to appear."""
@@ -174,8 +174,10 @@ class TsvSource(_FileSource):
 class ParquetSource(_FileSource):
     """Parquet files, one record per row (a list column is a multi-hot sparse feature).
 
-    Args: as :class:`TsvSource` (``paths``, ``follow``, ``poll_seconds``, ``idle_timeout_s``), plus
-        ``read_rows``: rows decoded at a time.
+    ``paths``, ``follow``, ``poll_seconds`` and ``idle_timeout_s`` are as for :class:`TsvSource`.
+
+    Args:
+        read_rows: rows decoded at a time.
 
     Position: ``(file, rows read)``; resuming skips whole row groups by their metadata and reads from there.
     """

@@ -21,7 +21,7 @@ the checkpoint, so a run resumed at any step, mid-epoch included, reads the batc
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -178,7 +178,9 @@ class SyntheticClickDataModule(LightningDataModule):
             table must be dynamic (``TableConfig(dynamic=...)``), which maps the raw ids to its rows.
         num_dense_features: number of dense (float) features.
         batch_size: samples per batch.
-        num_train_batches / num_val_batches / num_test_batches: batches per split (per epoch).
+        num_train_batches: batches of the train split (per epoch).
+        num_val_batches: batches of the validation split.
+        num_test_batches: batches of the test split.
         zipf_exponent: skew of id popularity (larger = more skewed).
         drift_period: shift popular ids every this many batches (0 = stationary stream).
         seed: seed of the hidden model and of the stream.
@@ -187,7 +189,7 @@ class SyntheticClickDataModule(LightningDataModule):
 
     def __init__(
         self,
-        num_embeddings_per_feature: list[int] = [1000] * 8,  # noqa: B006 - a YAML-friendly default, never mutated
+        num_embeddings_per_feature: list[int] = [1000] * 8,  # a YAML-friendly default, never mutated
         id_space_per_feature: Optional[list[int]] = None,
         num_dense_features: int = 13,
         batch_size: int = 256,
@@ -210,7 +212,7 @@ class SyntheticClickDataModule(LightningDataModule):
         self.num_dense_features = num_dense_features
         self.feature_names = feature_names(len(self.num_embeddings_per_feature))
         self.batch_size = batch_size
-        common = dict(
+        common: dict[str, Any] = dict(
             batch_size=batch_size,
             num_embeddings_per_feature=id_space,
             num_dense_features=num_dense_features,
@@ -233,7 +235,7 @@ class SyntheticClickDataModule(LightningDataModule):
         """
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         consumed = fit_progress(self.trainer) if train and self.trainer is not None else None
         return ResumableLoader(dataset, batch_size=None, sampler=sampler, consumed=consumed)
 

@@ -63,7 +63,7 @@ def materialise_shards(model: nn.Module, tables: EmbeddingTables) -> None:
     """Fills every local shard of every table of the sharded ``model`` from its resolved initialisation,
     then releases the pre-sharding weights (host copies or meta placeholders)."""
     state = model.state_dict(keep_vars=True)
-    for name, table in tables.tables.items():
+    for table in tables.tables.values():
         for piece, row, col in local_pieces(state[table.param_path]):
             fill_piece(table, piece, row, col)
         if table.init is TableInitKind.COPY:

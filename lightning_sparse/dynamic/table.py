@@ -85,7 +85,7 @@ class DynamicIdRemapper(nn.Module):
             )
         return cls(config, capacity=rows, row_offset=offset)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: D401 - see class docstring
+    def _apply(self, fn, recurse: bool = True):  # see class docstring
         # Where does `fn` send tensors? Ask it with an empty int64 probe, which no dtype cast touches,
         # then move every buffer there in its own dtype.
         probe = fn(torch.empty(0, dtype=torch.int64, device=self.slot_ids.device))

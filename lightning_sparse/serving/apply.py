@@ -8,6 +8,7 @@ applied; the store stays at the version before.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -66,9 +67,7 @@ def _join(by_col: dict[int, list[tuple[np.ndarray, np.ndarray]]], deletes: list[
     if not cols:
         update.rows = np.zeros((0, dim), np.float32)
         return update
-    common = None
-    for ids, _ in cols.values():
-        common = ids if common is None else np.intersect1d(common, ids)
+    common = functools.reduce(np.intersect1d, [ids for ids, _ in cols.values()])
     covered = sum(rows.shape[1] for _, rows in cols.values())
     whole = common if covered == dim else np.zeros(0, np.int64)
     update.ids = np.asarray(whole, np.int64)

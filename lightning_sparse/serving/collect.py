@@ -85,7 +85,7 @@ def gather_slot_maps(kept: dict[str, list[Any]], capacities: dict[str, int]) -> 
         name: [(int(r.row_offset), r.slot_ids.cpu().numpy().copy(), (r.slot_count > 0).cpu().numpy()) for r in parts]
         for name, parts in kept.items()
     }
-    shares = [local]
+    shares: list[Any] = [local]  # every rank's, filled by all_gather_object
     if _world() > 1:
         shares = [None] * _world()
         dist.all_gather_object(shares, local)

@@ -120,7 +120,7 @@ class DeltaExport(Callback):
         self._tables = collect.table_schemas(strategy)
         self._capacities = {n: t.dynamic.capacity for n, t in strategy.embedding_tables.tables.items() if t.dynamic}
         start = self._prepare_directory() if trainer.is_global_zero else None
-        shared = [start]
+        shared: list[Any] = [start]  # rank 0's, filled by broadcast_object_list
         if _world() > 1:
             dist.broadcast_object_list(shared, src=0)
         if isinstance(shared[0], str) and shared[0].startswith("error:"):
@@ -146,6 +146,8 @@ class DeltaExport(Callback):
     # ------------------------------------------------------------------ export
     def export(self, trainer: Trainer) -> int:
         """Writes and publishes the next version (collective: every rank calls it at the same step)."""
+        if self._pieces is None:
+            raise ExportError("DeltaExport.export(trainer) runs after the callback's setup (the trainer calls both)")
         started = time.time()
         strategy, rank, world = trainer.strategy, _rank(), _world()
         version, step = self.version + 1, trainer.global_step
@@ -159,15 +161,16 @@ class DeltaExport(Callback):
         records = write_row_file(staging / name, version, step, batches, tombstones, self.quantize == "int8")
         entry = {**file_entry(staging / name), "records": records}
         _fault_point(version, "rank_file_written", rank)
-        entries = [{name: entry}]
+        entries: list[Any] = [{name: entry}]  # every rank's, filled by all_gather_object
         if world > 1:
             entries = [None] * world
             dist.all_gather_object(entries, {name: entry})
         if rank == 0:
             files = {k: v for share in entries for k, v in share.items()}
+            module = trainer.lightning_module
             dense = {
-                "class_path": f"{type(strategy.lightning_module).__module__}.{type(strategy.lightning_module).__qualname__}",
-                "hparams": dict(strategy.lightning_module.hparams),
+                "class_path": f"{type(module).__module__}.{type(module).__qualname__}",
+                "hparams": dict(module.hparams),
                 "state_dict": collect.dense_state(strategy),
             }
             buffer = io.BytesIO()

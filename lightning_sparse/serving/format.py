@@ -49,7 +49,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.compute  # pa.compute
 import pyarrow.parquet as pq
 
 from lightning_sparse.durable import fsync_dir
@@ -231,6 +231,13 @@ def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return codes, scale, low
 
 
+def _rows(batch: RowBatch) -> np.ndarray:
+    """The rows of a batch of rows (not tombstones)."""
+    if batch.rows is None:
+        raise ValueError(f"a row batch of table {batch.table!r} has no rows (tombstones go in `tombstones`)")
+    return batch.rows
+
+
 def write_row_file(path: Path, version: int, step: int, batches: list[RowBatch], tombstones: list[RowBatch], quantize: bool) -> int:
     """Writes one rank's rows and tombstones as Parquet (fsynced); returns the number of records.
 
@@ -244,13 +251,13 @@ def write_row_file(path: Path, version: int, step: int, batches: list[RowBatch],
     names = sorted({b.table for b, _ in parts})
     codes = np.repeat(np.array([names.index(b.table) for b, _ in parts], np.int32), counts)
     dead = np.repeat(np.array([d for _, d in parts], bool), counts)
-    widths = np.repeat(np.array([0 if d else b.rows.shape[1] for b, d in parts], np.int64), counts)
-    live_rows = [b.rows.astype(np.float32, copy=False).reshape(-1) for b, d in parts if not d]
+    widths = np.repeat(np.array([0 if d else _rows(b).shape[1] for b, d in parts], np.int64), counts)
+    live_rows = [_rows(b).astype(np.float32, copy=False).reshape(-1) for b, d in parts if not d]
     values = np.concatenate(live_rows) if live_rows else np.zeros(0, np.float32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(widths)]).astype(np.int32))
     nulls = pa.array(np.ones(total, bool))
     if quantize:
-        matrices = [_quantized(b.rows) for b, d in parts if not d]
+        matrices = [_quantized(_rows(b)) for b, d in parts if not d]
         codes_q = np.concatenate([m[0].reshape(-1) for m in matrices]) if matrices else np.zeros(0, np.uint8)
         scale = np.zeros(total, np.float32)
         bias = np.zeros(total, np.float32)
@@ -304,10 +311,10 @@ def read_row_file(path: Path, version: int) -> dict[str, TableRecords]:
             f"expected {ROW_SCHEMA.names} of types {[str(t) for t in ROW_SCHEMA.types]} "
             "(lightning_sparse.serving.format.ROW_SCHEMA)"
         )
-    column = {name: table.column(name).chunk(0) if table.num_rows else None for name in ROW_SCHEMA.names}
     out: dict[str, TableRecords] = {}
     if table.num_rows == 0:
         return out
+    column = {name: table.column(name).chunk(0) for name in ROW_SCHEMA.names}
     if not bool(np.all(column["version"].to_numpy() == version)):
         raise CorruptExportError(f"{str(path)!r} holds records of another version than {version}")
     encoded = column["table"].dictionary_encode()

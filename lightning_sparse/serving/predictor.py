@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import importlib
 import io
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -29,6 +30,7 @@ from lightning_sparse.serving.format import SchemaMismatchError, TableSchema
 from lightning_sparse.serving.stores.base import ServingStore, StoreUnavailableError, schema_difference
 from lightning_sparse.typed_config import checkpoint_safe_types
 
+_Bag = Union[nn.EmbeddingBag, nn.Embedding]
 _RETRIES = 8  # lookups racing with applies before giving up (each apply is one version)
 
 
@@ -38,9 +40,9 @@ class Predictor:
     def __init__(self, store: ServingStore) -> None:
         self.store = store
         self.version = 0
-        self.module: Optional[nn.Module] = None
+        self.module: Optional[LightningModule] = None
         self._features: dict[str, str] = {}
-        self._bags: dict[str, nn.Module] = {}
+        self._bags: dict[str, _Bag] = {}
         self.refresh()
 
     def refresh(self) -> bool:
@@ -48,7 +50,7 @@ class Predictor:
         version, blob = self.store.dense()
         if version == self.version:
             return False
-        with torch.serialization.safe_globals(checkpoint_safe_types()):
+        with torch.serialization.safe_globals([*checkpoint_safe_types()]):
             dense = torch.load(io.BytesIO(blob), weights_only=True)
         module = _build(dense["class_path"], dense["hparams"])
         bags = _embedding_bags(module)
@@ -60,9 +62,10 @@ class Predictor:
                 f"the dense model of version {version} does not fit {dense['class_path']}: missing {missing}, unexpected {unexpected}"
             )
         meta = self.store.meta()
-        schema = {name: TableSchema(int(bag.weight.shape[1]), meta.tables.get(name, TableSchema(0, False)).dynamic) for name, bag in bags.items()}
+        stored = meta.tables if meta is not None else {}
+        schema = {name: TableSchema(int(bag.weight.shape[1]), stored.get(name, TableSchema(0, False)).dynamic) for name, bag in bags.items()}
         if meta is None or schema != meta.tables:
-            raise SchemaMismatchError(f"{self.store.name} vs {dense['class_path']}: {schema_difference(meta.tables if meta else {}, schema, version)}")
+            raise SchemaMismatchError(f"{self.store.name} vs {dense['class_path']}: {schema_difference(stored, schema, version)}")
         module.eval()
         self.module, self._bags, self.version = module, bags, version
         self._features = _features_of(module)
@@ -86,6 +89,8 @@ class Predictor:
             bag.weight = nn.Parameter(torch.from_numpy(rows[found].copy()), requires_grad=False)
         remapped = self._remap(kjt, unique, snapshot)
         batch = type(batch)(dense_features=batch.dense_features, sparse_features=remapped, labels=batch.labels)
+        if self.module is None:  # refresh() found no version: nothing was ever applied to the store
+            raise StoreUnavailableError(f"{self.store.name} holds no model yet: apply a delta export first")
         return self.module.predict_step(batch, 0)
 
     def _ids_by_table(self, kjt: KeyedJaggedTensor) -> dict[str, np.ndarray]:
@@ -117,7 +122,7 @@ class Predictor:
         )  # fmt: skip
 
 
-def _build(class_path: str, hparams: dict[str, Any]) -> nn.Module:
+def _build(class_path: str, hparams: dict[str, Any]) -> LightningModule:
     module_name, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
@@ -134,10 +139,10 @@ def _build(class_path: str, hparams: dict[str, Any]) -> nn.Module:
         ) from error
 
 
-def _embedding_bags(module: nn.Module) -> dict[str, nn.Module]:
+def _embedding_bags(module: nn.Module) -> dict[str, _Bag]:
     """Table name -> the nn.EmbeddingBag / nn.Embedding holding it (keyed by its state-dict path's end)."""
-    out = {}
-    for fqn, sub in module.named_modules():
+    out: dict[str, _Bag] = {}
+    for sub in module.modules():
         if isinstance(sub, EmbeddingBagCollection):
             out.update({name: bag for name, bag in sub.embedding_bags.items()})
         elif isinstance(sub, EmbeddingCollection):

@@ -276,6 +276,7 @@ class PipelineDriver:
     def after_optimizer_step(self) -> None:
         """After the dense step: the batch's row update (now, or queued on the worker), then the next lookups."""
         if self._asynchronous:
+            assert self._current is not None  # before_forward took this batch's lookups
             context = self._current.result()
             self._updates.append(self._submit(self._update, context))
             self._current = None
@@ -296,6 +297,7 @@ class PipelineDriver:
 
     def _schedule_lookups(self) -> None:
         """Queues lookups while the bound allows: batch ``j`` after the update of batch ``j - S - 1``."""
+        assert self.config.staleness is not None  # hybrid: PipelineConfig requires it
         wanted = self._have(self.config.staleness + 1)
         while len(self._lookups) < wanted:
             index = self._trained + len(self._lookups)
@@ -325,6 +327,7 @@ class PipelineDriver:
         if any(t.grad is not None for tensors in context.detached_embedding_tensors for t in tensors):
             self._stages.embedding_backward(context)
         self._row_update()
+        assert self.versions is not None  # the worker runs in the asynchronous (hybrid) pipeline only
         self.versions.applied()
 
     # ----------------------------------------------------------------- drain
@@ -335,10 +338,11 @@ class PipelineDriver:
 
     def drain(self, raise_failures: bool = True) -> None:
         """No batch in flight afterwards: queued updates done, lookups of untrained batches dropped, forwards restored."""
-        failures = []
+        failures: list[BaseException] = []
         if self._worker is not None:
             self.settle()
-            failures = [f.exception() for f in (*self._updates, *self._lookups) if f.exception() is not None]
+            raised = (f.exception() for f in (*self._updates, *self._lookups))
+            failures = [error for error in raised if error is not None]
             self._lookups.clear()
             self._updates.clear()
             self._current = None

@@ -108,7 +108,7 @@ class SignalConnector(_SignalConnector):
         self.request = request
 
     def register_signal_handlers(self) -> None:
-        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        previous: dict[int, _Handler] = {s: signal.getsignal(s) for s in STOP_SIGNALS}
         super().register_signal_handlers()  # SIGUSR handling; remembers the handlers to restore on teardown
         self.request.install(previous)
 

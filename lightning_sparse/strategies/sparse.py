@@ -43,6 +43,7 @@ from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_mod
 from lightning_sparse.strategies import pipelines
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
+from lightning_sparse.trainer_attrs import add_callback_once
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,12 @@ class SparseStrategy(DDPStrategy):
         self._install_stop_handling(trainer)
         self.precision_plugin.convert_module(self.model)
         if self._sharded is None:
-            self._sharded = self._shard(self.lightning_module)
+            self._sharded = self._shard(self._module)
         self.model = self._sharded.dmp
         if self.count_communication:  # bytes of every collective, per table and sharding (distributed/comm.py)
             sharded = self._sharded
             self._comm = communication_counter(sharded.dmp, sharded.tables, sharded.dynamic, sharded.optimizer.combined)
-            if not any(isinstance(c, CommunicationMonitor) for c in trainer.callbacks):
-                trainer.callbacks.insert(0, CommunicationMonitor(self._comm))
+            add_callback_once(trainer, CommunicationMonitor(self._comm), first=True)
         if fitting:
             self.setup_optimizers(trainer)
             self._pipeline = pipelines.build_driver(self, trainer)
@@ -171,6 +171,8 @@ class SparseStrategy(DDPStrategy):
         """Plans and shards ``module`` and builds the components that own its state (once per module)."""
         tables_group = pipelines.embedding_process_group(self.pipeline)
         process_group = tables_group or dist.group.WORLD
+        if process_group is None:  # Lightning's setup_environment creates it before setup()
+            raise RuntimeError("SparseStrategy: no process group; shard the model inside Trainer.fit/validate/test")
         dmp, tables, plan = shard_tables(
             module,
             self.root_device,
@@ -188,10 +190,18 @@ class SparseStrategy(DDPStrategy):
     def setup_optimizers(self, trainer: Trainer) -> None:
         """Builds the user's (dense) optimizers, then removes the embedding weights from them."""
         super().setup_optimizers(trainer)
-        owned_by_sparse = {id(p) for p in embedding_parameters(self.lightning_module).values()}
+        owned_by_sparse = {id(p) for p in embedding_parameters(self._module).values()}
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in owned_by_sparse]
+
+    @property
+    def _module(self) -> LightningModule:
+        """The LightningModule this strategy runs; Lightning attaches it before any hook below runs."""
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("SparseStrategy has no LightningModule: it is attached by Trainer.fit/validate/test")
+        return module
 
     # ------------------------------------------------------------- training
     @property
@@ -239,23 +249,24 @@ class SparseStrategy(DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self.sharded_model.optimizer.push_learning_rates()
         args = self._checked(args, training=True)
-        if self.dynamic_tables is not None:
-            args = (self._remap_for_training(args[0]),) + args[1:]
+        dynamic = self.dynamic_tables
+        if dynamic is not None:
+            args = (self._remap_for_training(args[0], dynamic),) + args[1:]
         if self.cached_tables is not None:  # ids -> scratchpad slots, planned k batches ahead (cache/tables.py)
             args = (self.cached_tables.before_training_step(args[0]),) + args[1:]
-            self.lightning_module.log_dict(self.cached_tables.metrics(), on_step=True, on_epoch=False)
+            self._module.log_dict(self.cached_tables.metrics(), on_step=True, on_epoch=False)
         if self._pipeline is None:
             return super().training_step(*args, **kwargs)
         self._pipeline.before_forward()
         output = super().training_step(*args, **kwargs)
-        self._pipeline.after_forward(self.lightning_module)
+        self._pipeline.after_forward(self._module)
         return output
 
     def process_dataloader(self, dataloader: object) -> object:
         """The train loader, read through the pipeline (which looks ahead) when there is one, or ahead for the
         cached tables' planner (``cache/prefetch.py``); never both (``pipelines.check_pipeline_setup``)."""
         dataloader = super().process_dataloader(dataloader)
-        if not self.lightning_module.trainer.training:
+        if not self._module.trainer.training:
             return dataloader
         if self._pipeline is not None:
             return self._pipeline.wrap(dataloader)
@@ -295,8 +306,8 @@ class SparseStrategy(DDPStrategy):
         """The hash tables of the model's dynamic tables (None when it has none)."""
         return self._sharded.dynamic if self._sharded is not None else None
 
-    def _remap_for_training(self, batch: Any) -> Any:
-        dynamic, step = self.dynamic_tables, self.lightning_module.trainer.global_step
+    def _remap_for_training(self, batch: Any, dynamic: DynamicTables) -> Any:
+        step = self._module.trainer.global_step
         assigned_rows: dict[str, torch.Tensor] = {}
 
         def remap(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -366,7 +377,7 @@ class SparseStrategy(DDPStrategy):
         state. The sparse optimizer takes its state and hyper-parameters when fitting, as Lightning restores
         optimizers only then. Returns the rest for Lightning (loops, dense optimizers, callbacks)."""
         sharded = self.sharded_model
-        model_state = self.lightning_module.state_dict()
+        model_state = self._module.state_dict()
         sparse_state = sharded.optimizer.combined.state_dict()
         dynamic_state = sharded.dynamic.state_dict() if sharded.dynamic is not None else {}
         cache_state = sharded.cache.state_dict() if sharded.cache is not None else None
@@ -377,9 +388,10 @@ class SparseStrategy(DDPStrategy):
         if sharded.dynamic is not None:
             sharded.dynamic.load_state_dict(dynamic_state)
         if sharded.cache is not None:
+            assert cache_state is not None  # read above, as the cache exists
             sharded.cache.load_state_dict(cache_state)
         hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)
-        if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+        if self._module.trainer.state.fn == TrainerFn.FITTING:
             sharded.optimizer.load_state_dict({"optimizer": sparse_state, "hyperparameters": hyperparameters})
         trainer_state["state_dict"] = model_state
         return trainer_state
@@ -387,7 +399,7 @@ class SparseStrategy(DDPStrategy):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         # load_checkpoint already read the tensors in place; this re-applies them through the modules'
         # own load hooks (which keep TorchRec's sharded views consistent).
-        self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        self._module.load_state_dict(checkpoint["state_dict"], strict=strict)
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         """Deletes a checkpoint directory (ModelCheckpoint's old top-k) so that a removal cut short never
@@ -417,6 +429,7 @@ class SparseStrategy(DDPStrategy):
         start-up to the ranks it started and names a rank that dies (see launcher.py)."""
         super()._configure_launcher()
         if self._start_method == "popen":
+            assert self.cluster_environment is not None  # Lightning sets it before configuring the launcher
             self._launcher = SparseScriptLauncher(
                 self._stop_request, self.cluster_environment, self.num_processes, self.num_nodes
             )
@@ -427,8 +440,7 @@ class SparseStrategy(DDPStrategy):
         the trainer registers its signal handlers right after."""
         if not isinstance(trainer._signal_connector, SignalConnector):
             trainer._signal_connector = SignalConnector(trainer, self._stop_request)
-        if not any(isinstance(c, StopAtStepBoundary) for c in trainer.callbacks):
-            trainer.callbacks.append(StopAtStepBoundary(self._stop_request, self.on_signal, self.signal_checkpoint_path))
+        add_callback_once(trainer, StopAtStepBoundary(self._stop_request, self.on_signal, self.signal_checkpoint_path))
 
     def on_exception(self, exception: BaseException) -> None:
         """Names a dead rank in the error of a collective that failed because of it."""

@@ -22,7 +22,7 @@ def test_nothing_logged_is_a_warning_naming_log_every_n_steps(tmp_path):
 
 def test_unreadable_metrics_file_is_a_warning(tmp_path):
     trainer, plot = _trainer(tmp_path), TrainingCurvePlot()
-    trainer.logger.experiment  # creates the log directory (and would clear a metrics.csv found there)
+    _ = trainer.logger.experiment  # creates the log directory (and would clear a metrics.csv found there)
     log_dir = tmp_path / "csv" / "version_0"
     (log_dir / "metrics.csv").write_text("epoch,step,train/loss\n0,1,not-a-number\n")
     with pytest.warns(UserWarning, match="drew no training_curves.png: ValueError: could not convert string to float"):

@@ -155,7 +155,7 @@ def main() -> None:
     if args.ckpt_out:
         trainer.save_checkpoint(args.ckpt_out)
     plan = {}
-    for fqn, module_plan in strategy.distributed_model.plan.plan.items():
+    for module_plan in strategy.distributed_model.plan.plan.values():
         for table, sharding in module_plan.items():
             plan[table] = [sharding.sharding_type, sharding.compute_kernel]
     result.update(

@@ -72,7 +72,7 @@ class StoreMeta:
         return json.dumps({**self.__dict__, "tables": tables}, sort_keys=True).encode()
 
     @staticmethod
-    def from_json(data: bytes) -> "StoreMeta":
+    def from_json(data: bytes | str) -> "StoreMeta":
         raw = json.loads(data)
         raw["tables"] = {n: TableSchema(int(t["dim"]), bool(t["dynamic"])) for n, t in raw["tables"].items()}
         return StoreMeta(**raw)
@@ -166,7 +166,7 @@ class ServingStore(ABC):
         meta = self.meta()
         return meta.version if meta else 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op default: a store without a connection has nothing to close
         pass
 
     def __enter__(self) -> "ServingStore":

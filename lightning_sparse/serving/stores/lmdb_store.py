@@ -81,7 +81,7 @@ class LMDBStore(ServingStore):
         for table in tables:
             prefix = table.encode() + b"\x00"
             if cursor.set_range(prefix):
-                while cursor.key().startswith(prefix):
+                while bytes(cursor.key()).startswith(prefix):
                     if not cursor.delete():
                         break
 
@@ -100,7 +100,7 @@ class LMDBStore(ServingStore):
     def dense(self) -> tuple[int, bytes]:
         with self.env.begin(db=self._meta_db) as txn:
             data, dense = txn.get(b"meta"), txn.get(b"dense")
-        if data is None:
+        if data is None or dense is None:
             raise StoreUnavailableError(f"the {self.name} is empty: apply an export first (lightning-sparse serve-apply)")
         return StoreMeta.from_json(data).version, bytes(dense)
 

@@ -11,7 +11,7 @@ the watched key and it re-checks the order rules.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -54,7 +54,7 @@ class RedisStore(ServingStore):
     def _rows_key(self, table: str) -> str:
         return f"{self.prefix}:rows:{table}"
 
-    def _call(self, what: str, fn):  # noqa: ANN001 - wraps any client call
+    def _call(self, what: str, fn):  # wraps any client call
         try:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as error:
@@ -70,11 +70,12 @@ class RedisStore(ServingStore):
     def _apply(self, pipe: "redis.client.Pipeline", update: VersionUpdate) -> None:
         data = pipe.get(self._meta_key)  # immediate mode: the key is watched
         check_can_apply(StoreMeta.from_json(data) if data is not None else None, update, self.name)
-        patches = {}
+        patches: dict[tuple[str, int], bytes] = {}
         for table, change in update.updates.items():  # read what column pieces patch, before MULTI
             dim = update.tables[table].dim
             for ids, col, rows in change.patches:
-                current = pipe.hmget(self._rows_key(table), [id_bytes(i) for i in ids.tolist()]) if len(ids) else []
+                # bytes, as the client does not decode responses (redis-py's types also allow str)
+                current = cast("list[Optional[bytes]]", pipe.hmget(self._rows_key(table), [id_bytes(i) for i in ids.tolist()]) if len(ids) else [])
                 for raw_id, piece, existing in zip(ids.tolist(), rows, current):
                     existing = patches.get((table, raw_id), existing)
                     patches[(table, raw_id)] = patched(existing, col, piece, dim, table, raw_id)
