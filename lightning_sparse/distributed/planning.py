@@ -28,10 +28,10 @@ from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
 log = logging.getLogger(__name__)
 
 
-# What ``auto`` lets TorchRec's planner choose from. On CPU not the row-wise types: the planner's cost model is
-# made for GPUs and picks row_wise for tables of 50 rows there, which would also pin a dynamic table's
-# checkpoint to its number of ranks; ask for row_wise per table (``distributed/comm_hint.py``'s ``sharding_hint``
-# says which tables send fewer bytes that way).
+# What ``auto`` lets TorchRec's planner choose from for the tables that measured batches do not decide
+# (``distributed/auto_sharding.py``: dynamic, cached and sequence tables, and every table when no batch is read).
+# On CPU not the row-wise types: the planner's cost model is made for GPUs and picks row_wise for tables of 50
+# rows there, which would also pin a dynamic table's checkpoint to its number of ranks.
 AUTO_SHARDING_TYPES: dict[str, list[ShardingType]] = {
     "cpu": [t for t in FUSED_SHARDING_TYPES["cpu"] if t not in ROW_WISE_TYPES],
     "cuda": FUSED_SHARDING_TYPES["cuda"],
@@ -90,6 +90,12 @@ def move_dense_modules(model: nn.Module, device: torch.device, embedding_fqns: s
             child.to(device)
 
 
+def planning_topology(world_size: int, device_type: str, local_world_size: Optional[int] = None) -> Topology:
+    """The ranks and devices TorchRec's planner plans for (its default memory per device); ``auto``'s trial
+    plans (``distributed/auto_sharding.py``) use the same."""
+    return Topology(world_size=world_size, compute_device=device_type, local_world_size=local_world_size or world_size)
+
+
 def plan_sharding(
     model: nn.Module,
     tables: EmbeddingTables,
@@ -98,12 +104,7 @@ def plan_sharding(
     local_world_size: Optional[int] = None,
 ) -> ShardingPlan:
     """A sharding plan agreed by all ranks (rank 0 plans, the plan is broadcast)."""
-    world_size = dist.get_world_size(process_group)
-    topology = Topology(
-        world_size=world_size,
-        compute_device=device.type,
-        local_world_size=local_world_size or world_size,
-    )
+    topology = planning_topology(dist.get_world_size(process_group), device.type, local_world_size)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=planner_constraints(tables, device.type))
     return planner.collective_plan(model, sharders(), process_group)
 

@@ -40,7 +40,9 @@ from lightning_sparse.distributed.planning import shard_tables
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
+from lightning_sparse.distributed.auto_sharding import AutoShardingDecision
 from lightning_sparse.strategies import pipelines
+from lightning_sparse.strategies.auto_sharding import measured_auto_sharding
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
@@ -62,7 +64,9 @@ class SparseStrategy(DDPStrategy):
     optimizer configured here, per table if wanted.
 
     Args:
-        sharding: default sharding of every table (``auto`` lets TorchRec's planner choose among fused types).
+        sharding: default sharding of every table; ``auto``: the type that sends the fewest bytes per step for
+            the first training batches (``auto_sharding_batches``), or TorchRec's planner's choice where no batch
+            decides (``distributed/auto_sharding.py``).
         optimizer: default sparse optimizer of every table.
         tables: per-table overrides of ``sharding`` / ``optimizer``, keyed by table name.
         static_graph: passed to the DDP wrapper of the dense modules.
@@ -82,6 +86,9 @@ class SparseStrategy(DDPStrategy):
             to every collective (see ``benchmarks/RESULTS.md``).
         pipeline: ``none`` | ``sparse_dist`` | ``semi_sync`` | ``{kind: hybrid, staleness: S}``: how the steps'
             stages overlap (:class:`~lightning_sparse.config.PipelineConfig`, ``strategies/pipelines.py``).
+        auto_sharding_batches: training batches each rank reads at setup, when fitting on several processes
+            with ``auto`` tables, to give each of them the sharding type that sends the fewest bytes for those
+            batches (``distributed/auto_sharding.py``); ``0``: TorchRec's planner picks from sizes alone.
     """
 
     strategy_name = "sparse"
@@ -102,6 +109,7 @@ class SparseStrategy(DDPStrategy):
         signal_checkpoint_path: Optional[str] = None,
         count_communication: bool = False,
         pipeline: Optional[PipelineConfig] = None,
+        auto_sharding_batches: int = 4,
     ) -> None:
         # Accelerator, devices, cluster environment, precision and checkpoint IO are filled in by the
         # Trainer (as for any registered strategy), which keeps this signature to what a YAML config sets.
@@ -122,6 +130,11 @@ class SparseStrategy(DDPStrategy):
         self._comm: Optional[CommunicationCounter] = None
         self.pipeline = PipelineConfig.parse(pipeline, "SparseStrategy.pipeline")
         self._pipeline: Optional[pipelines.PipelineDriver] = None
+        if isinstance(auto_sharding_batches, bool) or not isinstance(auto_sharding_batches, int) or auto_sharding_batches < 0:
+            raise ValueError(f"SparseStrategy.auto_sharding_batches={auto_sharding_batches!r}: give an integer >= 0 (0: do not read ahead)")
+        self.auto_sharding_batches = auto_sharding_batches
+        # what ``auto`` chose from the batches read at setup (None: nothing was read), for the fit summary
+        self.auto_sharding: Optional[AutoShardingDecision] = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -171,13 +184,18 @@ class SparseStrategy(DDPStrategy):
         """Plans and shards ``module`` and builds the components that own its state (once per module)."""
         tables_group = pipelines.embedding_process_group(self.pipeline)
         process_group = tables_group or dist.group.WORLD
+        self.auto_sharding = measured_auto_sharding(
+            module.trainer, module, self.root_device.type, process_group, self.sharding, self.sparse_optimizer_config,
+            self.table_configs, self.auto_sharding_batches, local_world_size=self.num_processes,
+        )  # fmt: skip
+        overrides = self.auto_sharding.overrides(self.table_configs) if self.auto_sharding else self.table_configs
         dmp, tables, plan = shard_tables(
             module,
             self.root_device,
             process_group,
             self.sharding,
             self.sparse_optimizer_config,
-            self.table_configs,
+            overrides,
             local_world_size=self.num_processes,
             static_graph=self.static_graph,
             find_unused_parameters=self.find_unused_parameters,
