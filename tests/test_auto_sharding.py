@@ -16,8 +16,8 @@ from torchrec.distributed.planner import Topology
 
 from conftest import run_worker
 from lightning_sparse import SparseStrategy
-from lightning_sparse.config import ShardingType, SparseOptimizerConfig
-from lightning_sparse.distributed.auto_sharding import asked_auto, choose_sharding
+from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
+from lightning_sparse.distributed.auto_sharding import asked_auto, check_resumed_choice, choose_sharding
 from lightning_sparse.distributed.comm_hint import BatchStats
 from lightning_sparse.distributed.planning import planner_constraints, sharders
 from lightning_sparse.distributed.routes import resolve_tables
@@ -25,13 +25,14 @@ from lightning_sparse.strategies.auto_sharding import read_training_batches
 
 
 def test_auto_picks_the_fewest_bytes_per_table_on_two_processes(tmp_path):
-    r = run_worker("auto_sharding.py", result=tmp_path / "r.json")
+    r = run_worker("auto_sharding.py", "--ckpt-out", tmp_path / "auto.ckpt", result=tmp_path / "r.json")
     # 100 x 8 tables, 64 samples per rank: one id per sample sends least table_wise (5,120 B/step against
     # data_parallel's 7,200: the dense all-reduce of the whole table); 20 ids per sample send 14,848 B table_wise
     assert r["choice"] == {"t_onehot": "table_wise", "t_pool20": "data_parallel"}
     assert r["choice"] == r["hint_choice"] and r["plan"] == r["choice"]  # the hint of the same batches, planned
     assert r["decision_bytes"] == r["hint"] and r["batches"] == 3
     assert r["routes"] == {"t_onehot": "fused", "t_pool20": "data_parallel"}
+    assert r["saved_choice"] == r["choice"]  # checked when the checkpoint is resumed (check_resumed_choice)
     for rank in r["seen"]:  # every sample of both epochs, in the sampler's order: nothing taken by the read-ahead
         assert rank["seen"] == [rank["expected"][e][b * 64 : (b + 1) * 64] for e in (0, 1) for b in range(4)]
     assert "auto sharding t_onehot    table_wise (fewest bytes; KiB/step over 2 ranks, 3 batches read: table_wise 5.0, " \
@@ -77,11 +78,19 @@ def test_which_tables_auto_decides():
     model = _Model(10, 8)
     tables = resolve_tables(model, "cpu", ShardingType.AUTO, SparseOptimizerConfig(), None)
     assert asked_auto(tables, ShardingType.AUTO, None) == ["t"]
-    from lightning_sparse.config import TableConfig
-
     explicit = {"t": TableConfig(sharding="row_wise")}
     tables = resolve_tables(model, "cpu", ShardingType.AUTO, SparseOptimizerConfig(), explicit)
     assert asked_auto(tables, ShardingType.AUTO, explicit) == []
+
+
+def test_resuming_a_data_parallel_choice_into_a_sharded_table_is_refused():
+    model = _Model(10, 8)
+    tables = resolve_tables(model, "cpu", ShardingType.AUTO, SparseOptimizerConfig(), {"t": TableConfig(sharding="table_wise")})
+    check_resumed_choice({"t": "row_wise"}, tables)  # sharded to sharded: the checkpoint reshards
+    check_resumed_choice(None, tables)
+    with pytest.raises(ValueError, match=r"sharding 'auto' gave table 't' 'data_parallel'.*in this run it is 'table_wise'.*"
+                       r"set tables: \{t: \{sharding: data_parallel\}\} for this run"):  # fmt: skip
+        check_resumed_choice({"t": "data_parallel"}, tables)
 
 
 class _OneShot(IterableDataset):

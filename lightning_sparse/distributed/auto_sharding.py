@@ -153,13 +153,7 @@ def choose_sharding(
         sizes = {name: tables.tables[name].rows * tables.tables[name].dim for name in allowed}
 
         def fits(assignment: dict[str, ShardingType]) -> bool:
-            planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(constraints, tables, assignment, len(stats)))
-            with _planning_optimizers(tables, device_type):
-                try:
-                    planner.plan(model, sharders)
-                except PlannerError:
-                    return False
-            return True
+            return plan_fits(model, tables, assignment, constraints, topology, sharders, device_type)
 
         decision.choice, decision.memory_bound = decide(hint, allowed, sizes, fits)
         decision.bytes = {name: hint[name] for name in allowed}
@@ -171,6 +165,26 @@ def choose_sharding(
     for row in decision.summary_rows():
         log.info("SparseStrategy %s", row)
     return decision
+
+
+def plan_fits(
+    model: nn.Module,
+    tables: EmbeddingTables,
+    assignment: dict[str, ShardingType],
+    constraints: dict[str, ParameterConstraints],
+    topology: Topology,
+    sharders: list,
+    device_type: str,
+) -> bool:
+    """Whether TorchRec's planner finds a plan of ``model`` on ``topology`` with the tables of ``assignment``
+    sharded so (the others by ``constraints``), counting the optimizer state ``attach_fused_optimizers`` adds."""
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(constraints, tables, assignment, topology.world_size))
+    with _planning_optimizers(tables, device_type):
+        try:
+            planner.plan(model, sharders)
+        except PlannerError:
+            return False
+    return True
 
 
 def _constraints(base: dict[str, ParameterConstraints], tables: EmbeddingTables, assignment: dict[str, ShardingType], world: int) -> dict[str, ParameterConstraints]:
@@ -207,3 +221,20 @@ def _planning_optimizers(tables: EmbeddingTables, device_type: str) -> Iterator[
     finally:
         for weight in marked:
             del weight._optimizer_classes, weight._optimizer_kwargs
+
+
+def check_resumed_choice(saved: Optional[dict[str, str]], tables: EmbeddingTables) -> None:
+    """Refuses to resume a checkpoint in which ``auto`` made a table ``data_parallel`` into a run where it is
+    sharded, or the other way round: the two keep the table's optimizer state apart (lightning_sparse's kernels
+    against fbgemm's), so the state would not be found. ``saved``: the checkpoint's choice per table."""
+    for name, sharding in (saved or {}).items():
+        table = tables.tables.get(name)
+        if table is None or (sharding == ShardingType.DATA_PARALLEL.value) == (table.sharding is ShardingType.DATA_PARALLEL):
+            continue
+        raise ValueError(
+            f"The checkpoint was written when sharding 'auto' gave table {name!r} {sharding!r}, from the batches it "
+            f"read then; in this run it is {table.sharding.value!r} (auto decides from batches only when fitting on "
+            "several processes). A data_parallel table's optimizer state is kept apart from a sharded one's, so it "
+            f"cannot be resumed into the other: set tables: {{{name}: {{sharding: {sharding}}}}} for this run."
+        )
+

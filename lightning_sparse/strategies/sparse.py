@@ -40,7 +40,7 @@ from lightning_sparse.distributed.planning import shard_tables
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
-from lightning_sparse.distributed.auto_sharding import AutoShardingDecision
+from lightning_sparse.distributed.auto_sharding import AutoShardingDecision, check_resumed_choice
 from lightning_sparse.strategies import pipelines
 from lightning_sparse.strategies.auto_sharding import measured_auto_sharding
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 # Where the sparse optimizer's per-table hyper-parameters (lr, ...) live in the trainer state.
 _SPARSE_HYPERPARAMETERS_KEY = "sparse_optimizer_hyperparameters"
+# Where the sharding ``auto`` chose per table lives in the trainer state.
+_AUTO_SHARDING_KEY = "auto_sharding"
 
 
 class SparseStrategy(DDPStrategy):
@@ -367,6 +369,8 @@ class SparseStrategy(DDPStrategy):
         sparse = sharded.optimizer.state_dict()
         trainer_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
         trainer_state[_SPARSE_HYPERPARAMETERS_KEY] = dict(sparse["hyperparameters"])
+        if self.auto_sharding is not None:  # what auto chose, checked when the checkpoint is resumed
+            trainer_state[_AUTO_SHARDING_KEY] = {name: s.value for name, s in self.auto_sharding.choice.items()}
         sharded_checkpoint.save_sharded(
             filepath,
             model_state=checkpoint["state_dict"],
@@ -384,6 +388,8 @@ class SparseStrategy(DDPStrategy):
         state. The sparse optimizer takes its state and hyper-parameters when fitting, as Lightning restores
         optimizers only then. Returns the rest for Lightning (loops, dense optimizers, callbacks)."""
         sharded = self.sharded_model
+        saved_state = sharded_checkpoint.read_trainer_state(checkpoint_path) or {}
+        check_resumed_choice(saved_state.get(_AUTO_SHARDING_KEY), sharded.tables)
         model_state = self.lightning_module.state_dict()
         sparse_state = sharded.optimizer.combined.state_dict()
         dynamic_state = sharded.dynamic.state_dict() if sharded.dynamic is not None else {}
@@ -397,6 +403,7 @@ class SparseStrategy(DDPStrategy):
         if sharded.cache is not None:
             sharded.cache.load_state_dict(cache_state)
         hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)
+        trainer_state.pop(_AUTO_SHARDING_KEY, None)
         if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             sharded.optimizer.load_state_dict({"optimizer": sparse_state, "hyperparameters": hyperparameters})
         trainer_state["state_dict"] = model_state

@@ -2,7 +2,7 @@
 ``t_pool20`` (20 ids per sample), same size. The strategy reads the first batches at setup and picks per table
 the type that sends the fewest bytes; the worker records the plan, the decision, the hint computed here from the
 same batches (rebuilt from the dataset in the DistributedSampler's order, not through the loader), the samples
-each training step saw, and the fit summary rank 0 printed."""
+each training step saw, the fit summary rank 0 printed and the choice its checkpoint holds."""
 
 import argparse
 import contextlib
@@ -16,6 +16,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from lightning_sparse import SparseStrategy
 from lightning_sparse.callbacks import FitSummary
+from lightning_sparse.distributed.checkpoint import read_trainer_state
 from lightning_sparse.distributed.comm_hint import BatchStats, cheapest, sharding_hint
 
 ROWS, DIM, BATCH, SAMPLES, READ = 100, 8, 64, 512, 3
@@ -74,6 +75,7 @@ def expected_order(rank: int, world: int, epoch: int) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt-out", required=True)
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     strategy = SparseStrategy(sharding="auto", start_method="popen", auto_sharding_batches=READ)
@@ -85,6 +87,7 @@ def main() -> None:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         trainer.fit(model)
+    trainer.save_checkpoint(args.ckpt_out)
     rank, world = trainer.global_rank, trainer.world_size
 
     # the hint from the first READ batches of each rank, rebuilt from the dataset
@@ -113,6 +116,7 @@ def main() -> None:
             "hint_choice": {t: cheapest({t: hint[t]}, allowed[t])[t] for t in POOLING},
             "seen": seen,
             "printed": printed.getvalue(),
+            "saved_choice": read_trainer_state(args.ckpt_out)["auto_sharding"],
         }
         with open(args.result, "w") as f:
             json.dump(result, f)
