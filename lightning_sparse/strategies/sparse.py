@@ -388,7 +388,10 @@ class SparseStrategy(DDPStrategy):
         state. The sparse optimizer takes its state and hyper-parameters when fitting, as Lightning restores
         optimizers only then. Returns the rest for Lightning (loops, dense optimizers, callbacks)."""
         sharded = self.sharded_model
-        saved_state = sharded_checkpoint.read_trainer_state(checkpoint_path) or {}
+        try:  # before the tensors: a data_parallel table auto chose would not find its state (check_resumed_choice)
+            saved_state = sharded_checkpoint.read_trainer_state(checkpoint_path) or {}
+        except Exception:  # a damaged file: load_sharded verifies the checkpoint and names what is wrong
+            saved_state = {}
         check_resumed_choice(saved_state.get(_AUTO_SHARDING_KEY), sharded.tables)
         model_state = self.lightning_module.state_dict()
         sparse_state = sharded.optimizer.combined.state_dict()
