@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
 
-from conftest import run_worker
+from conftest import run_worker, run_worker_expecting_failure
 from lightning_sparse import SparseStrategy
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed.auto_sharding import asked_auto, check_resumed_choice, choose_sharding
@@ -38,6 +38,9 @@ def test_auto_picks_the_fewest_bytes_per_table_on_two_processes(tmp_path):
     assert "auto sharding t_onehot    table_wise (fewest bytes; KiB/step over 2 ranks, 3 batches read: table_wise 5.0, " \
         "column_wise 6.0, row_wise 9.5, data_parallel 7.0)" in r["printed"]  # fmt: skip
     assert "auto sharding t_pool20    data_parallel (fewest bytes" in r["printed"]
+    # on one process nothing is read, TorchRec's planner shards t_pool20: its data_parallel state cannot be resumed
+    out = run_worker_expecting_failure("auto_sharding.py", "--devices", 1, "--ckpt-in", tmp_path / "auto.ckpt", "--ckpt-out", tmp_path / "one.ckpt")
+    assert "sharding 'auto' gave table 't_pool20' 'data_parallel'" in out and "tables: {t_pool20: {sharding: data_parallel}}" in out
 
 
 class _Model(nn.Module):

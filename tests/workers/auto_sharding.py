@@ -76,17 +76,19 @@ def expected_order(rank: int, world: int, epoch: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt-out", required=True)
+    parser.add_argument("--ckpt-in", default=None, help="resume from this checkpoint")
+    parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     strategy = SparseStrategy(sharding="auto", start_method="popen", auto_sharding_batches=READ)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, logger=False, enable_progress_bar=False,
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=2, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, callbacks=[FitSummary()],
     )  # fmt: skip
     model = Model()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        trainer.fit(model)
+        trainer.fit(model, ckpt_path=args.ckpt_in)
     trainer.save_checkpoint(args.ckpt_out)
     rank, world = trainer.global_rank, trainer.world_size
 
