@@ -69,6 +69,9 @@ def test_cheapest_type_that_does_not_fit_gives_way_to_the_next(kind, spread):
     assert roomy.choice == {"t": ShardingType.TABLE_WISE} and roomy.memory_bound == []
     tight = choose(800 * 1024**2)
     assert tight.choice == {"t": spread} and tight.memory_bound == ["t"]
+    # a column_wise choice is planned as the trial planned it: one 32-column shard per rank
+    assert tight.column_widths() == ({"t": 32} if spread is ShardingType.COLUMN_WISE else {})
+    assert planner_constraints(tables, "cpu", tight.column_widths())["t"].min_partition == tight.column_widths().get("t")
     assert "column_wise" in tight.candidates["t"] if kind == "rowwise_adagrad" else "column_wise" not in tight.candidates["t"]
     assert tight.bytes["t"]["table_wise"] < tight.bytes["t"]["column_wise"] < tight.bytes["t"]["row_wise"]
     assert f"{spread.value} (cheapest that fits in memory" in tight.summary_rows()[0]

@@ -62,6 +62,7 @@ class AutoShardingDecision:
     candidates: dict[str, list[str]] = field(default_factory=dict)
     choice: dict[str, ShardingType] = field(default_factory=dict)
     memory_bound: list[str] = field(default_factory=list)
+    widths: dict[str, int] = field(default_factory=dict)
 
     def overrides(self, configs: Optional[dict[str, TableConfig]]) -> dict[str, TableConfig]:
         """``configs`` with each decided table's sharding set to its choice (other fields kept)."""
@@ -71,6 +72,10 @@ class AutoShardingDecision:
             merged[name] = TableConfig(sharding=sharding, optimizer=base.optimizer, dynamic=base.dynamic,
                                        pretrained=base.pretrained, cache=base.cache)  # fmt: skip
         return merged
+
+    def column_widths(self) -> dict[str, int]:
+        """The column shard width of each table given ``column_wise``: one shard per rank (``planner_constraints``)."""
+        return dict(self.widths)
 
     def summary_rows(self) -> list[str]:
         """One row per decided table: the choice and the bytes per step of each alternative it had."""
@@ -158,6 +163,7 @@ def choose_sharding(
         decision.choice, decision.memory_bound = decide(hint, allowed, sizes, fits)
         decision.bytes = {name: hint[name] for name in allowed}
         decision.candidates = {name: [t.value for t in types] for name, types in allowed.items()}
+        decision.widths = {name: tables.tables[name].dim // len(stats) for name, t in decision.choice.items() if t is ShardingType.COLUMN_WISE}
     if process_group is not None and dist.get_world_size(process_group) > 1:
         shared = [decision]
         dist.broadcast_object_list(shared, src=dist.get_global_rank(process_group, 0), group=process_group)

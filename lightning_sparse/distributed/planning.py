@@ -38,10 +38,14 @@ AUTO_SHARDING_TYPES: dict[str, list[ShardingType]] = {
 }
 
 
-def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, ParameterConstraints]:
+def planner_constraints(
+    tables: EmbeddingTables, device_type: str, column_widths: Optional[dict[str, int]] = None
+) -> dict[str, ParameterConstraints]:
     """Constraints that keep every table on fused kernels unless it asked for ``data_parallel``.
 
     Left alone, TorchRec's planner puts small tables in ``data_parallel`` with dense (unfused) kernels.
+    ``column_widths``: the column shard width of the ``column_wise`` tables ``auto`` chose (one shard per rank,
+    what its byte counts and memory trials assumed; TorchRec's default splits in 128-wide shards).
     """
     constraints = {}
     for name, table in tables.tables.items():
@@ -51,7 +55,8 @@ def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, 
             types, kernels = AUTO_SHARDING_TYPES[device_type], [EmbeddingComputeKernel.FUSED.value]
         else:
             types, kernels = [table.sharding], [EmbeddingComputeKernel.FUSED.value]
-        constraints[name] = ParameterConstraints(sharding_types=[t.value for t in types], compute_kernels=kernels)
+        width = (column_widths or {}).get(name)
+        constraints[name] = ParameterConstraints(sharding_types=[t.value for t in types], compute_kernels=kernels, min_partition=width)
     return constraints
 
 
@@ -102,10 +107,12 @@ def plan_sharding(
     device: torch.device,
     process_group: dist.ProcessGroup,
     local_world_size: Optional[int] = None,
+    column_widths: Optional[dict[str, int]] = None,
 ) -> ShardingPlan:
     """A sharding plan agreed by all ranks (rank 0 plans, the plan is broadcast)."""
     topology = planning_topology(dist.get_world_size(process_group), device.type, local_world_size)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=planner_constraints(tables, device.type))
+    constraints = planner_constraints(tables, device.type, column_widths)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     return planner.collective_plan(model, sharders(), process_group)
 
 
@@ -154,6 +161,7 @@ def shard_tables(
     static_graph: bool = False,
     find_unused_parameters: bool = False,
     dense_process_group: Optional[dist.ProcessGroup] = None,
+    column_widths: Optional[dict[str, int]] = None,
 ) -> tuple[DistributedModelParallel, EmbeddingTables, ShardingPlan]:
     """Resolves every table (route and initialisation included), plans, shards and wraps ``model``, then
     fills the local shards with the tables' initial values: copied from tables built on the host, or, for
@@ -164,7 +172,7 @@ def shard_tables(
     shrink_to_scratchpads(tables)  # cached tables: TorchRec plans and shards their scratchpads
     attach_fused_optimizers(tables, device.type)
     move_dense_modules(model, device, set(tables.modules))
-    plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size)
+    plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size, column_widths=column_widths)
     log.info("SparseStrategy sharding plan:\n%s", plan)
     dmp = shard_model(model, plan, device, process_group, static_graph, find_unused_parameters, dense_process_group)
     materialise_shards(model, tables)

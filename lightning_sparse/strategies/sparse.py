@@ -202,6 +202,7 @@ class SparseStrategy(DDPStrategy):
             static_graph=self.static_graph,
             find_unused_parameters=self.find_unused_parameters,
             dense_process_group=dist.group.WORLD if tables_group is not None else None,
+            column_widths=self.auto_sharding.column_widths() if self.auto_sharding else None,
         )
         return ShardedModel.build(module, dmp, tables, plan, self.root_device, self.collectives)
 
