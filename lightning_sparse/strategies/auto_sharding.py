@@ -14,6 +14,9 @@ A loader that cannot be iterated twice (an iterator, or a dataset that is its ow
 generator-backed ``IterableDataset``) is refused with an error saying to set the sharding explicitly: reading
 it ahead would take those batches from the epoch. Nothing is read on one process (nothing travels), nor
 outside ``fit``: TorchRec's planner chooses from the tables' sizes there, as with ``auto_sharding_batches: 0``.
+
+A checkpoint keeps the choice (``SparseStrategy.save_checkpoint``); :func:`check_resumed_auto_sharding` refuses to
+resume a ``data_parallel`` choice into a sharded table or the reverse, whose optimizer states are kept apart.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from torch.utils.data import DataLoader
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
-from lightning_sparse.distributed.auto_sharding import AutoShardingDecision, asked_auto, choose_sharding
+from lightning_sparse.distributed.auto_sharding import AutoShardingDecision, asked_auto, check_resumed_choice, choose_sharding
+from lightning_sparse.distributed.checkpoint import read_trainer_state
 from lightning_sparse.distributed.comm_hint import BatchStats
 from lightning_sparse.distributed.planning import planner_constraints, planning_topology, sharders
-from lightning_sparse.distributed.routes import resolve_tables
+from lightning_sparse.distributed.routes import EmbeddingTables, resolve_tables
 
 
 def measured_auto_sharding(
@@ -71,6 +75,23 @@ def measured_auto_sharding(
         module, tables, names, gathered, len(read), planner_constraints(tables, device_type),
         planning_topology(world, device_type, local_world_size), sharders(), process_group, device_type,
     )  # fmt: skip
+
+
+def checked_batches(value: Any) -> int:
+    """``SparseStrategy.auto_sharding_batches``, refused unless a count >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"SparseStrategy.auto_sharding_batches={value!r}: give an integer >= 0 (0: do not read ahead)")
+    return value
+
+
+def check_resumed_auto_sharding(checkpoint_path: Any, key: str, tables: EmbeddingTables) -> None:
+    """Before a checkpoint's tensors are read: refuses a ``data_parallel`` table that ``auto`` chose (saved under
+    ``key`` in its trainer state) where this run shards it, or the reverse (``check_resumed_choice``)."""
+    try:
+        saved = read_trainer_state(checkpoint_path) or {}
+    except Exception:  # a damaged file: load_sharded verifies the checkpoint and names what is wrong
+        saved = {}
+    check_resumed_choice(saved.get(key), tables)
 
 
 def read_training_batches(trainer: Trainer, batches: int, tables: list[str]) -> list[Any]:

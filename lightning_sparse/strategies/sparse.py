@@ -40,9 +40,9 @@ from lightning_sparse.distributed.planning import shard_tables
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
-from lightning_sparse.distributed.auto_sharding import AutoShardingDecision, check_resumed_choice
+from lightning_sparse.distributed.auto_sharding import AutoShardingDecision
 from lightning_sparse.strategies import pipelines
-from lightning_sparse.strategies.auto_sharding import measured_auto_sharding
+from lightning_sparse.strategies.auto_sharding import check_resumed_auto_sharding, checked_batches, measured_auto_sharding
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
@@ -132,9 +132,7 @@ class SparseStrategy(DDPStrategy):
         self._comm: Optional[CommunicationCounter] = None
         self.pipeline = PipelineConfig.parse(pipeline, "SparseStrategy.pipeline")
         self._pipeline: Optional[pipelines.PipelineDriver] = None
-        if isinstance(auto_sharding_batches, bool) or not isinstance(auto_sharding_batches, int) or auto_sharding_batches < 0:
-            raise ValueError(f"SparseStrategy.auto_sharding_batches={auto_sharding_batches!r}: give an integer >= 0 (0: do not read ahead)")
-        self.auto_sharding_batches = auto_sharding_batches
+        self.auto_sharding_batches = checked_batches(auto_sharding_batches)
         # what ``auto`` chose from the batches read at setup (None: nothing was read), for the fit summary
         self.auto_sharding: Optional[AutoShardingDecision] = None
 
@@ -389,11 +387,7 @@ class SparseStrategy(DDPStrategy):
         state. The sparse optimizer takes its state and hyper-parameters when fitting, as Lightning restores
         optimizers only then. Returns the rest for Lightning (loops, dense optimizers, callbacks)."""
         sharded = self.sharded_model
-        try:  # before the tensors: a data_parallel table auto chose would not find its state (check_resumed_choice)
-            saved_state = sharded_checkpoint.read_trainer_state(checkpoint_path) or {}
-        except Exception:  # a damaged file: load_sharded verifies the checkpoint and names what is wrong
-            saved_state = {}
-        check_resumed_choice(saved_state.get(_AUTO_SHARDING_KEY), sharded.tables)
+        check_resumed_auto_sharding(checkpoint_path, _AUTO_SHARDING_KEY, sharded.tables)
         model_state = self.lightning_module.state_dict()
         sparse_state = sharded.optimizer.combined.state_dict()
         dynamic_state = sharded.dynamic.state_dict() if sharded.dynamic is not None else {}
