@@ -33,6 +33,7 @@ from lightning_sparse.cache.prefetch import LookaheadLoader
 from lightning_sparse.cache.tables import CachedTables
 from lightning_sparse.callbacks import CommunicationMonitor
 from lightning_sparse.config import PipelineConfig, ShardingType, SparseOptimizerConfig, TableConfig
+from lightning_sparse.distributed.auto_sharding import AutoShardingDecision
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
 from lightning_sparse.distributed.collectives import Collectives, collective_device
 from lightning_sparse.distributed.comm import CommunicationCounter, CommunicationReport, communication_counter
@@ -40,7 +41,6 @@ from lightning_sparse.distributed.planning import shard_tables
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
-from lightning_sparse.distributed.auto_sharding import AutoShardingDecision
 from lightning_sparse.strategies import pipelines
 from lightning_sparse.strategies.auto_sharding import check_resumed_auto_sharding, checked_batches, measured_auto_sharding
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
