@@ -299,7 +299,8 @@ class FitSummary(pl.Callback):
     the prequential AUC/NE (:class:`PrequentialEvaluation`), mean training samples/s, embedding memory and the
     lines the data module skipped as malformed in its last train and validation pass, and the bytes the last
     training step's collectives sent and received, by channel, summed over ranks, when ``CommunicationMonitor``
-    logged them (from whatever of them was logged)."""
+    logged them, and the sharding ``auto`` chose per table with the bytes of each alternative (from whatever of
+    them there is)."""
 
     ROWS = [
         ("val/auc", "validation AUC", "{:.4f}", 1.0),
@@ -325,6 +326,9 @@ class FitSummary(pl.Callback):
         ]
         lines += _skipped_line_rows(metrics)
         lines += _comm_rows(metrics)
+        auto_sharding = getattr(trainer.strategy, "auto_sharding", None)  # SparseStrategy: what ``auto`` chose
+        if auto_sharding is not None:
+            lines += auto_sharding.summary_rows()
         if lines:
             print(f"\nfit summary ({trainer.world_size} processes, step {trainer.global_step})")
             print("\n".join(lines))

@@ -14,12 +14,13 @@ from lightning_sparse.typed_config import NamedEnum, build_dataclass
 
 
 class ShardingType(NamedEnum):
-    """How a table is split across ranks (TorchRec sharding types), or ``auto`` to let the planner pick.
+    """How a table is split across ranks (TorchRec sharding types), or ``auto``.
 
-    ``auto`` lets TorchRec's planner choose among the fused sharding types (it never silently picks
-    ``data_parallel``, whose tables are trained by unfused dense kernels: ask for it explicitly).
-    ``row_wise`` and ``table_row_wise`` run on every backend (``distributed/row_wise.py``); on CPU ``auto``
-    never picks them (ask for them per table).
+    ``auto``, when fitting on several processes, gives each static pooled table the type among ``table_wise``,
+    ``column_wise``, ``row_wise`` and ``data_parallel`` that sends the fewest bytes per step for the first
+    training batches and fits in memory (``distributed/auto_sharding.py``); elsewhere TorchRec's planner
+    chooses among the fused types (never ``data_parallel``; on CPU never ``row_wise`` / ``table_row_wise``).
+    ``row_wise`` and ``table_row_wise`` run on every backend (``distributed/row_wise.py``).
     """
 
     AUTO = "auto"

@@ -292,7 +292,8 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
     }
     assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
                          "process_group_backend", "timeout", "start_method", "bad_ids", "non_finite",
-                         "on_signal", "signal_checkpoint_path", "count_communication", "pipeline"}  # no accelerator/devices internals
+                         "on_signal", "signal_checkpoint_path", "count_communication", "pipeline",
+                         "auto_sharding_batches"}  # no accelerator/devices internals
     assert args["bad_ids"] == "error" and args["non_finite"] == "error"
     # Linked from the data module, so not settable on the model.
     assert "num_embeddings_per_feature" not in cfg["model"]["init_args"]
@@ -340,6 +341,10 @@ BAD_CONFIGS = {
     "bad table sharding value": (
         STRATEGY + "      tables:\n        t_cat_0: {sharding: rows}\n",
         "ShardingType='rows' is not valid; allowed values:",
+    ),
+    "negative auto_sharding_batches": (
+        STRATEGY + "      auto_sharding_batches: -1\n",
+        "SparseStrategy.auto_sharding_batches=-1: give an integer >= 0 (0: do not read ahead)",
     ),
     "bad optimizer kind": (
         STRATEGY + "      optimizer: {kind: lion}\n",

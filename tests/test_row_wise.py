@@ -120,8 +120,11 @@ def test_column_wise_with_a_kind_fbgemm_does_not_fuse_says_why(single_process_en
         _trainer(strategy).fit(_model(), _data())
 
 
-ROW_WISE_MIX = ["--table-sharding", "t_cat_0=row_wise", "--table-sharding", "t_cat_1=table_row_wise"]
-TABLE_WISE_MIX = ["--table-sharding", "t_cat_0=table_wise", "--table-sharding", "t_cat_1=column_wise"]
+# t_cat_2 and t_cat_3 explicit: ``auto`` would decide them from the batches on 2 processes (data_parallel for
+# some), by the planner on 1, and a data_parallel table does not resume into a sharded one
+_REST = ["--table-sharding", "t_cat_2=table_wise", "--table-sharding", "t_cat_3=table_wise"]
+ROW_WISE_MIX = ["--table-sharding", "t_cat_0=row_wise", "--table-sharding", "t_cat_1=table_row_wise", *_REST]
+TABLE_WISE_MIX = ["--table-sharding", "t_cat_0=table_wise", "--table-sharding", "t_cat_1=column_wise", *_REST]
 
 
 @pytest.mark.multiprocess

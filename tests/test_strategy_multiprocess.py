@@ -29,13 +29,17 @@ def test_every_cpu_sharding_type_trains_on_two_processes(tmp_path):
     assert 0.0 <= result["metrics"]["val/auc"] <= 1.0
 
 
-def test_auto_plan_keeps_every_table_fused(tmp_path):
-    """Left alone TorchRec's planner makes small tables data_parallel with dense kernels; we don't let it."""
+def test_auto_plan_keeps_every_table_fused_or_on_the_data_parallel_route(tmp_path):
+    """Left alone TorchRec's planner makes small tables data_parallel with dense kernels on the fused route; auto
+    (distributed/auto_sharding.py) makes a table data_parallel only where that sends the fewest bytes for the
+    batches it read, and trains it on the data_parallel route, as a table asked data_parallel by name."""
     result = run_worker("train.py", "--devices", 2, "--sharding", "auto", result=tmp_path / "r.json")
-    kernels = {table: kernel for table, (_, kernel) in result["plan"].items()}
-    assert kernels == {f"t_cat_{i}": "fused" for i in range(4)}
-    # on CPU auto leaves row_wise out (the planner's GPU cost model picks it even for 50-row tables)
-    assert not {"row_wise", "table_row_wise"} & {sharding for sharding, _ in result["plan"].values()}
+    choice = result["auto_sharding"]
+    assert set(choice) == {f"t_cat_{i}" for i in range(4)}
+    for table, (sharding, kernel) in result["plan"].items():
+        assert sharding == choice[table]
+        dp = sharding == "data_parallel"
+        assert (kernel, result["routes"][table]) == (("dense", "data_parallel") if dp else ("fused", "fused"))
 
 
 def test_exact_resume_and_resharding(tmp_path):

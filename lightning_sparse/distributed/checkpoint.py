@@ -262,6 +262,12 @@ def _last_complete_hint(path: Path) -> str:
     return f"The last complete checkpoint in {str(path.parent)!r} is {str(last)!r} (global_step {manifest.get('global_step')})."
 
 
+def read_trainer_state(path: "str | os.PathLike") -> Optional[dict[str, Any]]:
+    """The trainer state of checkpoint directory ``path`` without loading its tensors (None if it has none)."""
+    file = Path(path) / TRAINER_STATE_FILE
+    return _read_trainer_state(file) if file.is_file() else None
+
+
 def _read_trainer_state(file: Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(checkpoint_safe_types()):

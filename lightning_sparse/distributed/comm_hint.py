@@ -15,9 +15,9 @@ int64 ids and lengths, float32 values:
 - ``data_parallel``: ``8 (W - 1) N (D + 1)`` (DDP all-reduce of the dense gradient and the union of rows read)
 
 The KJT split counts (``3 * 8`` bytes per rank pair, shared by every table of a sharding group) are left out.
-``auto`` plans before the first batch is seen, so it does not read the hint: run a few steps with
-``count_communication``, then pass the cheapest type per table (:func:`cheapest`) as ``tables: {name: {sharding}}``.
-Dynamic tables are left out (their raw ids are remapped to rows after the batch is seen here).
+``sharding: auto`` uses it: the strategy reads the first training batches at setup, counts these stats on every
+rank and gives each table its cheapest type that fits (``distributed/auto_sharding.py``). Dynamic tables are left
+out (their raw ids are remapped to rows after the batch is seen here).
 """
 
 from __future__ import annotations

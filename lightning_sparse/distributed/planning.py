@@ -28,20 +28,24 @@ from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
 log = logging.getLogger(__name__)
 
 
-# What ``auto`` lets TorchRec's planner choose from. On CPU not the row-wise types: the planner's cost model is
-# made for GPUs and picks row_wise for tables of 50 rows there, which would also pin a dynamic table's
-# checkpoint to its number of ranks; ask for row_wise per table (``distributed/comm_hint.py``'s ``sharding_hint``
-# says which tables send fewer bytes that way).
+# What ``auto`` lets TorchRec's planner choose from for the tables that measured batches do not decide
+# (``distributed/auto_sharding.py``: dynamic, cached and sequence tables, and every table when no batch is read).
+# On CPU not the row-wise types: the planner's cost model is made for GPUs and picks row_wise for tables of 50
+# rows there, which would also pin a dynamic table's checkpoint to its number of ranks.
 AUTO_SHARDING_TYPES: dict[str, list[ShardingType]] = {
     "cpu": [t for t in FUSED_SHARDING_TYPES["cpu"] if t not in ROW_WISE_TYPES],
     "cuda": FUSED_SHARDING_TYPES["cuda"],
 }
 
 
-def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, ParameterConstraints]:
+def planner_constraints(
+    tables: EmbeddingTables, device_type: str, column_widths: Optional[dict[str, int]] = None
+) -> dict[str, ParameterConstraints]:
     """Constraints that keep every table on fused kernels unless it asked for ``data_parallel``.
 
     Left alone, TorchRec's planner puts small tables in ``data_parallel`` with dense (unfused) kernels.
+    ``column_widths``: the column shard width of the ``column_wise`` tables ``auto`` chose (one shard per rank,
+    what its byte counts and memory trials assumed; TorchRec's default splits in 128-wide shards).
     """
     constraints = {}
     for name, table in tables.tables.items():
@@ -51,7 +55,8 @@ def planner_constraints(tables: EmbeddingTables, device_type: str) -> dict[str, 
             types, kernels = AUTO_SHARDING_TYPES[device_type], [EmbeddingComputeKernel.FUSED.value]
         else:
             types, kernels = [table.sharding], [EmbeddingComputeKernel.FUSED.value]
-        constraints[name] = ParameterConstraints(sharding_types=[t.value for t in types], compute_kernels=kernels)
+        width = (column_widths or {}).get(name)
+        constraints[name] = ParameterConstraints(sharding_types=[t.value for t in types], compute_kernels=kernels, min_partition=width)
     return constraints
 
 
@@ -90,21 +95,24 @@ def move_dense_modules(model: nn.Module, device: torch.device, embedding_fqns: s
             child.to(device)
 
 
+def planning_topology(world_size: int, device_type: str, local_world_size: Optional[int] = None) -> Topology:
+    """The ranks and devices TorchRec's planner plans for (its default memory per device); ``auto``'s trial
+    plans (``distributed/auto_sharding.py``) use the same."""
+    return Topology(world_size=world_size, compute_device=device_type, local_world_size=local_world_size or world_size)
+
+
 def plan_sharding(
     model: nn.Module,
     tables: EmbeddingTables,
     device: torch.device,
     process_group: dist.ProcessGroup,
     local_world_size: Optional[int] = None,
+    column_widths: Optional[dict[str, int]] = None,
 ) -> ShardingPlan:
     """A sharding plan agreed by all ranks (rank 0 plans, the plan is broadcast)."""
-    world_size = dist.get_world_size(process_group)
-    topology = Topology(
-        world_size=world_size,
-        compute_device=device.type,
-        local_world_size=local_world_size or world_size,
-    )
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=planner_constraints(tables, device.type))
+    topology = planning_topology(dist.get_world_size(process_group), device.type, local_world_size)
+    constraints = planner_constraints(tables, device.type, column_widths)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     return planner.collective_plan(model, sharders(), process_group)
 
 
@@ -153,6 +161,7 @@ def shard_tables(
     static_graph: bool = False,
     find_unused_parameters: bool = False,
     dense_process_group: Optional[dist.ProcessGroup] = None,
+    column_widths: Optional[dict[str, int]] = None,
 ) -> tuple[DistributedModelParallel, EmbeddingTables, ShardingPlan]:
     """Resolves every table (route and initialisation included), plans, shards and wraps ``model``, then
     fills the local shards with the tables' initial values: copied from tables built on the host, or, for
@@ -163,7 +172,7 @@ def shard_tables(
     shrink_to_scratchpads(tables)  # cached tables: TorchRec plans and shards their scratchpads
     attach_fused_optimizers(tables, device.type)
     move_dense_modules(model, device, set(tables.modules))
-    plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size)
+    plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size, column_widths=column_widths)
     log.info("SparseStrategy sharding plan:\n%s", plan)
     dmp = shard_model(model, plan, device, process_group, static_graph, find_unused_parameters, dense_process_group)
     materialise_shards(model, tables)

@@ -33,6 +33,7 @@ from lightning_sparse.cache.prefetch import LookaheadLoader
 from lightning_sparse.cache.tables import CachedTables
 from lightning_sparse.callbacks import CommunicationMonitor
 from lightning_sparse.config import PipelineConfig, ShardingType, SparseOptimizerConfig, TableConfig
+from lightning_sparse.distributed.auto_sharding import AutoShardingDecision
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
 from lightning_sparse.distributed.collectives import Collectives, collective_device
 from lightning_sparse.distributed.comm import CommunicationCounter, CommunicationReport, communication_counter
@@ -41,6 +42,7 @@ from lightning_sparse.distributed.routes import EmbeddingTables, embedding_param
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
 from lightning_sparse.strategies import pipelines
+from lightning_sparse.strategies.auto_sharding import check_resumed_auto_sharding, checked_batches, measured_auto_sharding
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
 from lightning_sparse.trainer_attrs import add_callback_once
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 # Where the sparse optimizer's per-table hyper-parameters (lr, ...) live in the trainer state.
 _SPARSE_HYPERPARAMETERS_KEY = "sparse_optimizer_hyperparameters"
+# Where the sharding ``auto`` chose per table lives in the trainer state.
+_AUTO_SHARDING_KEY = "auto_sharding"
 
 
 class SparseStrategy(DDPStrategy):
@@ -63,7 +67,9 @@ class SparseStrategy(DDPStrategy):
     optimizer configured here, per table if wanted.
 
     Args:
-        sharding: default sharding of every table (``auto`` lets TorchRec's planner choose among fused types).
+        sharding: default sharding of every table; ``auto``: the type that sends the fewest bytes per step for
+            the first training batches (``auto_sharding_batches``), or TorchRec's planner's choice where no batch
+            decides (``distributed/auto_sharding.py``).
         optimizer: default sparse optimizer of every table.
         tables: per-table overrides of ``sharding`` / ``optimizer``, keyed by table name.
         static_graph: passed to the DDP wrapper of the dense modules.
@@ -83,6 +89,9 @@ class SparseStrategy(DDPStrategy):
             to every collective (see ``benchmarks/RESULTS.md``).
         pipeline: ``none`` | ``sparse_dist`` | ``semi_sync`` | ``{kind: hybrid, staleness: S}``: how the steps'
             stages overlap (:class:`~lightning_sparse.config.PipelineConfig`, ``strategies/pipelines.py``).
+        auto_sharding_batches: training batches each rank reads at setup, when fitting on several processes
+            with ``auto`` tables, to give each of them the sharding type that sends the fewest bytes for those
+            batches (``distributed/auto_sharding.py``); ``0``: TorchRec's planner picks from sizes alone.
     """
 
     strategy_name = "sparse"
@@ -103,6 +112,7 @@ class SparseStrategy(DDPStrategy):
         signal_checkpoint_path: Optional[str] = None,
         count_communication: bool = False,
         pipeline: Optional[PipelineConfig] = None,
+        auto_sharding_batches: int = 4,
     ) -> None:
         # Accelerator, devices, cluster environment, precision and checkpoint IO are filled in by the
         # Trainer (as for any registered strategy), which keeps this signature to what a YAML config sets.
@@ -123,6 +133,9 @@ class SparseStrategy(DDPStrategy):
         self._comm: Optional[CommunicationCounter] = None
         self.pipeline = PipelineConfig.parse(pipeline, "SparseStrategy.pipeline")
         self._pipeline: Optional[pipelines.PipelineDriver] = None
+        self.auto_sharding_batches = checked_batches(auto_sharding_batches)
+        # what ``auto`` chose from the batches read at setup (None: nothing was read), for the fit summary
+        self.auto_sharding: Optional[AutoShardingDecision] = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -173,17 +186,23 @@ class SparseStrategy(DDPStrategy):
         process_group = tables_group or dist.group.WORLD
         if process_group is None:  # Lightning's setup_environment creates it before setup()
             raise RuntimeError("SparseStrategy: no process group; shard the model inside Trainer.fit/validate/test")
+        self.auto_sharding = measured_auto_sharding(
+            module.trainer, module, self.root_device.type, process_group, self.sharding, self.sparse_optimizer_config,
+            self.table_configs, self.auto_sharding_batches, local_world_size=self.num_processes,
+        )  # fmt: skip
+        overrides = self.auto_sharding.overrides(self.table_configs) if self.auto_sharding else self.table_configs
         dmp, tables, plan = shard_tables(
             module,
             self.root_device,
             process_group,
             self.sharding,
             self.sparse_optimizer_config,
-            self.table_configs,
+            overrides,
             local_world_size=self.num_processes,
             static_graph=self.static_graph,
             find_unused_parameters=self.find_unused_parameters,
             dense_process_group=dist.group.WORLD if tables_group is not None else None,
+            column_widths=self.auto_sharding.column_widths() if self.auto_sharding else None,
         )
         return ShardedModel.build(module, dmp, tables, plan, self.root_device, self.collectives)
 
@@ -360,6 +379,8 @@ class SparseStrategy(DDPStrategy):
         sparse = sharded.optimizer.state_dict()
         trainer_state = {k: v for k, v in checkpoint.items() if k != "state_dict"}
         trainer_state[_SPARSE_HYPERPARAMETERS_KEY] = dict(sparse["hyperparameters"])
+        if self.auto_sharding is not None:  # what auto chose, checked when the checkpoint is resumed
+            trainer_state[_AUTO_SHARDING_KEY] = {name: s.value for name, s in self.auto_sharding.choice.items()}
         sharded_checkpoint.save_sharded(
             filepath,
             model_state=checkpoint["state_dict"],
@@ -377,6 +398,7 @@ class SparseStrategy(DDPStrategy):
         state. The sparse optimizer takes its state and hyper-parameters when fitting, as Lightning restores
         optimizers only then. Returns the rest for Lightning (loops, dense optimizers, callbacks)."""
         sharded = self.sharded_model
+        check_resumed_auto_sharding(checkpoint_path, _AUTO_SHARDING_KEY, sharded.tables)
         model_state = self._module.state_dict()
         sparse_state = sharded.optimizer.combined.state_dict()
         dynamic_state = sharded.dynamic.state_dict() if sharded.dynamic is not None else {}
@@ -391,6 +413,7 @@ class SparseStrategy(DDPStrategy):
             assert cache_state is not None  # read above, as the cache exists
             sharded.cache.load_state_dict(cache_state)
         hyperparameters = trainer_state.pop(_SPARSE_HYPERPARAMETERS_KEY, None)
+        trainer_state.pop(_AUTO_SHARDING_KEY, None)
         if self._module.trainer.state.fn == TrainerFn.FITTING:
             sharded.optimizer.load_state_dict({"optimizer": sparse_state, "hyperparameters": hyperparameters})
         trainer_state["state_dict"] = model_state

@@ -164,6 +164,8 @@ def main() -> None:
         world_size=trainer.world_size,
         global_step=trainer.global_step,
         sparse_lr=strategy.sparse_param_groups()[0]["lr"],
+        routes={t.name: t.route.value for t in strategy.embedding_tables.tables.values()},
+        auto_sharding={t: s.value for t, s in strategy.auto_sharding.choice.items()} if strategy.auto_sharding else None,
     )
     if args.count_communication and args.stage == "fit":
         per_step = [None] * trainer.world_size
