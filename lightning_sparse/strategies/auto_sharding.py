@@ -21,8 +21,8 @@ resume a ``data_parallel`` choice into a sharded table or the reverse, whose opt
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional, cast
 
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
@@ -115,7 +115,7 @@ def read_training_batches(trainer: Trainer, batches: int, tables: list[str]) -> 
             )
         loader = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
         with isolate_rng():
-            iterator = iter(loader)
+            iterator = iter(cast(Iterable[Any], loader))  # Lightning types the prepared loader as object
             for _ in range(batches):
                 try:
                     read.append(next(iterator))
