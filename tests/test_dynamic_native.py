@@ -76,11 +76,11 @@ def test_native_equals_fallback_large(policy, monkeypatch):
 
 def test_native_rejects_bad_state(monkeypatch):
     monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1")
-    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8))
+    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8, eviction="feature_score"))
     remapper.slot_score = remapper.slot_score.double()  # a float64 score buffer must be refused, not misread
     with pytest.raises(RuntimeError, match="slot_score"):
         remapper.remap(torch.tensor([1, 2]), 0, 0.0)
-    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8))
+    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8, eviction="feature_score"))
     remapper.slot_score = remapper.slot_score[:0]  # feature_score without its scores
     with pytest.raises(RuntimeError, match="feature_score needs slot_score"):
         remapper.remap(torch.tensor([1, 2]), 0, 0.0)
