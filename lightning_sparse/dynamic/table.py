@@ -106,7 +106,7 @@ class DynamicIdRemapper(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A checkpoint of the earlier layout (int64 counts and steps, float64 scores, every tensor kept
-        # whatever the policy) is converted where that is exact, or refused naming the tensor and why.
+        # whatever the policy) is converted (state.upgrade_state), or refused naming the tensor and why.
         upgrade_state(state_dict, prefix, self.tensors(), self.config)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
