@@ -79,3 +79,27 @@ def test_old_layout_is_refused_where_it_cannot_convert():
     state = DynamicIdRemapper(DynamicTableConfig(capacity=64)).state_dict()  # current layout, no clock kept
     with pytest.raises(RuntimeError, match=r"'slot_last_time'.*without expiry.ttl_seconds"):
         DynamicIdRemapper(timed).load_state_dict(state)
+
+
+def test_a_sharded_checkpoint_in_another_layout_is_named(tmp_path):
+    """The strategy's checkpoint (DCP) loads in place, so it cannot convert: it names every tensor whose saved
+    shape or dtype differs and the settings to resume with, instead of DCP's bare size mismatch."""
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_sparse.distributed.checkpoint import (
+        DYNAMIC_TABLES_KEY,
+        _check_dynamic_tables_present,
+    )
+
+    source = DynamicIdRemapper(DynamicTableConfig(capacity=64, eviction="feature_score"))
+    source.remap(torch.arange(10), 0, 0.0)
+    saved = {f"remappers.t.{k}": v for k, v in old_layout(source).items()}
+    dcp.save({DYNAMIC_TABLES_KEY: saved}, checkpoint_id=str(tmp_path))
+    same = {f"remappers.t.{k}": v for k, v in DynamicIdRemapper(source.config).state_dict().items()}
+    with pytest.raises(ValueError, match=r"remappers.t.slot_count \(saved torch.int64 \[64\], this run torch.int32 \[64\]\).*DynamicTableConfig it was written with"):
+        _check_dynamic_tables_present(tmp_path, same)
+    dcp.save({DYNAMIC_TABLES_KEY: {f"remappers.t.{k}": v for k, v in source.state_dict().items()}}, checkpoint_id=str(tmp_path / "new"))
+    _check_dynamic_tables_present(tmp_path / "new", same)  # the same layout: nothing to say
+    other = DynamicIdRemapper(DynamicTableConfig(capacity=64, eviction="distance_lfu"))
+    with pytest.raises(ValueError, match=r"remappers.t.slot_score \(saved torch.float32 \[64\], this run torch.float32 \[0\]\)"):
+        _check_dynamic_tables_present(tmp_path / "new", {f"remappers.t.{k}": v for k, v in other.state_dict().items()})
