@@ -226,9 +226,11 @@ class DynamicTableConfig:
             something (hashing trick) until it earns a row of its own. The hash table lends only the other
             ``capacity - fallback_rows`` rows. Each row block of a sharded table reserves its share at the
             end of the block (see :meth:`block_fallback_rows`). Default 0: no fallback rows, unslotted
-            ids are dropped from the bag (they read zero and train nothing). The default is measured:
-            on both drifting streams of ``benchmarks/dynamic_drift_quality.py`` every size tried
-            (capacity/64 to capacity/2) lowered prequential AUC (benchmarks/RESULTS.md, issue 12).
+            ids are dropped from the bag (they read zero and train nothing). The default is measured on
+            the two drifting streams of ``benchmarks/dynamic_drift_quality.py``: with ``feature_score``
+            eviction every size tried (capacity/64 to capacity/2) lowered prequential AUC on both; with
+            ``distance_lfu`` one row, capacity/64 and capacity/16 moved it by -0.003 to +0.001, never up
+            on both (benchmarks/RESULTS.md, issue 12).
     """
 
     capacity: Optional[int] = None
