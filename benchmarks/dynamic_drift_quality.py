@@ -16,9 +16,11 @@ rows plus Adagrad state. Every contender is charged rows + optimizer state + its
   mch       torchrec ManagedCollisionCollection of MCHManagedCollisionModule, DistanceLFU_EvictionPolicy,
             eviction_interval 1 (misses read the module's last row); evicted rows re-initialised and
             their Adagrad state zeroed, as for dynamic tables
-  dynamic   DynamicIdRemapper per feature with DynamicTableConfig defaults (min_count 1, feature_score
-            eviction with decay 0.99, no expiry, no fallback rows: the --sweep picked them); rows lent to
-            a new id re-initialised and their Adagrad state zeroed
+  dynamic   DynamicIdRemapper per feature with DynamicTableConfig defaults (min_count 1 without a sketch,
+            distance_lfu eviction, no expiry, no fallback rows: the --sweep picked them); rows lent to
+            a new id re-initialised and their Adagrad state zeroed. Its hash state is counted from the
+            tensors it allocates (only those its policy needs, see lightning_sparse/dynamic/state.py)
+  earlier   the same with the earlier defaults (feature_score eviction, decay 0.99, a 4-row sketch)
   full      one row per entity (no budget): the ceiling
 
     python benchmarks/dynamic_drift_quality.py                 # the comparison, seeds 0 1 2
@@ -230,6 +232,11 @@ def sweep_variants(only: Optional[list[str]] = None) -> dict[str, Callable[[int]
 
     variants = {
         "defaults (fallback_rows=0)": dynamic_config(),
+        "eviction=feature_score (the earlier default)": dynamic_config(eviction="feature_score"),
+        "eviction=feature_score, sketch_depth=0": dynamic_config(eviction="feature_score", admission={"sketch_depth": 0}),
+        "eviction=feature_score, score_decay=0.95": dynamic_config(eviction="feature_score", score_decay=0.95),
+        "sketch_depth=4": dynamic_config(admission={"sketch_depth": 4}),
+        "fallback_rows=1 (one shared row, like MCH's misses)": dynamic_config(fallback_rows=1),
         "fallback_rows=capacity//64": with_fallback(64),
         "fallback_rows=capacity//16": with_fallback(16),
         "fallback_rows=capacity//8": with_fallback(8),
@@ -242,8 +249,6 @@ def sweep_variants(only: Optional[list[str]] = None) -> dict[str, Callable[[int]
         "min_count=4": dynamic_config(admission={"min_count": 4}),
         "eviction=lfu": dynamic_config(eviction="lfu"),
         "eviction=lru": dynamic_config(eviction="lru"),
-        "score_decay=0.95": dynamic_config(score_decay=0.95),
-        "score_decay=0.97": dynamic_config(score_decay=0.97),
         "ttl_steps=100": dynamic_config(expiry={"ttl_steps": 100, "sweep_every_steps": 10}),
         "sketch_width=capacity/8": lambda rows: dynamic_config(
             admission={"sketch_width": max(64, 1 << max(0, (rows // 8 - 1).bit_length()))}
@@ -260,6 +265,7 @@ def contenders(stream: Stream, fraction: float, batch: int, equal_rows: bool) ->
         "(b) torchrec MCH, DistanceLFU": lambda: MCH(budgets, batch),
         "(c) dynamic, defaults": lambda: Dynamic(budgets, dynamic_config()),
         "(d) full-size tables (ceiling)": lambda: Full(stream),
+        "(c) earlier defaults: feature_score, sketch": lambda: Dynamic(budgets, dynamic_config(eviction="feature_score")),
     }
     if equal_rows:  # what (c) would score with hash state as small as MCH's (more memory than the budget)
         out["(c) at (b)'s rows, over budget"] = lambda: Dynamic(budgets, dynamic_config(), MCH(budgets, batch).rows)

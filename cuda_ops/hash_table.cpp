@@ -46,8 +46,8 @@ struct Table : TableView {
     slot_ids[s] = 0;
     count[s] = 0;
     last_step[s] = 0;
-    last_time[s] = 0.0;
-    score[s] = 0.0;
+    if (last_time) last_time[s] = 0.0;
+    if (score) score[s] = 0.0f;
   }
 };
 
@@ -249,7 +249,8 @@ Misses distinct_misses(const int64_t* id, const int64_t* slot, int64_t n, int64_
 // so that the row's counters stay in cache while its scattered counters are touched.
 std::vector<int32_t> sketch_add_and_estimate(const Table& t, const Misses& m) {
   const int64_t nc = static_cast<int64_t>(m.ids.size()), depth = t.depth, width = t.width;
-  std::vector<int32_t> est(nc, depth == 0 ? 0 : std::numeric_limits<int32_t>::max());
+  std::vector<int32_t> est(nc, std::numeric_limits<int32_t>::max());
+  if (depth == 0) est.assign(m.count.begin(), m.count.end());  // no sketch: the batch count
   std::vector<int32_t>& col = scratch<int32_t, 1>(nc);
   const uint64_t col_mask = static_cast<uint64_t>(width - 1);
   for (int64_t r = 0; r < depth; ++r) {
@@ -327,7 +328,9 @@ struct SlotPriority {
   double operator()(int64_t s) const {
     if (policy == kLFU) return static_cast<double>(t.count[s]);
     if (policy == kLRU) return static_cast<double>(t.last_step[s]);
-    return t.score[s] * decay(std::max<int64_t>(step - t.last_step[s], 0));
+    const int64_t dt = std::max<int64_t>(step - t.last_step[s], 0);
+    if (policy == kDistanceLFU) return static_cast<double>(t.count[s]) / static_cast<double>(dt + 1);
+    return static_cast<double>(t.score[s]) * decay(dt);
   }
 };
 
@@ -345,22 +348,22 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
   const int64_t rest = static_cast<int64_t>(cand_prio.size());
   const double best = cand_prio[0];
   // integer keys order like the doubles they convert to while below 2**53 (every slot that can lose is)
-  const bool int_keys = priority.policy != kFeatureScore && best < std::ldexp(1.0, 53);
+  const bool int_keys = (priority.policy == kLFU || priority.policy == kLRU) && best < std::ldexp(1.0, 53);
   auto cand_key = [&](double prio) { return int_keys ? int_key(static_cast<int64_t>(prio)) : double_key(prio); };
   const int64_t n_words = (t.capacity + 63) / 64;
   std::vector<uint64_t>& can_lose = scratch<uint64_t, 3>(n_words);  // one bit per slot
   // 1. bit mask of the slots that can lose, below `cut` too: a pass over every slot, kept to flag tests
   // (the keys and their range are then computed for the marked slots only, fewer than all when a cut applies).
-  const int64_t* int_value = priority.policy == kLFU ? t.count : t.last_step;
+  const int32_t* int_value = priority.policy == kLFU ? t.count : t.last_step;
   const int64_t int_best = static_cast<int64_t>(best);
   auto key_at = [&](int64_t s) { return int_keys ? int_key(int_value[s]) : double_key(priority(s)); };
   const int nthreads = at::get_num_threads();
   std::vector<int64_t> n_by(nthreads);
   // One flag byte per slot of a 64-slot word (0xFF: can lose), computed without branches or loop-carried
   // state so that the compiler can unroll it, then packed into the word's bits.
-  const int64_t* count = t.count;
-  const int64_t* last_step = t.last_step;
-  const double* score = t.score;
+  const int32_t* count = t.count;
+  const int32_t* last_step = t.last_step;
+  const float* score = t.score;
   const double* small = priority.decay.small;
   const int64_t step = priority.step;
   auto mark = [&](double cut) {
@@ -373,18 +376,24 @@ std::vector<int64_t> select_victims(const Table& t, const uint64_t* hit_bits, co
       for (int64_t w = begin; w < end; ++w) {
         const int64_t s0 = w * 64, m = std::min<int64_t>(64, t.capacity - s0);
         if (int_keys) {
-          const int64_t* v = int_value + s0;
-          const int64_t* c = count + s0;
+          const int32_t* v = int_value + s0;
+          const int32_t* c = count + s0;
           for (int64_t j = 0; j < m; ++j) flag[j] = -static_cast<uint8_t>((c[j] > 0) & (v[j] <= int_lim));
+        } else if (priority.policy == kDistanceLFU) {
+          const int32_t* c = count + s0;
+          for (int64_t j = 0; j < m; ++j) {
+            const double prio = priority(s0 + j);
+            flag[j] = -static_cast<uint8_t>((c[j] > 0) & (prio < best) & (prio <= cut));
+          }
         } else {
-          const int64_t* c = count + s0;
-          const int64_t* ls = last_step + s0;
-          const double* sc = score + s0;
+          const int32_t* c = count + s0;
+          const int32_t* ls = last_step + s0;
+          const float* sc = score + s0;
           bool far = false;
           for (int64_t j = 0; j < m; ++j) {
             const int64_t dt = std::max<int64_t>(step - ls[j], 0);
             far |= dt >= Decay::kSmall;
-            const double prio = sc[j] * small[std::min<int64_t>(dt, Decay::kSmall - 1)];
+            const double prio = static_cast<double>(sc[j]) * small[std::min<int64_t>(dt, Decay::kSmall - 1)];
             flag[j] = -static_cast<uint8_t>((c[j] > 0) & (prio < best) & (prio <= cut));
           }
           if (far) {  // gaps beyond the table: the exact priority
@@ -567,8 +576,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
     int64_t coin_key, int64_t halve_every, int64_t slot_offset, int64_t fallback_offset, int64_t fallback_rows) {
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "hash_remap: ids must be a CPU int64 tensor");
   TORCH_CHECK(fallback_rows >= 0, "hash_remap: fallback_rows must be >= 0, got ", fallback_rows);
-  TORCH_CHECK(policy >= kLFU && policy <= kFeatureScore,
-              "hash_remap: policy must be 0 (lfu), 1 (lru) or 2 (feature_score)");
+  check_step(step, "hash_remap");
   // bounds that keep int32 sketch counters below 2**30 (lightning_sparse/dynamic/config.py)
   TORCH_CHECK(halve_every >= 1 && halve_every <= (int64_t(1) << 28), "hash_remap: halve_every must be in [1, 2**28]");
   TORCH_CHECK(ids.numel() < (int64_t(1) << 28), "hash_remap: a call takes fewer than 2**28 ids, got ", ids.numel());
@@ -576,6 +584,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
   Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
                        counters);
+  check_policy_state(t, policy);
   const Decay decay(decay_powers.data_ptr<double>());
   const at::Tensor ids_c = ids.contiguous();
   const int64_t n = ids_c.numel();
@@ -617,12 +626,15 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
         const int64_t s = w * 64 + __builtin_ctzll(bits);
         const int64_t c = hits_per_slot[s];
         hits_per_slot[s] = 0;
-        const int64_t dt = std::max<int64_t>(step - t.last_step[s], 0);
-        volatile double decayed = t.score[s] * decay(dt);  // no fused multiply-add
-        t.score[s] = decayed + static_cast<double>(c);
-        t.count[s] += c;
-        t.last_step[s] = step;
-        t.last_time[s] = now;
+        if (t.score) {
+          const int64_t dt = std::max<int64_t>(step - t.last_step[s], 0);
+          volatile double decayed = static_cast<double>(t.score[s]) * decay(dt);  // no fused multiply-add
+          volatile double updated = decayed + static_cast<double>(c);
+          t.score[s] = static_cast<float>(updated);
+        }
+        t.count[s] = add_count(t.count[s], c);
+        t.last_step[s] = static_cast<int32_t>(step);
+        if (t.last_time) t.last_time[s] = now;
       }
     }
   });
@@ -663,7 +675,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
   const int64_t n_free = std::min(free, n_elig);
   std::vector<int64_t> assigned;
   assigned.reserve(n_elig);
-  for (int64_t j = 0; j < n_free; ++j) assigned.push_back(t.free_list[free - 1 - j]);
+  for (int64_t j = 0; j < n_free; ++j) assigned.push_back(t.free_at(free - 1 - j));
   t.meta[kFreeCount] = free - n_free;
   // F. the remaining ids compete for evictable slots; the victims leave the index in victim order.
   const int64_t rest = n_elig - n_free;
@@ -688,16 +700,14 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cpu(
       __builtin_prefetch(&t.slot_ids[ahead], 1);
       __builtin_prefetch(&t.count[ahead], 1);
       __builtin_prefetch(&t.last_step[ahead], 1);
-      __builtin_prefetch(&t.last_time[ahead], 1);
-      __builtin_prefetch(&t.score[ahead], 1);
     }
     const int64_t s = assigned[j];
-    const int64_t f = est[elig[j].at];
+    const int32_t f = est[elig[j].at];
     t.slot_ids[s] = elig[j].id;
     t.count[s] = f;
-    t.last_step[s] = step;
-    t.last_time[s] = now;
-    t.score[s] = static_cast<double>(f);
+    t.last_step[s] = static_cast<int32_t>(step);
+    if (t.last_time) t.last_time[s] = now;
+    if (t.score) t.score[s] = static_cast<float>(f);
     t.insert(elig[j].id, static_cast<int32_t>(s));
   }
   t.counters[kAdmitted] += n_assigned;
@@ -753,8 +763,10 @@ at::Tensor hash_expire_cpu(const at::Tensor& slot_ids, const at::Tensor& slot_co
                            const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
                            const at::Tensor& counters, int64_t step, double now, int64_t ttl_steps,
                            double ttl_seconds) {
+  check_step(step, "hash_expire");
   Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
                        counters);
+  check_expire_state(t, ttl_steps, ttl_seconds);
   std::vector<uint8_t> quiet(t.capacity, 0);
   at::parallel_for(0, t.capacity, kSlotGrain, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {

@@ -16,8 +16,9 @@
 // is full the evictable slots' count and the number of wins. lookup has none; expire has one.
 //
 // Floating point: decayed scores are float64 products of decay powers at the set bits (ascending), then
-// one multiply and one add. The __dmul_rn / __dadd_rn intrinsics round each step and are never fused
-// into an FMA, whatever flags nvcc gets, so they round exactly as the C++ and PyTorch twins do.
+// one multiply and one add, rounded to the float32 score; distance_lfu's priority is one float64
+// division. The __dmul_rn / __dadd_rn / __ddiv_rn / __double2float_rn intrinsics round each step and are
+// never fused into an FMA, whatever flags nvcc gets, so they round exactly as the C++ and PyTorch twins do.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -75,12 +76,14 @@ __global__ void hit_kernel(Table t, const int64_t* __restrict__ slot, const int6
     const int64_t s = slot[j];
     if (s < 0) continue;
     const int64_t c = counts[j];
-    const int64_t dt = max(step - t.last_step[s], int64_t(0));
-    const double decayed = __dmul_rn(t.score[s], decay_pow(dt, powers));
-    t.score[s] = __dadd_rn(decayed, static_cast<double>(c));
-    t.count[s] += c;
-    t.last_step[s] = step;
-    t.last_time[s] = now;
+    if (t.score) {
+      const int64_t dt = max(step - static_cast<int64_t>(t.last_step[s]), int64_t(0));
+      const double decayed = __dmul_rn(static_cast<double>(t.score[s]), decay_pow(dt, powers));
+      t.score[s] = __double2float_rn(__dadd_rn(decayed, static_cast<double>(c)));
+    }
+    t.count[s] = add_count(t.count[s], c);
+    t.last_step[s] = static_cast<int32_t>(step);
+    if (t.last_time) t.last_time[s] = now;
     touched[s] = 1;
   }
 }
@@ -100,10 +103,12 @@ __global__ void sketch_add_kernel(Table t, const int64_t* __restrict__ uniq, con
   }
 }
 
-// Estimate (min over rows, after all of this call's adds), min_count and coin of each missing distinct id.
-__global__ void admit_kernel(Table t, const int64_t* __restrict__ uniq, const int64_t* __restrict__ slot, int64_t u,
-                             int64_t min_count, int64_t coin_threshold, int64_t coin_key, int64_t step,
-                             int64_t* __restrict__ estimate, bool* __restrict__ eligible) {
+// Estimate (min over rows, after all of this call's adds; the batch count without a sketch), min_count
+// and coin of each missing distinct id.
+__global__ void admit_kernel(Table t, const int64_t* __restrict__ uniq, const int64_t* __restrict__ counts,
+                             const int64_t* __restrict__ slot, int64_t u, int64_t min_count, int64_t coin_threshold,
+                             int64_t coin_key, int64_t step, int64_t* __restrict__ estimate,
+                             bool* __restrict__ eligible) {
   const uint64_t step_salt = static_cast<uint64_t>(step) * kGolden;
   GRID_STRIDE(j, u) {
     if (slot[j] >= 0) {
@@ -114,7 +119,7 @@ __global__ void admit_kernel(Table t, const int64_t* __restrict__ uniq, const in
     const int64_t id = uniq[j];
     int64_t est = INT64_MAX;
     for (int64_t r = 0; r < t.depth; ++r) est = min(est, static_cast<int64_t>(t.sketch[sketch_cell(t, id, r)]));
-    if (t.depth == 0) est = 0;
+    if (t.depth == 0) est = counts[j];
     bool ok = est >= min_count;
     if (ok && coin_threshold < (int64_t(1) << 53)) { ok = admission_coin(id, coin_key, step_salt) < coin_threshold; }
     estimate[j] = est;
@@ -142,12 +147,15 @@ __global__ void victim_priority_kernel(Table t, const int64_t* __restrict__ slot
                                        int64_t step, const double* __restrict__ powers, double* __restrict__ prio) {
   GRID_STRIDE(j, m) {
     const int64_t s = slots[j];
+    const int64_t dt = max(step - static_cast<int64_t>(t.last_step[s]), int64_t(0));
     if (policy == kLFU) {
       prio[j] = static_cast<double>(t.count[s]);
     } else if (policy == kLRU) {
       prio[j] = static_cast<double>(t.last_step[s]);
+    } else if (policy == kDistanceLFU) {
+      prio[j] = __ddiv_rn(static_cast<double>(t.count[s]), static_cast<double>(dt + 1));
     } else {
-      prio[j] = __dmul_rn(t.score[s], decay_pow(max(step - t.last_step[s], int64_t(0)), powers));
+      prio[j] = __dmul_rn(static_cast<double>(t.score[s]), decay_pow(dt, powers));
     }
   }
 }
@@ -167,24 +175,24 @@ __global__ void insert_groups_kernel(Table t, const int64_t* __restrict__ ids, c
   GRID_STRIDE(i, n) { insert_group(t, ids, slots, order, key, n, i); }
 }
 
-// A new slot: count = score = the sketch estimate, stamps (step, now). Runs after the erases (which read
+// A new slot: count = score = the estimate, stamps (step, now). Runs after the erases (which read
 // the victims' old slot_ids); every field is written, so an evicted slot needs no clearing first.
 __global__ void write_slots_kernel(Table t, const int64_t* __restrict__ assigned, const int64_t* __restrict__ new_ids,
                                    const int64_t* __restrict__ new_f, int64_t n, int64_t step, double now) {
   GRID_STRIDE(j, n) {
     const int64_t s = assigned[j];
     t.slot_ids[s] = new_ids[j];
-    t.count[s] = new_f[j];
-    t.last_step[s] = step;
-    t.last_time[s] = now;
-    t.score[s] = static_cast<double>(new_f[j]);
+    t.count[s] = static_cast<int32_t>(new_f[j]);
+    t.last_step[s] = static_cast<int32_t>(step);
+    if (t.last_time) t.last_time[s] = now;
+    if (t.score) t.score[s] = static_cast<float>(new_f[j]);
   }
 }
 
 __global__ void expire_mark_kernel(Table t, int64_t step, double now, int64_t ttl_steps, double ttl_seconds,
                                    bool* __restrict__ quiet) {
   GRID_STRIDE(s, t.capacity) {
-    const bool by_steps = ttl_steps > 0 && step - t.last_step[s] > ttl_steps;
+    const bool by_steps = ttl_steps > 0 && step - static_cast<int64_t>(t.last_step[s]) > ttl_steps;
     const bool by_time = ttl_seconds > 0 && __dsub_rn(now, t.last_time[s]) > ttl_seconds;
     quiet[s] = t.count[s] > 0 && (by_steps || by_time);
   }
@@ -209,8 +217,8 @@ __global__ void clear_slots_kernel(Table t, const int64_t* __restrict__ slots, i
     t.slot_ids[s] = 0;
     t.count[s] = 0;
     t.last_step[s] = 0;
-    t.last_time[s] = 0.0;
-    t.score[s] = 0.0;
+    if (t.last_time) t.last_time[s] = 0.0;
+    if (t.score) t.score[s] = 0.0f;
   }
 }
 
@@ -268,14 +276,14 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
   TORCH_CHECK(ids.device() == slot_ids.device() && ids.scalar_type() == at::kLong,
               "hash_remap: ids must be an int64 tensor on the state's device (", slot_ids.device(), "), got ",
               ids.scalar_type(), " on ", ids.device());
-  TORCH_CHECK(policy >= kLFU && policy <= kFeatureScore,
-              "hash_remap: policy must be 0 (lfu), 1 (lru) or 2 (feature_score)");
+  check_step(step, "hash_remap");
   // bounds that keep int32 sketch counters below 2**30 (lightning_sparse/dynamic/config.py)
   TORCH_CHECK(halve_every >= 1 && halve_every <= (int64_t(1) << 28), "hash_remap: halve_every must be in [1, 2**28]");
   TORCH_CHECK(ids.numel() < (int64_t(1) << 28), "hash_remap: a call takes fewer than 2**28 ids, got ", ids.numel());
   const c10::cuda::CUDAGuard guard(slot_ids.device());
   Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
                        counters);
+  check_policy_state(t, policy);
   check_state(decay_powers, at::kDouble, "decay_powers", slot_ids.device());
   TORCH_CHECK(decay_powers.numel() >= 63, "hash_remap: decay_powers needs 63 entries");
   const double* powers = decay_powers.data_ptr<double>();
@@ -310,9 +318,9 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
     sketch_add_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
                                                               slot_u.data_ptr<int64_t>(), u);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    admit_kernel<<<blocks_for(u), kThreads, 0, stream>>>(t, uniq.data_ptr<int64_t>(), slot_u.data_ptr<int64_t>(), u,
-                                                         min_count, coin_threshold, coin_key, step,
-                                                         estimate.data_ptr<int64_t>(), eligible.data_ptr<bool>());
+    admit_kernel<<<blocks_for(u), kThreads, 0, stream>>>(
+        t, uniq.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), slot_u.data_ptr<int64_t>(), u, min_count,
+        coin_threshold, coin_key, step, estimate.data_ptr<int64_t>(), eligible.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const at::Tensor miss = slot_u.lt(0);
@@ -345,7 +353,9 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
                                    ? at::full({n_elig}, static_cast<double>(step), cand_f.options().dtype(at::kDouble))
                                    : cand_f.to(at::kDouble);
   const int64_t n_free = std::min(free, n_elig);
-  const at::Tensor free_slots = free_list.narrow(0, free - n_free, n_free).flip({0}).to(at::kLong);
+  // without a free list (no expiry) the free slots are the top `free` ones, popped lowest first
+  const at::Tensor free_slots = t.free_list ? free_list.narrow(0, free - n_free, n_free).flip({0}).to(at::kLong)
+                                            : at::arange(t.capacity - free, t.capacity - free + n_free, uniq.options());
   meta.narrow(0, kFreeCount, 1).fill_(free - n_free);
 
   // F. the remaining eligible ids compete with the evictable slots, lowest (priority, slot) first; the
@@ -355,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> hash_remap_cuda(
   if (rest > 0) {
     const at::Tensor evictable = at::nonzero(slot_count.gt(0).logical_and(touched.eq(0))).view({-1});
     const int64_t m = evictable.numel();
-    at::Tensor vprio = at::empty({m}, slot_score.options());
+    at::Tensor vprio = at::empty({m}, uniq.options().dtype(at::kDouble));
     if (m > 0) {
       victim_priority_kernel<<<blocks_for(m), kThreads, 0, stream>>>(t, evictable.data_ptr<int64_t>(), m, policy, step,
                                                                      powers, vprio.data_ptr<double>());
@@ -430,9 +440,11 @@ at::Tensor hash_expire_cuda(const at::Tensor& slot_ids, const at::Tensor& slot_c
                             const at::Tensor& index, const at::Tensor& sketch, const at::Tensor& meta,
                             const at::Tensor& counters, int64_t step, double now, int64_t ttl_steps,
                             double ttl_seconds) {
+  check_step(step, "hash_expire");
   const c10::cuda::CUDAGuard guard(slot_ids.device());
   Table t = make_table(slot_ids, slot_count, slot_last_step, slot_last_time, slot_score, free_list, index, sketch, meta,
                        counters);
+  check_expire_state(t, ttl_steps, ttl_seconds);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor quiet = at::empty({t.capacity}, slot_ids.options().dtype(at::kBool));
   expire_mark_kernel<<<blocks_for(t.capacity), kThreads, 0, stream>>>(t, step, now, ttl_steps, ttl_seconds,

@@ -25,7 +25,15 @@ constexpr int kFreeCount = 0, kSketchAdds = 1, kLastSweepStep = 2;
 constexpr int kAdmitted = 0, kEvicted = 1, kExpired = 2, kRejectedFull = 3, kRejectedAdmission = 4, kLookups = 5,
               kHits = 6, kSketchHalvings = 7;
 // eviction policies (state.py: POLICY_CODE)
-constexpr int kLFU = 0, kLRU = 1, kFeatureScore = 2;
+constexpr int kLFU = 0, kLRU = 1, kFeatureScore = 2, kDistanceLFU = 3;
+// per-slot counts are int32 and saturate here (state.py: MAX_COUNT)
+constexpr int64_t kMaxCount = 2147483647;
+
+// A hit's new count: count + c, saturating (state.py: MAX_COUNT).
+LS_HOST_DEVICE inline int32_t add_count(int32_t count, int64_t c) {
+  const int64_t sum = static_cast<int64_t>(count) + c;
+  return static_cast<int32_t>(sum < kMaxCount ? sum : kMaxCount);
+}
 
 // splitmix64's finaliser (hashing.py: mix64)
 LS_HOST_DEVICE inline uint64_t mix64(uint64_t x) {
@@ -51,13 +59,14 @@ LS_HOST_DEVICE inline int64_t fallback_row(int64_t id, int64_t offset, int64_t r
          static_cast<int64_t>((mix64(static_cast<uint64_t>(id) + kSaltFallback) >> 33) % static_cast<uint64_t>(rows));
 }
 
-// Raw pointers into the state tensors (all on one device) and their sizes.
+// Raw pointers into the state tensors (all on one device) and their sizes. last_time, score and
+// free_list are null when the policy keeps none (empty tensors, state.py: TableTensors).
 struct TableView {
   int64_t* slot_ids;
-  int64_t* count;
-  int64_t* last_step;
+  int32_t* count;
+  int32_t* last_step;
   double* last_time;
-  double* score;
+  float* score;
   int32_t* free_list;
   int32_t* index;
   int32_t* sketch;
@@ -67,6 +76,10 @@ struct TableView {
   uint64_t mask;
   int64_t depth;
   int64_t width;
+
+  // The k-th entry of the free stack; without a free list (no expiry) the free slots are the top ones,
+  // entry k = capacity - 1 - k, as the list would hold them.
+  LS_HOST_DEVICE int64_t free_at(int64_t k) const { return free_list ? free_list[k] : capacity - 1 - k; }
 
   // home position of an id in the index (hashing.py: index_home)
   LS_HOST_DEVICE uint64_t home(int64_t id) const { return mix64(static_cast<uint64_t>(id) + kSaltIndex) & mask; }
@@ -137,19 +150,22 @@ inline TableView view_state(const at::Tensor& slot_ids, const at::Tensor& slot_c
                             const at::Tensor& counters) {
   const at::Device device = slot_ids.device();
   check_state(slot_ids, at::kLong, "slot_ids", device);
-  check_state(slot_count, at::kLong, "slot_count", device);
-  check_state(slot_last_step, at::kLong, "slot_last_step", device);
+  check_state(slot_count, at::kInt, "slot_count", device);
+  check_state(slot_last_step, at::kInt, "slot_last_step", device);
   check_state(slot_last_time, at::kDouble, "slot_last_time", device);
-  check_state(slot_score, at::kDouble, "slot_score", device);
+  check_state(slot_score, at::kFloat, "slot_score", device);
   check_state(free_list, at::kInt, "free_list", device);
   check_state(index, at::kInt, "index", device);
   check_state(sketch, at::kInt, "sketch", device);
   check_state(meta, at::kLong, "meta", device);
   check_state(counters, at::kLong, "counters", device);
   const int64_t c = slot_ids.numel();
-  TORCH_CHECK(slot_count.numel() == c && slot_last_step.numel() == c && slot_last_time.numel() == c &&
-                  slot_score.numel() == c && free_list.numel() == c,
-              "hash table slot tensors must all have capacity ", c, " entries");
+  TORCH_CHECK(slot_count.numel() == c && slot_last_step.numel() == c,
+              "hash table slot_count and slot_last_step must have ", c, " entries (one per slot)");
+  for (const at::Tensor* optional : {&slot_last_time, &slot_score, &free_list}) {
+    TORCH_CHECK(optional->numel() == c || optional->numel() == 0,
+                "hash table slot_last_time, slot_score and free_list must have ", c, " entries or none");
+  }
   const int64_t h = index.numel();
   TORCH_CHECK(h >= 2 * c && (h & (h - 1)) == 0, "hash table index must have a power-of-two size >= 2 * capacity");
   TORCH_CHECK(sketch.dim() == 2, "hash table sketch must be 2-D (depth, width)");
@@ -158,11 +174,11 @@ inline TableView view_state(const at::Tensor& slot_ids, const at::Tensor& slot_c
   TORCH_CHECK(meta.numel() >= 3 && counters.numel() >= 8, "hash table meta/counters too short");
   TableView t;
   t.slot_ids = slot_ids.data_ptr<int64_t>();
-  t.count = slot_count.data_ptr<int64_t>();
-  t.last_step = slot_last_step.data_ptr<int64_t>();
-  t.last_time = slot_last_time.data_ptr<double>();
-  t.score = slot_score.data_ptr<double>();
-  t.free_list = free_list.data_ptr<int32_t>();
+  t.count = slot_count.data_ptr<int32_t>();
+  t.last_step = slot_last_step.data_ptr<int32_t>();
+  t.last_time = slot_last_time.numel() ? slot_last_time.data_ptr<double>() : nullptr;
+  t.score = slot_score.numel() ? slot_score.data_ptr<float>() : nullptr;
+  t.free_list = free_list.numel() ? free_list.data_ptr<int32_t>() : nullptr;
   t.index = index.data_ptr<int32_t>();
   t.sketch = sketch.data_ptr<int32_t>();
   t.meta = meta.data_ptr<int64_t>();
@@ -172,6 +188,28 @@ inline TableView view_state(const at::Tensor& slot_ids, const at::Tensor& slot_c
   t.depth = sketch.size(0);
   t.width = w;
   return t;
+}
+
+// What a remap with `policy` and a sweep with these TTLs need beyond the slot ids, counts and steps.
+inline void check_policy_state(const TableView& t, int64_t policy) {
+  TORCH_CHECK(policy >= kLFU && policy <= kDistanceLFU,
+              "hash_remap: policy must be 0 (lfu), 1 (lru), 2 (feature_score) or 3 (distance_lfu)");
+  TORCH_CHECK(policy != kFeatureScore || t.score != nullptr,
+              "hash_remap: policy feature_score needs slot_score with one entry per slot");
+}
+
+// Steps are stored as int32 (state.py: slot_last_step; config.py: MAX_STEP).
+inline void check_step(int64_t step, const char* op) {
+  TORCH_CHECK(step >= 0 && step <= kMaxCount, op, ": step must be in [0, 2**31 - 1] (steps are stored as int32), got ",
+              step);
+}
+
+inline void check_expire_state(const TableView& t, int64_t ttl_steps, double ttl_seconds) {
+  TORCH_CHECK(
+      (ttl_steps <= 0 && ttl_seconds <= 0) || t.free_list != nullptr,
+      "hash_expire: this table keeps no free list (its config has no expiry); set expiry.ttl_steps or ttl_seconds");
+  TORCH_CHECK(ttl_seconds <= 0 || t.last_time != nullptr,
+              "hash_expire: this table keeps no wall-clock stamps (its config has no expiry.ttl_seconds)");
 }
 
 // The index and slot ids alone (what hash_index_update needs), viewed.

@@ -76,10 +76,19 @@ def test_native_equals_fallback_large(policy, monkeypatch):
 
 def test_native_rejects_bad_state(monkeypatch):
     monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1")
-    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8))
-    remapper.slot_score = remapper.slot_score.float()  # a float32 score buffer must be refused, not misread
+    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8, eviction="feature_score"))
+    remapper.slot_score = remapper.slot_score.double()  # a float64 score buffer must be refused, not misread
     with pytest.raises(RuntimeError, match="slot_score"):
         remapper.remap(torch.tensor([1, 2]), 0, 0.0)
+    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8, eviction="feature_score"))
+    remapper.slot_score = remapper.slot_score[:0]  # feature_score without its scores
+    with pytest.raises(RuntimeError, match="feature_score needs slot_score"):
+        remapper.remap(torch.tensor([1, 2]), 0, 0.0)
+    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=8))  # no expiry: no free list to push on
+    with pytest.raises(RuntimeError, match="no free list"):
+        torch.ops.lightning_sparse.hash_expire(*remapper.tensors(), 5, 0.0, 1, 0.0)
+    with pytest.raises(RuntimeError, match="step must be in"):
+        torch.ops.lightning_sparse.hash_expire(*remapper.tensors(), 1 << 31, 0.0, 0, 0.0)
 
 
 @pytest.mark.parametrize("policy", list(EvictionPolicy))
@@ -134,7 +143,7 @@ def test_native_equals_fallback_decay_gaps_around_the_table(threads, monkeypatch
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("policy", [EvictionPolicy.LFU, EvictionPolicy.FEATURE_SCORE])
+@pytest.mark.parametrize("policy", [EvictionPolicy.LFU, EvictionPolicy.FEATURE_SCORE, EvictionPolicy.DISTANCE_LFU])
 def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads, monkeypatch):
     """The kernel estimates from an evenly spaced sample of slots how far the pairing reaches and first
     looks only at slots below a cut taken from it. Here the sampled slots (every 24th of 50k, the stride)
@@ -153,8 +162,9 @@ def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads,
     def craft(remapper):
         remapper.remap(fill, 0, 0.0)
         live = remapper.slot_count > 0
-        remapper.slot_count[live] = crafted[live]
-        remapper.slot_score[live] = crafted[live].double()
+        remapper.slot_count[live] = crafted[live].int()
+        if remapper.slot_score.numel():
+            remapper.slot_score[live] = crafted[live].float()
 
     counters = remap_on_both_paths(config, [(torch.cat([strong, weak]), 1)], monkeypatch, prepare=craft)
     assert counters["evicted"] >= 40

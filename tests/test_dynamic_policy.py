@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +30,11 @@ class Entry:
     score: float
 
 
+def f32(x: float) -> float:
+    """``x`` rounded to float32 (the stored score)."""
+    return float(np.float32(x))
+
+
 class DictModel:
     def __init__(self, config: DynamicTableConfig) -> None:
         self.cfg = config
@@ -38,7 +44,7 @@ class DictModel:
         self.slots: dict[int, Entry] = {}
         self.free = list(range(self.capacity - 1, -1, -1))  # stack, top at the end
         adm = config.admission
-        self.depth, self.width = adm.sketch_depth, adm.resolved_width(self.capacity)
+        self.depth, self.width = adm.resolved_depth(config.eviction), adm.resolved_width(self.capacity)
         self.sketch = [[0] * self.width for _ in range(self.depth)]
         self.adds = 0
         self.halve_every = adm.resolved_halve_every(self.capacity)
@@ -64,6 +70,8 @@ class DictModel:
             return float(e.count)
         if self.cfg.eviction == EvictionPolicy.LRU:
             return float(e.last_step)
+        if self.cfg.eviction == EvictionPolicy.DISTANCE_LFU:
+            return float(e.count) / float(max(step - e.last_step, 0) + 1)
         return e.score * self.decay(max(step - e.last_step, 0))
 
     def columns(self, raw: int) -> list[int]:
@@ -84,8 +92,8 @@ class DictModel:
             if raw in self.by_id:
                 s = self.by_id[raw]
                 e, c = self.slots[s], tally[raw]
-                e.score = e.score * self.decay(max(step - e.last_step, 0)) + float(c)
-                e.count += c
+                e.score = f32(e.score * self.decay(max(step - e.last_step, 0)) + float(c))  # stored as float32
+                e.count = min(e.count + c, 2**31 - 1)
                 e.last_step, e.last_time = step, now
                 hit_slots.add(s)
                 self.counters["hits"] += c
@@ -96,7 +104,8 @@ class DictModel:
             self.adds += tally[raw]
         candidates = []
         for raw in misses:
-            est = min(self.sketch[r][col] for r, col in enumerate(self.columns(raw)))
+            # no sketch (depth 0): the id's count in this batch
+            est = min((self.sketch[r][col] for r, col in enumerate(self.columns(raw))), default=tally[raw])
             if est >= self.cfg.admission.min_count and self.coin_passes(raw, step):
                 prio = float(step) if self.cfg.eviction == EvictionPolicy.LRU else float(est)
                 candidates.append((prio, raw, est))
@@ -121,7 +130,7 @@ class DictModel:
                 self.counters["evicted"] += 1
             self.counters["rejected_full"] += len(queue)
         for slot, (_, raw, est) in assigned:
-            self.slots[slot] = Entry(raw, est, step, now, float(est))
+            self.slots[slot] = Entry(raw, est, step, now, f32(float(est)))
             self.by_id[raw] = slot
         self.counters["admitted"] += len(assigned)
         rows = [self.by_id.get(raw, fallback_row_int(raw, self.capacity, self.fallback_rows)) for raw in ids]
@@ -160,7 +169,7 @@ def scenarios(draw):
             min_count=draw(st.integers(1, 3)),
             probability=draw(st.sampled_from([1.0, 0.7, 0.3])),
             seed=draw(st.integers(0, 3)),
-            sketch_depth=draw(st.integers(1, 3)),
+            sketch_depth=draw(st.sampled_from([None, 0, 1, 3])),
             sketch_width=draw(st.sampled_from([1, 2, 8, 64])),
             sketch_halve_every=draw(st.sampled_from([3, 20, 1000])),
         ),
@@ -182,15 +191,23 @@ def scenarios(draw):
 
 def model_state(remapper: DynamicIdRemapper) -> dict:
     live = (remapper.slot_count > 0).nonzero().flatten().tolist()
-    free = remapper.free_list[: int(remapper.meta[Meta.FREE_COUNT])].tolist()
+    n_free, capacity = int(remapper.meta[Meta.FREE_COUNT]), remapper.capacity
+    if remapper.config.expiry.enabled:
+        free = remapper.free_list[:n_free].tolist()
+    else:  # no free list is kept: the free slots are the top ones
+        assert remapper.free_list.numel() == 0
+        free = [capacity - 1 - k for k in range(n_free)]
+    has_time, has_score = remapper.slot_last_time.numel() > 0, remapper.slot_score.numel() > 0
+    assert has_time == (remapper.config.expiry.ttl_seconds is not None)
+    assert has_score == (remapper.config.eviction == EvictionPolicy.FEATURE_SCORE)
     return {
         "slots": {
             s: (
                 int(remapper.slot_ids[s]),
                 int(remapper.slot_count[s]),
                 int(remapper.slot_last_step[s]),
-                float(remapper.slot_last_time[s]),
-                float(remapper.slot_score[s]),
+                float(remapper.slot_last_time[s]) if has_time else None,
+                float(remapper.slot_score[s]) if has_score else None,
             )
             for s in live
         },
@@ -200,8 +217,13 @@ def model_state(remapper: DynamicIdRemapper) -> dict:
 
 
 def dict_state(model: DictModel) -> dict:
+    time = model.cfg.expiry.ttl_seconds is not None
+    score = model.cfg.eviction == EvictionPolicy.FEATURE_SCORE
     return {
-        "slots": {s: (e.id, e.count, e.last_step, e.last_time, e.score) for s, e in model.slots.items()},
+        "slots": {
+            s: (e.id, e.count, e.last_step, e.last_time if time else None, e.score if score else None)
+            for s, e in model.slots.items()
+        },
         "free": list(model.free),
         "sketch": model.sketch,
     }

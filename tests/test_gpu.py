@@ -278,7 +278,7 @@ def test_cuda_resident_remapper_moves_without_casting_and_returns_slots_on_the_i
     remapper = DynamicIdRemapper(_dynamic_config(EvictionPolicy.LFU, 64))
     model = torch.nn.ModuleDict({"t": remapper}).to("cuda").half().to(torch.float16)
     assert all(buffer.is_cuda for buffer in remapper.buffers()) and remapper.device.type == "cuda"
-    assert remapper.slot_last_time.dtype == torch.float64 and remapper.slot_score.dtype == torch.float64
+    assert remapper.slot_last_time.dtype == torch.float64 and remapper.slot_score.dtype == torch.float32
     assert remapper.decay_powers.dtype == torch.float64 and remapper.slot_ids.dtype == torch.int64
     ids = torch.arange(40) * 1_000_003
     assert remapper.remap(ids, 0, now=0.0).slots.device.type == "cpu"  # host ids in, host slots out

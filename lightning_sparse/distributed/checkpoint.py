@@ -382,9 +382,11 @@ def _check_dynamic_tables_present(path: Path, dynamic_tables_state: dict[str, An
     """
     if not dynamic_tables_state:
         return
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = set(metadata)
     missing = sorted(key for key in dynamic_tables_state if f"{DYNAMIC_TABLES_KEY}.{key}" not in saved)
     if not missing:
+        _check_dynamic_tables_layout(path, dynamic_tables_state, metadata)
         return
     prefix = f"{DYNAMIC_TABLES_KEY}."
     held = sorted({".".join(key[len(prefix) :].split(".")[:-1]) for key in saved if key.startswith(prefix)})
@@ -395,6 +397,28 @@ def _check_dynamic_tables_present(path: Path, dynamic_tables_state: dict[str, An
         "shards ('partitions.<table>.<i>_of_<n>'), one with placement 'replicated' a single 'remappers.<table>'. "
         "Resume with the same DynamicTableConfig.placement and, for row_wise tables, the same number of ranks."
     )
+
+
+def _check_dynamic_tables_layout(path: Path, dynamic_tables_state: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Names the hash-state tensors whose saved shape or dtype differs from this run's, instead of DCP's bare
+    size mismatch. A table keeps only the tensors its policy reads (``lightning_sparse/dynamic/state.py``),
+    so a changed eviction, expiry or sketch setting changes them, as does the layout before int32 counts."""
+    changed = []
+    for key, tensor in dynamic_tables_state.items():
+        saved = metadata.get(f"{DYNAMIC_TABLES_KEY}.{key}")
+        size, properties = getattr(saved, "size", None), getattr(saved, "properties", None)
+        if not isinstance(tensor, torch.Tensor) or size is None or properties is None:
+            continue
+        if tuple(size) != tuple(tensor.shape) or properties.dtype != tensor.dtype:
+            changed.append(f"{key} (saved {properties.dtype} {list(size)}, this run {tensor.dtype} {list(tensor.shape)})")
+    if changed:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} holds dynamic-table hash state in another layout than this run's: "
+            f"{'; '.join(changed)}. A table keeps only the tensors its policy reads: resume with the "
+            "DynamicTableConfig it was written with (eviction, expiry, admission.min_count and sketch_depth). "
+            "A checkpoint written before int32 counts and steps (int64 slot_count) cannot be resumed through "
+            "the sharded checkpoint; DynamicIdRemapper.load_state_dict converts such a table's state dict."
+        )
 
 
 def _stateful_only(optimizer_state: dict[str, Any]) -> dict[str, Any]:

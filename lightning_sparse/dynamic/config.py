@@ -21,6 +21,8 @@ from lightning_sparse.typed_config import NamedEnum, build_dataclass
 #: ``2 * (2**28 + 2**28) = 2**30``: int32 sketch counters cannot overflow.
 MAX_SKETCH_HALVE_EVERY = 1 << 28
 MAX_REMAP_BATCH = 1 << 28
+#: Largest training step a dynamic table accepts: last-seen steps are stored as int32 (4 bytes per slot).
+MAX_STEP = (1 << 31) - 1
 
 
 class EvictionPolicy(NamedEnum):
@@ -28,11 +30,14 @@ class EvictionPolicy(NamedEnum):
 
     ``lfu``: lowest occurrence count. ``lru``: oldest last-seen step. ``feature_score``: lowest
     Kraken-style score, the occurrence count decayed by ``score_decay`` per step since it was last seen.
+    ``distance_lfu``: lowest ``count / (steps since last seen + 1)``, the rule of TorchRec's
+    ``DistanceLFU_EvictionPolicy`` (decay exponent 1); it needs no score per slot (4 bytes less).
     """
 
     LFU = "lfu"
     LRU = "lru"
     FEATURE_SCORE = "feature_score"
+    DISTANCE_LFU = "distance_lfu"
 
 
 class HashPlacement(NamedEnum):
@@ -77,7 +82,7 @@ class AdmissionConfig:
     An unadmitted id is eligible when (a) its estimated frequency reaches ``min_count`` and (b) it wins a
     Bernoulli(``probability``) trial. Frequencies of unadmitted ids live in a count-min sketch
     (``sketch_depth`` x ``sketch_width`` int32 counters), so memory stays bounded however many distinct
-    ids arrive; all counters are halved every ``sketch_halve_every`` recorded occurrences (TinyLFU
+    ids arrive; without a sketch (depth 0) an id's frequency is its count in the current batch; all counters are halved every ``sketch_halve_every`` recorded occurrences (TinyLFU
     aging), so ids that were frequent long ago do not stay eligible forever. The trial's coin is a hash of
     (id, ``seed``, step): one trial per step in which the id appears, reproducible across ranks and
     restarts without any random-generator state.
@@ -88,6 +93,8 @@ class AdmissionConfig:
         probability: admission probability per step in which an eligible id appears, in (0, 1].
         seed: seed of the admission coin.
         sketch_depth: rows of the count-min sketch (independent hashes); more rows, fewer over-counts.
+            Default (:meth:`resolved_depth`): 0, no sketch, when ``min_count`` is 1 and the eviction is
+            ``distance_lfu`` or ``lru`` (the sketch's memory buys rows instead); 4 otherwise.
         sketch_width: counters per row, a power of two; default: half the table capacity rounded up to
             a power of two (at least 64).
         sketch_halve_every: occurrences recorded between two halvings; default ``10 * sketch_width``.
@@ -96,7 +103,7 @@ class AdmissionConfig:
     min_count: int = 1
     probability: float = 1.0
     seed: int = 0
-    sketch_depth: int = 4
+    sketch_depth: Optional[int] = None
     sketch_width: Optional[int] = None
     sketch_halve_every: Optional[int] = None
 
@@ -108,7 +115,8 @@ class AdmissionConfig:
             raise ValueError(f"AdmissionConfig.probability must be in (0, 1], got {self.probability}")
         self.probability = float(self.probability)
         _check_int("AdmissionConfig", "seed", self.seed, -(1 << 63), (1 << 63) - 1)
-        _check_int("AdmissionConfig", "sketch_depth", self.sketch_depth, 1, 16)
+        if self.sketch_depth is not None:
+            _check_int("AdmissionConfig", "sketch_depth", self.sketch_depth, 0, 16)
         if self.sketch_width is not None:
             _check_int("AdmissionConfig", "sketch_width", self.sketch_width, 1, 1 << 30)
             if self.sketch_width & (self.sketch_width - 1):
@@ -118,6 +126,21 @@ class AdmissionConfig:
                 )
         if self.sketch_halve_every is not None:
             _check_int("AdmissionConfig", "sketch_halve_every", self.sketch_halve_every, 1, MAX_SKETCH_HALVE_EVERY)
+
+    def resolved_depth(self, eviction: "EvictionPolicy") -> int:
+        """Rows of the count-min sketch (0: no sketch) of a table evicting by ``eviction``.
+
+        Without a sketch a newcomer's priority is its batch count. ``lfu`` and ``feature_score`` compare
+        it with counts or scores that live ids accumulate over many steps, which a batch count rarely
+        beats, so they keep the sketch (measured: ``feature_score`` without it fell from 0.595 to 0.569
+        mean prequential AUC on the sliding stream of ``benchmarks/dynamic_drift_quality.py``);
+        ``distance_lfu`` divides counts by the steps since last seen, and ``lru`` ignores counts.
+        """
+        if self.sketch_depth is not None:
+            return self.sketch_depth
+        if self.min_count > 1 or eviction in (EvictionPolicy.LFU, EvictionPolicy.FEATURE_SCORE):
+            return 4
+        return 0
 
     def resolved_width(self, capacity: int) -> int:
         """The sketch width used for a table of ``capacity`` slots."""
@@ -203,15 +226,17 @@ class DynamicTableConfig:
             something (hashing trick) until it earns a row of its own. The hash table lends only the other
             ``capacity - fallback_rows`` rows. Each row block of a sharded table reserves its share at the
             end of the block (see :meth:`block_fallback_rows`). Default 0: no fallback rows, unslotted
-            ids are dropped from the bag (they read zero and train nothing). The default is measured:
-            on both drifting streams of ``benchmarks/dynamic_drift_quality.py`` every size tried
-            (capacity/64 to capacity/2) lowered prequential AUC (benchmarks/RESULTS.md, issue 12).
+            ids are dropped from the bag (they read zero and train nothing). The default is measured on
+            the two drifting streams of ``benchmarks/dynamic_drift_quality.py``: with ``feature_score``
+            eviction every size tried (capacity/64 to capacity/2) lowered prequential AUC on both; with
+            ``distance_lfu`` one row, capacity/64 and capacity/16 moved it by -0.003 to +0.001, never up
+            on both (benchmarks/RESULTS.md, issue 12).
     """
 
     capacity: Optional[int] = None
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
-    eviction: EvictionPolicy = EvictionPolicy.FEATURE_SCORE
+    eviction: EvictionPolicy = EvictionPolicy.DISTANCE_LFU
     score_decay: float = 0.99
     init: RowInitConfig = field(default_factory=RowInitConfig)
     placement: HashPlacement = HashPlacement.SHARDED

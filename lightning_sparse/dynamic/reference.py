@@ -4,19 +4,22 @@ The policy is defined per batch (one remap call), not per id occurrence, which i
 kernel run its lookups and counter updates in parallel and still be deterministic:
 
 1. Occurrences are grouped by distinct id. An id that has a slot (a hit) adds its batch count ``c`` to
-   ``slot_count``, its score becomes ``score * decay**(step - last_step) + c``, its stamps become
-   (step, now).
+   ``slot_count`` (saturating at ``2**31 - 1``), its score becomes ``score * decay**(step - last_step) + c``
+   (computed in float64, stored rounded to float32), its stamps become (step, now). Tensors the policy
+   does not keep (empty ones, see ``state.TableTensors``) are neither read nor written.
 2. Each distinct unadmitted id adds ``c`` to its count-min sketch counters; its estimate ``f`` (min over
-   rows, after this batch's additions) must reach ``min_count`` and its admission coin
+   rows, after this batch's additions; ``c`` itself when the sketch has no rows) must reach ``min_count``
+   and its admission coin
    ``hash(id, seed, step)`` must pass. Then, if ``sketch_adds >= halve_every``, all counters are halved
    and ``sketch_adds`` reset to 0.
 3. Eligible ids are ordered by priority descending, then id ascending. Their priority is ``f`` (LFU,
-   FEATURE_SCORE) or ``step`` (LRU). They take free slots first, popped from the free stack: slot 0, 1,
+   FEATURE_SCORE, DISTANCE_LFU) or ``step`` (LRU). They take free slots first, popped from the free stack: slot 0, 1,
    ... on an empty table; a sweep pushes its expired slots so that they pop lowest first, before any
    slot freed earlier.
 4. The remaining eligible ids compete with the evictable slots (live, not hit nor assigned in this
    batch), ordered by priority ascending then slot ascending. Slot priority: ``slot_count`` (LFU),
-   ``slot_last_step`` (LRU), ``score * decay**(step - last_step)`` (FEATURE_SCORE). The i-th remaining
+   ``slot_last_step`` (LRU), ``score * decay**(step - last_step)`` (FEATURE_SCORE),
+   ``count / (step - last_step + 1)`` (DISTANCE_LFU, one float64 division). The i-th remaining
    id evicts the i-th victim iff its priority is strictly greater; the first failure ends the pairing
    and every later one is rejected-when-full.
 5. A new slot starts with ``count = f``, ``score = f``, stamps (step, now). Index updates: victims are
@@ -37,9 +40,9 @@ from lightning_sparse.dynamic.hashing import (
     index_home_int,
     sketch_columns,
 )
-from lightning_sparse.dynamic.state import Counter, Meta, RemapParams, TableTensors
+from lightning_sparse.dynamic.state import MAX_COUNT, Counter, Meta, RemapParams, TableTensors
 
-LFU, LRU, FEATURE_SCORE = 0, 1, 2
+LFU, LRU, FEATURE_SCORE, DISTANCE_LFU = 0, 1, 2, 3
 
 
 def decay_pow(dt: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
@@ -129,7 +132,8 @@ def update_index(
 
 def _clear_slots(t: TableTensors, slots: torch.Tensor) -> None:
     for tensor in (t.slot_ids, t.slot_count, t.slot_last_step, t.slot_last_time, t.slot_score):
-        tensor[slots] = 0
+        if tensor.numel():
+            tensor[slots] = 0
 
 
 def slot_priority(t: TableTensors, slots: torch.Tensor, policy: int, step: int, powers: torch.Tensor) -> torch.Tensor:
@@ -138,8 +142,10 @@ def slot_priority(t: TableTensors, slots: torch.Tensor, policy: int, step: int, 
         return t.slot_count[slots].to(torch.float64)
     if policy == LRU:
         return t.slot_last_step[slots].to(torch.float64)
-    dt = (step - t.slot_last_step[slots]).clamp_min(0)
-    return t.slot_score[slots] * decay_pow(dt, powers)
+    dt = (step - t.slot_last_step[slots].to(torch.int64)).clamp_min(0)
+    if policy == DISTANCE_LFU:
+        return t.slot_count[slots].to(torch.float64) / (dt + 1).to(torch.float64)
+    return t.slot_score[slots].to(torch.float64) * decay_pow(dt, powers)
 
 
 def remap(
@@ -150,6 +156,8 @@ def remap(
     An id left without a slot gets its fallback row (``p.fallback_rows > 0``) or -1."""
     flat = ids.reshape(-1).to(torch.int64)
     capacity = t.slot_ids.numel()
+    if p.policy == FEATURE_SCORE and t.slot_score.numel() != capacity:
+        raise RuntimeError("hash_remap: policy feature_score needs slot_score with one entry per slot")
     uniq, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
     slot = lookup_local(uniq, t)
     hit = slot >= 0
@@ -158,12 +166,14 @@ def remap(
     # 1. hits
     hs, hc = slot[hit], counts[hit]
     if hs.numel():
-        dt = (step - t.slot_last_step[hs]).clamp_min(0)
-        decayed = t.slot_score[hs] * decay_pow(dt, powers)
-        t.slot_score[hs] = decayed + hc.to(torch.float64)
-        t.slot_count[hs] += hc
+        if t.slot_score.numel():
+            dt = (step - t.slot_last_step[hs].to(torch.int64)).clamp_min(0)
+            decayed = t.slot_score[hs].to(torch.float64) * decay_pow(dt, powers)
+            t.slot_score[hs] = (decayed + hc.to(torch.float64)).to(torch.float32)
+        t.slot_count[hs] = (t.slot_count[hs].to(torch.int64) + hc).clamp_max(MAX_COUNT).to(torch.int32)
         t.slot_last_step[hs] = step
-        t.slot_last_time[hs] = now
+        if t.slot_last_time.numel():
+            t.slot_last_time[hs] = now
         t.counters[Counter.HITS] += hc.sum()
 
     # 2. admission of misses
@@ -172,7 +182,9 @@ def remap(
     columns = sketch_columns(miss_ids, depth, width)
     for row in range(depth):
         t.sketch[row].index_add_(0, columns[row], miss_counts.to(torch.int32))
-    if miss_ids.numel():
+    if depth == 0:
+        estimate = miss_counts.clone()
+    elif miss_ids.numel():
         estimate = torch.stack([t.sketch[row][columns[row]] for row in range(depth)]).amin(0).to(torch.int64)
     else:
         estimate = torch.zeros(0, dtype=torch.int64)
@@ -196,7 +208,10 @@ def remap(
     cand, cand_f, cand_prio = cand[order], cand_f[order], cand_prio[order]
     free = int(t.meta[Meta.FREE_COUNT])
     n_free = min(free, cand.numel())
-    free_slots = t.free_list[free - n_free : free].flip(0).to(torch.int64)
+    if t.free_list.numel():
+        free_slots = t.free_list[free - n_free : free].flip(0).to(torch.int64)
+    else:  # no expiry: the free slots are the top `free` ones, popped lowest first
+        free_slots = torch.arange(capacity - free, capacity - free + n_free, dtype=torch.int64)
     t.meta[Meta.FREE_COUNT] = free - n_free
 
     # 4. compete for the slots of evictable ids
@@ -220,10 +235,12 @@ def remap(
     update_index(t.index, t.slot_ids, victims, new_ids, assigned)
     _clear_slots(t, victims)
     t.slot_ids[assigned] = new_ids
-    t.slot_count[assigned] = new_f
+    t.slot_count[assigned] = new_f.to(torch.int32)
     t.slot_last_step[assigned] = step
-    t.slot_last_time[assigned] = now
-    t.slot_score[assigned] = new_f.to(torch.float64)
+    if t.slot_last_time.numel():
+        t.slot_last_time[assigned] = now
+    if t.slot_score.numel():
+        t.slot_score[assigned] = new_f.to(torch.float32)
     t.counters[Counter.ADMITTED] += assigned.numel()
 
     slot[~hit] = lookup_local(miss_ids, t)
@@ -249,9 +266,10 @@ def expire(t: TableTensors, step: int, now: float, ttl_steps: int, ttl_seconds: 
     stack in descending order, so the next admissions reuse the lowest first. Returns the slots (local,
     ascending).
     """
+    check_expire(t, ttl_steps, ttl_seconds)
     quiet = torch.zeros(t.slot_count.shape, dtype=torch.bool)
     if ttl_steps > 0:
-        quiet |= (step - t.slot_last_step) > ttl_steps
+        quiet |= (step - t.slot_last_step.to(torch.int64)) > ttl_steps
     if ttl_seconds > 0:
         quiet |= (now - t.slot_last_time) > ttl_seconds
     slots = ((t.slot_count > 0) & quiet).nonzero().flatten()
@@ -263,3 +281,11 @@ def expire(t: TableTensors, step: int, now: float, ttl_steps: int, ttl_seconds: 
     t.meta[Meta.LAST_SWEEP_STEP] = step
     t.counters[Counter.EXPIRED] += slots.numel()
     return slots
+
+
+def check_expire(t: TableTensors, ttl_steps: int, ttl_seconds: float) -> None:
+    """A sweep needs the free list (kept only with expiry) and, for a TTL in seconds, the wall-clock stamps."""
+    if (ttl_steps > 0 or ttl_seconds > 0) and t.free_list.numel() == 0:
+        raise RuntimeError("hash_expire: this table keeps no free list (its config has no expiry); set expiry.ttl_steps or ttl_seconds")
+    if ttl_seconds > 0 and t.slot_last_time.numel() == 0:
+        raise RuntimeError("hash_expire: this table keeps no wall-clock stamps (its config has no expiry.ttl_seconds)")

@@ -16,9 +16,17 @@ import torch
 from torch import nn
 
 from lightning_sparse.dynamic import reference
-from lightning_sparse.dynamic.config import MAX_REMAP_BATCH, DynamicTableConfig, RowInit
+from lightning_sparse.dynamic.config import MAX_REMAP_BATCH, MAX_STEP, DynamicTableConfig, RowInit
 from lightning_sparse.dynamic.hashing import shard_rows
-from lightning_sparse.dynamic.state import Counter, Meta, RemapParams, TableTensors, allocate, decay_powers
+from lightning_sparse.dynamic.state import (
+    Counter,
+    Meta,
+    RemapParams,
+    TableTensors,
+    allocate,
+    decay_powers,
+    upgrade_state,
+)
 from lightning_sparse.ops import native_enabled, native_op_for
 
 MAX_BATCH = MAX_REMAP_BATCH  # fewer ids than this per remap call (int32 sketch counters, see config)
@@ -47,8 +55,8 @@ class DynamicIdRemapper(nn.Module):
             fallback rows; the hash table lends the others (``self.capacity`` slots).
         row_offset: first row of the block, added to every row it hands out, so rows are rows of the whole table.
 
-    The state is never cast (``.half()``, ``.to(dtype)`` leave it alone: the float64 stamps and int64
-    counts must stay exact), but it moves between the host and a CUDA device with the enclosing model
+    The state holds only what the configured policy needs (``state.TableTensors``). It is never cast
+    (``.half()``, ``.to(dtype)`` leave it alone: stamps, counts and scores must stay exact), but it moves between the host and a CUDA device with the enclosing model
     (``.to("cuda")``, ``.cuda()``, ``.cpu()``); moves to other device types leave it where it is. The
     kernels run where the state is: ids on another device are moved there, and the slots come back on
     the ids' device.
@@ -95,6 +103,12 @@ class DynamicIdRemapper(nn.Module):
                 if buffer is not None:
                     self._buffers[name] = buffer.to(device)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A checkpoint of the earlier layout (int64 counts and steps, float64 scores, every tensor kept
+        # whatever the policy) is converted (state.upgrade_state), or refused naming the tensor and why.
+        upgrade_state(state_dict, prefix, self.tensors(), self.config)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @property
     def device(self) -> torch.device:
@@ -240,8 +254,8 @@ class DynamicIdRemapper(nn.Module):
     @staticmethod
     def _check_step(step: int) -> int:
         step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        if not 0 <= step <= MAX_STEP:
+            raise ValueError(f"step must be in [0, {MAX_STEP}] (dynamic tables store steps as int32), got {step}")
         return step
 
 
