@@ -42,7 +42,7 @@ class CachedTable:
     """
 
     def __init__(self, name: str, rows: int, slots: int, scratch: Optional[dict[str, Tensor]], store: Optional[BackingStore],
-                 score_decay: float = 0.995) -> None:
+                 score_decay: float = 0.997) -> None:
         self.name = name
         self.planner = LookaheadPlanner(rows, slots, name, score_decay)
         self.scratch = scratch
