@@ -87,6 +87,32 @@ class LookaheadPlanner:
         self.slot_score.fill_(-1.0)
         self.origin = 0
 
+    def state(self) -> dict[str, Tensor]:
+        """The planner as tensors of fixed shapes, for a checkpoint: ``row_of``, ``last_use``, ``slot_score`` [C],
+        ``score`` [N], ``origin`` [1], and ``window_seq`` [C], the last batch of the window using each slot's row
+        (-1: none). That last batch is all the window means for the choice of victims: a slot is protected while
+        any batch using its row is in the window, i.e. until that last one retires."""
+        window_seq = torch.full((self.slots,), -1, dtype=torch.int64)
+        for seq, rows in self.window:  # in batch order: a later batch overwrites an earlier one
+            window_seq[self.slot_of[rows].long()] = seq
+        return {"row_of": self.row_of.clone(), "last_use": self.last_use.clone(), "slot_score": self.slot_score.clone(),
+                "score": self.score, "origin": torch.tensor([self.origin]), "window_seq": window_seq}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Takes :meth:`state`'s tensors (of a planner of the same rows, slots and ``score_decay``)."""
+        self.row_of.copy_(state["row_of"])
+        self.last_use.copy_(state["last_use"])
+        self.slot_score.copy_(state["slot_score"])
+        if state["score"].data_ptr() != self.score.data_ptr():
+            self.score.copy_(state["score"])
+        self.origin = int(state["origin"][0])
+        self.slot_of.fill_(-1)
+        held = (self.row_of >= 0).nonzero().squeeze(1)
+        self.slot_of[self.row_of[held]] = held.int()
+        window_seq = state["window_seq"]
+        self.window = deque((int(seq), torch.sort(self.row_of[window_seq == seq]).values)
+                            for seq in torch.unique(window_seq[window_seq >= 0]).tolist())
+
     def push(self, seq: int, ids: Tensor) -> Moves:
         """Batch ``seq`` (its ids, any order, duplicates allowed) enters the window; returns the copies."""
         rows = torch.unique(ids.reshape(-1).long().cpu())
