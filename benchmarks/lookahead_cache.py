@@ -12,17 +12,25 @@
      a miss that finds no free way in its set is read and updated in the backing store directly);
    - one-batch-ahead prefetch: LRU that loads batch t + 1 during step t with the rows of t and t + 1 locked
      (the semantics of fbgemm's ``prefetch_pipeline``).
+   - Belady with the whole stream known: not a contender (nothing sees that far), the bound for the order of
+     rows beyond the look-ahead window.
    Rows moved = rows copied in + rows written back, per step, after ``--warm`` warm-up steps, counted the
    same way for every contender: only a trained (dirty) row is written back, and each contender trains every
    row it holds (so fbgemm's unconditional write-back counts the same).
-2. **CPU throughput** of training steps on a table 4x larger than its scratchpad, its rows in a memory-mapped
-   file (``CacheConfig.backing: mmap``), against the same table fully in RAM. A step: embedding bags of the
-   batch (``F.embedding_bag``), an MLP forward and backward on them, then the rows' rowwise_adagrad update
-   (our native kernel); the cached step also plans k = 2 batches ahead and copies on the side thread.
+2. **CPU throughput** of training steps on a table 4x larger than the memory budget given to it, its rows in
+   memory-mapped files (``CacheConfig.backing: mmap``), against the same table fully in RAM. The budget is
+   enforced: the cached contender runs in a memory cgroup (``benchmarks/memory_budget.py``) limited to a
+   quarter of the table's bytes (weight and optimizer state) for everything it allocates after joining it:
+   scratchpad (``--slot-fraction``: 1/16 of the rows), planner, the page cache of the files. A third
+   contender runs the same without the budget. A step: embedding bags of the batch (``F.embedding_bag``), an
+   MLP forward and backward on them, then the rows' rowwise_adagrad update (our native kernel); the cached
+   step also plans k = 2 batches ahead and copies on the side thread. Each pass of each contender is a
+   process of its own.
    Round-robin passes, median of the per-pass throughputs, each timed after ``WARM_STEPS`` steps (the first
    step waits for its own rows; a checkpoint's write-back of the dirty slots is not timed).
 
-Run: ``.venv/bin/python benchmarks/lookahead_cache.py`` (about 4 minutes on 2 cores). No GPU was used.
+Run: ``.venv/bin/python benchmarks/lookahead_cache.py`` as root for the cgroup (about 12 minutes on 2 cores). No GPU
+was used.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import torch.nn.functional as F
 import memory_budget
 
 from lightning_sparse.cache import WorkingSetTooLarge, mmap_store
-from lightning_sparse.cache.reference import fbgemm_lru_moves, lru_moves
+from lightning_sparse.cache.reference import belady_moves, fbgemm_lru_moves, lru_moves
 from lightning_sparse.cache.scratchpad import CachedTable
 from lightning_sparse.config import SparseOptimizerConfig
 from lightning_sparse.optim import init_state_for, sparse_update_for
@@ -95,8 +103,8 @@ def moves_table(args: argparse.Namespace) -> None:
           f"not counted), drift {args.drift} rows/batch\n")
     print("Rows moved per step (rows copied in + dirty rows written back):\n")
     print("| stream | C | LRU | fbgemm LRU (32-way sets) | prefetch-1 | ours k=1 | ours k=2 | ours k=4 | k=1 / LRU | k=2 / LRU | "
-          "k=4 / LRU | k=2 / fbgemm LRU | k=2 / prefetch-1 |")
-    print("|---|---:|" + "---:|" * 11)
+          "k=4 / LRU | k=2 / fbgemm LRU | k=2 / prefetch-1 | Belady, whole stream known | Belady / LRU |")
+    print("|---|---:|" + "---:|" * 13)
     hits = []
     for kind in ("zipf", "drifting"):
         batches = stream(kind, args.steps, args.rows, args.ids, args.drift)
@@ -106,6 +114,7 @@ def moves_table(args: argparse.Namespace) -> None:
             lru_hit, lru_moved = lru(plain, slots, 0, args.warm)
             fb_hit, fb_moved = fbgemm_lru(plain, slots, args.warm)
             pre_hit, pre_moved = lru(plain, slots, 1, args.warm)
+            bound = sum(belady_moves(plain, slots)[args.warm:]) / (len(plain) - args.warm)
             moved, hit = {}, {}
             for k in (1, 2, 4):
                 try:
@@ -116,7 +125,7 @@ def moves_table(args: argparse.Namespace) -> None:
             ratio = lambda k, base: f"{moved[k] / base:.2f}x" if k in moved else "-"  # noqa: E731
             print(f"| {kind} | {fraction:.0%} | {lru_moved:.0f} | {fb_moved:.0f} | {pre_moved:.0f} | {cell(1)} | {cell(2)} | {cell(4)} | "
                   f"{ratio(1, lru_moved)} | {ratio(2, lru_moved)} | {ratio(4, lru_moved)} | {ratio(2, fb_moved)} | "
-                  f"{ratio(2, pre_moved)} |", flush=True)
+                  f"{ratio(2, pre_moved)} | {bound:.0f} | {bound / lru_moved:.2f}x |", flush=True)
             hits.append((kind, fraction, lru_hit, fb_hit, pre_hit, hit))
     print("\nHit rate at lookup (distinct rows of a step already in the cache when the step looks them up):\n")
     print("| stream | C | LRU | fbgemm LRU | prefetch-1 | ours k=1 | ours k=2 | ours k=4 |")
@@ -174,7 +183,7 @@ def one_pass(args: argparse.Namespace) -> dict:
         out["rate"] = (len(batches) - WARM_STEPS) / (time.perf_counter() - begin)
         out["rss"] = memory_budget.rss()
         return out
-    budget, why = memory_budget.join(args.cgroup)
+    budget, why = memory_budget.join(args.cgroup) if args.one_pass == "cached" else (None, "not asked for")
     out["budget"] = table_bytes // 4
     if budget is not None:
         out["limit"] = budget.limit(table_bytes // 4) - budget.base
@@ -221,9 +230,9 @@ def throughput(args: argparse.Namespace) -> None:
 
     flags = [f"--big-rows={args.big_rows}", f"--dim={args.dim}", f"--big-ids={args.big_ids}", f"--big-steps={args.big_steps}",
              f"--slot-fraction={args.slot_fraction}", f"--threads={args.threads}"] + ([f"--folder={args.folder}"] if args.folder else [])
-    results: dict[str, list[dict]] = {"ram": [], "cached": []}
+    results: dict[str, list[dict]] = {"ram": [], "cached": [], "cached-unlimited": []}
     for _ in range(args.passes):
-        for contender in ("ram", "cached"):
+        for contender in results:
             cgroup = f"lookahead_bench_{os.getpid()}_{len(results[contender])}"
             done = subprocess.run([sys.executable, __file__, "--one-pass", contender, f"--cgroup={cgroup}", *flags],
                                   capture_output=True, text=True)
@@ -231,8 +240,8 @@ def throughput(args: argparse.Namespace) -> None:
             if done.returncode:
                 raise RuntimeError(f"{contender} pass failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             results[contender].append(json.loads(done.stdout.strip().split("\n")[-1]))
-    ram, cached = ([r["rate"] for r in results[c]] for c in ("ram", "cached"))
-    f, c = statistics.median(ram), statistics.median(cached)
+    ram, cached, free = ([r["rate"] for r in results[c]] for c in results)
+    f, c, u = statistics.median(ram), statistics.median(cached), statistics.median(free)
     first = results["cached"][0]
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     print(f"\n## CPU throughput: table {args.big_rows} x {args.dim} + rowwise_adagrad sum = {mib(first['table_bytes'])}, "
@@ -253,6 +262,8 @@ def throughput(args: argparse.Namespace) -> None:
         f"resident set {mib(first['rss'])}"
     print(f"| cached: memory-mapped rows, scratchpad, budget {mib(first['budget'])} | {c:.1f} | "
           f"{', '.join(f'{r:.1f}' for r in cached)} | {c / f:.2f}x | {memory} |")
+    print(f"| cached, no budget (the files stay in the page cache) | {u:.1f} | {', '.join(f'{r:.1f}' for r in free)} | "
+          f"{u / f:.2f}x | resident set {mib(results['cached-unlimited'][0]['rss'])} |")
 
 
 def main() -> None:
@@ -272,7 +283,7 @@ def main() -> None:
     parser.add_argument("--folder", default=None, help="folder of the memory-mapped files (a disk, not tmpfs)")
     parser.add_argument("--skip-moves", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--one-pass", choices=["ram", "cached"], help=argparse.SUPPRESS)
+    parser.add_argument("--one-pass", choices=["ram", "cached", "cached-unlimited"], help=argparse.SUPPRESS)
     parser.add_argument("--cgroup", default="lookahead_bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from lightning_sparse.cache import BackingFileError, LookaheadPlanner, WorkingSetTooLarge, host_store, mmap_store
 from lightning_sparse.cache.prefetch import LookaheadLoader
-from lightning_sparse.cache.reference import ReferencePlanner, lookahead_moves, lru_moves
+from lightning_sparse.cache.reference import ReferencePlanner, belady_moves, fbgemm_lru_moves, lookahead_moves, lru_moves
 from lightning_sparse.cache.scratchpad import CachedTable
 from lightning_sparse.config import CacheConfig, ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed.routes import resolve_tables
@@ -83,6 +83,20 @@ def test_lookahead_moves_fewer_rows_than_lru_on_a_zipf_stream_once_warm():
     ours, lru = lookahead_moves(batches, 4000, 400, lookahead=2), lru_moves(batches, 400)
     assert sum(ours[20:]) < 0.9 * sum(lru[20:])
     assert lru_moves(batches, 400, ahead=1)[0] > lru[0]  # one batch ahead: step 0 also loads batch 1
+
+
+def test_belady_keeps_the_row_needed_soonest_and_lru_the_one_used_last():
+    batches = [[1], [2], [3], [1]]  # at step 2 one of rows 1, 2 must go: row 1 is needed again, row 2 never
+    assert belady_moves(batches, 2) == [1, 1, 2, 0]  # row 2 goes (written back, it was trained)
+    assert lru_moves(batches, 2) == [1, 1, 2, 2]  # row 1 goes, and comes back at step 3
+
+
+def test_fbgemm_lru_reads_misses_beyond_a_full_set_from_the_backing_store():
+    # one set of 4 ways: 6 distinct rows fill it and 2 go to the backing store (a row in and a row back each)
+    assert fbgemm_lru_moves([list(range(6)), list(range(6))], slots=4, ways=4) == [4 + 2 * 2, 2 * 2]
+    # 2 ways: row 2 takes row 0's way (stamps tie: the first way); rows 0 and 3 then take both ways, each a
+    # write-back and a copy in
+    assert fbgemm_lru_moves([[0, 1], [2], [0, 3]], slots=2, ways=2) == [2, 2, 2 + 2]
 
 
 @pytest.mark.parametrize("backing", ["host", "mmap"])

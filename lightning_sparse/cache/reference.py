@@ -168,3 +168,42 @@ def fbgemm_lru_moves(batches: Sequence[Sequence[int]], slots: int, ways: int = 3
         if misses is not None:
             misses.append(sum(len(rows) for rows in missed.values()))
     return per_step
+
+
+def belady_moves(batches: Sequence[Sequence[int]], slots: int) -> list[int]:
+    """Rows moved per step by Belady's MIN with the whole stream known (no planner can see that far): a
+    batch's missing rows replace the rows, not in the batch, whose next use is furthest ahead. The bound the
+    estimate beyond the look-ahead window aims at; the same counting as :func:`lru_moves`."""
+    import heapq
+
+    uses = [set(int(i) for i in batch) for batch in batches]
+    following: list[dict[int, float]] = [{} for _ in uses]
+    upcoming: dict[int, float] = {}
+    for step in range(len(uses) - 1, -1, -1):
+        following[step] = {row: upcoming.get(row, math.inf) for row in uses[step]}
+        upcoming.update({row: step for row in uses[step]})
+    cached: dict[int, float] = {}  # row -> its next use
+    dirty: set[int] = set()
+    heap: list[tuple[float, int]] = []  # (-next use, row); stale entries are skipped
+    per_step = [0] * len(uses)
+    for step, rows in enumerate(uses):
+        per_step[step] += sum(1 for row in rows if row not in cached)
+        for row in rows:
+            cached[row] = following[step][row]
+            heapq.heappush(heap, (-following[step][row], row))
+        kept = []
+        while len(cached) > slots:
+            entry = heapq.heappop(heap)
+            row = entry[1]
+            if cached.get(row) != -entry[0]:
+                continue
+            if row in rows:
+                kept.append(entry)
+                continue
+            del cached[row]
+            per_step[step] += int(row in dirty)
+            dirty.discard(row)
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        dirty |= rows
+    return per_step
