@@ -77,16 +77,6 @@ class LookaheadPlanner:
         self.decay = score_decay
         self.origin = 0
 
-    def reset(self) -> None:
-        """Forgets every slot and the window (after the backing store was reloaded from a checkpoint)."""
-        self.slot_of.fill_(-1)
-        self.row_of.fill_(-1)
-        self.last_use.fill_(-1)
-        self.window.clear()
-        self.score.zero_()
-        self.slot_score.fill_(-1.0)
-        self.origin = 0
-
     def state(self) -> dict[str, Tensor]:
         """The planner as tensors of fixed shapes, for a checkpoint: ``row_of``, ``last_use``, ``slot_score`` [C],
         ``score`` [N], ``origin`` [1], and ``window_seq`` [C], the last batch of the window using each slot's row

@@ -111,12 +111,6 @@ class CachedTable:
             self.store.flush()
         self.dirty.zero_()
 
-    def reset(self) -> None:
-        """Empties the scratchpad's map (after the backing store was loaded): rows come from the store again."""
-        self.wait()
-        self.planner.reset()
-        self.dirty.zero_()
-
     def take_counters(self) -> dict[str, int]:
         counters, self.counters = self.counters, dict.fromkeys(COUNTERS, 0)
         return counters
