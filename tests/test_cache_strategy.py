@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import WORKERS, assert_trees_equal, read_checkpoint, run_worker
+from conftest import WORKERS, assert_trees_equal, read_checkpoint, run_worker, run_worker_expecting_failure
 
 sys.path.insert(0, str(WORKERS))
 import cached_tables  # noqa: E402
@@ -84,3 +84,10 @@ def test_two_processes_cached_and_resumed_mid_epoch_are_bit_identical(tmp_path):
     assert_trees_equal(a, b, "straight vs resumed at step 3 (mid-epoch)")
     for key in ("hit_rate", "rows_in", "rows_back"):  # the steps after the checkpoint copy the same rows
         assert after[f"cache/t_adam/{key}"] == metrics[f"cache/t_adam/{key}"][3:], key
+
+
+def test_a_window_larger_than_the_scratchpad_stops_training_naming_the_batch_and_its_rows(tmp_path):
+    out = run_worker_expecting_failure("cached_tables.py", "--kinds", "adam", "--cache", 12, "--lookahead", 1, "--ckpt-dir", tmp_path)
+    assert "WorkingSetTooLarge: cached table 't_adam': batch 1 needs" in out, out[-3000:]
+    assert "distinct rows, more than the scratchpad's 12 slots. Raise TableConfig.cache.rows to at least" in out
+    assert "(batch 1 is batch 1 of this pass over the train loader, planned before the pass's step 0)" in out
