@@ -21,11 +21,12 @@
    memory-mapped files (``CacheConfig.backing: mmap``), against the same table fully in RAM. The budget is
    enforced: the cached contender runs in a memory cgroup (``benchmarks/memory_budget.py``) limited to a
    quarter of the table's bytes (weight and optimizer state) for everything it allocates after joining it:
-   scratchpad (``--slot-fraction``: 1/16 of the rows), planner, the page cache of the files. A third
+   scratchpad (``--slot-fraction``: 1/32 of the rows), planner, the page cache of the files. A third
    contender runs the same without the budget. A step: embedding bags of the batch (``F.embedding_bag``), an
    MLP forward and backward on them, then the rows' rowwise_adagrad update (our native kernel); the cached
    step also plans k = 2 batches ahead and copies on the side thread. Each pass of each contender is a
-   process of its own.
+   process of its own, with ``MALLOC_MMAP_THRESHOLD_=65536`` (without it glibc kept freed step buffers and
+   the resident set grew until the budget's limit killed the process).
    Round-robin passes, median of the per-pass throughputs, each timed after ``WARM_STEPS`` steps (the first
    step waits for its own rows; a checkpoint's write-back of the dirty slots is not timed).
 
@@ -230,40 +231,50 @@ def throughput(args: argparse.Namespace) -> None:
 
     flags = [f"--big-rows={args.big_rows}", f"--dim={args.dim}", f"--big-ids={args.big_ids}", f"--big-steps={args.big_steps}",
              f"--slot-fraction={args.slot_fraction}", f"--threads={args.threads}"] + ([f"--folder={args.folder}"] if args.folder else [])
-    results: dict[str, list[dict]] = {"ram": [], "cached": [], "cached-unlimited": []}
+    results: dict[str, list[dict]] = {name: [] for name in args.contenders.split(",")}
     for _ in range(args.passes):
         for contender in results:
             cgroup = f"lookahead_bench_{os.getpid()}_{len(results[contender])}"
+            # glibc's moving mmap threshold keeps freed step buffers in the heap, growing the resident set by MiBs
+            # a step; a fixed threshold returns them (every contender runs with it)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             done = subprocess.run([sys.executable, __file__, "--one-pass", contender, f"--cgroup={cgroup}", *flags],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             memory_budget.remove(cgroup)
             if done.returncode:
                 raise RuntimeError(f"{contender} pass failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             results[contender].append(json.loads(done.stdout.strip().split("\n")[-1]))
-    ram, cached, free = ([r["rate"] for r in results[c]] for c in results)
-    f, c, u = statistics.median(ram), statistics.median(cached), statistics.median(free)
-    first = results["cached"][0]
+    rates = {name: [r["rate"] for r in runs] for name, runs in results.items()}
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    f = median["ram"]
+    first = results["cached"][0] if "cached" in results else results["cached-unlimited"][0]
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     print(f"\n## CPU throughput: table {args.big_rows} x {args.dim} + rowwise_adagrad sum = {mib(first['table_bytes'])}, "
-          f"memory budget of the cached contender {mib(first['budget'])} (1/4), scratchpad {first['slots']} rows "
+          + (f"memory budget of the cached contender {mib(first['budget'])} (1/4), " if "cached" in results else "")
+          + f"scratchpad {first['slots']} rows "
           f"(1/{args.slot_fraction} of the rows), k = 2, batch {args.big_ids} ids (Zipf 1.05, bags of 16), {args.threads} "
           f"thread(s), {args.passes} round-robin passes of {args.big_steps} steps (each a fresh process), the first "
           f"{WARM_STEPS} not timed\n")
-    if "no_cgroup" in first:
+    if "cached" not in results:
+        print("Only the contenders without a budget ran (--contenders).\n")
+    elif "no_cgroup" in first:
         print(f"No cgroup could be used ({first['no_cgroup']}): the budget is not enforced; resident sets below.\n")
     else:
         print(f"The cached contender ran in a memory cgroup limited to its usage when it joined + {mib(first['limit'])}; "
               "page cache of the memory-mapped files counts against the limit.\n")
     print("| table | steps/s (median) | all passes | vs in RAM | memory |")
     print("|---|---:|---|---:|---|")
-    print(f"| fully in RAM | {f:.1f} | {', '.join(f'{r:.1f}' for r in ram)} | 1.00x | resident set {mib(results['ram'][0]['rss'])} |")
-    memory = ", ".join(f"peak {mib(r['peak'])} (page cache at the end {mib(r['cache'])}, limit hits {r['failcnt']}, "
-                       f"major faults {r['pgmajfault']})" for r in results["cached"]) if "peak" in first else \
-        f"resident set {mib(first['rss'])}"
-    print(f"| cached: memory-mapped rows, scratchpad, budget {mib(first['budget'])} | {c:.1f} | "
-          f"{', '.join(f'{r:.1f}' for r in cached)} | {c / f:.2f}x | {memory} |")
-    print(f"| cached, no budget (the files stay in the page cache) | {u:.1f} | {', '.join(f'{r:.1f}' for r in free)} | "
-          f"{u / f:.2f}x | resident set {mib(results['cached-unlimited'][0]['rss'])} |")
+    print(f"| fully in RAM | {f:.1f} | {', '.join(f'{r:.1f}' for r in rates['ram'])} | 1.00x | resident set {mib(results['ram'][0]['rss'])} |")
+    if "cached" in results:
+        runs = results["cached"]
+        memory = ", ".join(f"peak {mib(r['peak'])} (page cache at the end {mib(r['cache'])}, limit hits {r['failcnt']}, "
+                           f"major faults {r['pgmajfault']})" for r in runs) if "peak" in runs[0] else f"resident set {mib(runs[0]['rss'])}"
+        print(f"| cached: memory-mapped rows, scratchpad, budget {mib(first['budget'])} | {median['cached']:.1f} | "
+              f"{', '.join(f'{r:.1f}' for r in rates['cached'])} | {median['cached'] / f:.2f}x | {memory} |")
+    if "cached-unlimited" in results:
+        print(f"| cached, no budget (the files stay in the page cache) | {median['cached-unlimited']:.1f} | "
+              f"{', '.join(f'{r:.1f}' for r in rates['cached-unlimited'])} | {median['cached-unlimited'] / f:.2f}x | "
+              f"resident set {mib(results['cached-unlimited'][0]['rss'])} |")
 
 
 def main() -> None:
@@ -279,8 +290,9 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=40)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--slot-fraction", type=int, default=16, help="scratchpad = rows / this")
+    parser.add_argument("--slot-fraction", type=int, default=32, help="scratchpad = rows / this")
     parser.add_argument("--folder", default=None, help="folder of the memory-mapped files (a disk, not tmpfs)")
+    parser.add_argument("--contenders", default="ram,cached,cached-unlimited", help="of the throughput table, 'ram' first")
     parser.add_argument("--skip-moves", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--one-pass", choices=["ram", "cached", "cached-unlimited"], help=argparse.SUPPRESS)
