@@ -42,17 +42,15 @@ import statistics
 import tempfile
 import time
 
+import memory_budget  # benchmarks/, next to this script
 import torch
 import torch.nn.functional as F
-
-import memory_budget
 
 from lightning_sparse.cache import WorkingSetTooLarge, mmap_store
 from lightning_sparse.cache.reference import belady_moves, fbgemm_lru_moves, lru_moves
 from lightning_sparse.cache.scratchpad import CachedTable
 from lightning_sparse.config import SparseOptimizerConfig
 from lightning_sparse.optim import init_state_for, sparse_update_for
-
 
 WARM_STEPS = 4
 
@@ -122,8 +120,8 @@ def moves_table(args: argparse.Namespace) -> None:
                     hit[k], moved[k] = ours(batches, args.rows, slots, k, args.warm)
                 except WorkingSetTooLarge:
                     pass
-            cell = lambda k: f"{moved[k]:.0f}" if k in moved else "window does not fit"  # noqa: E731
-            ratio = lambda k, base: f"{moved[k] / base:.2f}x" if k in moved else "-"  # noqa: E731
+            cell = lambda k, moved=moved: f"{moved[k]:.0f}" if k in moved else "window does not fit"  # noqa: E731
+            ratio = lambda k, base, moved=moved: f"{moved[k] / base:.2f}x" if k in moved else "-"  # noqa: E731
             print(f"| {kind} | {fraction:.0%} | {lru_moved:.0f} | {fb_moved:.0f} | {pre_moved:.0f} | {cell(1)} | {cell(2)} | {cell(4)} | "
                   f"{ratio(1, lru_moved)} | {ratio(2, lru_moved)} | {ratio(4, lru_moved)} | {ratio(2, fb_moved)} | "
                   f"{ratio(2, pre_moved)} | {bound:.0f} | {bound / lru_moved:.2f}x |", flush=True)
@@ -241,13 +239,19 @@ def throughput(args: argparse.Namespace) -> None:
             done = subprocess.run([sys.executable, __file__, "--one-pass", contender, f"--cgroup={cgroup}", *flags],
                                   capture_output=True, text=True, env=env)
             memory_budget.remove(cgroup)
+            if done.returncode == -9 and contender == "cached":  # the kernel's OOM killer: the budget is too small
+                results[contender].append({"rate": 0.0, "killed": True, "budget": 0, "table_bytes": 0, "slots": 0})
+                continue
             if done.returncode:
                 raise RuntimeError(f"{contender} pass failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             results[contender].append(json.loads(done.stdout.strip().split("\n")[-1]))
     rates = {name: [r["rate"] for r in runs] for name, runs in results.items()}
     median = {name: statistics.median(values) for name, values in rates.items()}
     f = median["ram"]
-    first = results["cached"][0] if "cached" in results else results["cached-unlimited"][0]
+    first = next((r for name in ("cached", "cached-unlimited") for r in results.get(name, []) if not r.get("killed")), None)
+    if first is None:
+        print("\nEvery cached pass was killed at the memory limit: the budget cannot hold the planner and scratchpad.")
+        return
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     print(f"\n## CPU throughput: table {args.big_rows} x {args.dim} + rowwise_adagrad sum = {mib(first['table_bytes'])}, "
           + (f"memory budget of the cached contender {mib(first['budget'])} (1/4), " if "cached" in results else "")
@@ -267,8 +271,9 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"| fully in RAM | {f:.1f} | {', '.join(f'{r:.1f}' for r in rates['ram'])} | 1.00x | resident set {mib(results['ram'][0]['rss'])} |")
     if "cached" in results:
         runs = results["cached"]
-        memory = ", ".join(f"peak {mib(r['peak'])} (page cache at the end {mib(r['cache'])}, limit hits {r['failcnt']}, "
-                           f"major faults {r['pgmajfault']})" for r in runs) if "peak" in runs[0] else f"resident set {mib(runs[0]['rss'])}"
+        memory = ", ".join("killed by the OOM killer at the limit" if r.get("killed") else
+                           f"peak {mib(r['peak'])} (page cache at the end {mib(r['cache'])}, limit hits {r['failcnt']}, "
+                           f"major faults {r['pgmajfault']})" if "peak" in r else f"resident set {mib(r['rss'])}" for r in runs)
         print(f"| cached: memory-mapped rows, scratchpad, budget {mib(first['budget'])} | {median['cached']:.1f} | "
               f"{', '.join(f'{r:.1f}' for r in rates['cached'])} | {median['cached'] / f:.2f}x | {memory} |")
     if "cached-unlimited" in results:

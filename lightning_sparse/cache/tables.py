@@ -10,9 +10,10 @@ handed to a :class:`CachedTable`.
 Each step, the :class:`~lightning_sparse.cache.prefetch.LookaheadLoader` has already read the next batches;
 :meth:`before_training_step` plans the batch ``k`` steps ahead (every rank's ids, one ``all_gather``) and
 replaces this batch's ids by slots. :class:`CachedTables` is ``Stateful``: :meth:`state_dict` writes dirty
-slots back and returns the backing stores; :meth:`load_state_dict` takes them (read in place by the
-checkpoint) and empties every scratchpad, which changes no trained value: the planner only decides where
-rows sit, never what they hold.
+slots back and returns the backing stores and the planners; :meth:`load_state_dict` takes them (read in
+place by the checkpoint), and the next pass over the train loader resumes the checkpoint's: every row sits
+in the slot it had (the scratchpads are loaded with the model and the optimizer), so a run resumed in the
+middle of a pass copies the same rows as the run that went on.
 """
 
 from __future__ import annotations
