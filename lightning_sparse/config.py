@@ -112,7 +112,7 @@ class CacheConfig:
     lookahead: int = 2
     backing: CacheBacking = CacheBacking.AUTO
     path: Optional[str] = None
-    score_decay: float = 0.995
+    score_decay: float = 0.997
 
     def __post_init__(self) -> None:
         for name, low in (("rows", 1), ("lookahead", 0)):

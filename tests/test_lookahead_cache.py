@@ -11,7 +11,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from lightning_sparse.cache import BackingFileError, LookaheadPlanner, WorkingSetTooLarge, host_store, mmap_store
 from lightning_sparse.cache.prefetch import LookaheadLoader
-from lightning_sparse.cache.reference import ReferencePlanner, lookahead_moves, lru_moves
+from lightning_sparse.cache.reference import ReferencePlanner, belady_moves, fbgemm_lru_moves, lookahead_moves, lru_moves
 from lightning_sparse.cache.scratchpad import CachedTable
 from lightning_sparse.config import CacheConfig, ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed.routes import resolve_tables
@@ -64,6 +64,40 @@ def test_victim_is_a_slot_unused_in_the_window_least_recently_used_first():
     assert planner.lookup(torch.tensor([5, 2, 1])).tolist() == [0, 2, 1]
 
 
+def test_a_planner_loaded_from_its_state_mid_stream_moves_the_same_rows_as_the_one_that_went_on():
+    batches = zipf_stream(24, 300, 20, seed=9, drift=5)
+    straight, k = LookaheadPlanner(300, 70), 2
+    first = drive(straight, batches[:12], k)  # batches 0..11 planned, 11 still in the window
+    state = {key: value.clone() for key, value in straight.state().items()}
+    resumed = LookaheadPlanner(300, 70)
+    resumed.load_state(state)
+    assert [seq for seq, _ in resumed.window] == [seq for seq, _ in straight.window] and first
+    for t in range(12, 24):
+        for planner in (straight, resumed):
+            planner.retire(t - 1)
+        a, b = straight.push(t, batches[t]), resumed.push(t, batches[t])
+        for field in ("load_rows", "load_slots", "evict_rows", "evict_slots"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (t, field)
+    assert torch.equal(straight.score, resumed.score) and torch.equal(straight.slot_of, resumed.slot_of)
+
+
+def test_a_backing_file_the_disk_cannot_hold_is_an_error_naming_the_file(tmp_path):
+    """The free-space check passes, then the disk (here: a file-size limit, as a full disk) refuses the bytes."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
+    try:
+        with pytest.raises(BackingFileError, match=r"backing file '.*t_big\.weight\.bin' could not get its 4000000 bytes .*TableConfig\.cache\.path"):
+            mmap_store({"weight": (1000, 1000)}, str(tmp_path), "t_big")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert not list(tmp_path.glob("*.bin"))  # nothing left behind
+
+
 def test_window_that_does_not_fit_names_the_batch_and_its_rows():
     planner = LookaheadPlanner(rows=100, slots=8, table="t_items")
     planner.push(0, torch.arange(5))
@@ -83,6 +117,20 @@ def test_lookahead_moves_fewer_rows_than_lru_on_a_zipf_stream_once_warm():
     ours, lru = lookahead_moves(batches, 4000, 400, lookahead=2), lru_moves(batches, 400)
     assert sum(ours[20:]) < 0.9 * sum(lru[20:])
     assert lru_moves(batches, 400, ahead=1)[0] > lru[0]  # one batch ahead: step 0 also loads batch 1
+
+
+def test_belady_keeps_the_row_needed_soonest_and_lru_the_one_used_last():
+    batches = [[1], [2], [3], [1]]  # at step 2 one of rows 1, 2 must go: row 1 is needed again, row 2 never
+    assert belady_moves(batches, 2) == [1, 1, 2, 0]  # row 2 goes (written back, it was trained)
+    assert lru_moves(batches, 2) == [1, 1, 2, 2]  # row 1 goes, and comes back at step 3
+
+
+def test_fbgemm_lru_reads_misses_beyond_a_full_set_from_the_backing_store():
+    # one set of 4 ways: 6 distinct rows fill it and 2 go to the backing store (a row in and a row back each)
+    assert fbgemm_lru_moves([list(range(6)), list(range(6))], slots=4, ways=4) == [4 + 2 * 2, 2 * 2]
+    # 2 ways: row 2 takes row 0's way (stamps tie: the first way); rows 0 and 3 then take both ways, each a
+    # write-back and a copy in
+    assert fbgemm_lru_moves([[0, 1], [2], [0, 3]], slots=2, ways=2) == [2, 2, 2 + 2]
 
 
 @pytest.mark.parametrize("backing", ["host", "mmap"])
@@ -246,7 +294,8 @@ def test_cached_tables_built_on_meta_fill_their_backing_store_from_the_full_init
     stores = {name: table.store.tensors for name, table in sharded.cache.tables.items()}
     assert torch.equal(stores["replayed"]["weight"], cpu.embedding_bags["replayed"].weight.detach())
     assert torch.equal(stores["pre"]["weight"], torch.from_numpy(rows))
-    assert set(sharded.cache.state_dict()) == {"pre.weight", "pre.sum", "replayed.weight", "replayed.sum"}
+    planner = {f"{t}.planner.{k}" for t in ("pre", "replayed") for k in ("row_of", "last_use", "slot_score", "score", "origin", "window_seq")}
+    assert set(sharded.cache.state_dict()) == {"pre.weight", "pre.sum", "replayed.weight", "replayed.sum", "progress"} | planner
 
 
 def test_a_pipeline_with_a_cached_table_is_a_setup_error_naming_the_table():

@@ -19,6 +19,7 @@ The tensors of both are plain torch tensors: the checkpoint writes and reads the
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import shutil
 import tempfile
@@ -112,6 +113,7 @@ def mmap_store(shapes: dict[str, tuple[int, ...]], folder: Optional[str], prefix
             files.append(file)
             _allocate(file, need[name], free)
             array = np.memmap(file, dtype=np.float32, mode="r+", shape=shape)
+            _random_access(array)
             tensor = torch.from_numpy(array)
             tensor._lightning_sparse_memmap = array  # keeps the mapping alive and lets flush() reach it
             tensors[name] = tensor
@@ -119,6 +121,15 @@ def mmap_store(shapes: dict[str, tuple[int, ...]], folder: Optional[str], prefix
         _release(files, handles)
         raise
     return BackingStore(tensors, files, handles)
+
+
+def _random_access(array: np.memmap) -> None:
+    """Tells the kernel the mapping is read at random rows (``MADV_RANDOM``): a page fault then reads that page
+    alone, not the read-ahead around it, which in a memory budget smaller than the file would push out pages
+    still needed for pages never asked for."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)
 
 
 def _lock(file: Path):

@@ -8,12 +8,17 @@ current step computes. At the lookup every row is already in the scratchpad: a g
 
 Eviction is Belady's rule within the window: the victim is the slot whose next use is furthest ahead. A slot
 whose row some batch of the window needs is never a victim (evicting it would cost a copy back within the
-window); slots with no use in the window are next needed beyond the horizon, where the planner estimates the
-next use from each row's past: the row with the lowest use count, decayed by ``score_decay`` per batch
-(Kraken's feature score), is expected furthest ahead and goes first; ties go to the least recently used,
-then the lowest slot. (Against LRU's order for the rows beyond the window, this cuts the rows moved on a
-Zipf stream by about a fifth, ``benchmarks/lookahead_cache.py``.) When the rows of the window do not fit in
-``C`` slots the planner stops with :class:`WorkingSetTooLarge`, naming the batch and its rows.
+window). All other slots are next needed somewhere beyond the horizon, a tie Belady cannot break; the planner
+breaks it by an estimate of how soon each row is needed again. A row's rate of use (batches using it, per
+batch) is estimated from its use count decayed by ``score_decay`` per batch (Kraken's feature score):
+``rate = (1 - score_decay) * count`` (with ``score_decay`` 1, the plain count over the batches so far). Its
+use is then expected within ``1 / rate`` batches; a row not used for ``a`` batches since has probability
+``exp(-rate * a)`` of that under its estimated rate, so the estimate is discounted by it:
+``key = rate * exp(-rate * a)``. The lowest key goes first (ties: the least recently used, then the lowest
+slot). Frequency alone keeps rows that were hot and have gone cold (on a drifting stream they fill the
+scratchpad); recency alone (LRU's order) evicts a hot row as readily as one used once. Both are measured in
+``benchmarks/lookahead_cache.py``. When the rows of the window do not fit in ``C`` slots the planner stops
+with :class:`WorkingSetTooLarge`, naming the batch and its rows.
 
 The ids of a cached table are rows ``[0, N)``, so the map row -> slot is a dense int32 tensor of ``N``
 entries (4 bytes a row, against ``4 * dim`` and more for the row itself) rather than the dynamic tables' hash
@@ -58,7 +63,7 @@ class LookaheadPlanner:
         score_decay: per-batch decay of a row's use count (1: plain counts).
     """
 
-    def __init__(self, rows: int, slots: int, table: str = "table", score_decay: float = 0.995) -> None:
+    def __init__(self, rows: int, slots: int, table: str = "table", score_decay: float = 0.997) -> None:
         if slots > rows:
             slots = rows  # a scratchpad larger than the table holds it whole
         self.rows, self.slots, self.table = rows, slots, table
@@ -69,17 +74,34 @@ class LookaheadPlanner:
         self.score = torch.zeros(rows, dtype=torch.float64)  # decayed use counts, times growth ** (seq - origin)
         self.slot_score = torch.full((self.slots,), -1.0, dtype=torch.float64)  # the score of each slot's row; -1: empty
         self.growth = 1.0 / score_decay
+        self.decay = score_decay
         self.origin = 0
 
-    def reset(self) -> None:
-        """Forgets every slot and the window (after the backing store was reloaded from a checkpoint)."""
+    def state(self) -> dict[str, Tensor]:
+        """The planner as tensors of fixed shapes, for a checkpoint: ``row_of``, ``last_use``, ``slot_score`` [C],
+        ``score`` [N], ``origin`` [1], and ``window_seq`` [C], the last batch of the window using each slot's row
+        (-1: none). That last batch is all the window means for the choice of victims: a slot is protected while
+        any batch using its row is in the window, i.e. until that last one retires."""
+        window_seq = torch.full((self.slots,), -1, dtype=torch.int64)
+        for seq, rows in self.window:  # in batch order: a later batch overwrites an earlier one
+            window_seq[self.slot_of[rows].long()] = seq
+        return {"row_of": self.row_of.clone(), "last_use": self.last_use.clone(), "slot_score": self.slot_score.clone(),
+                "score": self.score, "origin": torch.tensor([self.origin]), "window_seq": window_seq}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Takes :meth:`state`'s tensors (of a planner of the same rows, slots and ``score_decay``)."""
+        self.row_of.copy_(state["row_of"])
+        self.last_use.copy_(state["last_use"])
+        self.slot_score.copy_(state["slot_score"])
+        if state["score"].data_ptr() != self.score.data_ptr():
+            self.score.copy_(state["score"])
+        self.origin = int(state["origin"][0])
         self.slot_of.fill_(-1)
-        self.row_of.fill_(-1)
-        self.last_use.fill_(-1)
-        self.window.clear()
-        self.score.zero_()
-        self.slot_score.fill_(-1.0)
-        self.origin = 0
+        held = (self.row_of >= 0).nonzero().squeeze(1)
+        self.slot_of[self.row_of[held]] = held.int()
+        window_seq = state["window_seq"]
+        self.window = deque((int(seq), torch.sort(self.row_of[window_seq == seq]).values)
+                            for seq in torch.unique(window_seq[window_seq >= 0]).tolist())
 
     def push(self, seq: int, ids: Tensor) -> Moves:
         """Batch ``seq`` (its ids, any order, duplicates allowed) enters the window; returns the copies."""
@@ -140,18 +162,30 @@ class LookaheadPlanner:
                 f"more than the scratchpad's {self.slots} slots. Raise TableConfig.cache.rows to at least "
                 f"{union.numel()}, lower cache.lookahead, or use smaller batches."
             )
-        # empty slots (never protected) first, by slot; then the lowest decayed count, the least recent use, the
-        # lowest slot: only slots at or below the needed-th smallest count can be chosen, so only those are sorted
+        # empty slots (never protected) first, by slot; then the lowest expected use (module docstring), the least
+        # recent use, the lowest slot: only slots at or below the needed-th smallest key can be chosen, so only
+        # those are sorted
         empty = (self.slot_score < 0).nonzero().squeeze(1)[:needed]
         needed -= int(empty.numel())
         if needed == 0:
             return empty
-        key = self.slot_score.masked_fill(protected, float("inf"))
+        unit = rate_unit(self, seq)
+        rate = self.slot_score.clamp(min=0.0) * unit
+        key = rate * torch.exp(-rate * (seq - self.last_use).double())
+        key.masked_fill_(protected, float("inf"))
         key[empty] = float("inf")
         threshold = torch.topk(key, needed, largest=False, sorted=False).values.max()
         chosen = (key <= threshold).nonzero().squeeze(1)
         chosen = chosen[torch.sort(self.last_use[chosen], stable=True).indices]
         return torch.cat([empty, chosen[torch.sort(key[chosen], stable=True).indices[:needed]]])
+
+
+def rate_unit(planner: "LookaheadPlanner | object", seq: int) -> float:
+    """The factor from a stored count (``growth ** (use - origin)`` per use) to a rate of use per batch at batch
+    ``seq``: ``(1 - decay) / growth ** (seq - origin)``; with ``decay`` 1, ``1 / (seq + 1)``."""
+    if planner.decay >= 1.0:
+        return 1.0 / (seq + 1)
+    return (1.0 - planner.decay) / planner.growth ** (seq - planner.origin)
 
 
 RESCALE_AT = 2.0**400  # use weights stay far from float64's overflow

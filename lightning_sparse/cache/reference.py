@@ -2,8 +2,9 @@
 
 It states the planner's rule in the most literal form: for each missing row of the new batch, the victim
 is the slot with the furthest next use within the window (no use in the window counts as beyond it; a
-slot some window batch needs is never taken), beyond the window the lowest decayed use count first, ties
-broken by the least recent use, then the lowest slot.
+slot some window batch needs is never taken), beyond the window the lowest ``rate * exp(-rate * age)`` first
+(``rate`` from the decayed use count, ``age`` the batches since the last use), ties broken by the least
+recent use, then the lowest slot.
 The tests feed both the same batches and compare every move; :func:`lru_moves` and
 :func:`prefetch_moves` are the baselines of ``benchmarks/lookahead_cache.py``.
 """
@@ -11,18 +12,19 @@ The tests feed both the same batches and compare every move; :func:`lru_moves` a
 from __future__ import annotations
 
 from collections import OrderedDict
+import math
 from typing import Iterable, Optional, Sequence
 
-from lightning_sparse.cache.lookahead import use_weight
+from lightning_sparse.cache.lookahead import rate_unit, use_weight
 
 
 class ReferencePlanner:
     """The same slots and moves as ``LookaheadPlanner`` for the same batches."""
 
-    def __init__(self, rows: int, slots: int, score_decay: float = 0.995) -> None:
+    def __init__(self, rows: int, slots: int, score_decay: float = 0.997) -> None:
         self.slots = min(slots, rows)
         self.score: dict[int, float] = {}
-        self.growth, self.origin = 1.0 / score_decay, 0
+        self.growth, self.decay, self.origin = 1.0 / score_decay, score_decay, 0
         self.slot_of: dict[int, int] = {}
         self.row_of: list[Optional[int]] = [None] * self.slots
         self.last_use: list[int] = [-1] * self.slots
@@ -47,7 +49,15 @@ class ReferencePlanner:
         candidates = [s for s in range(self.slots) if next_use(s) == float("inf")]
         if len(candidates) < len(missing):
             raise ValueError(f"batch {seq}: the window's rows do not fit in {self.slots} slots")
-        candidates.sort(key=lambda s: (-1.0 if self.row_of[s] is None else self.score[self.row_of[s]], self.last_use[s], s))
+        unit = rate_unit(self, seq)
+
+        def expected_use(slot: int) -> float:
+            if self.row_of[slot] is None:
+                return -1.0
+            rate = self.score[self.row_of[slot]] * unit
+            return rate * math.exp(-rate * (seq - self.last_use[slot]))
+
+        candidates.sort(key=lambda s: (expected_use(s), self.last_use[s], s))
         victims = candidates[: len(missing)]
         evicted = [(self.row_of[s], s) for s in victims if self.row_of[s] is not None]
         for row, _ in evicted:
@@ -64,7 +74,7 @@ class ReferencePlanner:
         self.window = [(s, b) for s, b in self.window if s > seq]
 
 
-def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.995) -> list[int]:
+def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.997) -> list[int]:
     """Rows copied (in + back) per training step by the look-forward planner over ``batches``."""
     planner = ReferencePlanner(rows, slots, score_decay)
     per_step = [0] * len(batches)
@@ -113,4 +123,87 @@ def lru_moves(batches: Sequence[Sequence[int]], slots: int, ahead: int = 0, miss
             admit(step, batches[step + 1], set(int(i) for i in batch) | set(int(i) for i in batches[step + 1]))
         for row in set(int(i) for i in batch):
             cache[row] = True
+    return per_step
+
+
+def _murmur_set(row: int, sets: int) -> int:
+    """fbgemm's ``cache_slot``: MurmurHash3's 64-bit finaliser of the row's index, modulo the number of sets."""
+    h = row & 0xFFFFFFFFFFFFFFFF
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & 0xFFFFFFFFFFFFFFFF
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & 0xFFFFFFFFFFFFFFFF
+    h ^= h >> 33
+    return h % sets
+
+
+def fbgemm_lru_moves(batches: Sequence[Sequence[int]], slots: int, ways: int = 32, misses: Optional[list[int]] = None) -> list[int]:
+    """Rows moved per step by a cache laid out as fbgemm's LRU cache (``CacheAlgorithm.LRU``): ``slots // ways``
+    sets of ``ways`` slots, a row's set chosen by fbgemm's hash of its index; a batch's misses in a set take
+    the set's least recently used slots (stamped with the batch number), never one the batch itself uses; a
+    miss that finds no such slot is read and updated in the backing store directly (counted as a row in and
+    a row back). fbgemm writes every evicted row back (it keeps no dirty bit); every cached row was trained
+    by the batch that loaded it, so this counts the same as a dirty write-back."""
+    sets = max(1, slots // ways)
+    rows_of = [[-1] * ways for _ in range(sets)]
+    stamp_of = [[-1] * ways for _ in range(sets)]
+    per_step = [0] * len(batches)
+    for step, batch in enumerate(batches):
+        missed: dict[int, list[int]] = {}
+        for row in sorted(set(int(i) for i in batch)):
+            s = _murmur_set(row, sets)
+            if row in rows_of[s]:
+                stamp_of[s][rows_of[s].index(row)] = step
+            else:
+                missed.setdefault(s, []).append(row)
+        for s, rows in missed.items():
+            order = sorted(range(ways), key=lambda w: stamp_of[s][w])
+            for i, row in enumerate(rows):
+                way = order[i] if i < ways else None
+                if way is None or stamp_of[s][way] == step:
+                    per_step[step] += 2
+                    continue
+                per_step[step] += 1 + int(rows_of[s][way] >= 0)
+                rows_of[s][way], stamp_of[s][way] = row, step
+        if misses is not None:
+            misses.append(sum(len(rows) for rows in missed.values()))
+    return per_step
+
+
+def belady_moves(batches: Sequence[Sequence[int]], slots: int) -> list[int]:
+    """Rows moved per step by Belady's MIN with the whole stream known (no planner can see that far): a
+    batch's missing rows replace the rows, not in the batch, whose next use is furthest ahead. The bound the
+    estimate beyond the look-ahead window aims at; the same counting as :func:`lru_moves`."""
+    import heapq
+
+    uses = [set(int(i) for i in batch) for batch in batches]
+    following: list[dict[int, float]] = [{} for _ in uses]
+    upcoming: dict[int, float] = {}
+    for step in range(len(uses) - 1, -1, -1):
+        following[step] = {row: upcoming.get(row, math.inf) for row in uses[step]}
+        upcoming.update({row: step for row in uses[step]})
+    cached: dict[int, float] = {}  # row -> its next use
+    dirty: set[int] = set()
+    heap: list[tuple[float, int]] = []  # (-next use, row); stale entries are skipped
+    per_step = [0] * len(uses)
+    for step, rows in enumerate(uses):
+        per_step[step] += sum(1 for row in rows if row not in cached)
+        for row in rows:
+            cached[row] = following[step][row]
+            heapq.heappush(heap, (-following[step][row], row))
+        kept = []
+        while len(cached) > slots:
+            entry = heapq.heappop(heap)
+            row = entry[1]
+            if cached.get(row) != -entry[0]:
+                continue
+            if row in rows:
+                kept.append(entry)
+                continue
+            del cached[row]
+            per_step[step] += int(row in dirty)
+            dirty.discard(row)
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        dirty |= rows
     return per_step

@@ -42,7 +42,7 @@ class CachedTable:
     """
 
     def __init__(self, name: str, rows: int, slots: int, scratch: Optional[dict[str, Tensor]], store: Optional[BackingStore],
-                 score_decay: float = 0.995) -> None:
+                 score_decay: float = 0.997) -> None:
         self.name = name
         self.planner = LookaheadPlanner(rows, slots, name, score_decay)
         self.scratch = scratch
@@ -109,12 +109,6 @@ class CachedTable:
                 device = next(iter(self.scratch.values())).device
                 self.store.write(rows, {n: t.index_select(0, slots.to(device)).cpu() for n, t in self.scratch.items()})
             self.store.flush()
-        self.dirty.zero_()
-
-    def reset(self) -> None:
-        """Empties the scratchpad's map (after the backing store was loaded): rows come from the store again."""
-        self.wait()
-        self.planner.reset()
         self.dirty.zero_()
 
     def take_counters(self) -> dict[str, int]:

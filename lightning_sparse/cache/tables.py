@@ -10,9 +10,10 @@ handed to a :class:`CachedTable`.
 Each step, the :class:`~lightning_sparse.cache.prefetch.LookaheadLoader` has already read the next batches;
 :meth:`before_training_step` plans the batch ``k`` steps ahead (every rank's ids, one ``all_gather``) and
 replaces this batch's ids by slots. :class:`CachedTables` is ``Stateful``: :meth:`state_dict` writes dirty
-slots back and returns the backing stores; :meth:`load_state_dict` takes them (read in place by the
-checkpoint) and empties every scratchpad, which changes no trained value: the planner only decides where
-rows sit, never what they hold.
+slots back and returns the backing stores and the planners; :meth:`load_state_dict` takes them (read in
+place by the checkpoint), and the next pass over the train loader resumes the checkpoint's: every row sits
+in the slot it had (the scratchpads are loaded with the model and the optimizer), so a run resumed in the
+middle of a pass copies the same rows as the run that went on.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class CachedTables:
         self._last_seq = -1  # the planners' batch numbers grow across passes; this pass's start at _pass_start
         self._pass_start = 0
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._resume: "Tensor | None" = None  # a checkpoint's progress, taken by the next pass (load_state_dict)
 
     # -------------------------------------------------------------- set-up
     @classmethod
@@ -111,9 +113,18 @@ class CachedTables:
 
     # ---------------------------------------------------------- the window
     def new_pass(self) -> None:
-        """A new pass over the train loader: batches read ahead in the last one will not be trained."""
+        """A new pass over the train loader: batches read ahead in the last one will not be trained. After a
+        checkpoint was loaded, the pass resumes it: the loader starts at the checkpoint's next batch, and the
+        batches it reads first were planned before the checkpoint (their rows are in the restored scratchpad)."""
         self.wait()
         self._read.clear()
+        if self._resume is not None:
+            progress, self._resume = self._resume.tolist(), None
+            self._pass_start, self._last_seq = progress[0], progress[1]
+            self._start_pass()
+            for name, planned in zip(sorted(self.tables), progress[2:]):
+                self._planned[name] = planned - self._pass_start
+            return
         for table in self.tables.values():
             table.planner.window.clear()
         self._pass_start = self._last_seq + 1
@@ -220,7 +231,10 @@ class CachedTables:
     # --------------------------------------------------------- checkpoints (Stateful)
     def state_dict(self) -> dict[str, Any]:
         """The backing stores, dirty slots written back first: ``<table>.<weight|state>`` [N, ...] tensors,
-        each a ShardedTensor of one shard on the rank holding the table (meta templates on the others)."""
+        each a ShardedTensor of one shard on the rank holding the table (meta templates on the others); each
+        table's planner (``<table>.planner.<name>``, the same on every rank); and ``progress``: the pass's
+        next batch, the last batch planned, and each table's last batch planned. With them a run resumed in
+        the middle of a pass places every row in the same slot as the run that wrote the checkpoint."""
         state: dict[str, Any] = {}
         rank = self.rank
         for name, table in sorted(self.tables.items()):
@@ -228,6 +242,10 @@ class CachedTables:
             for key, tensor in self._store_templates(name, table).items():
                 device = tensor.device if tensor.device.type != "meta" else torch.device("cpu")
                 state[f"{name}.{key}"] = _on_rank(tensor, self.owners[name], rank if table.holds_rows else -1, device)
+            for key, tensor in table.planner.state().items():
+                state[f"{name}.planner.{key}"] = tensor
+        planned = [self._pass_start + self._planned[name] for name in sorted(self.tables)]
+        state["progress"] = torch.tensor([self._pass_start + self._step, self._last_seq, *planned], dtype=torch.int64)
         return state
 
     def _store_templates(self, name: str, table: CachedTable) -> dict[str, Tensor]:
@@ -236,9 +254,13 @@ class CachedTables:
         return {key: torch.empty(shape, device="meta") for key, shape in self._shapes[name].items()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Takes the backing stores of a checkpoint, read in place into :meth:`state_dict`'s tensors (tensors of
-        its own are copied in); every scratchpad then starts empty, the window anew."""
+        """Takes the backing stores and planners of a checkpoint, read in place into :meth:`state_dict`'s tensors
+        (tensors of its own are copied in); the scratchpads were loaded with the model and the optimizer, and
+        hold no dirty row (the checkpoint wrote them back). The next pass resumes the checkpoint's."""
         for name, table in self.tables.items():
+            table.wait()
+            table.dirty.zero_()
+            table.planner.load_state({key: state_dict[f"{name}.planner.{key}"] for key in table.planner.state()})
             if table.store is None:
                 continue
             for key, tensor in table.store.tensors.items():
@@ -249,8 +271,7 @@ class CachedTables:
                         tensor.copy_(local)
             table.store.flush()
         self._start_pass()
-        for table in self.tables.values():
-            table.reset()
+        self._resume = state_dict["progress"].clone()
 
     # ------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:

@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=8)
     parser.add_argument("--ckpt-dir", required=True)
     parser.add_argument("--ckpt-in", default=None)
+    parser.add_argument("--no-val", action="store_true", help="no validation (it moves rows in the scratchpads too)")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -135,7 +136,7 @@ def main() -> None:
     metrics = CacheMetrics()
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.max_steps, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0 if args.no_val else 2,
         val_check_interval=3, check_val_every_n_epoch=None,
         callbacks=[metrics, ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=3,
                                             save_last=True)],
