@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
@@ -239,7 +240,9 @@ class SparseStrategy(DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self.sharded_model.optimizer.push_learning_rates()
         args = self._checked(args, training=True)
-        if self.dynamic_tables is not None:
+        if self.dynamic_tables is not None and self._pipeline is not None:  # remapped as it entered the pipeline
+            args = (move_data_to_device(self._pipeline.trained_batch(), self.root_device),) + args[1:]
+        elif self.dynamic_tables is not None:
             args = (self._remap_for_training(args[0]),) + args[1:]
         if self.cached_tables is not None:  # ids -> scratchpad slots, planned k batches ahead (cache/tables.py)
             args = (self.cached_tables.before_training_step(args[0]),) + args[1:]
