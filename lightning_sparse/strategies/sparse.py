@@ -43,7 +43,13 @@ from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
 from lightning_sparse.strategies import pipelines
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
-from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
+from lightning_sparse.strategies.signals import (
+    OnSignal,
+    SignalConnector,
+    StopAtStepBoundary,
+    StopRequest,
+    skip_lightning_sigterm_broadcast,
+)
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
 
 log = logging.getLogger(__name__)
@@ -75,7 +81,7 @@ class SparseStrategy(DDPStrategy):
             ``drop``: removed from its bag and counted as ``input/dropped_ids``. Dynamic tables take any id.
         non_finite: a sample with a NaN/infinite dense feature or label is an ``error``, or ``skip``: removed
             from the batch and counted as ``input/skipped_samples``.
-        on_signal: what a SIGTERM/SIGINT to any rank does: every rank stops at the next step boundary
+        on_signal: what a SIGTERM/SIGINT to any rank does: every rank stops together within two step boundaries
             (``stop``), after saving a checkpoint when fitting (``checkpoint_and_stop``); see ``signals.py``.
         signal_checkpoint_path: where ``checkpoint_and_stop`` saves; default ``<default_root_dir>/on_signal.ckpt``.
         count_communication: count the bytes of every collective per training step, by table and sharding type
@@ -430,6 +436,7 @@ class SparseStrategy(DDPStrategy):
         the trainer registers its signal handlers right after."""
         if not isinstance(trainer._signal_connector, SignalConnector):
             trainer._signal_connector = SignalConnector(trainer, self._stop_request)
+        skip_lightning_sigterm_broadcast(trainer)
         if not any(isinstance(c, StopAtStepBoundary) for c in trainer.callbacks):
             trainer.callbacks.append(StopAtStepBoundary(self._stop_request, self.on_signal, self.signal_checkpoint_path))
 
