@@ -85,9 +85,12 @@ def run_lightning(args) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == WARMUP_STEPS:
                 self.start = time.perf_counter()
+                _profile_start(args, trainer.global_rank)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.end = time.perf_counter()
+            if batch_idx == args.steps - 1:
+                _profile_stop(args, trainer.global_rank)
 
     pl.seed_everything(0)
     clock = Clock()
@@ -138,8 +141,10 @@ def run_torchrec(rank: int, port: int, args) -> None:
     for i in range(args.steps):
         if i == WARMUP_STEPS:
             start = time.perf_counter()
+            _profile_start(args, rank)
         pipeline.progress(batches)
     seconds = time.perf_counter() - start
+    _profile_stop(args, rank)
     dist.barrier()
     if rank == 0:
         _write(args.result, (args.steps - WARMUP_STEPS) / seconds, float("nan"))
@@ -147,6 +152,27 @@ def run_torchrec(rank: int, port: int, args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ shared
+_PROFILER = None
+
+
+def _profile_start(args, rank: int) -> None:
+    """--profile PATH: cProfile of rank 0's measured steps, written to PATH (pstats)."""
+    global _PROFILER
+    if args.profile and rank == 0:
+        import cProfile
+
+        _PROFILER = cProfile.Profile()
+        _PROFILER.enable()
+
+
+def _profile_stop(args, rank: int) -> None:
+    global _PROFILER
+    if _PROFILER is not None:
+        _PROFILER.disable()
+        _PROFILER.dump_stats(args.profile)
+        _PROFILER = None
+
+
 def _write(path: str, steps_per_sec: float, auc: float) -> None:
     with open(path, "w") as f:
         json.dump({"steps_per_sec": steps_per_sec, "auc": auc}, f)
@@ -189,6 +215,7 @@ def main() -> None:
     parser.add_argument("--staleness", type=int, default=4, help="staleness of the hybrid variant (part 2)")
     parser.add_argument("--auc", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", default=None, help="with --variant: cProfile rank 0's measured steps into this file")
     args = parser.parse_args()
     if args.variant == "lightning":
         return run_lightning(args)
