@@ -79,6 +79,7 @@ def test_dynamic_tables_under_an_exact_pipeline_are_bit_identical_to_none(runs, 
     expected, got = runs["dynamic_none"], runs[exact]
     assert min(expected["evicted"].values()) > 0  # every dynamic table evicted rows while batches were in flight
     assert got["evicted"] == expected["evicted"]
+    assert got["seen"] == expected["seen"]  # training_step receives the same rows as without a pipeline
     assert got["global_step"] == expected["global_step"] == 6
     assert (got["losses"], got["digests"]) == (expected["losses"], expected["digests"])
 
@@ -92,6 +93,8 @@ def test_dynamic_tables_resume_exactly_from_a_checkpoint_with_batches_in_flight(
     assert resumed["global_step"] == saved["global_step"] == 6
     assert resumed["losses"] == saved["losses"][2:]
     assert (resumed["digests"], resumed["evicted"]) == (saved["digests"], saved["evicted"])
+    # the hash tables decide as without a pipeline (drains and all): training_step sees the rows of none
+    assert saved["seen"] == runs["dynamic_none"]["seen"] and resumed["seen"] == saved["seen"][2:]
     if pipeline == "sparse_dist":
         assert saved["digests"] == runs["dynamic_none"]["digests"]
 

@@ -274,6 +274,7 @@ class PipelineDriver:
 
     def trained_batch(self) -> Any:
         """The batch of the current step as the model sees it (dynamic tables' ids replaced by rows)."""
+        self._remapped(1)
         return self._entries[0].batch
 
     def next_for_trainer(self) -> Any:

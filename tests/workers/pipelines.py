@@ -31,6 +31,18 @@ class Losses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+class SeenBatches(DLRMModule):
+    """DLRM that keeps a sha256 of the ids each training_step receives (rows, for dynamic tables)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(hashlib.sha256(batch.sparse_features.values().numpy().tobytes()).hexdigest())
+        return super().training_step(batch, batch_idx)
+
+
 def digest(strategy) -> dict[str, str]:
     """sha256 of this rank's local tensors: model state (local shards) and sparse optimizer state."""
     out = {}
@@ -62,7 +74,7 @@ def fit(spec: dict, devices: int) -> dict:
         num_embeddings_per_feature=sizes, batch_size=32, num_train_batches=spec.get("batches", 8), num_val_batches=2,
         id_space_per_feature=[400, 60, 300, 50] if dynamic else None,
     )  # fmt: skip
-    model = DLRMModule(
+    model = SeenBatches(
         num_embeddings_per_feature=sizes, num_dense_features=data.num_dense_features, embedding_dim=8,
         dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
     )  # fmt: skip
@@ -98,6 +110,7 @@ def fit(spec: dict, devices: int) -> dict:
     torch.distributed.all_gather_object(digests, digest(strategy))
     return {
         "losses": losses.losses,
+        "seen": model.seen,
         "digests": digests,
         "max_staleness": float(staleness),
         "global_step": trainer.global_step,
