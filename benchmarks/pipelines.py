@@ -10,6 +10,7 @@
 
     python benchmarks/pipelines.py [--steps 40] [--batch-size 2048] [--pooling-factor 1] [--repeats 2]
     python benchmarks/pipelines.py --auc-only 1,2,4 [--steps 120]     # AUC of none vs hybrid S only
+    python benchmarks/pipelines.py --delay-check ...   # also none and hybrid without the delay: what the delay costs each
 
 Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end.
 """
@@ -193,13 +194,17 @@ def _run(variant: dict, args) -> dict:
             return json.load(f)
 
 
-def variants(staleness: int) -> dict[str, dict]:
-    return {
+def variants(staleness: int, delay_check: bool) -> dict[str, dict]:
+    out = {
         "(a) Lightning + SparseStrategy(pipeline=sparse_dist)": {"variant": "lightning", "pipeline": "sparse_dist"},
         "(b) TorchRec TrainPipelineSparseDist.progress loop": {"variant": "torchrec"},
         "none, delay": {"variant": "lightning", "pipeline": "none", "auc": 1},
         f"hybrid S={staleness}, delay": {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1},
     }
+    if delay_check:  # the same two without the delay: how much of it each one pays
+        out["none, no delay"] = {"variant": "lightning", "pipeline": "none"}
+        out[f"hybrid S={staleness}, no delay"] = {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness}
+    return out
 
 
 def main() -> None:
@@ -213,6 +218,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["lightning", "torchrec"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=4, help="staleness of the hybrid variant (part 2)")
+    parser.add_argument("--delay-check", action="store_true", help="also none and hybrid without the delay (part 2)")
     parser.add_argument("--auc", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--profile", default=None, help="with --variant: cProfile rank 0's measured steps into this file")
@@ -226,8 +232,8 @@ def main() -> None:
         return auc_only(args)
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
-        for name, variant in variants(args.staleness).items():
-            delay = {"delay_ms": args.delay_ms if "delay" in name else 0}
+        for name, variant in variants(args.staleness, args.delay_check).items():
+            delay = {"delay_ms": args.delay_ms if name.endswith(", delay") else 0}
             got = _run({**variant, **delay}, args)
             if name not in best or got["steps_per_sec"] > best[name]["steps_per_sec"]:
                 best[name] = got
@@ -240,7 +246,7 @@ def main() -> None:
     print("\n| variant | steps/s | val AUC |\n|---|---:|---:|")
     for name, got in best.items():
         auc = f"{got['auc']:.4f}" if got["auc"] == got["auc"] else "-"
-        print(f"| {name}{f' {args.delay_ms:g} ms' if 'delay' in name else ''} | {got['steps_per_sec']:.2f} | {auc} |")
+        print(f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} |")
     names = list(best)
     ab = best[names[0]]["steps_per_sec"] / best[names[1]]["steps_per_sec"]
     speedup = best[names[3]]["steps_per_sec"] / best[names[2]]["steps_per_sec"]
@@ -248,6 +254,9 @@ def main() -> None:
     print(f"\n(a)/(b) = {ab:.3f}            goal >= 0.97   {'met' if ab >= 0.97 else 'NOT met'}")
     print(f"hybrid S={args.staleness} / none = {speedup:.2f}x   goal >= 1.5    {'met' if speedup >= 1.5 else 'NOT met'}")
     print(f"|AUC gap| = {auc_gap:.4f}         goal <= 0.005  {'met' if auc_gap <= 0.005 else 'NOT met'}")
+    if args.delay_check:
+        ms = [1000 / best[name]["steps_per_sec"] for name in names[2:6]]
+        print(f"ms/step the {args.delay_ms:g} ms delay adds: none {ms[0] - ms[2]:+.1f}, hybrid S={args.staleness} {ms[1] - ms[3]:+.1f}")
 
 
 def auc_only(args) -> None:
