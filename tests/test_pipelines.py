@@ -12,9 +12,8 @@ from torchrec import KeyedJaggedTensor
 from conftest import run_worker
 from lightning_sparse import SparseStrategy, TableConfig
 from lightning_sparse.cli import main
-from lightning_sparse.config import PipelineConfig, PipelineKind
+from lightning_sparse.config import CacheConfig, PipelineConfig, PipelineKind
 from lightning_sparse.data import SyntheticClickDataModule
-from lightning_sparse.config import CacheConfig
 from lightning_sparse.models import DLRMModule
 
 

@@ -18,8 +18,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 import lightning_sparse
 from lightning_sparse.config import SparseOptimizerConfig, TableConfig
-from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig
 from lightning_sparse.data import SyntheticClickDataModule
+from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig
 from lightning_sparse.models import DLRMModule
 
 
