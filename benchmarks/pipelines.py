@@ -4,12 +4,14 @@
    TorchRec's TrainPipelineSparseDist.progress() over the same model, optimizers and pre-built batches.
    Goal (a)/(b) >= 0.97.
 2. hybrid: SparseStrategy(pipeline={kind: hybrid, staleness: 4}) vs pipeline "none", both through Lightning,
-   with a fixed delay of --delay-ms per step injected in the embedding lookup (a sleep in a forward pre-hook
-   of the lookup kernels, as a remote embedding store or a slow all_to_all would add). Goal >= 1.5x steps/s,
+   with a fixed delay of --delay-ms per step injected in the embedding lookup (one sleep in a forward pre-hook
+   of the first lookup kernel, as a remote embedding store or a slow all_to_all would add; under hybrid it
+   runs on the pipeline's worker thread, with the other embedding work). Goal >= 1.5x steps/s,
    and validation AUC on the drifting synthetic stream, after the same training samples, within 0.005.
 
     python benchmarks/pipelines.py [--steps 40] [--batch-size 2048] [--pooling-factor 1] [--repeats 2]
     python benchmarks/pipelines.py --auc-only 1,2,4 [--steps 120]     # AUC of none vs hybrid S only
+    python benchmarks/pipelines.py --delay-check ...   # also none and hybrid without the delay: what the delay costs each
 
 Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end.
 """
@@ -72,22 +74,26 @@ def run_lightning(args) -> None:
         """Steps/s after the warm-up steps; an optional sleep in every training lookup."""
 
         def on_fit_start(self, trainer, pl_module):
-            kernels = find_lookup_kernels(trainer.strategy.distributed_model)
-            delay = args.delay_ms / 1000 / len(kernels)
+            # One sleep per step, before the first lookup kernel: a sleep per kernel overshoots once per kernel
+            # on a loaded machine (the split 20 ms added ~50 ms to a step of pipeline none, --delay-check).
+            kernel = find_lookup_kernels(trainer.strategy.distributed_model)[0]
 
             def sleep(module, inputs):
                 if torch.is_grad_enabled():  # training lookups only
-                    time.sleep(delay)
+                    time.sleep(args.delay_ms / 1000)
 
-            for kernel in kernels if args.delay_ms else []:
+            if args.delay_ms:
                 kernel.emb_module.register_forward_pre_hook(sleep)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == WARMUP_STEPS:
                 self.start = time.perf_counter()
+                _profile_start(args, trainer.global_rank)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.end = time.perf_counter()
+            if batch_idx == args.steps - 1:
+                _profile_stop(args, trainer.global_rank)
 
     pl.seed_everything(0)
     clock = Clock()
@@ -138,8 +144,10 @@ def run_torchrec(rank: int, port: int, args) -> None:
     for i in range(args.steps):
         if i == WARMUP_STEPS:
             start = time.perf_counter()
+            _profile_start(args, rank)
         pipeline.progress(batches)
     seconds = time.perf_counter() - start
+    _profile_stop(args, rank)
     dist.barrier()
     if rank == 0:
         _write(args.result, (args.steps - WARMUP_STEPS) / seconds, float("nan"))
@@ -147,6 +155,27 @@ def run_torchrec(rank: int, port: int, args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ shared
+_PROFILER = None
+
+
+def _profile_start(args, rank: int) -> None:
+    """--profile PATH: cProfile of rank 0's measured steps, written to PATH (pstats)."""
+    global _PROFILER
+    if args.profile and rank == 0:
+        import cProfile
+
+        _PROFILER = cProfile.Profile()
+        _PROFILER.enable()
+
+
+def _profile_stop(args, rank: int) -> None:
+    global _PROFILER
+    if _PROFILER is not None:
+        _PROFILER.disable()
+        _PROFILER.dump_stats(args.profile)
+        _PROFILER = None
+
+
 def _write(path: str, steps_per_sec: float, auc: float) -> None:
     with open(path, "w") as f:
         json.dump({"steps_per_sec": steps_per_sec, "auc": auc}, f)
@@ -167,13 +196,17 @@ def _run(variant: dict, args) -> dict:
             return json.load(f)
 
 
-def variants(staleness: int) -> dict[str, dict]:
-    return {
+def variants(staleness: int, delay_check: bool) -> dict[str, dict]:
+    out = {
         "(a) Lightning + SparseStrategy(pipeline=sparse_dist)": {"variant": "lightning", "pipeline": "sparse_dist"},
         "(b) TorchRec TrainPipelineSparseDist.progress loop": {"variant": "torchrec"},
         "none, delay": {"variant": "lightning", "pipeline": "none", "auc": 1},
         f"hybrid S={staleness}, delay": {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1},
     }
+    if delay_check:  # the same two without the delay: how much of it each one pays
+        out["none, no delay"] = {"variant": "lightning", "pipeline": "none"}
+        out[f"hybrid S={staleness}, no delay"] = {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness}
+    return out
 
 
 def main() -> None:
@@ -187,8 +220,10 @@ def main() -> None:
     parser.add_argument("--variant", choices=["lightning", "torchrec"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=4, help="staleness of the hybrid variant (part 2)")
+    parser.add_argument("--delay-check", action="store_true", help="also none and hybrid without the delay (part 2)")
     parser.add_argument("--auc", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", default=None, help="with --variant: cProfile rank 0's measured steps into this file")
     args = parser.parse_args()
     if args.variant == "lightning":
         return run_lightning(args)
@@ -199,8 +234,8 @@ def main() -> None:
         return auc_only(args)
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
-        for name, variant in variants(args.staleness).items():
-            delay = {"delay_ms": args.delay_ms if "delay" in name else 0}
+        for name, variant in variants(args.staleness, args.delay_check).items():
+            delay = {"delay_ms": args.delay_ms if name.endswith(", delay") else 0}
             got = _run({**variant, **delay}, args)
             if name not in best or got["steps_per_sec"] > best[name]["steps_per_sec"]:
                 best[name] = got
@@ -213,7 +248,7 @@ def main() -> None:
     print("\n| variant | steps/s | val AUC |\n|---|---:|---:|")
     for name, got in best.items():
         auc = f"{got['auc']:.4f}" if got["auc"] == got["auc"] else "-"
-        print(f"| {name}{f' {args.delay_ms:g} ms' if 'delay' in name else ''} | {got['steps_per_sec']:.2f} | {auc} |")
+        print(f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} |")
     names = list(best)
     ab = best[names[0]]["steps_per_sec"] / best[names[1]]["steps_per_sec"]
     speedup = best[names[3]]["steps_per_sec"] / best[names[2]]["steps_per_sec"]
@@ -221,6 +256,9 @@ def main() -> None:
     print(f"\n(a)/(b) = {ab:.3f}            goal >= 0.97   {'met' if ab >= 0.97 else 'NOT met'}")
     print(f"hybrid S={args.staleness} / none = {speedup:.2f}x   goal >= 1.5    {'met' if speedup >= 1.5 else 'NOT met'}")
     print(f"|AUC gap| = {auc_gap:.4f}         goal <= 0.005  {'met' if auc_gap <= 0.005 else 'NOT met'}")
+    if args.delay_check:
+        ms = [1000 / best[name]["steps_per_sec"] for name in names[2:6]]
+        print(f"ms/step the {args.delay_ms:g} ms delay adds: none {ms[0] - ms[2]:+.1f}, hybrid S={args.staleness} {ms[1] - ms[3]:+.1f}")
 
 
 def auc_only(args) -> None:

@@ -12,9 +12,8 @@ from torchrec import KeyedJaggedTensor
 from conftest import run_worker
 from lightning_sparse import SparseStrategy, TableConfig
 from lightning_sparse.cli import main
-from lightning_sparse.config import PipelineConfig, PipelineKind
+from lightning_sparse.config import CacheConfig, PipelineConfig, PipelineKind
 from lightning_sparse.data import SyntheticClickDataModule
-from lightning_sparse.dynamic import DynamicTableConfig
 from lightning_sparse.models import DLRMModule
 
 
@@ -22,6 +21,7 @@ def _scenarios(tmp_path) -> dict[str, dict]:
     fused = {"batches": 12, "val_check_interval": 0.5}  # 6 steps on 2 ranks, a validation mid-epoch
     native = {"batches": 12, "optimizer": "decayed_adagrad"}  # no fused kernel on CPU: the native route
     saving = {**native, "pipeline": "hybrid", "staleness": 2, "ckpt_every": 2}
+    dynamic = {"batches": 12, "val_check_interval": 0.5, "dynamic": True}  # LRU evictions in every step
     return {
         "none": {**fused, "pipeline": "none"},
         "sparse_dist": {**fused, "pipeline": "sparse_dist"},
@@ -37,6 +37,19 @@ def _scenarios(tmp_path) -> dict[str, dict]:
         "native_hybrid_0": {**native, "pipeline": "hybrid", "staleness": 0},
         "native_hybrid_2": {**saving, "ckpt_dir": str(tmp_path / "a")},
         "native_hybrid_2_resumed": {**saving, "ckpt_dir": str(tmp_path / "b"), "ckpt_in": str(tmp_path / "a" / "step=2.ckpt")},
+        "dynamic_none": {**dynamic, "pipeline": "none"},
+        "dynamic_sparse_dist": {**dynamic, "pipeline": "sparse_dist"},
+        "dynamic_hybrid_0": {**dynamic, "pipeline": "hybrid", "staleness": 0},
+        "dynamic_sparse_dist_saving": {**dynamic, "pipeline": "sparse_dist", "ckpt_every": 2, "ckpt_dir": str(tmp_path / "c")},
+        "dynamic_sparse_dist_resumed": {
+            **dynamic, "pipeline": "sparse_dist", "ckpt_every": 2, "ckpt_dir": str(tmp_path / "d"),
+            "ckpt_in": str(tmp_path / "c" / "step=2.ckpt"),
+        },
+        "dynamic_hybrid_2_saving": {**dynamic, "pipeline": "hybrid", "staleness": 2, "ckpt_every": 2, "ckpt_dir": str(tmp_path / "e")},
+        "dynamic_hybrid_2_resumed": {
+            **dynamic, "pipeline": "hybrid", "staleness": 2, "ckpt_every": 2, "ckpt_dir": str(tmp_path / "f"),
+            "ckpt_in": str(tmp_path / "e" / "step=2.ckpt"),
+        },
     }
 
 
@@ -56,6 +69,33 @@ def test_sparse_dist_and_hybrid_0_are_bit_identical_to_none(runs, route, exact):
     assert got["losses"] == expected["losses"]
     assert got["digests"] == expected["digests"]  # every rank's shards, dense weights and optimizer states
     assert got["max_staleness"] == (0.0 if exact == "hybrid_0" else -1.0)  # counted for hybrid only (-1: not logged)
+
+
+@pytest.mark.parametrize("exact", ["dynamic_sparse_dist", "dynamic_hybrid_0"])
+def test_dynamic_tables_under_an_exact_pipeline_are_bit_identical_to_none(runs, exact):
+    """Ids are remapped as batches enter the pipeline and new rows re-initialised just before their lookup, so
+    evictions of rows that in-flight batches read change nothing: hash tables, rows and optimizer state agree."""
+    expected, got = runs["dynamic_none"], runs[exact]
+    assert min(expected["evicted"].values()) > 0  # every dynamic table evicted rows while batches were in flight
+    assert got["evicted"] == expected["evicted"]
+    assert got["seen"] == expected["seen"]  # training_step receives the same rows as without a pipeline
+    assert got["global_step"] == expected["global_step"] == 6
+    assert (got["losses"], got["digests"]) == (expected["losses"], expected["digests"])
+
+
+@pytest.mark.parametrize("pipeline", ["sparse_dist", "hybrid_2"])
+def test_dynamic_tables_resume_exactly_from_a_checkpoint_with_batches_in_flight(runs, pipeline):
+    """A drain rewinds the hash tables and rows to the trained batches: the checkpoint holds no remap of a batch
+    read ahead, and the resumed run (which reads those batches again) repeats the saving run bit for bit."""
+    saved, resumed = runs[f"dynamic_{pipeline}_saving"], runs[f"dynamic_{pipeline}_resumed"]
+    assert min(saved["evicted"].values()) > 0
+    assert resumed["global_step"] == saved["global_step"] == 6
+    assert resumed["losses"] == saved["losses"][2:]
+    assert (resumed["digests"], resumed["evicted"]) == (saved["digests"], saved["evicted"])
+    # the hash tables decide as without a pipeline (drains and all): training_step sees the rows of none
+    assert saved["seen"] == runs["dynamic_none"]["seen"] and resumed["seen"] == saved["seen"][2:]
+    if pipeline == "sparse_dist":
+        assert saved["digests"] == runs["dynamic_none"]["digests"]
 
 
 def test_a_new_epoch_starts_the_pipeline_afresh(runs):
@@ -157,7 +197,7 @@ def test_a_forward_the_pipeline_cannot_trace_stops_at_setup(single_process_env, 
 @pytest.mark.parametrize(
     "strategy, match",
     [
-        (SparseStrategy(pipeline="sparse_dist", tables={"t_cat_0": TableConfig(dynamic=DynamicTableConfig())}), "dynamic tables \\['t_cat_0'\\]"),
+        (SparseStrategy(pipeline="sparse_dist", tables={"t_cat_0": TableConfig(cache=CacheConfig(rows=64))}), "cached tables \\['t_cat_0'\\]"),
         (SparseStrategy(pipeline="semi_sync", tables={"t_cat_1": TableConfig(sharding="data_parallel")}), "data_parallel tables \\['t_cat_1'\\]"),
         (SparseStrategy(pipeline={"kind": "hybrid", "staleness": 2}, bad_ids="drop"), "needs bad_ids: error"),
     ],

@@ -234,7 +234,9 @@ class DynamicTables(nn.Module):
         (in the tensors bound by :meth:`bind_rows`).
 
         The fresh values come from a generator seeded by (table, step), so every world size and every
-        resumed run draws the same rows.
+        resumed run draws the same rows. They are written through ``.data``: under a pipeline, in-flight
+        batches' autograd graphs hold the weights, and their saved-version check would refuse the write (what
+        an in-flight update then writes into these rows is undone, see ``strategies/pipeline_dynamic.py``).
         """
         for table, rows in assigned.items():
             if rows.numel() == 0:
@@ -249,14 +251,14 @@ class DynamicTables(nn.Module):
             for shard, (row0, col0) in _local_pieces(weight):
                 inside = (rows >= row0) & (rows < row0 + shard.size(0))
                 if bool(inside.any()):
-                    shard[rows[inside] - row0] = fresh[inside][:, col0 : col0 + shard.size(1)].to(shard.dtype)
+                    shard.data[rows[inside] - row0] = fresh[inside][:, col0 : col0 + shard.size(1)].to(shard.dtype)
             for state in self._row_states.get(table, []):
                 if state.dim() == 0 or state.size(0) != config.capacity:
                     continue  # not per-row (e.g. a global step counter)
                 for shard, (row0, _) in _local_pieces(state):
                     inside = (rows >= row0) & (rows < row0 + shard.size(0))
                     if bool(inside.any()):
-                        shard[rows[inside] - row0] = 0
+                        shard.data[rows[inside] - row0] = 0
 
     # ------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, dict[str, int]]:

@@ -36,6 +36,10 @@ In-flight batches at a validation, a checkpoint, the end of a pass or of fit are
 finishes its queued updates, lookups of batches not trained yet are dropped (looked up again, from the
 updated rows, at the next step) and the model's forwards are restored (``detach``). Every rank drains at
 the same step, so a checkpoint holds no in-flight state and a resumed run repeats the saving run exactly.
+
+Dynamic tables: a batch's ids are remapped when it enters the pipeline and its new rows re-initialised just
+before its own lookup; a drain rewinds the remaps and recycles of batches not trained yet
+(``pipeline_dynamic.py``). Cached tables are refused (their planner would need the pipeline's look-ahead).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from lightning_sparse.config import PipelineConfig, PipelineKind, ResolvedTable, TableRoute
 from lightning_sparse.optim.row_versions import RowVersions
+from lightning_sparse.strategies.pipeline_dynamic import PipelineRemaps, Remapped
 
 STALENESS_METRIC = "pipeline/max_staleness"
 
@@ -72,12 +77,6 @@ def embedding_process_group(config: PipelineConfig) -> Optional[dist.ProcessGrou
 def check_pipeline_setup(config: PipelineConfig, tables: dict[str, ResolvedTable], unsupported: dict[str, bool]) -> None:
     """Refuses combinations a pipeline cannot train correctly, naming the table or option and the fix."""
     kind = config.kind.value
-    dynamic = sorted(t.name for t in tables.values() if t.dynamic is not None)
-    if dynamic:
-        raise ValueError(
-            f"SparseStrategy(pipeline={kind!r}): dynamic tables {dynamic} remap raw ids at the step that trains them, "
-            "which a pipeline has already distributed; use pipeline 'none' with dynamic tables."
-        )
     cached = sorted(t.name for t in tables.values() if t.cache is not None)
     if cached:
         raise ValueError(
@@ -161,6 +160,32 @@ class LookaheadLoader:
         return getattr(self.loader, name)
 
 
+class _Entry:
+    """A batch read from the loader and not trained yet; with dynamic tables, remapped when it enters the pipeline."""
+
+    def __init__(self, raw: Any, remaps: Optional[PipelineRemaps]) -> None:
+        self.raw = raw
+        self.remapped: Optional[Remapped] = None
+        self._features = None if remaps is not None else _features_of(raw)
+
+    @property
+    def batch(self) -> Any:
+        """The batch the model trains on (rows instead of dynamic tables' raw ids)."""
+        return self.remapped.batch if self.remapped is not None else self.raw
+
+    @property
+    def features(self) -> KeyedJaggedTensor:
+        if self._features is None:
+            if self.remapped is None:
+                raise RuntimeError("SparseStrategy pipeline: a batch's features were needed before its remap")
+            self._features = _features_of(self.remapped.batch)
+        return self._features
+
+    def forget_remap(self) -> None:
+        self.remapped = None
+        self._features = None
+
+
 class _Stages(TrainPipelineSparseDist):
     """TorchRec's sparse-dist stages; for hybrid/semi_sync the forwards return embeddings looked up by the worker."""
 
@@ -176,7 +201,13 @@ class PipelineDriver:
     """Runs one pipeline kind's stages from SparseStrategy's hooks (see the module docstring)."""
 
     def __init__(
-        self, config: PipelineConfig, dmp: DistributedModelParallel, device: torch.device, row_update: Callable[[], None]
+        self,
+        config: PipelineConfig,
+        dmp: DistributedModelParallel,
+        device: torch.device,
+        row_update: Callable[[], None],
+        remaps: Optional[PipelineRemaps] = None,
+        global_step: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
         self._dmp = dmp
@@ -187,8 +218,12 @@ class PipelineDriver:
         self._stages.detach()
         # Staleness is counted where it can be non-zero; sparse_dist and none never read a row before its update.
         self.versions = RowVersions(dmp) if self._asynchronous else None
+        self.remaps = remaps  # dynamic tables (pipeline_dynamic.py), None without
+        self._global_step = global_step
+        self._step = 0  # the step that trains _entries[0]
         self._source: Optional[Iterator[Any]] = None
-        self._entries: deque[tuple[Any, KeyedJaggedTensor]] = deque()  # read, not trained yet (in order)
+        self._entries: deque[_Entry] = deque()  # read, not trained yet (in order)
+        self._recycled: list[Remapped] = []  # worker: batches looked up whose older in-flight updates are not done
         self._handed_out = 0  # how many of _entries Lightning has fetched
         self._worker: Optional[ThreadPoolExecutor] = None
         self._lookups: deque[Future] = deque()  # hybrid: one per entry from _entries[0], in order
@@ -214,6 +249,7 @@ class PipelineDriver:
         self.drain()
         self._entries.clear()
         self._handed_out = 0
+        self._step = self._global_step()
         self._source = source
 
     def _read(self) -> bool:
@@ -224,26 +260,43 @@ class PipelineDriver:
         except StopIteration:
             self._source = None
             return False
-        self._entries.append((batch, _features_of(batch)))
+        self._entries.append(_Entry(batch, self.remaps))
         return True
+
+    def _remapped(self, count: int) -> None:
+        """Dynamic tables: the first ``count`` entries remapped, in order, each at the step that will train it."""
+        if self.remaps is None:
+            return
+        for position in range(count):
+            entry = self._entries[position]
+            if entry.remapped is None:
+                entry.remapped = self.remaps.remap(entry.raw, self._step + position)
+
+    def trained_batch(self) -> Any:
+        """The batch of the current step as the model sees it (dynamic tables' ids replaced by rows)."""
+        self._remapped(1)
+        return self._entries[0].batch
 
     def next_for_trainer(self) -> Any:
         if self._handed_out == len(self._entries) and not self._read():
             raise StopIteration
         self._handed_out += 1
-        return self._entries[self._handed_out - 1][0]
+        return self._entries[self._handed_out - 1].raw
 
     def _have(self, count: int) -> int:
         """Reads ahead until ``count`` untrained batches are known (fewer at the end of the pass)."""
         while len(self._entries) < count and self._read():
             pass
-        return min(count, len(self._entries))
+        count = min(count, len(self._entries))
+        self._remapped(count)
+        return count
 
     # ------------------------------------------------------------- the step
     def before_forward(self) -> None:
         """In ``training_step``, before the user's: batch ``_entries[0]``'s embedding input is ready."""
         if not self._entries:
             raise RuntimeError("SparseStrategy pipeline: training_step ran on a batch the pipeline did not read")
+        self._have(1)
         if self._asynchronous:
             while self._updates and self._updates[0].done():
                 self._updates.popleft().result()  # re-raises a failed row update
@@ -256,11 +309,13 @@ class PipelineDriver:
         if not stages.batches:  # fresh (first step, or after a drain): TorchRec's fill_pipeline
             if not stages._model_attached:
                 stages.attach(self._dmp)
-            stages.enqueue_batch(iter([self._entries[0][1]]))
+            stages.enqueue_batch(iter([self._entries[0].features]))
             stages._init_pipelined_modules(stages.batches[0], stages.contexts[0], stages._pipelined_forward_type)
             stages.wait_sparse_data_dist(stages.contexts[0])
         if len(stages.batches) < 2 and self._have(2) == 2:
-            stages.enqueue_batch(iter([self._entries[1][1]]))
+            stages.enqueue_batch(iter([self._entries[1].features]))
+        if self.remaps is not None:  # its new rows, after the update of the batch before (as without a pipeline)
+            self.remaps.recycle(self._entries[0].remapped)
         stages._set_module_context(stages.contexts[0])
         stages._wait_for_batch()  # on CUDA: this stream waits for batch i's input dist stream (a no-op on CPU)
         if len(stages.batches) >= 2:
@@ -278,16 +333,19 @@ class PipelineDriver:
         if self._asynchronous:
             assert self._current is not None  # before_forward took this batch's lookups
             context = self._current.result()
-            self._updates.append(self._submit(self._update, context))
+            self._updates.append(self._submit(self._update, context, self._step))
             self._current = None
             self._trained += 1
-            self._entries.popleft()
-            self._handed_out -= 1
+            self._pop()
             self._schedule_lookups()
             return
         self._stages.dequeue_batch()
+        self._pop()
+
+    def _pop(self) -> None:
         self._entries.popleft()
         self._handed_out -= 1
+        self._step += 1
 
     # ------------------------------------------------------- hybrid worker
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
@@ -301,11 +359,17 @@ class PipelineDriver:
         wanted = self._have(self.config.staleness + 1)
         while len(self._lookups) < wanted:
             index = self._trained + len(self._lookups)
-            self._lookups.append(self._submit(self._lookup, self._entries[len(self._lookups)][1], index))
+            entry = self._entries[len(self._lookups)]
+            self._lookups.append(self._submit(self._lookup, entry.features, entry.remapped, index))
 
-    def _lookup(self, features: KeyedJaggedTensor, index: int) -> CPUEmbeddingTrainPipelineContext:
+    def _lookup(
+        self, features: KeyedJaggedTensor, remapped: Optional[Remapped], index: int
+    ) -> CPUEmbeddingTrainPipelineContext:
         """Worker: input dist, lookup and output dist of one batch; the embeddings are kept detached."""
         stages = self._stages
+        if remapped is not None:  # its new rows, just before its lookup (pipeline_dynamic.py)
+            self.remaps.recycle(remapped)
+            self._recycled.append(remapped)
         context = CPUEmbeddingTrainPipelineContext(index=index, version=1)
         features = features.to(self._device, non_blocking=True)
         if not stages._model_attached:
@@ -322,13 +386,17 @@ class PipelineDriver:
             context.gpu_embedding_outputs[name] = _detach_into(embeddings, context)
         return context
 
-    def _update(self, context: CPUEmbeddingTrainPipelineContext) -> None:
+    def _update(self, context: CPUEmbeddingTrainPipelineContext, step: int) -> None:
         """Worker: the batch's embedding backward (fbgemm's fused update), then our kernels' update."""
         if any(t.grad is not None for tensors in context.detached_embedding_tensors for t in tensors):
             self._stages.embedding_backward(context)
         self._row_update()
         assert self.versions is not None  # the worker runs in the asynchronous (hybrid) pipeline only
         self.versions.applied()
+        if self._recycled:  # later batches' new rows: undo what this update wrote into them for evicted ids
+            later = [entry for entry in self._recycled if entry.step > step]
+            self.remaps.reapply(later)
+            self._recycled = [entry for entry in later if entry.step > step + 1]  # the next batch's is final now
 
     # ----------------------------------------------------------------- drain
     def settle(self) -> None:
@@ -347,6 +415,11 @@ class PipelineDriver:
             self._updates.clear()
             self._current = None
             self._trained = 0
+        if self.remaps is not None:  # the hash tables and rows as after the trained batches (pipeline_dynamic.py)
+            self.remaps.rewind([entry.remapped for entry in self._entries if entry.remapped is not None])
+            for entry in self._entries:
+                entry.forget_remap()
+            self._recycled = []
         self._stages.reset()
         if self.versions is not None:
             self.versions.forget_in_flight()
@@ -412,4 +485,9 @@ def build_driver(strategy: Any, trainer: Any) -> Optional[PipelineDriver]:
             "of their own; build the model anew for this Trainer."
         )
     check_traceable(dmp)
-    return PipelineDriver(config, dmp, strategy.root_device, strategy.sharded_model.optimizer.step_kernels)
+    dynamic = strategy.sharded_model.dynamic
+    return PipelineDriver(
+        config, dmp, strategy.root_device, strategy.sharded_model.optimizer.step_kernels,
+        remaps=PipelineRemaps(dynamic) if dynamic is not None else None,
+        global_step=lambda: trainer.global_step,
+    )  # fmt: skip

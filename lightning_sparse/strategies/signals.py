@@ -1,6 +1,6 @@
-"""Stopping every rank on SIGTERM/SIGINT: the handler only records the signal; the ranks agree at the next
-step boundary (one small all_reduce that all of them issue at the same point) and stop together,
-optionally after saving a checkpoint.
+"""Stopping every rank on SIGTERM/SIGINT: the handler only records the signal; the ranks agree at a step
+boundary (one small all_reduce that all of them issue at the same point, started at one boundary and read at
+the next, so no rank waits for the others there) and stop together, optionally after saving a checkpoint.
 
 Why Lightning's own handling is replaced for SparseStrategy: Lightning 2.6
 (``_SignalConnector._sigterm_notifier_fn``) calls ``dist.broadcast`` inside the SIGTERM handler. Python runs
@@ -14,7 +14,9 @@ What is overridden, and why that much:
 - :class:`SignalConnector` subclasses Lightning's ``_SignalConnector`` and is put in ``trainer._signal_connector``
   by :meth:`SparseStrategy.setup` (the trainer registers its handlers right after). It keeps Lightning's
   SIGUSR (SLURM requeue) handling and handler restoring, and installs flag-only handlers for SIGTERM and
-  SIGINT. ``received_sigterm`` stays False, so Lightning's loops never stop one rank on their own.
+  SIGINT. ``received_sigterm`` stays False, so Lightning's loops never stop one rank on their own, and the
+  broadcast of rank 0's flag that Lightning's training loop runs before every batch (always 0 then) is
+  skipped: it made every rank wait for the others once more per step (:func:`skip_lightning_sigterm_broadcast`).
 - :class:`StopAtStepBoundary` is a callback the strategy adds to the trainer: after every training,
   validation, test and predict batch the ranks agree; if any rank was signalled, all of them raise
   Lightning's ``SIGTERMException`` together (so ``on_exception`` callbacks such as ``OnExceptionCheckpoint``
@@ -50,7 +52,7 @@ _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
 
 
 class OnSignal(NamedEnum):
-    """What SparseStrategy does when a rank gets SIGTERM or SIGINT (all ranks stop at the next step boundary).
+    """What SparseStrategy does when a rank gets SIGTERM or SIGINT (all ranks stop together at a step boundary).
 
     ``stop``: stop. ``checkpoint_and_stop``: while fitting, first save a checkpoint (on every rank, as any
     sharded checkpoint) to ``signal_checkpoint_path``, by default ``<default_root_dir>/on_signal.ckpt``.
@@ -72,6 +74,7 @@ class StopRequest:
         self.stopping = False  # set on every rank once the ranks agreed to stop
         self.active = False  # the flag-only handlers are installed (a trainer stage is running)
         self._previous: dict[int, _Handler] = {}
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None  # the all_reduce started at the last boundary
 
     def install(self, previous: Optional[dict[int, _Handler]] = None) -> None:
         """Installs the flag-only handlers (main thread only: Python delivers signals there)."""
@@ -92,11 +95,25 @@ class StopRequest:
         self.signum = signum
 
     def agree(self, device: torch.device) -> int:
-        """The signal any rank received (the highest number if several), or 0; every rank must call it."""
+        """The signal any rank had received at the previous call (the highest number if several), or 0; every
+        rank must call it at the same points (each step boundary).
+
+        This boundary's flags are all-reduced asynchronously and read at the next call: a blocking all_reduce
+        made every rank wait for the slowest at every boundary (the step's own collectives keep them together
+        anyway), at the price of stopping one boundary later. One process: this process's signal, at once."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.signum
+        agreed = self.finish()
         flags = torch.tensor([self.signum], dtype=torch.int32, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), flags)
+        return agreed
+
+    def finish(self) -> int:
+        """Waits for the all_reduce started at the last boundary, if any; the signal it agreed on, or 0."""
+        if self._pending is None:
+            return 0
+        (work, flags), self._pending = self._pending, None
+        work.wait()
         return int(flags.item())
 
 
@@ -113,7 +130,9 @@ class SignalConnector(_SignalConnector):
         self.request.install(previous)
 
     def teardown(self) -> None:
-        """Restores the previous handlers; a signal that came after the last step boundary goes to them."""
+        """Restores the previous handlers; a signal the ranks did not stop on goes to them."""
+        if dist.is_available() and dist.is_initialized():
+            self.request.finish()  # every rank reaches teardown; nothing is left in flight on the group
         super().teardown()
         self.request.active = False
         pending, self.request.signum = self.request.signum, 0
@@ -121,6 +140,12 @@ class SignalConnector(_SignalConnector):
             log.warning("%s arrived after the last step boundary: passing it to the process's previous handler",
                         signal.Signals(pending).name)
             signal.raise_signal(pending)
+
+
+def skip_lightning_sigterm_broadcast(trainer: Trainer) -> None:
+    """Lightning's training loop broadcasts rank 0's ``received_sigterm`` before every batch; under
+    :class:`SignalConnector` it is always False (see the module docstring), so the broadcast only costs a wait."""
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
 
 class StopAtStepBoundary(Callback):

@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
@@ -44,7 +45,13 @@ from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_mod
 from lightning_sparse.strategies import pipelines
 from lightning_sparse.strategies.auto_sharding import check_resumed_auto_sharding, checked_batches, measured_auto_sharding
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
-from lightning_sparse.strategies.signals import OnSignal, SignalConnector, StopAtStepBoundary, StopRequest
+from lightning_sparse.strategies.signals import (
+    OnSignal,
+    SignalConnector,
+    StopAtStepBoundary,
+    StopRequest,
+    skip_lightning_sigterm_broadcast,
+)
 from lightning_sparse.trainer_attrs import add_callback_once
 from lightning_sparse.validation import BadIdPolicy, InputChecks, NonFinitePolicy
 
@@ -81,7 +88,7 @@ class SparseStrategy(DDPStrategy):
             ``drop``: removed from its bag and counted as ``input/dropped_ids``. Dynamic tables take any id.
         non_finite: a sample with a NaN/infinite dense feature or label is an ``error``, or ``skip``: removed
             from the batch and counted as ``input/skipped_samples``.
-        on_signal: what a SIGTERM/SIGINT to any rank does: every rank stops at the next step boundary
+        on_signal: what a SIGTERM/SIGINT to any rank does: every rank stops together within two step boundaries
             (``stop``), after saving a checkpoint when fitting (``checkpoint_and_stop``); see ``signals.py``.
         signal_checkpoint_path: where ``checkpoint_and_stop`` saves; default ``<default_root_dir>/on_signal.ckpt``.
         count_communication: count the bytes of every collective per training step, by table and sharding type
@@ -269,7 +276,9 @@ class SparseStrategy(DDPStrategy):
         self.sharded_model.optimizer.push_learning_rates()
         args = self._checked(args, training=True)
         dynamic = self.dynamic_tables
-        if dynamic is not None:
+        if dynamic is not None and self._pipeline is not None:  # remapped as it entered the pipeline
+            args = (move_data_to_device(self._pipeline.trained_batch(), self.root_device),) + args[1:]
+        elif dynamic is not None:
             args = (self._remap_for_training(args[0], dynamic),) + args[1:]
         if self.cached_tables is not None:  # ids -> scratchpad slots, planned k batches ahead (cache/tables.py)
             args = (self.cached_tables.before_training_step(args[0]),) + args[1:]
@@ -463,6 +472,7 @@ class SparseStrategy(DDPStrategy):
         the trainer registers its signal handlers right after."""
         if not isinstance(trainer._signal_connector, SignalConnector):
             trainer._signal_connector = SignalConnector(trainer, self._stop_request)
+        skip_lightning_sigterm_broadcast(trainer)
         add_callback_once(trainer, StopAtStepBoundary(self._stop_request, self.on_signal, self.signal_checkpoint_path))
 
     def on_exception(self, exception: BaseException) -> None:

@@ -17,8 +17,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 import lightning_sparse
-from lightning_sparse.config import SparseOptimizerConfig
+from lightning_sparse.config import SparseOptimizerConfig, TableConfig
 from lightning_sparse.data import SyntheticClickDataModule
+from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig
 from lightning_sparse.models import DLRMModule
 from leave import leave_and_exit
 
@@ -29,6 +30,18 @@ class Losses(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+
+
+class SeenBatches(DLRMModule):
+    """DLRM that keeps a sha256 of the ids each training_step receives (rows, for dynamic tables)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(hashlib.sha256(batch.sparse_features.values().numpy().tobytes()).hexdigest())
+        return super().training_step(batch, batch_idx)
 
 
 def digest(strategy) -> dict[str, str]:
@@ -52,13 +65,17 @@ def digest(strategy) -> dict[str, str]:
 
 def fit(spec: dict, devices: int) -> dict:
     """One fit of a scenario: ``pipeline``, ``staleness``, ``optimizer``, ``batches``, ``val_check_interval``,
-    ``ckpt_dir`` + ``ckpt_every`` (a checkpoint every n steps), ``ckpt_in`` (resume)."""
+    ``ckpt_dir`` + ``ckpt_every`` (a checkpoint every n steps), ``ckpt_in`` (resume), ``dynamic`` (tables
+    t_cat_0 and t_cat_2 dynamic, hash tables sharded and replicated, with ten times more ids than rows: LRU
+    evictions in every step)."""
     pl.seed_everything(1234)
     sizes = [40, 60, 30, 50]  # small tables: rows repeat across batches, so staleness is visible
+    dynamic = spec.get("dynamic", False)
     data = SyntheticClickDataModule(
         num_embeddings_per_feature=sizes, batch_size=32, num_train_batches=spec.get("batches", 8), num_val_batches=2,
+        id_space_per_feature=[400, 60, 300, 50] if dynamic else None,
     )  # fmt: skip
-    model = DLRMModule(
+    model = SeenBatches(
         num_embeddings_per_feature=sizes, num_dense_features=data.num_dense_features, embedding_dim=8,
         dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
     )  # fmt: skip
@@ -66,7 +83,14 @@ def fit(spec: dict, devices: int) -> dict:
     if spec.get("staleness") is not None:
         pipeline["staleness"] = spec["staleness"]
     optimizer = SparseOptimizerConfig(kind=spec.get("optimizer", "rowwise_adagrad"), lr=0.05)
-    strategy = lightning_sparse.SparseStrategy(sharding="table_wise", optimizer=optimizer, pipeline=pipeline)
+    tables = {}
+    if dynamic:
+        admit = AdmissionConfig(min_count=1)
+        tables = {
+            "t_cat_0": TableConfig(dynamic=DynamicTableConfig(admission=admit, eviction="lru")),
+            "t_cat_2": TableConfig(dynamic=DynamicTableConfig(admission=admit, eviction="lru", placement="replicated")),
+        }
+    strategy = lightning_sparse.SparseStrategy(sharding="table_wise", optimizer=optimizer, pipeline=pipeline, tables=tables)
     losses = Losses()
     callbacks = [losses]
     if spec.get("ckpt_dir"):
@@ -82,13 +106,16 @@ def fit(spec: dict, devices: int) -> dict:
     os.environ.setdefault("LOCAL_RANK", "0")  # the ranks exist now: later Trainers of this script start none
     staleness = torch.tensor([float(trainer.callback_metrics.get("pipeline/max_staleness", -1.0))])
     torch.distributed.all_reduce(staleness, op=torch.distributed.ReduceOp.MAX)
+    hash_tables = strategy.dynamic_tables.global_metrics() if dynamic else {}
     digests = [None] * trainer.world_size
     torch.distributed.all_gather_object(digests, digest(strategy))
     return {
         "losses": losses.losses,
+        "seen": model.seen,
         "digests": digests,
         "max_staleness": float(staleness),
         "global_step": trainer.global_step,
+        "evicted": {name: counters["evicted"] for name, counters in hash_tables.items()},
         "routes": {t.name: t.route.value for t in strategy.embedding_tables.tables.values()},
         "val_auc": float(trainer.callback_metrics.get("val/auc", -1.0)),
         "tables_on_own_group": strategy.distributed_model._env.process_group is not torch.distributed.group.WORLD,
