@@ -315,7 +315,9 @@ class PipelineDriver:
         if len(stages.batches) < 2 and self._have(2) == 2:
             stages.enqueue_batch(iter([self._entries[1].features]))
         if self.remaps is not None:  # its new rows, after the update of the batch before (as without a pipeline)
-            self.remaps.recycle(self._entries[0].remapped)
+            remapped = self._entries[0].remapped
+            assert remapped is not None  # every entry is remapped when the pipeline has dynamic tables
+            self.remaps.recycle(remapped)
         stages._set_module_context(stages.contexts[0])
         stages._wait_for_batch()  # on CUDA: this stream waits for batch i's input dist stream (a no-op on CPU)
         if len(stages.batches) >= 2:
@@ -368,6 +370,7 @@ class PipelineDriver:
         """Worker: input dist, lookup and output dist of one batch; the embeddings are kept detached."""
         stages = self._stages
         if remapped is not None:  # its new rows, just before its lookup (pipeline_dynamic.py)
+            assert self.remaps is not None  # a batch is remapped only when the pipeline has dynamic tables
             self.remaps.recycle(remapped)
             self._recycled.append(remapped)
         context = CPUEmbeddingTrainPipelineContext(index=index, version=1)
@@ -395,6 +398,7 @@ class PipelineDriver:
         self.versions.applied()
         if self._recycled:  # later batches' new rows: undo what this update wrote into them for evicted ids
             later = [entry for entry in self._recycled if entry.step > step]
+            assert self.remaps is not None  # batches are recycled only when the pipeline has dynamic tables
             self.remaps.reapply(later)
             self._recycled = [entry for entry in later if entry.step > step + 1]  # the next batch's is final now
 

@@ -145,7 +145,7 @@ class SignalConnector(_SignalConnector):
 def skip_lightning_sigterm_broadcast(trainer: Trainer) -> None:
     """Lightning's training loop broadcasts rank 0's ``received_sigterm`` before every batch; under
     :class:`SignalConnector` it is always False (see the module docstring), so the broadcast only costs a wait."""
-    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+    setattr(trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor", lambda: None)  # an instance attribute
 
 
 class StopAtStepBoundary(Callback):
