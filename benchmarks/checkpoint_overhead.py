@@ -86,7 +86,9 @@ def main() -> None:
         assert all(torch.equal(target[name], tensors[name]) for name in tensors)
     in_memory = tensors["table_0.weight"].numpy().tobytes()
     hashing = best_of(args.repeats, {"sha256": lambda: hashlib.sha256(in_memory).hexdigest()})["sha256"]
-    print(f"machine: {platform.machine()}, torch {torch.__version__}, one process, checkpoint of {size / 2**20:.0f} MiB")
+    print(
+        f"machine: {platform.machine()}, torch {torch.__version__}, one process, checkpoint of {size / 2**20:.0f} MiB"
+    )
     print(f"sha256 in memory: {len(in_memory) / 2**20 / hashing:,.0f} MiB/s (best of {args.repeats})\n")
     print("| best of %d | plain | verified | verified / plain |" % args.repeats)
     print("|---|---:|---:|---:|")

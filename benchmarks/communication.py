@@ -148,7 +148,9 @@ def planner_under_budget(rows: int, dim: int, batch: int, budget_mib: int) -> di
     tables = resolve_tables(model, "cpu", ShardingType.AUTO, SparseOptimizerConfig(kind="rowwise_adagrad"), None)
     topology = Topology(world_size=W, compute_device="cpu", ddr_cap=budget_mib * 2**20)
     constraints = planner_constraints(tables, "cpu")
-    fits = {t: plan_fits(model, tables, {"t": ShardingType(t)}, constraints, topology, sharders(), "cpu") for t in SHARDINGS}
+    fits = {
+        t: plan_fits(model, tables, {"t": ShardingType(t)}, constraints, topology, sharders(), "cpu") for t in SHARDINGS
+    }
     stats = [BatchStats() for _ in range(W)]
     for rank, rank_stats in enumerate(stats):  # the DistributedSampler (no shuffle) gives rank r batches r, r + W, ...
         for index in range(rank, 4 * W, W):
@@ -214,13 +216,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rows", type=int, default=50_000)
-    parser.add_argument("--dim", type=int, default=256, help="256: TorchRec's planner splits column_wise in 128-wide shards")
+    parser.add_argument(
+        "--dim", type=int, default=256, help="256: TorchRec's planner splits column_wise in 128-wide shards"
+    )
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--big-rows", type=int, default=2_000_000, help="rows of the over-budget table (dim 64)")
     parser.add_argument("--budget-mib", type=int, default=384, help="memory per rank (TorchRec's planner's ddr_cap)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--timing-only", action="store_true", help="only the step times")
-    parser.add_argument("--repeats", type=int, default=3, help="step-time runs per setup, interleaved; the median is shown")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="step-time runs per setup, interleaved; the median is shown"
+    )
     args = parser.parse_args()
     steps = 2 if args.quick else 4
     rows, dim, batch = args.rows, args.dim, args.batch
@@ -247,7 +253,9 @@ def main() -> None:
     fastest: dict[str, float] = {name: float("inf") for name in runs}
     for _ in range(args.repeats):  # interleaved, so that load from other jobs spreads over every setup
         for name, (sharding, n, d, count) in runs.items():
-            seconds = fit(sharding, n, d, batch, 8, time_steps, count=count)["step_seconds"][1:]  # step 1 builds input dists
+            seconds = fit(sharding, n, d, batch, 8, time_steps, count=count)["step_seconds"][
+                1:
+            ]  # step 1 builds input dists
             gathered: list = [None] * W
             dist.all_gather_object(gathered, (sum(seconds) / len(seconds), min(seconds)))
             samples[name].append(max(mean for mean, _ in gathered))
@@ -272,13 +280,19 @@ def report(out: dict, rows: int, dim: int, batch: int, steps: int) -> None:
 
 
 def report_bytes(out: dict, rows: int, dim: int, batch: int, steps: int) -> None:
-    print(f"\none table {rows:,} x {dim}, {batch} samples per rank, 2 gloo processes, {steps} steps, bytes per step (both ranks)")
-    print(f"{'pooling':>8} {'sharding':<14}{'measured':>14}{'closed form':>14}{'diff %':>9}{'recv = sent':>12}{'hint':>14}")
+    print(
+        f"\none table {rows:,} x {dim}, {batch} samples per rank, 2 gloo processes, {steps} steps, bytes per step (both ranks)"
+    )
+    print(
+        f"{'pooling':>8} {'sharding':<14}{'measured':>14}{'closed form':>14}{'diff %':>9}{'recv = sent':>12}{'hint':>14}"
+    )
     for r in out["bytes"]:
         diff = 100 * (r["measured"] - r["closed_form"]) / r["closed_form"]
         print(f"{r['pooling']:>8} {r['sharding']:<14}{r['measured']:>14,.0f}{r['closed_form']:>14,.0f}{diff:>9.3f}"
               f"{str(r['received'] == r['measured']):>12}{r['hint']:>14,.0f}")  # fmt: skip
-    print("\nDES (row_wise: ids in, partial pooled sums out, their gradients back) vs parameter server (pull unique rows, push row gradients)")
+    print(
+        "\nDES (row_wise: ids in, partial pooled sums out, their gradients back) vs parameter server (pull unique rows, push row gradients)"
+    )
     print(f"{'pooling':>8}{'DES bytes':>14}{'PS bytes':>14}{'DES fewer %':>13}")
     crossover = None
     for r in out["des_vs_ps"]:
@@ -295,19 +309,28 @@ def report_time(out: dict, rows: int, dim: int) -> None:
           f"table_wise puts it whole on one rank (over budget), row_wise {out['big_table_mib'] / 2:.0f} MiB on each; "
           f"pooling 8; small: the {rows:,} x {dim} table")  # fmt: skip
     plans = out["planner"]
-    print(f"TorchRec's planner, {W} ranks of {out['budget_mib']} MiB (it keeps 15% in reserve), the big table with row-wise "
-          f"Adagrad state: " + ", ".join(f"{t} {'fits' if ok else 'no plan'}" for t, ok in plans["fits"].items()))
+    print(
+        f"TorchRec's planner, {W} ranks of {out['budget_mib']} MiB (it keeps 15% in reserve), the big table with row-wise "
+        f"Adagrad state: " + ", ".join(f"{t} {'fits' if ok else 'no plan'}" for t, ok in plans["fits"].items())
+    )
     bytes_per_type = ", ".join(f"{t} {b:,.0f}" for t, b in plans["auto_bytes"].items())
-    print(f"sharding auto there, from 4 batches per rank at pooling 8: {plans['auto']}"
-          f"{' (cheapest that fits)' if plans['memory_bound'] else ''}; bytes/step {bytes_per_type}")
+    print(
+        f"sharding auto there, from 4 batches per rank at pooling 8: {plans['auto']}"
+        f"{' (cheapest that fits)' if plans['memory_bound'] else ''}; bytes/step {bytes_per_type}"
+    )
     f = out["fastest_step"]
     print(f"{'':<26}{'s/step':>10}{'fastest':>10}")
     for name, seconds in t.items():
         print(f"{name:<26}{seconds:>10.4f}{f[name]:>10.4f}")
-    print(f"row_wise / table_wise step time (big table): {t['big row_wise'] / t['big table_wise']:.2f} "
-          f"(fastest steps: {f['big row_wise'] / f['big table_wise']:.2f})")
-    print(f"counting on / off: big table {t['big row_wise, counted'] / t['big row_wise']:.2f}, "
-          f"small table {t['small row_wise, counted'] / t['small row_wise']:.2f}")
+    print(
+        f"row_wise / table_wise step time (big table): {t['big row_wise'] / t['big table_wise']:.2f} "
+        f"(fastest steps: {f['big row_wise'] / f['big table_wise']:.2f})"
+    )
+    print(
+        f"counting on / off: big table {t['big row_wise, counted'] / t['big row_wise']:.2f}, "
+        f"small table {t['small row_wise, counted'] / t['small row_wise']:.2f}"
+    )
+
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -40,7 +40,11 @@ import torch
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.mc_modules import DistanceLFU_EvictionPolicy, ManagedCollisionCollection, MCHManagedCollisionModule
+from torchrec.modules.mc_modules import (
+    DistanceLFU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHManagedCollisionModule,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +105,10 @@ class Full(Contender):
 
 class Dynamic(Contender):
     def __init__(
-        self, budgets: dict[str, int], make_config: Callable[[int], DynamicTableConfig], rows: Optional[dict[str, int]] = None
+        self,
+        budgets: dict[str, int],
+        make_config: Callable[[int], DynamicTableConfig],
+        rows: Optional[dict[str, int]] = None,
     ) -> None:
         def overhead(rows: int) -> int:
             return state_bytes(DynamicIdRemapper(make_config(rows)))
@@ -123,7 +130,9 @@ class Dynamic(Contender):
         parts = []
         for f, r in self.remappers.items():
             m = r.metrics()
-            parts.append(f"{f}: {r.capacity} slots + {r.fallback_rows} fallback, hit rate {m['hits'] / m['lookups']:.0%}")
+            parts.append(
+                f"{f}: {r.capacity} slots + {r.fallback_rows} fallback, hit rate {m['hits'] / m['lookups']:.0%}"
+            )
         return "; ".join(parts)
 
 
@@ -233,7 +242,9 @@ def sweep_variants(only: Optional[list[str]] = None) -> dict[str, Callable[[int]
     variants = {
         "defaults (fallback_rows=0)": dynamic_config(),
         "eviction=feature_score (the earlier default)": dynamic_config(eviction="feature_score"),
-        "eviction=feature_score, sketch_depth=0": dynamic_config(eviction="feature_score", admission={"sketch_depth": 0}),
+        "eviction=feature_score, sketch_depth=0": dynamic_config(
+            eviction="feature_score", admission={"sketch_depth": 0}
+        ),
         "eviction=feature_score, score_decay=0.95": dynamic_config(eviction="feature_score", score_decay=0.95),
         "sketch_depth=4": dynamic_config(admission={"sketch_depth": 4}),
         "fallback_rows=1 (one shared row, like MCH's misses)": dynamic_config(fallback_rows=1),
@@ -265,7 +276,9 @@ def contenders(stream: Stream, fraction: float, batch: int, equal_rows: bool) ->
         "(b) torchrec MCH, DistanceLFU": lambda: MCH(budgets, batch),
         "(c) dynamic, defaults": lambda: Dynamic(budgets, dynamic_config()),
         "(d) full-size tables (ceiling)": lambda: Full(stream),
-        "(c) earlier defaults: feature_score, sketch": lambda: Dynamic(budgets, dynamic_config(eviction="feature_score")),
+        "(c) earlier defaults: feature_score, sketch": lambda: Dynamic(
+            budgets, dynamic_config(eviction="feature_score")
+        ),
     }
     if equal_rows:  # what (c) would score with hash state as small as MCH's (more memory than the budget)
         out["(c) at (b)'s rows, over budget"] = lambda: Dynamic(budgets, dynamic_config(), MCH(budgets, batch).rows)
@@ -279,7 +292,9 @@ def run(args, make_variants: Callable[[Stream], dict[str, Callable[[], Contender
             start = time.perf_counter()
             stream = STREAMS[name](args.steps, args.batch, seed)
             users, items = stream.distinct()
-            print(f"# {name} seed {seed}: {users} distinct users, {items} distinct items ({time.perf_counter() - start:.1f} s)")
+            print(
+                f"# {name} seed {seed}: {users} distinct users, {items} distinct items ({time.perf_counter() - start:.1f} s)"
+            )
             for label, make in make_variants(stream).items():
                 start = time.perf_counter()
                 contender = make()
@@ -312,7 +327,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--fraction", type=float, default=0.2, help="memory budget: a plain table of this share of distinct ids")
+    parser.add_argument(
+        "--fraction", type=float, default=0.2, help="memory budget: a plain table of this share of distinct ids"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--sweep: 0)")
     parser.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
     parser.add_argument("--sweep", action="store_true", help="compare dynamic-table settings instead")
@@ -327,6 +344,7 @@ def main() -> None:
     )
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
     if args.sweep:
+
         def variants(stream: Stream) -> dict[str, Callable[[], Contender]]:
             budgets = budgets_of(stream, args.fraction)
             return {label: (lambda c=c: Dynamic(budgets, c)) for label, c in sweep_variants(args.only).items()}

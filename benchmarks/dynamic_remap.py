@@ -31,7 +31,6 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, EvictionPolicy
 from lightning_sparse.ops import native_op
 
-
 #: id universe (x capacity) and drift of the popular ids per batch (/ capacity) of each scenario
 SCENARIOS = {
     "steady": (1.25, 1 / 1024),  # most traffic hits the table: a well-sized table in production
@@ -121,8 +120,12 @@ def main() -> None:
         "torchrec MCH (DistanceLFU)": lambda: TorchRecMCH(args.capacity, DistanceLFU_EvictionPolicy()),
         "python dict": lambda: PythonDict(args.capacity),
     }
-    print(f"# dynamic_remap: capacity={args.capacity} batch={args.batch} steps={args.steps} (after {args.warmup} warm-up)")
-    print(f"# machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(
+        f"# dynamic_remap: capacity={args.capacity} batch={args.batch} steps={args.steps} (after {args.warmup} warm-up)"
+    )
+    print(
+        f"# machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
     for scenario in args.scenarios:
         universe, drift = SCENARIOS[scenario]
         batches = drifting_batches(
@@ -155,7 +158,9 @@ def run_scenario(scenario: str, batches: list[torch.Tensor], makers: dict, args:
             f"\nscenario={scenario} threads={threads} (native lfu hit rate after warm-up: {hit_rate:.0%}; "
             f"load average {os.getloadavg()[0]:.1f})"
         )
-        print(f"| {'contender':<27} | {'ids/s (wall)':>13} | {'ids/CPU-s':>12} | {'vs MCH LFU, wall':>16} | {'vs MCH LFU, CPU':>15} |")
+        print(
+            f"| {'contender':<27} | {'ids/s (wall)':>13} | {'ids/CPU-s':>12} | {'vs MCH LFU, wall':>16} | {'vs MCH LFU, CPU':>15} |"
+        )
         print(f"|{'-' * 29}|{'-' * 15}|{'-' * 14}|{'-' * 18}|{'-' * 17}|")
         for name in makers:
             print(

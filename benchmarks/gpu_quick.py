@@ -172,7 +172,9 @@ def drifting_ids(n_batches: int, batch: int, universe: int, drift: int) -> list[
 def remap_ids_per_sec(device: str, batches: list[torch.Tensor], capacity: int, warmup: int) -> float:
     from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, EvictionPolicy
 
-    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=capacity, eviction=EvictionPolicy.FEATURE_SCORE)).to(device)
+    remapper = DynamicIdRemapper(DynamicTableConfig(capacity=capacity, eviction=EvictionPolicy.FEATURE_SCORE)).to(
+        device
+    )
     on_device = [ids.to(device) for ids in batches]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step, ids in enumerate(on_device[:warmup]):
@@ -189,7 +191,9 @@ def run_remap(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_sparse.ops import native_op_for
 
     warmup = 8  # the table is full after these (universe 4x capacity, churn as in benchmarks/dynamic_remap.py)
-    batches = drifting_ids(warmup + args.remap_steps, args.remap_batch, 4 * args.remap_capacity, args.remap_capacity // 64)
+    batches = drifting_ids(
+        warmup + args.remap_steps, args.remap_batch, 4 * args.remap_capacity, args.remap_capacity // 64
+    )
     result: dict[str, Any] = {
         "capacity": args.remap_capacity,
         "batch": args.remap_batch,
@@ -220,7 +224,9 @@ def summary(args: argparse.Namespace, kinds: list[dict[str, Any]], remap: dict[s
             peak = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
             lines.append(f"{row['kind']:<18}{row['samples_per_sec']:>14,.0f}{peak:>10}  {row['route']}")
     lines.append(f"dynamic-table remap, capacity {remap['capacity']:,}, {remap['batch']:,} ids per batch (ids/s):")
-    lines.append(f"  cpu  {remap['cpu_ids_per_sec']:>14,.0f}  ({remap['cpu_kernel']}, {torch.get_num_threads()} threads)")
+    lines.append(
+        f"  cpu  {remap['cpu_ids_per_sec']:>14,.0f}  ({remap['cpu_kernel']}, {torch.get_num_threads()} threads)"
+    )
     if "cuda_ids_per_sec" in remap:
         ratio = remap["cuda_ids_per_sec"] / remap["cpu_ids_per_sec"]
         lines.append(f"  cuda {remap['cuda_ids_per_sec']:>14,.0f}  ({remap['cuda_kernel']}; {ratio:.1f}x the cpu)")
@@ -236,7 +242,9 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=1_000_000, help="rows per table at most")
     parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     parser.add_argument("--kind-timeout", type=int, default=150, help="seconds for one kind's process")
-    parser.add_argument("--budget-s", type=int, default=0, help="whole run's seconds: kinds that would not fit are not run")
+    parser.add_argument(
+        "--budget-s", type=int, default=0, help="whole run's seconds: kinds that would not fit are not run"
+    )
     parser.add_argument("--remap-capacity", type=int, default=1 << 20)
     parser.add_argument("--remap-batch", type=int, default=1 << 18)
     parser.add_argument("--remap-steps", type=int, default=20)

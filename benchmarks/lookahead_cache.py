@@ -60,7 +60,10 @@ def stream(kind: str, steps: int, rows: int, ids: int, drift: int, seed: int = 0
     popularity = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** 1.05
     spread = torch.randperm(rows, generator=g)
     shift = drift if kind == "drifting" else 0
-    return [spread[(torch.multinomial(popularity, ids, replacement=True, generator=g) + shift * t) % rows] for t in range(steps)]
+    return [
+        spread[(torch.multinomial(popularity, ids, replacement=True, generator=g) + shift * t) % rows]
+        for t in range(steps)
+    ]
 
 
 def ours(batches: list[torch.Tensor], rows: int, slots: int, k: int, warm: int) -> tuple[float, float]:
@@ -98,11 +101,15 @@ def fbgemm_lru(batches: list[list[int]], slots: int, warm: int) -> tuple[float, 
 
 
 def moves_table(args: argparse.Namespace) -> None:
-    print(f"## rows moved per step: {args.rows} rows, {args.ids} ids a batch, {args.steps} steps ({args.warm} warm-up "
-          f"not counted), drift {args.drift} rows/batch\n")
+    print(
+        f"## rows moved per step: {args.rows} rows, {args.ids} ids a batch, {args.steps} steps ({args.warm} warm-up "
+        f"not counted), drift {args.drift} rows/batch\n"
+    )
     print("Rows moved per step (rows copied in + dirty rows written back):\n")
-    print("| stream | C | LRU | fbgemm LRU (32-way sets) | prefetch-1 | ours k=1 | ours k=2 | ours k=4 | k=1 / LRU | k=2 / LRU | "
-          "k=4 / LRU | k=2 / fbgemm LRU | k=2 / prefetch-1 | Belady, whole stream known | Belady / LRU |")
+    print(
+        "| stream | C | LRU | fbgemm LRU (32-way sets) | prefetch-1 | ours k=1 | ours k=2 | ours k=4 | k=1 / LRU | k=2 / LRU | "
+        "k=4 / LRU | k=2 / fbgemm LRU | k=2 / prefetch-1 | Belady, whole stream known | Belady / LRU |"
+    )
     print("|---|---:|" + "---:|" * 13)
     hits = []
     for kind in ("zipf", "drifting"):
@@ -113,7 +120,7 @@ def moves_table(args: argparse.Namespace) -> None:
             lru_hit, lru_moved = lru(plain, slots, 0, args.warm)
             fb_hit, fb_moved = fbgemm_lru(plain, slots, args.warm)
             pre_hit, pre_moved = lru(plain, slots, 1, args.warm)
-            bound = sum(belady_moves(plain, slots)[args.warm:]) / (len(plain) - args.warm)
+            bound = sum(belady_moves(plain, slots)[args.warm :]) / (len(plain) - args.warm)
             moved, hit = {}, {}
             for k in (1, 2, 4):
                 try:
@@ -122,9 +129,12 @@ def moves_table(args: argparse.Namespace) -> None:
                     pass
             cell = lambda k, moved=moved: f"{moved[k]:.0f}" if k in moved else "window does not fit"  # noqa: E731
             ratio = lambda k, base, moved=moved: f"{moved[k] / base:.2f}x" if k in moved else "-"  # noqa: E731
-            print(f"| {kind} | {fraction:.0%} | {lru_moved:.0f} | {fb_moved:.0f} | {pre_moved:.0f} | {cell(1)} | {cell(2)} | {cell(4)} | "
-                  f"{ratio(1, lru_moved)} | {ratio(2, lru_moved)} | {ratio(4, lru_moved)} | {ratio(2, fb_moved)} | "
-                  f"{ratio(2, pre_moved)} | {bound:.0f} | {bound / lru_moved:.2f}x |", flush=True)
+            print(
+                f"| {kind} | {fraction:.0%} | {lru_moved:.0f} | {fb_moved:.0f} | {pre_moved:.0f} | {cell(1)} | {cell(2)} | {cell(4)} | "
+                f"{ratio(1, lru_moved)} | {ratio(2, lru_moved)} | {ratio(4, lru_moved)} | {ratio(2, fb_moved)} | "
+                f"{ratio(2, pre_moved)} | {bound:.0f} | {bound / lru_moved:.2f}x |",
+                flush=True,
+            )
             hits.append((kind, fraction, lru_hit, fb_hit, pre_hit, hit))
     print("\nHit rate at lookup (distinct rows of a step already in the cache when the step looks them up):\n")
     print("| stream | C | LRU | fbgemm LRU | prefetch-1 | ours k=1 | ours k=2 | ours k=4 |")
@@ -140,8 +150,13 @@ class Step:
     def __init__(self, dim: int, bag: int) -> None:
         torch.manual_seed(0)
         self.bag = bag
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                       torch.nn.Linear(256, 1))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(dim, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 1),
+        )
         self.config = SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.01)
 
     def __call__(self, weight: torch.Tensor, state: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
@@ -213,8 +228,12 @@ def one_pass(args: argparse.Namespace) -> dict:
     out["rss"] = memory_budget.rss()
     if budget is not None:
         stat = budget.stat()
-        out.update(peak=budget.peak() - budget.base, failcnt=int((budget.folder / "memory.failcnt").read_text()) if budget.version == 1 else -1,
-                   cache=stat.get("cache", stat.get("file", 0)), pgmajfault=stat.get("pgmajfault", 0))
+        out.update(
+            peak=budget.peak() - budget.base,
+            failcnt=int((budget.folder / "memory.failcnt").read_text()) if budget.version == 1 else -1,
+            cache=stat.get("cache", stat.get("file", 0)),
+            pgmajfault=stat.get("pgmajfault", 0),
+        )
     table.close()
     store.close()
     os.rmdir(folder)
@@ -227,8 +246,14 @@ def throughput(args: argparse.Namespace) -> None:
     import subprocess
     import sys
 
-    flags = [f"--big-rows={args.big_rows}", f"--dim={args.dim}", f"--big-ids={args.big_ids}", f"--big-steps={args.big_steps}",
-             f"--slot-fraction={args.slot_fraction}", f"--threads={args.threads}"] + ([f"--folder={args.folder}"] if args.folder else [])
+    flags = [
+        f"--big-rows={args.big_rows}",
+        f"--dim={args.dim}",
+        f"--big-ids={args.big_ids}",
+        f"--big-steps={args.big_steps}",
+        f"--slot-fraction={args.slot_fraction}",
+        f"--threads={args.threads}",
+    ] + ([f"--folder={args.folder}"] if args.folder else [])
     results: dict[str, list[dict]] = {name: [] for name in args.contenders.split(",")}
     for _ in range(args.passes):
         for contender in results:
@@ -236,8 +261,12 @@ def throughput(args: argparse.Namespace) -> None:
             # glibc's moving mmap threshold keeps freed step buffers in the heap, growing the resident set by MiBs
             # a step; a fixed threshold returns them (every contender runs with it)
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            done = subprocess.run([sys.executable, __file__, "--one-pass", contender, f"--cgroup={cgroup}", *flags],
-                                  capture_output=True, text=True, env=env)
+            done = subprocess.run(
+                [sys.executable, __file__, "--one-pass", contender, f"--cgroup={cgroup}", *flags],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             memory_budget.remove(cgroup)
             if done.returncode == -9 and contender == "cached":  # the kernel's OOM killer: the budget is too small
                 results[contender].append({"rate": 0.0, "killed": True, "budget": 0, "table_bytes": 0, "slots": 0})
@@ -248,38 +277,56 @@ def throughput(args: argparse.Namespace) -> None:
     rates = {name: [r["rate"] for r in runs] for name, runs in results.items()}
     median = {name: statistics.median(values) for name, values in rates.items()}
     f = median["ram"]
-    first = next((r for name in ("cached", "cached-unlimited") for r in results.get(name, []) if not r.get("killed")), None)
+    first = next(
+        (r for name in ("cached", "cached-unlimited") for r in results.get(name, []) if not r.get("killed")), None
+    )
     if first is None:
         print("\nEvery cached pass was killed at the memory limit: the budget cannot hold the planner and scratchpad.")
         return
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
-    print(f"\n## CPU throughput: table {args.big_rows} x {args.dim} + rowwise_adagrad sum = {mib(first['table_bytes'])}, "
-          + (f"memory budget of the cached contender {mib(first['budget'])} (1/4), " if "cached" in results else "")
-          + f"scratchpad {first['slots']} rows "
-          f"(1/{args.slot_fraction} of the rows), k = 2, batch {args.big_ids} ids (Zipf 1.05, bags of 16), {args.threads} "
-          f"thread(s), {args.passes} round-robin passes of {args.big_steps} steps (each a fresh process), the first "
-          f"{WARM_STEPS} not timed\n")
+    print(
+        f"\n## CPU throughput: table {args.big_rows} x {args.dim} + rowwise_adagrad sum = {mib(first['table_bytes'])}, "
+        + (f"memory budget of the cached contender {mib(first['budget'])} (1/4), " if "cached" in results else "")
+        + f"scratchpad {first['slots']} rows "
+        f"(1/{args.slot_fraction} of the rows), k = 2, batch {args.big_ids} ids (Zipf 1.05, bags of 16), {args.threads} "
+        f"thread(s), {args.passes} round-robin passes of {args.big_steps} steps (each a fresh process), the first "
+        f"{WARM_STEPS} not timed\n"
+    )
     if "cached" not in results:
         print("Only the contenders without a budget ran (--contenders).\n")
     elif "no_cgroup" in first:
         print(f"No cgroup could be used ({first['no_cgroup']}): the budget is not enforced; resident sets below.\n")
     else:
-        print(f"The cached contender ran in a memory cgroup limited to its usage when it joined + {mib(first['limit'])}; "
-              "page cache of the memory-mapped files counts against the limit.\n")
+        print(
+            f"The cached contender ran in a memory cgroup limited to its usage when it joined + {mib(first['limit'])}; "
+            "page cache of the memory-mapped files counts against the limit.\n"
+        )
     print("| table | steps/s (median) | all passes | vs in RAM | memory |")
     print("|---|---:|---|---:|---|")
-    print(f"| fully in RAM | {f:.1f} | {', '.join(f'{r:.1f}' for r in rates['ram'])} | 1.00x | resident set {mib(results['ram'][0]['rss'])} |")
+    print(
+        f"| fully in RAM | {f:.1f} | {', '.join(f'{r:.1f}' for r in rates['ram'])} | 1.00x | resident set {mib(results['ram'][0]['rss'])} |"
+    )
     if "cached" in results:
         runs = results["cached"]
-        memory = ", ".join("killed by the OOM killer at the limit" if r.get("killed") else
-                           f"peak {mib(r['peak'])} (page cache at the end {mib(r['cache'])}, limit hits {r['failcnt']}, "
-                           f"major faults {r['pgmajfault']})" if "peak" in r else f"resident set {mib(r['rss'])}" for r in runs)
-        print(f"| cached: memory-mapped rows, scratchpad, budget {mib(first['budget'])} | {median['cached']:.1f} | "
-              f"{', '.join(f'{r:.1f}' for r in rates['cached'])} | {median['cached'] / f:.2f}x | {memory} |")
+        memory = ", ".join(
+            "killed by the OOM killer at the limit"
+            if r.get("killed")
+            else f"peak {mib(r['peak'])} (page cache at the end {mib(r['cache'])}, limit hits {r['failcnt']}, "
+            f"major faults {r['pgmajfault']})"
+            if "peak" in r
+            else f"resident set {mib(r['rss'])}"
+            for r in runs
+        )
+        print(
+            f"| cached: memory-mapped rows, scratchpad, budget {mib(first['budget'])} | {median['cached']:.1f} | "
+            f"{', '.join(f'{r:.1f}' for r in rates['cached'])} | {median['cached'] / f:.2f}x | {memory} |"
+        )
     if "cached-unlimited" in results:
-        print(f"| cached, no budget (the files stay in the page cache) | {median['cached-unlimited']:.1f} | "
-              f"{', '.join(f'{r:.1f}' for r in rates['cached-unlimited'])} | {median['cached-unlimited'] / f:.2f}x | "
-              f"resident set {mib(results['cached-unlimited'][0]['rss'])} |")
+        print(
+            f"| cached, no budget (the files stay in the page cache) | {median['cached-unlimited']:.1f} | "
+            f"{', '.join(f'{r:.1f}' for r in rates['cached-unlimited'])} | {median['cached-unlimited'] / f:.2f}x | "
+            f"resident set {mib(results['cached-unlimited'][0]['rss'])} |"
+        )
 
 
 def main() -> None:
@@ -297,7 +344,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--slot-fraction", type=int, default=32, help="scratchpad = rows / this")
     parser.add_argument("--folder", default=None, help="folder of the memory-mapped files (a disk, not tmpfs)")
-    parser.add_argument("--contenders", default="ram,cached,cached-unlimited", help="of the throughput table, 'ram' first")
+    parser.add_argument(
+        "--contenders", default="ram,cached,cached-unlimited", help="of the throughput table, 'ram' first"
+    )
     parser.add_argument("--skip-moves", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--one-pass", choices=["ram", "cached", "cached-unlimited"], help=argparse.SUPPRESS)

@@ -44,8 +44,10 @@ class Model(torch.nn.Module):
         from lightning_sparse.table_init import meta_embedding_bag_collection
 
         rows = total_bytes // (TABLES * DIM * 4)
-        configs = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=rows, feature_names=[f"f{i}"])
-                   for i in range(TABLES)]
+        configs = [
+            EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=rows, feature_names=[f"f{i}"])
+            for i in range(TABLES)
+        ]
         self.ebc = meta_embedding_bag_collection(configs) if on_meta else EmbeddingBagCollection(tables=configs)
         self.head = torch.nn.Linear(TABLES * DIM, 1)
 
@@ -64,8 +66,13 @@ def _rank(rank: int, port: int, case: dict, out_dir: str) -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
     model = Model(int(case["gib"] * GIB), case["path"] == "meta")
-    dmp, tables, _ = shard_tables(model, torch.device("cpu"), dist.group.WORLD, ShardingType(case["sharding"]),
-                                  SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.05))
+    dmp, tables, _ = shard_tables(
+        model,
+        torch.device("cpu"),
+        dist.group.WORLD,
+        ShardingType(case["sharding"]),
+        SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.05),
+    )
     setup_s = time.perf_counter() - start
     rows = next(iter(tables.tables.values())).rows
     g = torch.Generator().manual_seed(rank)
@@ -101,11 +108,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 2, 4, 8], help="total table GiB")
     parser.add_argument("--shardings", nargs="+", default=["table_wise", "column_wise"])
     parser.add_argument("--paths", nargs="+", default=["host", "meta"], choices=["host", "meta"])
-    parser.add_argument("--host-max-gib", type=float, default=2.0,
-                        help="largest total run on the host path (it holds ~1.5x the tables per rank)")
+    parser.add_argument(
+        "--host-max-gib",
+        type=float,
+        default=2.0,
+        help="largest total run on the host path (it holds ~1.5x the tables per rank)",
+    )
     args = parser.parse_args()
-    print(f"2 gloo processes, {TABLES} tables x dim {DIM}, fused rowwise_adagrad, {STEPS} steps of batch {BATCH}; "
-          f"peak = VmHWM per rank; goal: peak <= 0.55 x tables + 1.5 GiB")
+    print(
+        f"2 gloo processes, {TABLES} tables x dim {DIM}, fused rowwise_adagrad, {STEPS} steps of batch {BATCH}; "
+        f"peak = VmHWM per rank; goal: peak <= 0.55 x tables + 1.5 GiB"
+    )
     print("| tables GiB | sharding | path | local tables GiB (r0, r1) | peak GiB (r0, r1) | goal GiB | met | setup s |")
     print("|---:|---|---|---|---|---:|---|---:|")
     skipped = []
@@ -120,8 +133,11 @@ def main() -> None:
                 peaks = [r["peak"] / GIB for r in ranks]
                 local = ", ".join(f"{r['local_table_bytes'] / GIB:.2f}" for r in ranks)
                 met = "yes" if max(peaks) <= goal else "no"
-                print(f"| {gib:g} | {sharding} | {path} | {local} | {peaks[0]:.2f}, {peaks[1]:.2f} | {goal:.2f} | {met} "
-                      f"| {max(r['setup_s'] for r in ranks):.1f} |", flush=True)
+                print(
+                    f"| {gib:g} | {sharding} | {path} | {local} | {peaks[0]:.2f}, {peaks[1]:.2f} | {goal:.2f} | {met} "
+                    f"| {max(r['setup_s'] for r in ranks):.1f} |",
+                    flush=True,
+                )
     if skipped:
         print(f"skipped (host path above --host-max-gib {args.host_max_gib:g}): {', '.join(skipped)}")
 

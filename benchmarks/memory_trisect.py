@@ -79,7 +79,7 @@ class DLRM(torch.nn.Module):
         super().__init__()
         self.tables = torch.nn.ModuleList(torch.nn.EmbeddingBag(c, dim, mode="sum", sparse=True) for c in cards)
         for t in self.tables:  # DLRM reference init
-            torch.nn.init.uniform_(t.weight, -(1.0 / t.num_embeddings) ** 0.5, (1.0 / t.num_embeddings) ** 0.5)
+            torch.nn.init.uniform_(t.weight, -((1.0 / t.num_embeddings) ** 0.5), (1.0 / t.num_embeddings) ** 0.5)
         self.bottom = mlp([13, 128, 64, dim])
         n = len(cards) + 1
         self.pairs = torch.triu_indices(n, n, offset=1)
@@ -169,17 +169,23 @@ def main() -> None:
         ("(b1) row-wise Adagrad + dense Adam", rowwise("rowwise_adagrad", args.rowwise_adagrad_lr)),
         ("(b2) row-wise Adam + dense Adam", rowwise("rowwise_adam", args.rowwise_adam_lr)),
     ]
-    results = [run_setup(name, make, init, cards, args.dim, train, test_batches, args.dense_lr) for name, make in setups]
+    results = [
+        run_setup(name, make, init, cards, args.dim, train, test_batches, args.dense_lr) for name, make in setups
+    ]
 
     mib = 1024.0**2
-    print(f"machine: {platform.machine()} CPU, {os.cpu_count()} cores, no GPU; torch {torch.__version__}; native kernels: {ops.native_available()}")
+    print(
+        f"machine: {platform.machine()} CPU, {os.cpu_count()} cores, no GPU; torch {torch.__version__}; native kernels: {ops.native_available()}"
+    )
     print(
         f"DLRM: 26 tables (Criteo cardinalities capped at {args.max_rows:,}: {sum(cards):,} rows) x dim {args.dim}, "
         f"13 dense features; {args.train_steps} steps x batch {args.batch} = {args.train_steps * args.batch:,} samples "
         f"(Zipf {args.alpha}, CTR {ctr:.3f}); test {len(test_batches) * 8192:,} samples; oracle AUC {float(oracle.compute()):.4f}"
     )
     print()
-    print("| setup | embedding weights MiB | sparse opt state MiB | dense weights MiB | dense opt state MiB | total MiB | total / (a) | test AUC | AUC - (a) | train s |")
+    print(
+        "| setup | embedding weights MiB | sparse opt state MiB | dense weights MiB | dense opt state MiB | total MiB | total / (a) | test AUC | AUC - (a) | train s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = results[0]
     for r in results:

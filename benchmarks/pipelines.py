@@ -201,7 +201,12 @@ def variants(staleness: int, delay_check: bool) -> dict[str, dict]:
         "(a) Lightning + SparseStrategy(pipeline=sparse_dist)": {"variant": "lightning", "pipeline": "sparse_dist"},
         "(b) TorchRec TrainPipelineSparseDist.progress loop": {"variant": "torchrec"},
         "none, delay": {"variant": "lightning", "pipeline": "none", "auc": 1},
-        f"hybrid S={staleness}, delay": {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1},
+        f"hybrid S={staleness}, delay": {
+            "variant": "lightning",
+            "pipeline": "hybrid",
+            "staleness": staleness,
+            "auc": 1,
+        },
     }
     if delay_check:  # the same two without the delay: how much of it each one pays
         out["none, no delay"] = {"variant": "lightning", "pipeline": "none"}
@@ -216,14 +221,20 @@ def main() -> None:
     parser.add_argument("--pooling-factor", type=int, default=1, help="ids per feature per sample (1 = one-hot)")
     parser.add_argument("--delay-ms", type=float, default=20.0, help="injected delay per step in the lookup (part 2)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the best is kept")
-    parser.add_argument("--auc-only", default=None, help="e.g. 1,2,4: only validation AUC of none and hybrid with these staleness bounds, no delay")
+    parser.add_argument(
+        "--auc-only",
+        default=None,
+        help="e.g. 1,2,4: only validation AUC of none and hybrid with these staleness bounds, no delay",
+    )
     parser.add_argument("--variant", choices=["lightning", "torchrec"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=4, help="staleness of the hybrid variant (part 2)")
     parser.add_argument("--delay-check", action="store_true", help="also none and hybrid without the delay (part 2)")
     parser.add_argument("--auc", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--profile", default=None, help="with --variant: cProfile rank 0's measured steps into this file")
+    parser.add_argument(
+        "--profile", default=None, help="with --variant: cProfile rank 0's measured steps into this file"
+    )
     args = parser.parse_args()
     if args.variant == "lightning":
         return run_lightning(args)
@@ -240,7 +251,9 @@ def main() -> None:
             if name not in best or got["steps_per_sec"] > best[name]["steps_per_sec"]:
                 best[name] = got
     load = os.getloadavg()[0]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f}, torch {torch.__version__}, 2 gloo processes")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f}, torch {torch.__version__}, 2 gloo processes"
+    )
     print(
         f"model: DLRM, {len(TABLE_SIZES)} tables ({sum(TABLE_SIZES):,} rows x 64), pooling factor {args.pooling_factor}, "
         f"batch {args.batch_size}/rank, {args.steps} steps ({WARMUP_STEPS} warm-up), best of {args.repeats}"
@@ -248,26 +261,36 @@ def main() -> None:
     print("\n| variant | steps/s | val AUC |\n|---|---:|---:|")
     for name, got in best.items():
         auc = f"{got['auc']:.4f}" if got["auc"] == got["auc"] else "-"
-        print(f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} |")
+        print(
+            f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} |"
+        )
     names = list(best)
     ab = best[names[0]]["steps_per_sec"] / best[names[1]]["steps_per_sec"]
     speedup = best[names[3]]["steps_per_sec"] / best[names[2]]["steps_per_sec"]
     auc_gap = abs(best[names[3]]["auc"] - best[names[2]]["auc"])
     print(f"\n(a)/(b) = {ab:.3f}            goal >= 0.97   {'met' if ab >= 0.97 else 'NOT met'}")
-    print(f"hybrid S={args.staleness} / none = {speedup:.2f}x   goal >= 1.5    {'met' if speedup >= 1.5 else 'NOT met'}")
+    print(
+        f"hybrid S={args.staleness} / none = {speedup:.2f}x   goal >= 1.5    {'met' if speedup >= 1.5 else 'NOT met'}"
+    )
     print(f"|AUC gap| = {auc_gap:.4f}         goal <= 0.005  {'met' if auc_gap <= 0.005 else 'NOT met'}")
     if args.delay_check:
         ms = [1000 / best[name]["steps_per_sec"] for name in names[2:6]]
-        print(f"ms/step the {args.delay_ms:g} ms delay adds: none {ms[0] - ms[2]:+.1f}, hybrid S={args.staleness} {ms[1] - ms[3]:+.1f}")
+        print(
+            f"ms/step the {args.delay_ms:g} ms delay adds: none {ms[0] - ms[2]:+.1f}, hybrid S={args.staleness} {ms[1] - ms[3]:+.1f}"
+        )
 
 
 def auc_only(args) -> None:
     """Validation AUC after the same training samples: none vs hybrid with each staleness (deterministic runs)."""
     base = _run({"variant": "lightning", "pipeline": "none", "auc": 1, "delay_ms": 0}, args)["auc"]
-    print(f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps, 2 processes")
+    print(
+        f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps, 2 processes"
+    )
     print(f"\n| pipeline | val AUC | AUC - none |\n|---|---:|---:|\n| none | {base:.4f} | |")
     for staleness in (int(s) for s in args.auc_only.split(",")):
-        auc = _run({"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1, "delay_ms": 0}, args)["auc"]
+        auc = _run(
+            {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1, "delay_ms": 0}, args
+        )["auc"]
         print(f"| hybrid S={staleness} | {auc:.4f} | {auc - base:+.4f} |")
 
 

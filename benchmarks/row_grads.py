@@ -30,7 +30,10 @@ from lightning_sparse.optim.row_grads import POOLING_SUM, embedding_row_grads_re
 def make_tbe(tables: int, rows: int, dim: int, optimizer: str):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
     specs = [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * tables
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
@@ -112,6 +115,7 @@ def main() -> None:
             sparse_update(K.ROWWISE_ADAGRAD, weights[f], states[f], rows, grads.float(), lr=0.01, eps=1e-8)
 
     contenders = {"fbgemm TBE backward, fused EXACT_SGD (row grads + SGD step)": tbe_backward("EXACT_SGD")}
+
     def one_table_at_a_time() -> None:
         for f in range(t):  # each result dropped before the next call: the allocator reuses its memory
             native(grad_output, indices, offsets, None, features[f], columns[f], d, t, POOLING_SUM)
@@ -119,7 +123,9 @@ def main() -> None:
     if native is not None:
         contenders["ours: embedding_row_grads, native op (all tables' results kept)"] = timed(lambda: row_grads(native))
         contenders["ours: embedding_row_grads, native op (one table's result at a time)"] = timed(one_table_at_a_time)
-    contenders["ours: embedding_row_grads, PyTorch twin (all kept)"] = timed(lambda: row_grads(embedding_row_grads_reference))
+    contenders["ours: embedding_row_grads, PyTorch twin (all kept)"] = timed(
+        lambda: row_grads(embedding_row_grads_reference)
+    )
     contenders["fbgemm TBE backward, fused EXACT_ROWWISE_ADAGRAD"] = tbe_backward("EXACT_ROWWISE_ADAGRAD")
     if native is not None:
         contenders["ours: native row grads + native rowwise_adagrad update"] = timed(ours_rowwise_adagrad)
@@ -131,8 +137,12 @@ def main() -> None:
     results = [(name, min(w for w, _ in runs[1:]), min(c for _, c in runs[1:])) for name, runs in samples.items()]
     base_wall, base_cpu = results[0][1], results[0][2]
     ids = "uniform" if args.alpha == 0.0 else f"Zipf {args.alpha}"
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{t} tables x {args.rows:,} rows x {d} fp32, one feature each, batch {b} x {p} ids ({ids}): {unique:,.0f} unique rows per table")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{t} tables x {args.rows:,} rows x {d} fp32, one feature each, batch {b} x {p} ids ({ids}): {unique:,.0f} unique rows per table"
+    )
     print()
     print("| what (all tables, one step) | wall ms | CPU ms | wall vs fbgemm EXACT_SGD backward | CPU vs same |")
     print("|---|---:|---:|---:|---:|")

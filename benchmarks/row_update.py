@@ -47,13 +47,24 @@ def main() -> None:
     n = args.batch * args.pooling
     one = torch.zeros(1, dtype=torch.int64)
     lookups = [
-        (torch.randn(args.batch, args.dim, generator=g), zipf_ids(args.rows, n, args.alpha, g),
-         torch.arange(0, n + 1, args.pooling), None, one, one, args.dim, 1, POOLING_SUM)
+        (
+            torch.randn(args.batch, args.dim, generator=g),
+            zipf_ids(args.rows, n, args.alpha, g),
+            torch.arange(0, n + 1, args.pooling),
+            None,
+            one,
+            one,
+            args.dim,
+            1,
+            POOLING_SUM,
+        )
         for _ in range(args.tables)
     ]
     unique = statistics.mean(int(torch.unique(lookup[1]).numel()) for lookup in lookups)
-    print(f"{args.tables} tables x {args.rows:,} x {args.dim}, batch {args.batch} x {args.pooling} Zipf({args.alpha}) ids "
-          f"(~{unique:,.0f} unique rows per table), {args.threads} thread(s); ms for all tables, median of {args.repeats}\n")
+    print(
+        f"{args.tables} tables x {args.rows:,} x {args.dim}, batch {args.batch} x {args.pooling} Zipf({args.alpha}) ids "
+        f"(~{unique:,.0f} unique rows per table), {args.threads} thread(s); ms for all tables, median of {args.repeats}\n"
+    )
     print("| kind | one pass | two steps | row grads alone |")
     print("|---|---:|---:|---:|")
     for kind in ("sgd", "adagrad", "rowwise_adagrad", "decayed_adagrad", "rowwise_adam", "adam"):

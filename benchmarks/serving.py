@@ -1,17 +1,17 @@
 """Serving from a training run (issue 13): export cost, freshness, store lookup throughput, exact replay.
 
-  cost        DLRM (tables 100k/50k/1k/100 x 16, batch 1024, one process, 1 thread): the same 300 steps with
-              and without DeltaExport at its default interval (every 100 steps), round-robin; the export's
-              own time (every rank's, summed, including the full snapshot) as a share of step time
-  freshness   the same model exporting every --interval seconds while ``lightning-sparse serve-apply`` follows
-              the directory into LMDB (poll 0.1 s): for every step, seconds from its end (its rows updated)
-              to the commit of the version holding it
-  lookups     100k rows of width 16 in LMDB and in Redis (a redis-server on loopback, started here); batches
-              of 1024 random ids, rows/s, one client
-  replay      tests/workers/serving_fit.py for 200 steps on 2 processes (400 batches of 8): every version
-              replayed into LMDB and Redis against the live tables (max |difference|)
+cost        DLRM (tables 100k/50k/1k/100 x 16, batch 1024, one process, 1 thread): the same 300 steps with
+            and without DeltaExport at its default interval (every 100 steps), round-robin; the export's
+            own time (every rank's, summed, including the full snapshot) as a share of step time
+freshness   the same model exporting every --interval seconds while ``lightning-sparse serve-apply`` follows
+            the directory into LMDB (poll 0.1 s): for every step, seconds from its end (its rows updated)
+            to the commit of the version holding it
+lookups     100k rows of width 16 in LMDB and in Redis (a redis-server on loopback, started here); batches
+            of 1024 random ids, rows/s, one client
+replay      tests/workers/serving_fit.py for 200 steps on 2 processes (400 batches of 8): every version
+            replayed into LMDB and Redis against the live tables (max |difference|)
 
-    python benchmarks/serving.py [--steps 300] [--rounds 2] [--interval 2.0] [--parts lookups,cost,freshness,replay]
+  python benchmarks/serving.py [--steps 300] [--rounds 2] [--interval 2.0] [--parts lookups,cost,freshness,replay]
 """
 
 from __future__ import annotations
@@ -119,18 +119,26 @@ def freshness(steps: int, interval: float, root: Path) -> None:
         ages += [applied[step] - clock.ended[s] for s in range(previous + 1, step + 1)]
         previous = step
     ages = np.array(ages)
-    print(f"\n## freshness (export every {interval} s, serve-apply polling every 0.1 s into LMDB, {len(export.exported_steps)} versions)")
+    print(
+        f"\n## freshness (export every {interval} s, serve-apply polling every 0.1 s into LMDB, {len(export.exported_steps)} versions)"
+    )
     print("| seconds from a step's row updates to their visibility | mean | p50 | p99 | max | goal (2 x interval) |")
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| | {ages.mean():.2f} | {np.percentile(ages, 50):.2f} | {np.percentile(ages, 99):.2f} | {ages.max():.2f} | {2 * interval:.2f} |")
+    print(
+        f"| | {ages.mean():.2f} | {np.percentile(ages, 50):.2f} | {np.percentile(ages, 99):.2f} | {ages.max():.2f} | {2 * interval:.2f} |"
+    )
 
 
 def lookups(root: Path, batches: int) -> None:
     ids = np.arange(100_000, dtype=np.int64) * 7919
     rows = np.random.default_rng(0).normal(size=(len(ids), 16)).astype(np.float32)
-    update = VersionUpdate(1, 1, True, "bench", time.time(), {"t": TableSchema(16, True)}, b"", {"t": TableUpdate(ids=ids, rows=rows)})
+    update = VersionUpdate(
+        1, 1, True, "bench", time.time(), {"t": TableSchema(16, True)}, b"", {"t": TableUpdate(ids=ids, rows=rows)}
+    )
     port = _free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
     time.sleep(1.0)
     print(f"\n## store lookups (100k rows x 16 float32, batches of 1024 random ids, one client, {batches} batches)")
     print("| store | apply 100k rows (s) | rows/s | ms per batch |\n|---|---:|---:|---:|")
@@ -147,7 +155,9 @@ def lookups(root: Path, batches: int) -> None:
                     snapshot = store.lookup({"t": batch})
                     assert snapshot.rows["t"][1].all()
                 seconds = time.perf_counter() - started
-                print(f"| {spec.split(':')[0]} | {applied:.2f} | {batches * 1024 / seconds:,.0f} | {seconds / batches * 1000:.2f} |")
+                print(
+                    f"| {spec.split(':')[0]} | {applied:.2f} | {batches * 1024 / seconds:,.0f} | {seconds / batches * 1000:.2f} |"
+                )
     finally:
         server.terminate()
 
@@ -163,11 +173,15 @@ def replay(root: Path) -> None:
                         "--exports", exports, "--ckpt-out", root / "replay.ckpt", result=root / "replay.json", timeout=900)  # fmt: skip
     live = live_tables(checkpoint_tensors(root / "replay.ckpt", read_checkpoint))
     port = _free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
     time.sleep(1.0)
     from lightning_sparse.serving import apply_pending
 
-    print(f"\n## replay: {result['global_step']} steps on {result['world_size']} processes, {result['version']} versions")
+    print(
+        f"\n## replay: {result['global_step']} steps on {result['world_size']} processes, {result['version']} versions"
+    )
     print(f"t_cat_0 (dynamic) counters: {result['dynamic_metrics']['t_cat_0']}")
     print("| store | versions applied | max abs difference to the live tables |\n|---|---:|---:|")
     try:
@@ -194,7 +208,9 @@ def main() -> None:
     parser.add_argument("--parts", default="lookups,cost,freshness,replay", help="which measurements, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    )
     root = Path(tempfile.mkdtemp(prefix="serving_bench_"))
     try:
         parts = args.parts.split(",")

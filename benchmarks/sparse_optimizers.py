@@ -31,8 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from lightning_sparse import SparseOptimizerConfig, SparseStrategy
-from lightning_sparse import ops
+from lightning_sparse import SparseOptimizerConfig, SparseStrategy, ops
 from lightning_sparse.callbacks import strategy_memory_report
 
 TABLES = 4
@@ -59,7 +58,10 @@ def make_batches(args) -> list[tuple[KeyedJaggedTensor, torch.Tensor]]:
 class Model(pl.LightningModule):
     def __init__(self, rows: int, dim: int) -> None:
         super().__init__()
-        configs = [EmbeddingBagConfig(name=f"t{t}", num_embeddings=rows, embedding_dim=dim, feature_names=[f"f{t}"]) for t in range(TABLES)]
+        configs = [
+            EmbeddingBagConfig(name=f"t{t}", num_embeddings=rows, embedding_dim=dim, feature_names=[f"f{t}"])
+            for t in range(TABLES)
+        ]
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         self.head = torch.nn.Linear(TABLES * dim, 1)
 
@@ -100,8 +102,15 @@ def time_strategy(config: SparseOptimizerConfig, batches, args) -> tuple[float, 
     model = Model(args.rows, args.dim)
     timer = StepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=SparseStrategy(sharding="table_wise", optimizer=config), max_steps=len(batches),
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[timer],
+        accelerator="cpu",
+        devices=1,
+        strategy=SparseStrategy(sharding="table_wise", optimizer=config),
+        max_steps=len(batches),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[timer],
     )
     trainer.fit(model, DataLoader(Batches(batches), batch_size=None))
     route = {t.route.value for t in trainer.strategy.embedding_tables.tables.values()}.pop()
@@ -111,7 +120,9 @@ def time_strategy(config: SparseOptimizerConfig, batches, args) -> tuple[float, 
 
 def time_torch(kind: str, batches, args) -> float:
     torch.manual_seed(0)
-    bags = torch.nn.ModuleList(torch.nn.EmbeddingBag(args.rows, args.dim, mode="sum", sparse=True) for _ in range(TABLES))
+    bags = torch.nn.ModuleList(
+        torch.nn.EmbeddingBag(args.rows, args.dim, mode="sum", sparse=True) for _ in range(TABLES)
+    )
     head = torch.nn.Linear(TABLES * args.dim, 1)
     tables = list(bags.parameters())
     sparse = {
@@ -151,9 +162,13 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
     batches = make_batches(args)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, native kernels built: {ops.native_available()}")
-    print(f"{TABLES} tables x {args.rows:,} x {args.dim} fp32, batch {args.batch} x {args.pooling} ids per bag (Zipf {args.alpha}); "
-          f"median of {args.steps} steps after {args.warmup} warm-up\n")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, native kernels built: {ops.native_available()}"
+    )
+    print(
+        f"{TABLES} tables x {args.rows:,} x {args.dim} fp32, batch {args.batch} x {args.pooling} ids per bag (Zipf {args.alpha}); "
+        f"median of {args.steps} steps after {args.warmup} warm-up\n"
+    )
     contenders = [
         ("rowwise_adagrad", SparseOptimizerConfig(kind="rowwise_adagrad")),
         ("sgd", SparseOptimizerConfig(kind="sgd")),
@@ -172,10 +187,20 @@ def main() -> None:
         for name, config in contenders:
             seconds, memory, route = time_strategy(config, batches, args)
             base = base or seconds
-            print(f"| SparseStrategy {name} | {route} | {seconds * 1e3:.1f} | {seconds / base:.2f}x | {memory / 2**20:.1f} |", flush=True)
-        for kind, name in (("sgd", "torch.optim.SGD"), ("adagrad", "torch.optim.Adagrad"), ("adam", "torch.optim.SparseAdam")):
+            print(
+                f"| SparseStrategy {name} | {route} | {seconds * 1e3:.1f} | {seconds / base:.2f}x | {memory / 2**20:.1f} |",
+                flush=True,
+            )
+        for kind, name in (
+            ("sgd", "torch.optim.SGD"),
+            ("adagrad", "torch.optim.Adagrad"),
+            ("adam", "torch.optim.SparseAdam"),
+        ):
             seconds = time_torch(kind, batches, args)
-            print(f"| EmbeddingBag(sparse=True) + {name} | plain PyTorch | {seconds * 1e3:.1f} | {seconds / base:.2f}x | - |", flush=True)
+            print(
+                f"| EmbeddingBag(sparse=True) + {name} | plain PyTorch | {seconds * 1e3:.1f} | {seconds / base:.2f}x | - |",
+                flush=True,
+            )
         print()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -39,7 +39,10 @@ def make_batches(rank: int, steps: int, batch_size: int, pooling_factor: int) ->
     from lightning_sparse.data import SyntheticClickStream
 
     stream = SyntheticClickStream(
-        num_batches=steps * 2, batch_size=batch_size, num_embeddings_per_feature=TABLE_SIZES, num_dense_features=DENSE_FEATURES,
+        num_batches=steps * 2,
+        batch_size=batch_size,
+        num_embeddings_per_feature=TABLE_SIZES,
+        num_dense_features=DENSE_FEATURES,
         pooling_factor=pooling_factor,
     )
     return [stream[i] for i in range(rank, 2 * steps, 2)]
@@ -75,7 +78,11 @@ def run_lightning(args) -> None:
     class InMemory(pl.LightningDataModule):
         def train_dataloader(self):
             rank = self.trainer.global_rank
-            return DataLoader(make_batches(rank, args.steps, args.batch_size, args.pooling_factor), batch_size=None, sampler=_RankSampler(args.steps))
+            return DataLoader(
+                make_batches(rank, args.steps, args.batch_size, args.pooling_factor),
+                batch_size=None,
+                sampler=_RankSampler(args.steps),
+            )
 
     pl.seed_everything(0)
     throughput = SamplesPerSecond(warmup_steps=WARMUP_STEPS)
@@ -114,8 +121,8 @@ def run_torchrec(rank: int, port: int, args) -> None:
     import torch.distributed as dist
 
     from lightning_sparse.config import ShardingType
-    from lightning_sparse.distributed.routes import resolve_tables
     from lightning_sparse.distributed.planning import attach_fused_optimizers, plan_sharding, shard_model
+    from lightning_sparse.distributed.routes import resolve_tables
 
     _init(rank, port)
     torch.manual_seed(0)
@@ -249,7 +256,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="steps per rank (the first 5 are warm-up)")
     parser.add_argument("--batch-size", type=int, default=2048, help="samples per rank per step")
-    parser.add_argument("--pooling-factor", type=int, default=1, help="ids per feature per sample (1 = one-hot, Criteo-like)")
+    parser.add_argument(
+        "--pooling-factor", type=int, default=1, help="ids per feature per sample (1 = one-hot, Criteo-like)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the best is kept")
     parser.add_argument("--variant", choices=["lightning", "torchrec", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -261,7 +270,11 @@ def main() -> None:
         target = run_torchrec if args.variant == "torchrec" else run_torch
         return torch.multiprocessing.spawn(target, args=(_free_port(), args), nprocs=2)
 
-    names = {"lightning": "(a) Lightning + SparseStrategy", "torchrec": "(b) TorchRec DMP loop", "torch": "(c) PyTorch EmbeddingBag(sparse) + DDP"}
+    names = {
+        "lightning": "(a) Lightning + SparseStrategy",
+        "torchrec": "(b) TorchRec DMP loop",
+        "torch": "(c) PyTorch EmbeddingBag(sparse) + DDP",
+    }
     best = {name: 0.0 for name in names}
     for _ in range(args.repeats):
         for variant in names:

@@ -19,12 +19,17 @@ SIZES = [100_000, 50_000, 20_000, 10_000, 5_000, 1_000, 500, 100]
 
 def main() -> None:
     pl.seed_everything(0)
-    data = SyntheticClickDataModule(num_embeddings_per_feature=SIZES, batch_size=1024, num_train_batches=120, num_val_batches=16)
+    data = SyntheticClickDataModule(
+        num_embeddings_per_feature=SIZES, batch_size=1024, num_train_batches=120, num_val_batches=16
+    )
     model = DLRMModule(num_embeddings_per_feature=SIZES, embedding_dim=16, learning_rate=3e-3)
     strategy = SparseStrategy(
         optimizer=SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.05),
         # The big table is split by columns over both processes; the tiny one is replicated.
-        tables={"t_cat_0": TableConfig(sharding=ShardingType.COLUMN_WISE), "t_cat_7": TableConfig(sharding="data_parallel")},
+        tables={
+            "t_cat_0": TableConfig(sharding=ShardingType.COLUMN_WISE),
+            "t_cat_7": TableConfig(sharding="data_parallel"),
+        },
     )
     throughput = SamplesPerSecond()
     trainer = pl.Trainer(
@@ -46,7 +51,9 @@ def main() -> None:
         print(f"validation AUC          {auc:.4f}")
         print(f"training samples/s      {throughput.mean_samples_per_sec:,.0f}  ({trainer.world_size} processes)")
         print(f"embedding memory        {embedding_mib:.1f} MiB  (weights + sparse optimizer state, all ranks)")
-        print(f"  of which this rank    {(memory.embedding_weight_bytes + memory.sparse_optimizer_bytes) / 2**20:.1f} MiB")
+        print(
+            f"  of which this rank    {(memory.embedding_weight_bytes + memory.sparse_optimizer_bytes) / 2**20:.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

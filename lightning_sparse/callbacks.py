@@ -42,7 +42,9 @@ class SamplesPerSecond(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last, self._samples, self._seconds, self._steps = None, 0, 0.0, 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._last is not None:
             samples = _batch_size(batch) * trainer.world_size
@@ -88,7 +90,9 @@ class SparseMemoryMonitor(pl.Callback):
         self.every_n_steps = every_n_steps
         self.per_table = per_table
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not _due(trainer, self.every_n_steps):
             return
         metrics = strategy_memory_report(trainer).as_metrics(per_table=self.per_table)
@@ -104,7 +108,9 @@ class DynamicTableMonitor(pl.Callback):
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         tables = getattr(trainer.strategy, "dynamic_tables", None)
         if tables is None or not _due(trainer, self.every_n_steps):
             return
@@ -198,7 +204,9 @@ class PrequentialEvaluation(pl.Callback):
             self.state.reset()
             self.last = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not isinstance(outputs, dict) or "logits" not in outputs or "labels" not in outputs:
             what = f"the keys {sorted(outputs)}" if isinstance(outputs, dict) else type(outputs).__name__
             raise TypeError(
@@ -245,11 +253,15 @@ class CommunicationMonitor(pl.Callback):
         self.counter = counter
         self.every_n_steps = every_n_steps
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.counter.count_batch(batch)
         self.counter.start_step()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.counter.end_step()
         if not _due(trainer, self.every_n_steps or trainer.log_every_n_steps):
             return

@@ -44,11 +44,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 import lightning_sparse.data.criteo  # its enums and data module are selectable from YAML
 import lightning_sparse.dynamic.config  # noqa: F401 - its enums are registered below
 from lightning_sparse import __version__
-from lightning_sparse.typed_config import NamedEnum
+from lightning_sparse.distributed.routes import resolve_tables
 from lightning_sparse.loggers import default_wandb_to_offline, fill_save_dirs, reserve_version
 from lightning_sparse.models import ClickModule
 from lightning_sparse.strategies import SparseStrategy  # registers strategy="sparse"
-from lightning_sparse.distributed.routes import resolve_tables
+from lightning_sparse.typed_config import NamedEnum
 
 DEFAULT_MODEL = "lightning_sparse.models.DLRMModule"
 DEFAULT_DATA = "lightning_sparse.data.SyntheticClickDataModule"
@@ -88,8 +88,16 @@ _UNKNOWN_OPTION = re.compile(r"Problem with given class_path '([\w.]+)':\s*\n\s*
 _BAD_VALUE = re.compile(r"\w+='[^'\n]*' is not valid; allowed values: [^\n]*")
 # One attempt of a jsonargparse Union report ("  - <reason>"); the wrappers around the real reasons are skipped.
 _UNION_ATTEMPT = re.compile(r"^\s*- (.+)$", re.MULTILINE)
-_WRAPPERS = ("Expected a ", "Does not validate against", "Problem with given class_path", "Not a valid subclass",
-             "Given value", "Subtypes:", "Import path", "Not a subclass")
+_WRAPPERS = (
+    "Expected a ",
+    "Does not validate against",
+    "Problem with given class_path",
+    "Not a valid subclass",
+    "Given value",
+    "Subtypes:",
+    "Import path",
+    "Not a subclass",
+)
 
 
 def _accepted_options(class_path: str) -> list[str]:
@@ -143,7 +151,13 @@ def check_before_launch(model: LightningModule, trainer: Trainer) -> None:
     """
     strategy = trainer.strategy
     if isinstance(strategy, SparseStrategy):
-        resolve_tables(model, strategy.root_device.type, strategy.sharding, strategy.sparse_optimizer_config, strategy.table_configs)
+        resolve_tables(
+            model,
+            strategy.root_device.type,
+            strategy.sharding,
+            strategy.sparse_optimizer_config,
+            strategy.table_configs,
+        )
 
 
 class SparseArgumentParser(LightningArgumentParser):
@@ -187,7 +201,11 @@ class SparseCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         self._reserved = []
         trainer = self._subcommand_config().trainer
-        loggers = [c for c in (trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]) if isinstance(c, Namespace)]
+        loggers = [
+            c
+            for c in (trainer.logger if isinstance(trainer.logger, list) else [trainer.logger])
+            if isinstance(c, Namespace)
+        ]
         fill_save_dirs(loggers, trainer.default_root_dir)
         self._reserve_log_versions(loggers)
 

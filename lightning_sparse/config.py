@@ -120,7 +120,11 @@ class CacheConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"CacheConfig.{name} must be an integer >= {low}, got {value!r}")
         self.backing = CacheBacking.parse(self.backing, "CacheConfig.backing")
-        if isinstance(self.score_decay, bool) or not isinstance(self.score_decay, (int, float)) or not 0 < self.score_decay <= 1:
+        if (
+            isinstance(self.score_decay, bool)
+            or not isinstance(self.score_decay, (int, float))
+            or not 0 < self.score_decay <= 1
+        ):
             raise ValueError(f"CacheConfig.score_decay must be a number in (0, 1], got {self.score_decay!r}")
         self.score_decay = float(self.score_decay)
 

@@ -62,7 +62,9 @@ class TableInit:
     high: float
     state: torch.Tensor
 
-    def fill(self, out: torch.Tensor, row_offset: int = 0, col_offset: int = 0, table_dim: Optional[int] = None) -> None:
+    def fill(
+        self, out: torch.Tensor, row_offset: int = 0, col_offset: int = 0, table_dim: Optional[int] = None
+    ) -> None:
         """Writes rows ``[row_offset, row_offset + out.shape[0])`` and columns ``[col_offset, col_offset +
         out.shape[1])`` of the table (``table_dim`` columns wide) into ``out``, drawing in bounded chunks:
         the rows before the block are drawn and dropped, a column block is cut from full-width rows."""
@@ -71,8 +73,13 @@ class TableInit:
         generator.set_state(self.state)
         draw(generator, row_offset * dim)
         rows_per_chunk = max(1, CHUNK_ELEMENTS // max(dim, 1))
-        direct = (col_offset == 0 and out.shape[1] == dim and out.dtype == torch.float32 and out.is_contiguous()
-                  and out.device.type == "cpu")  # else drawn on the host (the CPU generator) and copied
+        direct = (
+            col_offset == 0
+            and out.shape[1] == dim
+            and out.dtype == torch.float32
+            and out.is_contiguous()
+            and out.device.type == "cpu"
+        )  # else drawn on the host (the CPU generator) and copied
         buffer = None if direct else torch.empty(min(rows_per_chunk, out.shape[0]) * dim, device="cpu")
         with torch.no_grad():
             for start in range(0, out.shape[0], rows_per_chunk):
@@ -99,7 +106,9 @@ def default_uniform_bounds(config: EmbeddingBagConfig) -> Optional[tuple[float, 
     return None
 
 
-def meta_embedding_bag_collection(tables: list[EmbeddingBagConfig], is_weighted: bool = False) -> EmbeddingBagCollection:
+def meta_embedding_bag_collection(
+    tables: list[EmbeddingBagConfig], is_weighted: bool = False
+) -> EmbeddingBagCollection:
     """An EmbeddingBagCollection on ``meta`` whose tables, materialised (whole or shard by shard), hold
     exactly what ``EmbeddingBagCollection(tables, device="cpu")`` would have drawn, and which leaves the
     global generator where that build would have left it. Each config's ``init_fn`` becomes its
@@ -142,8 +151,10 @@ def materialise_on_host(model: nn.Module) -> bool:
         on_meta = [c for c in configs if container[c.name].weight.device.type == "meta"]
         for config in on_meta:
             table = container[config.name]
-            table.weight = nn.Parameter(torch.empty(table.weight.shape, dtype=table.weight.dtype, device="cpu"),
-                                        requires_grad=table.weight.requires_grad)
+            table.weight = nn.Parameter(
+                torch.empty(table.weight.shape, dtype=table.weight.dtype, device="cpu"),
+                requires_grad=table.weight.requires_grad,
+            )
             with torch.no_grad():
                 if isinstance(config.init_fn, TableInit):
                     config.init_fn.fill(table.weight)

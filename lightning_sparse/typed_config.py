@@ -10,7 +10,6 @@ import dataclasses
 from enum import Enum
 from typing import TypeVar
 
-
 _E = TypeVar("_E", bound="NamedEnum")
 
 

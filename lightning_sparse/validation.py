@@ -71,10 +71,14 @@ def static_tables_by_feature(modules: Iterable[nn.Module], dynamic_tables: Itera
         elif isinstance(module, EmbeddingCollection):
             configs = module.embedding_configs()
         else:
-            raise TypeError(f"expected a TorchRec EmbeddingBagCollection or EmbeddingCollection, got {type(module).__name__}")
+            raise TypeError(
+                f"expected a TorchRec EmbeddingBagCollection or EmbeddingCollection, got {type(module).__name__}"
+            )
         for config in configs:
             if config.name not in dynamic:
-                found.update({feature: StaticTable(config.name, config.num_embeddings) for feature in config.feature_names})
+                found.update(
+                    {feature: StaticTable(config.name, config.num_embeddings) for feature in config.feature_names}
+                )
     return found
 
 
@@ -85,7 +89,9 @@ def check_kjt_structure(kjt: KeyedJaggedTensor, where: str = "batch") -> None:
     """
     lengths = kjt.lengths_or_none()
     if lengths is not None and lengths.numel() and int(lengths.min()) < 0:
-        raise ValueError(f"{where}: KeyedJaggedTensor (keys {kjt.keys()}) has negative lengths; every bag length must be >= 0")
+        raise ValueError(
+            f"{where}: KeyedJaggedTensor (keys {kjt.keys()}) has negative lengths; every bag length must be >= 0"
+        )
     try:
         validate_keyed_jagged_tensor(kjt)
     except ValueError as error:
@@ -131,7 +137,9 @@ class InputChecks:
         checks.tables = tables
         return checks
 
-    def check_step(self, args: tuple, log_to: Optional[LightningModule] = None, device: Optional[torch.device] = None) -> tuple:
+    def check_step(
+        self, args: tuple, log_to: Optional[LightningModule] = None, device: Optional[torch.device] = None
+    ) -> tuple:
         """A step's arguments with the batch (the first) checked; with ``log_to`` (training), the drop
         counts are logged summed over ranks (one small all-reduce, only when a drop policy is chosen)."""
         if not args:
@@ -170,7 +178,9 @@ class InputChecks:
         )
         if not bool(bad.any()):
             return kjt
-        key_of_value = torch.arange(len(kjt.keys()), device=values.device).repeat_interleave(per_key, output_size=ids.numel())
+        key_of_value = torch.arange(len(kjt.keys()), device=values.device).repeat_interleave(
+            per_key, output_size=ids.numel()
+        )
         bad_per_key = torch.bincount(key_of_value[bad], minlength=len(kjt.keys())).tolist()
         if self.bad_ids is BadIdPolicy.ERROR:
             raise ValueError(self._bad_id_message(kjt, ids, bad, key_of_value, bad_per_key))
@@ -188,12 +198,19 @@ class InputChecks:
         if cached is None or cached[0].device != device:
             tables = [self.static_tables.get(key) for key in keys]
             lower = torch.tensor([_INT64.min if t is None else 0 for t in tables], dtype=torch.int64, device=device)
-            upper = torch.tensor([_INT64.max if t is None else t.rows - 1 for t in tables], dtype=torch.int64, device=device)
+            upper = torch.tensor(
+                [_INT64.max if t is None else t.rows - 1 for t in tables], dtype=torch.int64, device=device
+            )
             cached = self._bounds[tuple(keys)] = (lower, upper)
         return cached
 
     def _bad_id_message(
-        self, kjt: KeyedJaggedTensor, ids: torch.Tensor, bad: torch.Tensor, key_of_value: torch.Tensor, bad_per_key: list[int]
+        self,
+        kjt: KeyedJaggedTensor,
+        ids: torch.Tensor,
+        bad: torch.Tensor,
+        key_of_value: torch.Tensor,
+        bad_per_key: list[int],
     ) -> str:
         lines = []
         for k, key in enumerate(kjt.keys()):
@@ -216,7 +233,10 @@ class InputChecks:
         if finite is None:
             return batch
         if self.non_finite is NonFinitePolicy.ERROR:
-            raise ValueError(non_finite_message(batch, finite) + " Clean the data, or set SparseStrategy(non_finite='skip') to skip and count such samples.")
+            raise ValueError(
+                non_finite_message(batch, finite)
+                + " Clean the data, or set SparseStrategy(non_finite='skip') to skip and count such samples."
+            )
         kept = int(finite.sum())
         if kept == 0:
             raise ValueError(
@@ -307,11 +327,16 @@ def check_click_batch(batch: Batch) -> None:
     labels outside [0, 1] or non-finite, non-finite dense features."""
     labels = batch.labels
     if labels.numel() == 0:
-        raise ValueError("empty batch (0 samples): the data module yielded a batch without samples; skip empty batches at the source")
+        raise ValueError(
+            "empty batch (0 samples): the data module yielded a batch without samples; skip empty batches at the source"
+        )
     check_batch_sizes(batch)
     finite = finite_samples(batch)
     if finite is not None:
-        raise ValueError(non_finite_message(batch, finite) + " Clean the data (or skip such samples with SparseStrategy(non_finite='skip')).")
+        raise ValueError(
+            non_finite_message(batch, finite)
+            + " Clean the data (or skip such samples with SparseStrategy(non_finite='skip'))."
+        )
     outside = (labels < 0) | (labels > 1)
     if bool(outside.any()):
         first = labels.reshape(-1)[outside.reshape(-1)][:3].tolist()

@@ -34,7 +34,9 @@ def run_worker(script: str, *args: Any, result: Path, timeout: int = 300) -> dic
     return json.loads(result.read_text())
 
 
-def run_worker_expecting_failure(script: str, *args: Any, env: "dict[str, str] | None" = None, timeout: int = 300) -> str:
+def run_worker_expecting_failure(
+    script: str, *args: Any, env: "dict[str, str] | None" = None, timeout: int = 300
+) -> str:
     """Runs ``tests/workers/<script>`` that must fail (a rank killed by a fault hook, a refused checkpoint);
     returns its stdout and stderr. ``env`` adds variables to the workers' environment."""
     cmd = [sys.executable, str(WORKERS / script), *map(str, args), "--result", os.devnull]

@@ -56,10 +56,14 @@ class IndexCase:
     insert_slots: torch.Tensor  # int64
 
     def to(self, device: str) -> "IndexCase":
-        return IndexCase(*(t.to(device) for t in (self.index, self.slot_ids, self.erase_slots, self.insert_ids, self.insert_slots)))
+        return IndexCase(
+            *(t.to(device) for t in (self.index, self.slot_ids, self.erase_slots, self.insert_ids, self.insert_slots))
+        )
 
 
-def build_case(size: int, homes: list[int], live: int, history: list[int], erase: list[int], inserts: int, slot_order: list[int]) -> IndexCase:
+def build_case(
+    size: int, homes: list[int], live: int, history: list[int], erase: list[int], inserts: int, slot_order: list[int]
+) -> IndexCase:
     """A case over an index of ``size`` entries and ``size // 2`` slots.
 
     ``homes[k]``: home of the k-th id used (ids with the same home differ). The first ``live`` ids take

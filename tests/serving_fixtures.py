@@ -26,7 +26,9 @@ def free_port() -> int:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``redis://127.0.0.1:<port>`` of a redis-server this session starts (no persistence) and stops."""
     if not Path(REDIS_SERVER).exists():
-        pytest.fail("redis-server is not installed: the serving tests need it (apt-get install redis-server; .ci/run does)")
+        pytest.fail(
+            "redis-server is not installed: the serving tests need it (apt-get install redis-server; .ci/run does)"
+        )
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(

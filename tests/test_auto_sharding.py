@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_worker, run_worker_expecting_failure
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
 from torch import nn
@@ -14,7 +15,6 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
 
-from conftest import run_worker, run_worker_expecting_failure
 from lightning_sparse import SparseStrategy
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed.auto_sharding import asked_auto, check_resumed_choice, choose_sharding
@@ -39,8 +39,13 @@ def test_auto_picks_the_fewest_bytes_per_table_on_two_processes(tmp_path):
         "column_wise 6.0, row_wise 9.5, data_parallel 7.0)" in r["printed"]  # fmt: skip
     assert "auto sharding t_pool20    data_parallel (fewest bytes" in r["printed"]
     # on one process nothing is read, TorchRec's planner shards t_pool20: its data_parallel state cannot be resumed
-    out = run_worker_expecting_failure("auto_sharding.py", "--devices", 1, "--ckpt-in", tmp_path / "auto.ckpt", "--ckpt-out", tmp_path / "one.ckpt")
-    assert "sharding 'auto' gave table 't_pool20' 'data_parallel'" in out and "tables: {t_pool20: {sharding: data_parallel}}" in out
+    out = run_worker_expecting_failure(
+        "auto_sharding.py", "--devices", 1, "--ckpt-in", tmp_path / "auto.ckpt", "--ckpt-out", tmp_path / "one.ckpt"
+    )
+    assert (
+        "sharding 'auto' gave table 't_pool20' 'data_parallel'" in out
+        and "tables: {t_pool20: {sharding: data_parallel}}" in out
+    )
 
 
 class _Model(nn.Module):
@@ -50,7 +55,9 @@ class _Model(nn.Module):
         self.ebc = EmbeddingBagCollection(tables=[config], device=torch.device("meta"))
 
 
-@pytest.mark.parametrize("kind, spread", [("rowwise_adagrad", ShardingType.COLUMN_WISE), ("adam", ShardingType.ROW_WISE)])
+@pytest.mark.parametrize(
+    "kind, spread", [("rowwise_adagrad", ShardingType.COLUMN_WISE), ("adam", ShardingType.ROW_WISE)]
+)
 def test_cheapest_type_that_does_not_fit_gives_way_to_the_next(kind, spread):
     """A 4,000,000 x 64 table (977 MiB) under 800 MiB per rank: table_wise sends the fewest bytes but no rank can
     hold the table, nor data_parallel's copy on each; column_wise (fused kinds; 32 columns a rank) sends fewer
@@ -71,8 +78,14 @@ def test_cheapest_type_that_does_not_fit_gives_way_to_the_next(kind, spread):
     assert tight.choice == {"t": spread} and tight.memory_bound == ["t"]
     # a column_wise choice is planned as the trial planned it: one 32-column shard per rank
     assert tight.column_widths() == ({"t": 32} if spread is ShardingType.COLUMN_WISE else {})
-    assert planner_constraints(tables, "cpu", tight.column_widths())["t"].min_partition == tight.column_widths().get("t")
-    assert "column_wise" in tight.candidates["t"] if kind == "rowwise_adagrad" else "column_wise" not in tight.candidates["t"]
+    assert planner_constraints(tables, "cpu", tight.column_widths())["t"].min_partition == tight.column_widths().get(
+        "t"
+    )
+    assert (
+        "column_wise" in tight.candidates["t"]
+        if kind == "rowwise_adagrad"
+        else "column_wise" not in tight.candidates["t"]
+    )
     assert tight.bytes["t"]["table_wise"] < tight.bytes["t"]["column_wise"] < tight.bytes["t"]["row_wise"]
     assert f"{spread.value} (cheapest that fits in memory" in tight.summary_rows()[0]
     assert not hasattr(tables.weights["t"][1], "_optimizer_classes")  # the trial plans' marks are gone
@@ -91,7 +104,9 @@ def test_which_tables_auto_decides():
 
 def test_resuming_a_data_parallel_choice_into_a_sharded_table_is_refused():
     model = _Model(10, 8)
-    tables = resolve_tables(model, "cpu", ShardingType.AUTO, SparseOptimizerConfig(), {"t": TableConfig(sharding="table_wise")})
+    tables = resolve_tables(
+        model, "cpu", ShardingType.AUTO, SparseOptimizerConfig(), {"t": TableConfig(sharding="table_wise")}
+    )
     check_resumed_choice({"t": "row_wise"}, tables)  # sharded to sharded: the checkpoint reshards
     check_resumed_choice(None, tables)
     with pytest.raises(ValueError, match=r"sharding 'auto' gave table 't' 'data_parallel'.*in this run it is 'table_wise'.*"
@@ -118,7 +133,9 @@ def _trainer_reading(loader) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("loader", [DataLoader(_OneShot(), batch_size=2), (i for i in range(10))], ids=["dataset", "generator"])
+@pytest.mark.parametrize(
+    "loader", [DataLoader(_OneShot(), batch_size=2), (i for i in range(10))], ids=["dataset", "generator"]
+)
 def test_a_loader_that_cannot_be_read_ahead_is_refused(loader):
     with pytest.raises(ValueError, match=r"table\(s\) \['t'\] have sharding 'auto'.*cannot be read ahead: .*"
                        r"Set these tables' sharding explicitly \(e.g. tables: \{t: \{sharding: table_wise\}\}\), or "
@@ -133,7 +150,9 @@ def test_read_ahead_takes_nothing_from_the_epoch_and_keeps_the_random_state():
     after = [b.tolist() for b in loader]
     torch.manual_seed(7)
     without = [b.tolist() for b in loader]
-    assert after == without and sorted(i for b in after for i in b) == list(range(20))  # the same epoch as without reading
+    assert after == without and sorted(i for b in after for i in b) == list(
+        range(20)
+    )  # the same epoch as without reading
     assert [b.tolist() for b in read] == without[:2]
 
 

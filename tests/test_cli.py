@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
 import torch
-
+import yaml
 from conftest import REPO, _worker_env
+
 from lightning_sparse.cli import main, summarize_config_error
 from lightning_sparse.loggers import default_wandb_to_offline
 
@@ -46,7 +45,9 @@ def _cli_env(cwd: Path) -> dict[str, str]:
 
 def run_cli_process(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """Runs ``lightning-sparse ARGS`` in ``cwd`` with no W&B credentials, whatever its exit code."""
-    return subprocess.run([*_cli_command(), *args], cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*_cli_command(), *args], cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 240) -> str:
@@ -111,15 +112,32 @@ def wandb_history_and_summary(run_dir: Path) -> tuple[dict[str, list], dict[str,
 # ----------------------------------------------------------------------------------- end to end (subprocesses)
 def test_fit_two_processes_then_validate_one_process_from_checkpoint(tmp_path):
     config = str(EXAMPLES / "dlrm.yaml")
-    small = ["--data.init_args.num_train_batches", "40", "--data.init_args.batch_size", "256",
-             "--data.init_args.num_val_batches", "4", "--trainer.val_check_interval", "10",
-             "--trainer.strategy.init_args.count_communication", "true"]
+    small = [
+        "--data.init_args.num_train_batches",
+        "40",
+        "--data.init_args.batch_size",
+        "256",
+        "--data.init_args.num_val_batches",
+        "4",
+        "--trainer.val_check_interval",
+        "10",
+        "--trainer.strategy.init_args.count_communication",
+        "true",
+    ]
     out = run_cli("fit", "--config", config, *small, cwd=tmp_path)
 
     run = tmp_path / "outputs" / "dlrm" / "csv" / "version_0"
     metrics = read_csv_metrics(run / "metrics.csv")
-    for key in ("train/loss", "val/loss", "val/auc", "val/log_loss", "val/ne", "train/samples_per_sec",
-                "memory/embedding_weight_bytes", "memory/sparse_optimizer_bytes"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/auc",
+        "val/log_loss",
+        "val/ne",
+        "train/samples_per_sec",
+        "memory/embedding_weight_bytes",
+        "memory/sparse_optimizer_bytes",
+    ):
         assert metrics.get(key), f"{key} missing from metrics.csv: {sorted(metrics)}"
     assert len(metrics["val/auc"]) == 2 and metrics["val/auc"][-1] > 0.7  # the stream is learnable
     assert max(metrics["step"]) == 19  # 40 batches over 2 ranks
@@ -140,7 +158,14 @@ def test_fit_two_processes_then_validate_one_process_from_checkpoint(tmp_path):
     # W&B ran offline without an account, and its run log holds the same metrics.
     (wandb_run,) = (tmp_path / "outputs" / "dlrm" / "wandb").glob("offline-run-*")
     history, summary = wandb_history_and_summary(wandb_run)
-    for key in ("train/loss", "val/auc", "val/log_loss", "val/ne", "train/samples_per_sec", "memory/embedding_weight_bytes"):
+    for key in (
+        "train/loss",
+        "val/auc",
+        "val/log_loss",
+        "val/ne",
+        "train/samples_per_sec",
+        "memory/embedding_weight_bytes",
+    ):
         assert history.get(key), f"{key} missing from the W&B history: {sorted(history)}"
     assert history["val/auc"] == pytest.approx(metrics["val/auc"], rel=1e-6)
     assert summary["val/auc"] == pytest.approx(metrics["val/auc"][-1], rel=1e-6)
@@ -149,8 +174,19 @@ def test_fit_two_processes_then_validate_one_process_from_checkpoint(tmp_path):
     (ckpt,) = (run / "checkpoints").iterdir()
     assert ckpt.is_dir()
     csv_only = "[{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: outputs/validate, name: csv}}]"
-    run_cli("validate", "--config", config, *small, "--trainer.devices", "1", "--trainer.logger", csv_only,
-            "--ckpt_path", str(ckpt), cwd=tmp_path)
+    run_cli(
+        "validate",
+        "--config",
+        config,
+        *small,
+        "--trainer.devices",
+        "1",
+        "--trainer.logger",
+        csv_only,
+        "--ckpt_path",
+        str(ckpt),
+        cwd=tmp_path,
+    )
     validated = read_csv_metrics(tmp_path / "outputs" / "validate" / "csv" / "version_0" / "metrics.csv")
     assert validated["val/auc"][-1] == pytest.approx(metrics["val/auc"][-1], abs=1e-6)
     assert validated["val/ne"][-1] == pytest.approx(metrics["val/ne"][-1], abs=1e-5)
@@ -175,14 +211,34 @@ def test_criteo_fit_then_test_from_checkpoint_skipping_malformed_lines(tmp_path)
         paths[split] = tmp_path / f"{split}.tsv"
         paths[split].write_text("\n".join(lines) + "\n")
     overrides = [
-        "--trainer.devices", "1", "--trainer.logger",
+        "--trainer.devices",
+        "1",
+        "--trainer.logger",
         "[{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: outputs/criteo, name: csv}}]",
-        "--data.init_args.train_paths", str(paths["train"]), "--data.init_args.val_paths", "null",
-        "--data.init_args.test_paths", str(paths["test"]), "--data.init_args.batch_size", "100",
-        "--data.init_args.num_embeddings_per_feature", "500", "--data.init_args.num_workers", "0",
-        "--model.init_args.embedding_dim", "8", "--model.init_args.dense_arch_layer_sizes", "[16, 8]",
-        "--model.init_args.over_arch_layer_sizes", "[16, 1]", "--model.init_args.learning_rate", "0.01",
-        "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "10",
+        "--data.init_args.train_paths",
+        str(paths["train"]),
+        "--data.init_args.val_paths",
+        "null",
+        "--data.init_args.test_paths",
+        str(paths["test"]),
+        "--data.init_args.batch_size",
+        "100",
+        "--data.init_args.num_embeddings_per_feature",
+        "500",
+        "--data.init_args.num_workers",
+        "0",
+        "--model.init_args.embedding_dim",
+        "8",
+        "--model.init_args.dense_arch_layer_sizes",
+        "[16, 8]",
+        "--model.init_args.over_arch_layer_sizes",
+        "[16, 1]",
+        "--model.init_args.learning_rate",
+        "0.01",
+        "--trainer.max_epochs",
+        "3",
+        "--trainer.log_every_n_steps",
+        "10",
     ]
     config = str(EXAMPLES / "criteo.yaml")
     run_cli("fit", "--config", config, *overrides, cwd=tmp_path)
@@ -199,45 +255,103 @@ def test_criteo_fit_then_test_from_checkpoint_skipping_malformed_lines(tmp_path)
 
 def test_dynamic_example_fits_on_two_processes_and_logs_table_counters(tmp_path):
     config = str(EXAMPLES / "dynamic.yaml")
-    run_cli("fit", "--config", config, "--data.init_args.num_train_batches", "40", "--trainer.val_check_interval", "10", cwd=tmp_path)
+    run_cli(
+        "fit",
+        "--config",
+        config,
+        "--data.init_args.num_train_batches",
+        "40",
+        "--trainer.val_check_interval",
+        "10",
+        cwd=tmp_path,
+    )
     metrics = read_csv_metrics(tmp_path / "outputs" / "dynamic" / "csv" / "version_0" / "metrics.csv")
     assert metrics["dynamic/t_cat_0/capacity"][-1] == 20000
-    assert 0 < metrics["dynamic/t_cat_0/live"][-1] == metrics["dynamic/t_cat_0/admitted"][-1] - metrics["dynamic/t_cat_0/evicted"][-1] - metrics["dynamic/t_cat_0/expired"][-1]
+    assert (
+        0
+        < metrics["dynamic/t_cat_0/live"][-1]
+        == metrics["dynamic/t_cat_0/admitted"][-1]
+        - metrics["dynamic/t_cat_0/evicted"][-1]
+        - metrics["dynamic/t_cat_0/expired"][-1]
+    )
     assert metrics["dynamic/t_cat_0/rejected_admission"][-1] > 0  # min_count: 2 keeps one-off ids out
     lookups = metrics["dynamic/t_cat_0/lookups"][-1]
     assert lookups > 0 and lookups % (2 * 1024) == 0  # whole steps of both ranks' 1024 ids (one per sample)
 
 
 # ------------------------------------------------------------- examples with the one change a user makes
-SMALL = ["--data.init_args.num_train_batches", "6", "--data.init_args.batch_size", "128", "--data.init_args.num_val_batches", "2",
-         "--trainer.devices", "1", "--trainer.log_every_n_steps", "2"]
+SMALL = [
+    "--data.init_args.num_train_batches",
+    "6",
+    "--data.init_args.batch_size",
+    "128",
+    "--data.init_args.num_val_batches",
+    "2",
+    "--trainer.devices",
+    "1",
+    "--trainer.log_every_n_steps",
+    "2",
+]
 
 
 def test_dlrm_example_with_adam_and_another_root_dir_puts_every_output_there(tmp_path):
     """Two processes as configured; the run is shorter than val_check_interval, which is said, not hidden."""
-    proc = run_cli_process("fit", "--config", str(EXAMPLES / "dlrm.yaml"), "--trainer.max_steps", "3",
-                           "--trainer.strategy.init_args.optimizer.kind", "adam", "--trainer.default_root_dir", "elsewhere", cwd=tmp_path)
+    proc = run_cli_process(
+        "fit",
+        "--config",
+        str(EXAMPLES / "dlrm.yaml"),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.strategy.init_args.optimizer.kind",
+        "adam",
+        "--trainer.default_root_dir",
+        "elsewhere",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["elsewhere", "wandb-home"]  # nothing in outputs/
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "elsewhere",
+        "wandb-home",
+    ]  # nothing in outputs/
     run = tmp_path / "elsewhere" / "csv" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["trainer"]["strategy"]["init_args"]["optimizer"]["kind"] == "adam"
     assert saved["trainer"]["logger"][0]["init_args"]["save_dir"] == "elsewhere"
     assert list((tmp_path / "elsewhere" / "wandb").glob("offline-run-*"))
-    assert "no validation ran and no checkpoint was written in 3 training steps: val_check_interval=0.25 was never reached" in proc.stderr
+    assert (
+        "no validation ran and no checkpoint was written in 3 training steps: val_check_interval=0.25 was never reached"
+        in proc.stderr
+    )
 
 
 @pytest.mark.parametrize("example", ["dcn.yaml", "deepfm.yaml"])
 def test_dcn_and_deepfm_examples_validate_and_checkpoint_a_small_dataset_with_adam(example, tmp_path):
-    run_cli("fit", "--config", str(EXAMPLES / example), *SMALL, "--trainer.strategy.init_args.optimizer.kind", "adam", cwd=tmp_path)
+    run_cli(
+        "fit",
+        "--config",
+        str(EXAMPLES / example),
+        *SMALL,
+        "--trainer.strategy.init_args.optimizer.kind",
+        "adam",
+        cwd=tmp_path,
+    )
     run = tmp_path / "outputs" / example.removesuffix(".yaml") / "csv" / "version_0"
     assert read_csv_metrics(run / "metrics.csv")["val/auc"]  # 6 batches < the 20 an interval used to need
     assert len(list((run / "checkpoints").iterdir())) == 1
 
 
 def test_dynamic_example_with_lru_eviction_fits(tmp_path):
-    run_cli("fit", "--config", str(EXAMPLES / "dynamic.yaml"), *SMALL, "--trainer.max_steps", "3",
-            "--trainer.strategy.init_args.tables.t_cat_0.dynamic.eviction", "lru", cwd=tmp_path)
+    run_cli(
+        "fit",
+        "--config",
+        str(EXAMPLES / "dynamic.yaml"),
+        *SMALL,
+        "--trainer.max_steps",
+        "3",
+        "--trainer.strategy.init_args.tables.t_cat_0.dynamic.eviction",
+        "lru",
+        cwd=tmp_path,
+    )
     saved = yaml.safe_load((tmp_path / "outputs" / "dynamic" / "csv" / "version_0" / "config.yaml").read_text())
     assert saved["trainer"]["strategy"]["init_args"]["tables"]["t_cat_0"]["dynamic"]["eviction"] == "lru"
 
@@ -247,11 +361,31 @@ def test_criteo_example_on_a_small_file_with_adam_survives_a_run_too_short_to_pl
     path = tmp_path / "small.tsv"
     path.write_text("\n".join(_criteo_line(rng) for _ in range(500)) + "\n")
     proc = run_cli_process(
-        "fit", "--config", str(EXAMPLES / "criteo.yaml"), "--trainer.devices", "1", "--trainer.max_steps", "3",
-        "--data.init_args.train_paths", str(path), "--data.init_args.val_paths", "null", "--data.init_args.batch_size", "64",
-        "--data.init_args.num_embeddings_per_feature", "500", "--data.init_args.num_workers", "0",
-        "--model.init_args.embedding_dim", "8", "--model.init_args.dense_arch_layer_sizes", "[16, 8]",
-        "--model.init_args.over_arch_layer_sizes", "[16, 1]", "--trainer.strategy.init_args.optimizer.kind", "adam",
+        "fit",
+        "--config",
+        str(EXAMPLES / "criteo.yaml"),
+        "--trainer.devices",
+        "1",
+        "--trainer.max_steps",
+        "3",
+        "--data.init_args.train_paths",
+        str(path),
+        "--data.init_args.val_paths",
+        "null",
+        "--data.init_args.batch_size",
+        "64",
+        "--data.init_args.num_embeddings_per_feature",
+        "500",
+        "--data.init_args.num_workers",
+        "0",
+        "--model.init_args.embedding_dim",
+        "8",
+        "--model.init_args.dense_arch_layer_sizes",
+        "[16, 8]",
+        "--model.init_args.over_arch_layer_sizes",
+        "[16, 1]",
+        "--trainer.strategy.init_args.optimizer.kind",
+        "adam",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -290,10 +424,23 @@ def test_print_config_is_clean_and_round_trips(tmp_path, capsys, offline):
         "pretrained": None,
         "cache": None,
     }
-    assert set(args) == {"sharding", "optimizer", "tables", "static_graph", "find_unused_parameters",
-                         "process_group_backend", "timeout", "start_method", "bad_ids", "non_finite",
-                         "on_signal", "signal_checkpoint_path", "count_communication", "pipeline",
-                         "auto_sharding_batches"}  # no accelerator/devices internals
+    assert set(args) == {
+        "sharding",
+        "optimizer",
+        "tables",
+        "static_graph",
+        "find_unused_parameters",
+        "process_group_backend",
+        "timeout",
+        "start_method",
+        "bad_ids",
+        "non_finite",
+        "on_signal",
+        "signal_checkpoint_path",
+        "count_communication",
+        "pipeline",
+        "auto_sharding_batches",
+    }  # no accelerator/devices internals
     assert args["bad_ids"] == "error" and args["non_finite"] == "error"
     # Linked from the data module, so not settable on the model.
     assert "num_embeddings_per_feature" not in cfg["model"]["init_args"]
@@ -417,10 +564,29 @@ def test_wandb_defaults_to_offline_without_credentials(env, netrc, expected, tmp
 def test_cli_leaves_its_process_group_at_the_end(tmp_path, single_process_env, offline):
     """PyTorch asks trainer processes to destroy their process groups at the end of main(); left to the
     interpreter's teardown, the backend's threads can abort a process that finished its work."""
-    main([
-        "fit", "--config", str(EXAMPLES / "dlrm.yaml"), "--trainer.devices", "1", "--trainer.max_steps", "2",
-        "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
-        "--trainer.logger", "false", "--trainer.callbacks", "null", "--trainer.enable_checkpointing", "false",
-        "--trainer.default_root_dir", str(tmp_path), "--data.init_args.batch_size", "64",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "dlrm.yaml"),
+            "--trainer.devices",
+            "1",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "null",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            "null",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.init_args.batch_size",
+            "64",
+        ]
+    )
     assert not torch.distributed.is_initialized()

@@ -19,7 +19,13 @@ def test_stream_example_trains_prequentially_through_the_cli(tmp_path):
     # Logged on the steps Lightning writes (every 2 batches) and at the end: samples of both processes.
     assert metrics["prequential/samples"] == [256.0, 512.0, 768.0, 768.0]
     assert metrics["prequential/window_samples"][-1] == 768.0  # the window (20 batches) holds all 6
-    for key in ("prequential/auc", "prequential/window_auc", "prequential/logloss", "prequential/ne", "prequential/window_ne"):
+    for key in (
+        "prequential/auc",
+        "prequential/window_auc",
+        "prequential/logloss",
+        "prequential/ne",
+        "prequential/window_ne",
+    ):
         assert len(metrics[key]) == 4 and all(0 < v < 2 for v in metrics[key]), key
     assert metrics["data/train/skipped_lines"] == [0.0]  # malformed records, counted per epoch (none here)
     assert "prequential AUC " in out and "prequential NE " in out  # the fit summary
@@ -32,4 +38,7 @@ def test_a_bad_id_transform_in_the_schema_is_refused_before_start_up(tmp_path, c
     config.write_text(EXAMPLE.read_text().replace("transform: modulo", "transform: crc"))
     code, _, err = _main_exit(["fit", "--config", str(config)], capsys)
     assert code == 2
-    assert "error: invalid configuration:\n  - IdTransform='crc' is not valid; allowed values: 'none', 'modulo', 'hash'" in err
+    assert (
+        "error: invalid configuration:\n  - IdTransform='crc' is not valid; allowed values: 'none', 'modulo', 'hash'"
+        in err
+    )

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import WORKERS
+
 from lightning_sparse.callbacks import _comm_rows
 from lightning_sparse.distributed.comm import Channel, CommunicationReport, Traffic, payload
 from lightning_sparse.distributed.comm_hint import BatchStats, cheapest, sharding_hint
@@ -47,7 +47,9 @@ def test_fit_summary_prints_the_communication_rows():
 
 def test_report_format_and_metrics():
     channel = Channel("row_wise", "t_a+t_b", "output_dist")
-    report = CommunicationReport(steps=2, total={channel: Traffic(4096, 2048, 4)}, last_step={channel: Traffic(2048, 1024, 2)})
+    report = CommunicationReport(
+        steps=2, total={channel: Traffic(4096, 2048, 4)}, last_step={channel: Traffic(2048, 1024, 2)}
+    )
     assert report.format().splitlines()[1].split() == ["row_wise/t_a+t_b/output_dist", "2.00", "1.00", "2.0"]
     assert report.as_metrics() == {"comm/row_wise/t_a+t_b/sent_bytes": 2048, "comm/row_wise/t_a+t_b/received_bytes": 1024,
                                    "comm/total/sent_bytes": 2048, "comm/total/received_bytes": 1024}  # fmt: skip
@@ -67,7 +69,11 @@ def test_sharding_hint_closed_forms_on_two_ranks():
     counted = BatchStats()
     counted.add(kjt, {"f_t_sgd": "t_sgd"}, {"t_sgd": 30}, rank=1, world=2)
     ids = kjt["f_t_sgd"].values()
-    assert (counted.samples, counted.ids, counted.outside_block) == ({"t_sgd": 8}, {"t_sgd": ids.numel()}, {"t_sgd": int((ids < 15).sum())})
+    assert (counted.samples, counted.ids, counted.outside_block) == (
+        {"t_sgd": 8},
+        {"t_sgd": ids.numel()},
+        {"t_sgd": int((ids < 15).sum())},
+    )
 
 
 def _row_wise_input_bytes(rank: int, position: int) -> tuple[int, int]:
@@ -98,7 +104,12 @@ def assert_row_wise_step_bytes(result: dict, steps: int) -> None:
     for rank, report in enumerate(result["comm"]):
         assert report["steps"] == steps
         per_step = report["per_step"]
-        assert set(per_step) == {f"{group}/input_dist", f"{group}/output_dist", f"{group}/output_dist_backward", "dense/ddp/grad_allreduce"}
+        assert set(per_step) == {
+            f"{group}/input_dist",
+            f"{group}/output_dist",
+            f"{group}/output_dist_backward",
+            "dense/ddp/grad_allreduce",
+        }
         assert per_step[f"{group}/output_dist"] == [pooled, pooled]  # reduce_scatter of the partial sums
         assert per_step[f"{group}/output_dist_backward"] == [pooled, pooled]  # all_gather of their gradients
         assert per_step["dense/ddp/grad_allreduce"] == [dense, dense]
@@ -111,6 +122,9 @@ def assert_row_wise_step_bytes(result: dict, steps: int) -> None:
     assert result["metrics"][f"comm/{group}/sent_bytes"] == first + 2 * 2 * pooled
     assert result["metrics"]["comm/total/sent_bytes"] == result["metrics"]["comm/total/received_bytes"]
     # the planner hint's row_wise estimate is the measured group traffic less the split counts (3 int64 per pair)
-    hint = sharding_hint([BatchStats(**r["batch_stats"]) for r in result["comm"]], {n: (rows, d) for n, rows, d in sparse_kinds.tables("fused")})
+    hint = sharding_hint(
+        [BatchStats(**r["batch_stats"]) for r in result["comm"]],
+        {n: (rows, d) for n, rows, d in sparse_kinds.tables("fused")},
+    )
     measured = sum(sum(v[0] for k, v in r["per_step"].items() if k.startswith(group)) for r in result["comm"])
     assert sum(h["row_wise"] for h in hint.values()) == pytest.approx(measured - 2 * 3 * 8)

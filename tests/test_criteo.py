@@ -21,8 +21,8 @@ from lightning_sparse.data.criteo import (
     CriteoDataModule,
     CriteoFormatError,
     CriteoIterableDataset,
-    MalformedReason,
     DenseTransform,
+    MalformedReason,
     OnError,
     _splitmix64_int,
     hash_categorical,
@@ -139,8 +139,14 @@ def test_hash_seed_changes_ids_and_is_stable_across_processes(tmp_path):
     path = _write(tmp_path / "d.tsv", lines, compress=False)
 
     def ids(seed):
-        return torch.cat([b.sparse_features.values() for b in _all_batches(
-            CriteoIterableDataset(path, batch_size=16, num_embeddings_per_feature=1000, hash_seed=seed))])
+        return torch.cat(
+            [
+                b.sparse_features.values()
+                for b in _all_batches(
+                    CriteoIterableDataset(path, batch_size=16, num_embeddings_per_feature=1000, hash_seed=seed)
+                )
+            ]
+        )
 
     a, b = ids(3), ids(4)
     assert torch.equal(a, ids(3)) and not torch.equal(a, b)
@@ -192,8 +198,11 @@ def test_raise_mode_names_file_line_and_reason(tmp_path, index):
 def test_huge_integer_is_named_in_raise_mode_and_counted_in_skip_mode(tmp_path):
     huge = _line("1", HAND_INTS[:2] + ["1" * 400] + HAND_INTS[3:], HAND_CATS)
     path = _write(tmp_path / "huge.tsv", [_valid_line(0), huge, _valid_line(1)], compress=False)
-    with pytest.raises(CriteoFormatError, match=r"huge.tsv:2: malformed Criteo line \(integer\): integer feature I3 "
-                       r"does not fit a signed 64-bit integer \(400 digits: '1111"):
+    with pytest.raises(
+        CriteoFormatError,
+        match=r"huge.tsv:2: malformed Criteo line \(integer\): integer feature I3 "
+        r"does not fit a signed 64-bit integer \(400 digits: '1111",
+    ):
         _all_batches(CriteoIterableDataset(path, batch_size=2, on_error="raise"))
     ds = CriteoIterableDataset(path, batch_size=2, dense_transform="none")
     (batch,) = _all_batches(ds)
@@ -222,7 +231,9 @@ def test_position_round_trips_through_the_stateful_loader(tmp_path, compress, nu
 
     def loader():
         ds = CriteoIterableDataset(paths, batch_size=4, dense_transform="none", rank=1, world_size=2, max_workers=2)
-        return ds, StatefulDataLoader(ds, batch_size=None, num_workers=num_workers, multiprocessing_context="fork" if num_workers else None)
+        return ds, StatefulDataLoader(
+            ds, batch_size=None, num_workers=num_workers, multiprocessing_context="fork" if num_workers else None
+        )
 
     whole_ds, whole = loader()
     expected = _first_column(whole)
@@ -276,7 +287,10 @@ def test_ranks_and_workers_cover_every_line_exactly_once(tmp_path):
     first = [_valid_line(i) for i in range(23)]
     first.insert(5, MALFORMED[0][0])
     first.insert(17, MALFORMED[4][0])
-    paths = [_write(tmp_path / "a.tsv", first, False), _write(tmp_path / "b.tsv", [_valid_line(i) for i in range(23, 60)], True)]
+    paths = [
+        _write(tmp_path / "a.tsv", first, False),
+        _write(tmp_path / "b.tsv", [_valid_line(i) for i in range(23, 60)], True),
+    ]
     seen, lines_read, malformed = [], 0, 0
     for rank in range(2):
         ds = CriteoIterableDataset(paths, batch_size=4, dense_transform="none", rank=rank, world_size=2)
@@ -310,14 +324,21 @@ def test_data_module_batches_feed_an_embedding_bag_collection(tmp_path):
 
     lines = [_valid_line(i) for i in range(30)] + [MALFORMED[6][0]]
     train = _write(tmp_path / "train.tsv.gz", lines, True)
-    dm = CriteoDataModule(train_paths=[train], batch_size=8, num_embeddings_per_feature=[50 + i for i in range(26)],
-                          hash_seed=11, on_error=OnError.SKIP)
+    dm = CriteoDataModule(
+        train_paths=[train],
+        batch_size=8,
+        num_embeddings_per_feature=[50 + i for i in range(26)],
+        hash_seed=11,
+        on_error=OnError.SKIP,
+    )
     assert dm.num_dense_features == 13 and dm.feature_names == FEATURE_NAMES
     assert dm.num_embeddings_per_feature == [50 + i for i in range(26)]
-    ebc = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name=f"t_{name}", embedding_dim=4, num_embeddings=n, feature_names=[name])
-        for name, n in zip(dm.feature_names, dm.num_embeddings_per_feature)
-    ])
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=f"t_{name}", embedding_dim=4, num_embeddings=n, feature_names=[name])
+            for name, n in zip(dm.feature_names, dm.num_embeddings_per_feature)
+        ]
+    )
     sizes = []
     for batch in dm.train_dataloader():
         out = ebc(batch.sparse_features)
@@ -325,7 +346,10 @@ def test_data_module_batches_feed_an_embedding_bag_collection(tmp_path):
         assert batch.dense_features.shape == (batch.labels.numel(), dm.num_dense_features)
         sizes.append(batch.labels.numel())
     assert sizes == [8, 8, 8, 6]
-    assert dm.datasets["train"].stats.malformed == {**{k: 0 for k in dm.datasets["train"].stats.malformed}, "categorical": 1}
+    assert dm.datasets["train"].stats.malformed == {
+        **{k: 0 for k in dm.datasets["train"].stats.malformed},
+        "categorical": 1,
+    }
     assert dm.val_dataloader() == []
     with pytest.raises(ValueError, match="no test_paths; set data.test_paths"):
         dm.test_dataloader()
@@ -355,10 +379,21 @@ def test_skipped_lines_are_logged_per_stage_by_the_monitor_the_data_module_adds(
 
     path = _write(tmp_path / "d.tsv", [_valid_line(i) for i in range(30)] + [m for m, _ in MALFORMED], compress=False)
     dm = CriteoDataModule(train_paths=path, test_paths=path, batch_size=8, num_embeddings_per_feature=20)
-    model = DLRMModule(num_embeddings_per_feature=dm.num_embeddings_per_feature, embedding_dim=4,
-                       dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    model = DLRMModule(
+        num_embeddings_per_feature=dm.num_embeddings_per_feature,
+        embedding_dim=4,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[8, 1],
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     expected: dict = {}
     for _, reason in MALFORMED:
         expected[reason] = expected.get(reason, 0) + 1
@@ -369,5 +404,7 @@ def test_skipped_lines_are_logged_per_stage_by_the_monitor_the_data_module_adds(
             trainer.test(model, dm)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"data/{stage}/")}
         assert metrics.pop(f"data/{stage}/skipped_lines") == len(MALFORMED)
-        assert metrics == {f"data/{stage}/skipped_lines/{r.value}": float(expected.get(r.value, 0)) for r in MalformedReason}
+        assert metrics == {
+            f"data/{stage}/skipped_lines/{r.value}": float(expected.get(r.value, 0)) for r in MalformedReason
+        }
     assert sum(isinstance(c, SkippedLinesMonitor) for c in trainer.callbacks) == 1  # added once, not per stage

@@ -13,7 +13,9 @@ from lightning_sparse.models.metrics import LogLoss, NormalizedEntropy
 
 
 def _stream(**kwargs) -> SyntheticClickStream:
-    defaults = dict(num_batches=4, batch_size=2048, num_embeddings_per_feature=[5000, 300], num_dense_features=3, seed=7)
+    defaults = dict(
+        num_batches=4, batch_size=2048, num_embeddings_per_feature=[5000, 300], num_dense_features=3, seed=7
+    )
     defaults.update(kwargs)
     return SyntheticClickStream(**defaults)
 
@@ -92,6 +94,13 @@ def test_uneven_split_is_padded_so_ranks_run_the_same_number_of_steps(monkeypatc
         data = SyntheticClickDataModule(num_embeddings_per_feature=[50, 60], batch_size=4, num_train_batches=5)
         data.trainer = trainer
         batches = list(data.train_dataloader())
-        read[rank] = [next(i for i in range(5) if torch.equal(b.labels, data.train_set[i].labels) and
-                           torch.equal(b.dense_features, data.train_set[i].dense_features)) for b in batches]
+        read[rank] = [
+            next(
+                i
+                for i in range(5)
+                if torch.equal(b.labels, data.train_set[i].labels)
+                and torch.equal(b.dense_features, data.train_set[i].dense_features)
+            )
+            for b in batches
+        ]
     assert read == {0: [0, 2, 4], 1: [1, 3, 0]}

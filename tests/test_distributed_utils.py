@@ -11,7 +11,14 @@ from lightning_sparse.distributed.collectives import collective_device, collecti
 
 @pytest.mark.parametrize(
     "backend, device_type",
-    [("nccl", "cuda"), ("NCCL", "cuda"), ("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("cuda:nccl", "cuda"), ("xccl", "xpu")],
+    [
+        ("nccl", "cuda"),
+        ("NCCL", "cuda"),
+        ("gloo", "cpu"),
+        ("cpu:gloo,cuda:nccl", "cpu"),
+        ("cuda:nccl", "cuda"),
+        ("xccl", "xpu"),
+    ],
 )
 def test_device_type_of_each_backend(backend, device_type):
     assert collective_device_type(backend) == device_type

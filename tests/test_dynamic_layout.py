@@ -13,7 +13,10 @@ from lightning_sparse.dynamic.state import TableTensors
 
 def per_slot_bytes(config: DynamicTableConfig) -> dict[str, float]:
     remapper = DynamicIdRemapper(config)
-    return {name: t.numel() * t.element_size() / remapper.capacity for name, t in zip(TableTensors._fields, remapper.tensors())}
+    return {
+        name: t.numel() * t.element_size() / remapper.capacity
+        for name, t in zip(TableTensors._fields, remapper.tensors())
+    }
 
 
 @pytest.mark.parametrize(
@@ -41,7 +44,9 @@ def old_layout(remapper: DynamicIdRemapper, depth: int = 4, freed: bool = False)
     state["slot_count"] = state["slot_count"].long()
     state["slot_last_step"] = state["slot_last_step"].long()
     state["slot_last_time"] = torch.zeros(c, dtype=torch.float64)
-    state["slot_score"] = (remapper.slot_score.double() if remapper.slot_score.numel() else torch.zeros(c, dtype=torch.float64))
+    state["slot_score"] = (
+        remapper.slot_score.double() if remapper.slot_score.numel() else torch.zeros(c, dtype=torch.float64)
+    )
     free_list = torch.arange(c - 1, -1, -1, dtype=torch.int32)
     if freed:  # an expiry sweep freed slot 0 once: it sits on top of the stack
         free_list[int(remapper.meta[0]) - 1] = 0
@@ -96,10 +101,18 @@ def test_a_sharded_checkpoint_in_another_layout_is_named(tmp_path):
     saved = {f"remappers.t.{k}": v for k, v in old_layout(source).items()}
     dcp.save({DYNAMIC_TABLES_KEY: saved}, checkpoint_id=str(tmp_path))
     same = {f"remappers.t.{k}": v for k, v in DynamicIdRemapper(source.config).state_dict().items()}
-    with pytest.raises(ValueError, match=r"remappers.t.slot_count \(saved torch.int64 \[64\], this run torch.int32 \[64\]\).*DynamicTableConfig it was written with"):
+    with pytest.raises(
+        ValueError,
+        match=r"remappers.t.slot_count \(saved torch.int64 \[64\], this run torch.int32 \[64\]\).*DynamicTableConfig it was written with",
+    ):
         _check_dynamic_tables_present(tmp_path, same)
-    dcp.save({DYNAMIC_TABLES_KEY: {f"remappers.t.{k}": v for k, v in source.state_dict().items()}}, checkpoint_id=str(tmp_path / "new"))
+    dcp.save(
+        {DYNAMIC_TABLES_KEY: {f"remappers.t.{k}": v for k, v in source.state_dict().items()}},
+        checkpoint_id=str(tmp_path / "new"),
+    )
     _check_dynamic_tables_present(tmp_path / "new", same)  # the same layout: nothing to say
     other = DynamicIdRemapper(DynamicTableConfig(capacity=64, eviction="distance_lfu"))
-    with pytest.raises(ValueError, match=r"remappers.t.slot_score \(saved torch.float32 \[64\], this run torch.float32 \[0\]\)"):
+    with pytest.raises(
+        ValueError, match=r"remappers.t.slot_score \(saved torch.float32 \[64\], this run torch.float32 \[0\]\)"
+    ):
         _check_dynamic_tables_present(tmp_path / "new", {f"remappers.t.{k}": v for k, v in other.state_dict().items()})

@@ -5,9 +5,15 @@ Batches and tables are large enough that the kernels' parallel loops really run 
 
 import pytest
 import torch
-
 from conftest import skewed_ids
-from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, EvictionPolicy, ExpiryConfig
+
+from lightning_sparse.dynamic import (
+    AdmissionConfig,
+    DynamicIdRemapper,
+    DynamicTableConfig,
+    EvictionPolicy,
+    ExpiryConfig,
+)
 from lightning_sparse.ops import native_op
 
 pytestmark = pytest.mark.skipif(native_op("hash_remap") is None, reason="native extension not built")
@@ -97,9 +103,13 @@ def test_native_equals_fallback_few_victims_in_a_large_full_table(policy, monkey
     victims a full sort picks, ties (many equal counts) included."""
     g = torch.Generator().manual_seed(11)
     fill = torch.randint(0, 1 << 40, (60_000,), generator=g)
-    fill = torch.cat([fill, fill[: 20_000], fill[:5_000]])  # counts 1, 2 and 3: heavy ties
-    newcomers = torch.randint(1 << 41, 1 << 42, (300,), generator=g).repeat_interleave(torch.tensor([1, 2, 3, 4]).repeat(75))
-    config = DynamicTableConfig(capacity=50_000, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
+    fill = torch.cat([fill, fill[:20_000], fill[:5_000]])  # counts 1, 2 and 3: heavy ties
+    newcomers = torch.randint(1 << 41, 1 << 42, (300,), generator=g).repeat_interleave(
+        torch.tensor([1, 2, 3, 4]).repeat(75)
+    )
+    config = DynamicTableConfig(
+        capacity=50_000, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1)
+    )
     counters = remap_on_both_paths(config, [(fill, 0)] + [(newcomers, step) for step in (1, 2, 5)], monkeypatch)
     assert counters["evicted"] > 0
 
@@ -118,8 +128,17 @@ def test_native_equals_fallback_victim_buckets(policy, threads, monkeypatch):
     tied = torch.randint(1 << 41, 1 << 42, (5_000,), generator=g)  # more newcomers than slots, all count 1
     newcomers = torch.randint(1 << 43, 1 << 44, (900,), generator=g)
     newcomers = torch.cat([newcomers[:2].repeat(90_000), newcomers.repeat_interleave(torch.tensor([1, 3]).repeat(450))])
-    config = DynamicTableConfig(capacity=2_048, eviction=policy, score_decay=0.7, admission=AdmissionConfig(min_count=1))
-    steps = [(wide, 0), (ids[1_000:2_500], 1), (newcomers, 100_000), (tied, 100_001), (tied.flip(0), 100_002), (wide, 250_000)]
+    config = DynamicTableConfig(
+        capacity=2_048, eviction=policy, score_decay=0.7, admission=AdmissionConfig(min_count=1)
+    )
+    steps = [
+        (wide, 0),
+        (ids[1_000:2_500], 1),
+        (newcomers, 100_000),
+        (tied, 100_001),
+        (tied.flip(0), 100_002),
+        (wide, 250_000),
+    ]
     counters = remap_on_both_paths(config, steps, monkeypatch)
     assert counters["evicted"] > 0 and counters["rejected_full"] > 0
 
@@ -132,7 +151,9 @@ def test_native_equals_fallback_decay_gaps_around_the_table(threads, monkeypatch
     g = torch.Generator().manual_seed(13)
     ids = torch.randint(0, 1 << 40, (4_000,), generator=g)
     fill = torch.cat([ids, ids[::3], ids[::7]])  # scores 1, 2, 3 at step 0
-    newcomers = torch.randint(1 << 41, 1 << 42, (600,), generator=g).repeat_interleave(torch.tensor([1, 2, 3]).repeat(200))
+    newcomers = torch.randint(1 << 41, 1 << 42, (600,), generator=g).repeat_interleave(
+        torch.tensor([1, 2, 3]).repeat(200)
+    )
     config = DynamicTableConfig(
         capacity=4_096, eviction=EvictionPolicy.FEATURE_SCORE, score_decay=0.995, admission=AdmissionConfig(min_count=1)
     )
@@ -155,7 +176,9 @@ def test_native_equals_fallback_when_the_victim_sample_misleads(policy, threads,
     fill = torch.randint(0, 1 << 40, (capacity,), generator=g).unique()[:capacity]
     strong = torch.randint(1 << 41, 1 << 42, (40,), generator=g).repeat_interleave(500)
     weak = torch.randint(1 << 43, 1 << 44, (960,), generator=g)
-    config = DynamicTableConfig(capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1))
+    config = DynamicTableConfig(
+        capacity=capacity, eviction=policy, score_decay=0.9, admission=AdmissionConfig(min_count=1)
+    )
     s = torch.arange(capacity)
     crafted = torch.where(s % 24 == 0, 1 + s // 24, torch.full_like(s, 1_000))
 

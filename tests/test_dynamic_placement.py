@@ -6,15 +6,14 @@ Single-process tests here (all partitions on rank 0); the routing over two ranks
 
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, ExpiryConfig, shard_of
-from lightning_sparse.distributed import checkpoint
-from lightning_sparse.distributed.sharded_dynamic import DynamicTables
-from lightning_sparse.distributed.routes import RowBlock
-
 from conftest import run_worker
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from workers.partition_replay import replay_partitions
+
+from lightning_sparse.distributed import checkpoint
+from lightning_sparse.distributed.routes import RowBlock
+from lightning_sparse.distributed.sharded_dynamic import DynamicTables
+from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, ExpiryConfig, shard_of
 
 FEATURES = {"f_a": "t", "f_b": "t"}
 
@@ -71,7 +70,9 @@ def test_one_partition_equals_the_replica():
         assert torch.equal(a.values(), b.values()) and torch.equal(a.lengths(), b.lengths())
         assert torch.equal(assigned_a["t"], assigned_b["t"])
     state_a, state_b = sharded.state_dict(), replicated.state_dict()
-    assert sorted(k.replace("partitions.t.0_of_1.", "") for k in state_a) == sorted(k.replace("remappers.t.", "") for k in state_b)
+    assert sorted(k.replace("partitions.t.0_of_1.", "") for k in state_a) == sorted(
+        k.replace("remappers.t.", "") for k in state_b
+    )
     for key, value in state_b.items():
         if not key.endswith("slot_last_time"):
             assert torch.equal(state_a[key.replace("remappers.t.", "partitions.t.0_of_1.")], value), key
@@ -91,13 +92,19 @@ def test_checkpoint_with_other_partitions_is_refused_by_name(tmp_path):
     state = same.state_dict()
     checkpoint.load_sharded(tmp_path / "ckpt", {}, {"state": {}}, state)  # the same layout loads
     one = DynamicTables({"t": config("sharded")}, FEATURES, {"t": [RowBlock(0, 96, 0)]}, rank=0)
-    with pytest.raises(ValueError, match=r"no state for the dynamic-table hash tables \['partitions.t.0_of_1'\].*"
-                       r"holds \['partitions.t.0_of_2', 'partitions.t.1_of_2'\].*same DynamicTableConfig.placement"):
+    with pytest.raises(
+        ValueError,
+        match=r"no state for the dynamic-table hash tables \['partitions.t.0_of_1'\].*"
+        r"holds \['partitions.t.0_of_2', 'partitions.t.1_of_2'\].*same DynamicTableConfig.placement",
+    ):
         checkpoint.load_sharded(tmp_path / "ckpt", {}, {"state": {}}, one.state_dict())
 
 
 def test_placement_is_validated_by_name():
-    with pytest.raises(ValueError, match=r"DynamicTableConfig.placement='everywhere' is not valid; allowed values: 'sharded', 'replicated'"):
+    with pytest.raises(
+        ValueError,
+        match=r"DynamicTableConfig.placement='everywhere' is not valid; allowed values: 'sharded', 'replicated'",
+    ):
         DynamicTableConfig(capacity=8, placement="everywhere")
 
 

@@ -15,7 +15,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, EvictionPolicy, ExpiryConfig
+from lightning_sparse.dynamic import (
+    AdmissionConfig,
+    DynamicIdRemapper,
+    DynamicTableConfig,
+    EvictionPolicy,
+    ExpiryConfig,
+)
 from lightning_sparse.dynamic.hashing import GOLDEN, MASK64, SALT_SKETCH, coin_key, fallback_row_int, mix64_int
 from lightning_sparse.dynamic.state import Meta
 from lightning_sparse.ops import native_op
@@ -230,7 +236,9 @@ def dict_state(model: DictModel) -> dict:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(scenario=scenarios())
 def test_matches_dict_model(path, scenario, monkeypatch):
     monkeypatch.setenv("LIGHTNING_SPARSE_NATIVE", "1" if path == "native" else "0")

@@ -52,7 +52,10 @@ def config(**kw) -> DynamicTableConfig:
     [
         (lambda: DynamicTableConfig(capacity=0), r"DynamicTableConfig\.capacity must be >= 1"),
         (lambda: DynamicTableConfig(capacity=4, eviction="lfx"), r"eviction='lfx'.*'lfu', 'lru', 'feature_score'"),
-        (lambda: DynamicTableConfig(capacity=4, score_decay=1.5), r"DynamicTableConfig\.score_decay must be in \(0, 1\]"),
+        (
+            lambda: DynamicTableConfig(capacity=4, score_decay=1.5),
+            r"DynamicTableConfig\.score_decay must be in \(0, 1\]",
+        ),
         (lambda: AdmissionConfig(probability=0.0), r"AdmissionConfig\.probability must be in \(0, 1\]"),
         (lambda: AdmissionConfig(min_count=0), r"AdmissionConfig\.min_count must be >= 1"),
         (lambda: AdmissionConfig(sketch_width=48), r"AdmissionConfig\.sketch_width must be a power of two.*32 or 64"),

@@ -21,10 +21,16 @@ from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from lightning_sparse.config import SparseOptimizerConfig, SparseOptimizerKind
 from lightning_sparse.optim.fbgemm_kinds import FBGEMM_KINDS, fused_blocker, fused_optimizer_for
 
-CPU_KINDS = {EmbOptimType.EXACT_SGD: "sgd", EmbOptimType.EXACT_ADAGRAD: "adagrad", EmbOptimType.EXACT_ROWWISE_ADAGRAD: "rowwise_adagrad"}
+CPU_KINDS = {
+    EmbOptimType.EXACT_SGD: "sgd",
+    EmbOptimType.EXACT_ADAGRAD: "adagrad",
+    EmbOptimType.EXACT_ROWWISE_ADAGRAD: "rowwise_adagrad",
+}
 
 
-def _tbe(optimizer: EmbOptimType, pooling: PoolingMode = PoolingMode.SUM, **kwargs) -> SplitTableBatchedEmbeddingBagsCodegen:
+def _tbe(
+    optimizer: EmbOptimType, pooling: PoolingMode = PoolingMode.SUM, **kwargs
+) -> SplitTableBatchedEmbeddingBagsCodegen:
     return SplitTableBatchedEmbeddingBagsCodegen(
         [(10, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)], optimizer=optimizer, pooling_mode=pooling, **kwargs
     )
@@ -103,8 +109,11 @@ def test_every_fused_kwarg_is_a_tbe_constructor_parameter(device_type):
 
 
 def test_fused_kwargs_build_a_cpu_tbe():
-    for kind, optimizer in ((SparseOptimizerKind.SGD, EmbOptimType.EXACT_SGD), (SparseOptimizerKind.ADAGRAD, EmbOptimType.EXACT_ADAGRAD),
-                            (SparseOptimizerKind.ROWWISE_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD)):
+    for kind, optimizer in (
+        (SparseOptimizerKind.SGD, EmbOptimType.EXACT_SGD),
+        (SparseOptimizerKind.ADAGRAD, EmbOptimType.EXACT_ADAGRAD),
+        (SparseOptimizerKind.ROWWISE_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD),
+    ):
         _, kwargs = fused_optimizer_for(SparseOptimizerConfig(kind=kind, lr=0.3, eps=1e-4), "cpu")
         kwargs["learning_rate"] = kwargs.pop("lr")
         tbe = _tbe(optimizer, **kwargs)

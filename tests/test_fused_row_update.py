@@ -9,10 +9,15 @@ import torch
 
 from lightning_sparse import ops
 from lightning_sparse.config import SparseOptimizerConfig
-from lightning_sparse.optim import init_state
-from lightning_sparse.optim import reference
+from lightning_sparse.optim import init_state, reference
 from lightning_sparse.optim.kernels import _call_update, sparse_update_for
-from lightning_sparse.optim.row_grads import POOLING_MEAN, POOLING_NONE, POOLING_SUM, embedding_row_grads, embedding_row_grads_reference
+from lightning_sparse.optim.row_grads import (
+    POOLING_MEAN,
+    POOLING_NONE,
+    POOLING_SUM,
+    embedding_row_grads,
+    embedding_row_grads_reference,
+)
 from lightning_sparse.optim.row_update import embedding_row_update_for, embedding_row_update_reference
 
 native_built = ops.native_op_for("embedding_row_update", torch.device("cpu")) is not None
@@ -33,8 +38,18 @@ VARIANTS = [
 NUM_ROWS, DIM = 40, 6
 
 
-def lookup(seed: int, *, mode: int, weighted: bool, features=(2, 0), num_features=3, batch=7, max_len=5,
-           index_dtype=torch.int64, empty_bags=False):
+def lookup(
+    seed: int,
+    *,
+    mode: int,
+    weighted: bool,
+    features=(2, 0),
+    num_features=3,
+    batch=7,
+    max_len=5,
+    index_dtype=torch.int64,
+    empty_bags=False,
+):
     """One lookup's (grad_output, indices, offsets, weights, features, columns, dim, num_features, mode)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, max_len + 1, (num_features * batch,), generator=g)
@@ -48,8 +63,17 @@ def lookup(seed: int, *, mode: int, weighted: bool, features=(2, 0), num_feature
     grad_output[0, :2] = -0.0  # a negative zero gradient must stay what the two-step path makes of it
     weights = torch.randn(n, generator=g) if weighted else None
     columns = [1 + f * DIM for f in features]
-    return (grad_output, indices, offsets, weights, torch.tensor(features, dtype=torch.int64),
-            torch.tensor(columns, dtype=torch.int64), DIM, num_features, mode)
+    return (
+        grad_output,
+        indices,
+        offsets,
+        weights,
+        torch.tensor(features, dtype=torch.int64),
+        torch.tensor(columns, dtype=torch.int64),
+        DIM,
+        num_features,
+        mode,
+    )
 
 
 def table(kind: str, first_moment: bool, per_row_step: bool, seed: int = 5):
@@ -66,8 +90,16 @@ def table(kind: str, first_moment: bool, per_row_step: bool, seed: int = 5):
 
 
 def config_for(kind: str, first_moment: bool, weight_decay: float) -> SparseOptimizerConfig:
-    return SparseOptimizerConfig(kind=kind, lr=0.07, eps=1e-3, weight_decay=weight_decay, beta1=0.85, beta2=0.97,
-                                 decay=0.9, first_moment=first_moment)
+    return SparseOptimizerConfig(
+        kind=kind,
+        lr=0.07,
+        eps=1e-3,
+        weight_decay=weight_decay,
+        beta1=0.85,
+        beta2=0.97,
+        decay=0.9,
+        first_moment=first_moment,
+    )
 
 
 def two_step(config, weight, state, args) -> None:
@@ -80,8 +112,20 @@ def two_step_twins(config, weight, state, args) -> None:
     """The same two steps through the PyTorch twins of both ops."""
     rows, grads = embedding_row_grads_reference(*args)
     fn = getattr(reference, f"sparse_opt_{config.kind.value}")
-    _call_update(config.kind, fn, weight, state, rows, grads.float(), config.lr, config.eps, config.weight_decay,
-                 config.beta1, config.beta2, config.decay)
+    _call_update(
+        config.kind,
+        fn,
+        weight,
+        state,
+        rows,
+        grads.float(),
+        config.lr,
+        config.eps,
+        config.weight_decay,
+        config.beta1,
+        config.beta2,
+        config.decay,
+    )
 
 
 def native(config, weight, state, args) -> None:
@@ -90,15 +134,28 @@ def native(config, weight, state, args) -> None:
 
 def twin(config, weight, state, args) -> None:
     embedding_row_update_reference(
-        *args, config.kind.value, weight, state.get("sum"), state.get("exp_avg"), state.get("exp_avg_sq"),
-        state.get("step"), config.lr, config.eps, config.weight_decay, config.beta1, config.beta2, config.decay,
+        *args,
+        config.kind.value,
+        weight,
+        state.get("sum"),
+        state.get("exp_avg"),
+        state.get("exp_avg_sq"),
+        state.get("step"),
+        config.lr,
+        config.eps,
+        config.weight_decay,
+        config.beta1,
+        config.beta2,
+        config.decay,
     )
 
 
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert torch.equal(a.view(-1).view(torch.int32) if a.dtype == torch.float32 else a, b.view(-1).view(torch.int32)
-                       if b.dtype == torch.float32 else b), f"{what}: not bit-identical"
+    assert torch.equal(
+        a.view(-1).view(torch.int32) if a.dtype == torch.float32 else a,
+        b.view(-1).view(torch.int32) if b.dtype == torch.float32 else b,
+    ), f"{what}: not bit-identical"
 
 
 def run_steps(path, kind, first_moment, per_row_step, config, args, steps):
@@ -119,7 +176,9 @@ def check(kind, first_moment, per_row_step, args, weight_decay=0.0, steps=2) -> 
     """Native fused op == two-step path bit for bit; twin == the twins' two steps bit for bit; twin ~ native."""
     config = config_for(kind, first_moment, weight_decay)
     got_twin = run_steps(twin, kind, first_moment, per_row_step, config, args, steps)
-    assert_same_table(got_twin, run_steps(two_step_twins, kind, first_moment, per_row_step, config, args, steps), "twin")
+    assert_same_table(
+        got_twin, run_steps(two_step_twins, kind, first_moment, per_row_step, config, args, steps), "twin"
+    )
     if not native_built:
         return
     got = run_steps(native, kind, first_moment, per_row_step, config, args, steps)
@@ -185,7 +244,21 @@ def test_fused_op_errors_name_the_problem():
     with pytest.raises(RuntimeError, match="adagrad needs its state tensor 'sum'"):
         op(*args, "adagrad", weight, None, None, None, None, 0.1, 1e-8, 0.0, 0.9, 0.999, 0.95)
     with pytest.raises(RuntimeError, match=r"row index \d+ out of range \[0, 10\)"):
-        op(*args, "adagrad", weight[:10].clone(), state["sum"][:10].clone(), None, None, None, 0.1, 1e-8, 0.0, 0.9, 0.999, 0.95)
+        op(
+            *args,
+            "adagrad",
+            weight[:10].clone(),
+            state["sum"][:10].clone(),
+            None,
+            None,
+            None,
+            0.1,
+            1e-8,
+            0.0,
+            0.9,
+            0.999,
+            0.95,
+        )
     with pytest.raises(RuntimeError, match=r"weight must have shape \[rows, 6\]"):
         op(*args, "sgd", torch.zeros(NUM_ROWS, 5), None, None, None, None, 0.1, 1e-8, 0.0, 0.9, 0.999, 0.95)
 
@@ -195,22 +268,30 @@ def test_fused_op_errors_name_the_problem():
 def test_native_route_step_has_the_two_step_bits(gloo_world_of_one, kind, lookups):
     """The optimizer's step (fused op for one lookup, float64 merge for two) == the two-step path, bit for bit."""
     import torch.distributed as dist
+    from test_row_gradients import Bags, batch
     from torchrec.modules.embedding_configs import PoolingType
 
     from lightning_sparse.config import ShardingType
-    from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
-    from lightning_sparse.optim.row_gradients import merge_row_grads
     from lightning_sparse.distributed.planning import shard_tables, table_owners
     from lightning_sparse.distributed.routes import embedding_parameters
-    from test_row_gradients import Bags, batch
+    from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
+    from lightning_sparse.optim.row_gradients import merge_row_grads
 
     config = SparseOptimizerConfig(kind=kind, lr=0.05, weight_decay=0.03, eps=1e-6, beta1=0.8, beta2=0.99, decay=0.9)
     model = Bags(PoolingType.MEAN, True, lookups)
     dmp, tables, _ = shard_tables(model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE, config)
     gradients, rows = attach_row_captures(dmp, tables.tables)
     native_tables = list(tables.tables.values())
-    optimizer = NativeKernelOptimizer(native_tables, embedding_parameters(model), gradients, rows,
-                                      table_owners(dmp, [t.name for t in native_tables]), 0, lambda r, n: r, torch.device("cpu"))
+    optimizer = NativeKernelOptimizer(
+        native_tables,
+        embedding_parameters(model),
+        gradients,
+        rows,
+        table_owners(dmp, [t.name for t in native_tables]),
+        0,
+        lambda r, n: r,
+        torch.device("cpu"),
+    )
     g = torch.Generator().manual_seed(7)
     for _ in range(3):
         out = dmp([batch(g, ["f1", "f2", "f3"], True) for _ in range(lookups)])

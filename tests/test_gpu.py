@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import assert_trees_equal, read_checkpoint, run_worker, skewed_ids
+
 from lightning_sparse.dynamic import (
     AdmissionConfig,
     DynamicIdRemapper,
@@ -62,7 +62,9 @@ def _train_on_gpu_and_cpu(tmp_path: Path, *args: Any) -> tuple[dict, dict]:
     """Trains once on the GPU(s) and once on as many CPU processes; checks their checkpoints agree."""
     gpu_args = ["--accelerator", "gpu", "--devices", _devices(), *args]
     gpu = run_worker("train.py", *gpu_args, "--ckpt-out", tmp_path / "gpu.ckpt", result=tmp_path / "gpu.json")
-    cpu = run_worker("train.py", *_cpu_twin(gpu_args), "--ckpt-out", tmp_path / "cpu.ckpt", result=tmp_path / "cpu.json")
+    cpu = run_worker(
+        "train.py", *_cpu_twin(gpu_args), "--ckpt-out", tmp_path / "cpu.ckpt", result=tmp_path / "cpu.json"
+    )
     assert_checkpoints_close(tmp_path / "gpu.ckpt", tmp_path / "cpu.ckpt")
     return gpu, cpu
 
@@ -101,13 +103,17 @@ def assert_checkpoints_close(gpu_path: Path, cpu_path: Path) -> None:
     gpu_sparse, cpu_sparse = _sparse_state(gpu_tensors), _sparse_state(cpu_tensors)
     cpu_tables = {table for table, _ in cpu_sparse}
     compared = {key[0] for key in cpu_sparse.keys() & gpu_sparse.keys()}
-    assert compared == cpu_tables, f"optimizer state of {sorted(cpu_tables - compared)} not comparable: {sorted(gpu_sparse)} vs {sorted(cpu_sparse)}"
+    assert compared == cpu_tables, (
+        f"optimizer state of {sorted(cpu_tables - compared)} not comparable: {sorted(gpu_sparse)} vs {sorted(cpu_sparse)}"
+    )
     for key in cpu_sparse.keys() & gpu_sparse.keys():
         _assert_close(gpu_sparse[key], cpu_sparse[key], f"sparse optimizer state {key}")
 
     # Hash tables of dynamic tables: the same admissions, evictions and slots (wall-clock stamps aside).
     hashes = sorted(k for k in cpu_tensors if k.startswith("dynamic_tables.") and not k.endswith("slot_last_time"))
-    assert hashes == sorted(k for k in gpu_tensors if k.startswith("dynamic_tables.") and not k.endswith("slot_last_time"))
+    assert hashes == sorted(
+        k for k in gpu_tensors if k.startswith("dynamic_tables.") and not k.endswith("slot_last_time")
+    )
     for key in hashes:
         assert torch.equal(gpu_tensors[key].cpu(), cpu_tensors[key]), key
 
@@ -132,7 +138,9 @@ def test_gpu_exact_resume(tmp_path):
     straight, resumed, on_cpu = tmp_path / "straight", tmp_path / "resumed", tmp_path / "cpu"
     common = ["--accelerator", "gpu", "--devices", _devices(), *GPU_TABLES, "--max-epochs", 2]
     run_worker("train.py", *common, "--ckpt-dir", straight, result=tmp_path / "a.json")
-    run_worker("train.py", *common, "--ckpt-dir", resumed, "--ckpt-in", straight / "epoch=0.ckpt", result=tmp_path / "b.json")
+    run_worker(
+        "train.py", *common, "--ckpt-dir", resumed, "--ckpt-in", straight / "epoch=0.ckpt", result=tmp_path / "b.json"
+    )
     tensors_a, state_a = read_checkpoint(straight / "epoch=1.ckpt")
     tensors_b, state_b = read_checkpoint(resumed / "epoch=1.ckpt")
     assert_trees_equal(tensors_a, tensors_b, "model and sparse optimizer")
@@ -144,13 +152,29 @@ def test_gpu_exact_resume(tmp_path):
 def test_gpu_row_wise_dynamic_table_partitions_resume_exactly(tmp_path):
     """A row_wise dynamic table: one hash partition per rank, each lending rows of its own block."""
     straight, resumed, on_cpu = tmp_path / "straight", tmp_path / "resumed", tmp_path / "cpu"
-    common = ["--accelerator", "gpu", "--devices", _devices(), "--table-sharding", "t_cat_3=row_wise", "--dynamic-capacity", 128, "--max-epochs", 2]
+    common = [
+        "--accelerator",
+        "gpu",
+        "--devices",
+        _devices(),
+        "--table-sharding",
+        "t_cat_3=row_wise",
+        "--dynamic-capacity",
+        128,
+        "--max-epochs",
+        2,
+    ]
     result = run_worker("train.py", *common, "--ckpt-dir", straight, result=tmp_path / "a.json")
     n = _devices()
-    held = [sorted({k.split(".")[2] for k in keys if k.startswith("partitions.")}) for keys in result["hash_state_keys_per_rank"]]
+    held = [
+        sorted({k.split(".")[2] for k in keys if k.startswith("partitions.")})
+        for keys in result["hash_state_keys_per_rank"]
+    ]
     assert held == [[f"{rank}_of_{n}"] for rank in range(n)]
     assert result["dynamic_metrics"]["t_cat_3"]["evicted"] > 0
-    run_worker("train.py", *common, "--ckpt-dir", resumed, "--ckpt-in", straight / "epoch=0.ckpt", result=tmp_path / "b.json")
+    run_worker(
+        "train.py", *common, "--ckpt-dir", resumed, "--ckpt-in", straight / "epoch=0.ckpt", result=tmp_path / "b.json"
+    )
     tensors_a, _ = read_checkpoint(straight / "epoch=1.ckpt")
     tensors_b, _ = read_checkpoint(resumed / "epoch=1.ckpt")
     for tensors in (tensors_a, tensors_b):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fused_row_update import VARIANTS, assert_same_table, config_for, lookup, table
 
 from lightning_sparse.ops import native_op_for
 from lightning_sparse.optim.kernels import sparse_update_for
 from lightning_sparse.optim.row_grads import POOLING_MEAN, POOLING_NONE, POOLING_SUM, embedding_row_grads
 from lightning_sparse.optim.row_update import embedding_row_update_for
-
-from test_fused_row_update import VARIANTS, assert_same_table, config_for, lookup, table
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,7 +19,9 @@ pytestmark = [
         not torch.cuda.is_available() or native_op_for("embedding_row_update", torch.device("cuda")) is None,
         reason="lightning_sparse._C built without CUDA kernels",
     ),
-    pytest.mark.skipif(native_op_for("embedding_row_update", torch.device("cpu")) is None, reason="native extension not built"),
+    pytest.mark.skipif(
+        native_op_for("embedding_row_update", torch.device("cpu")) is None, reason="native extension not built"
+    ),
 ]
 
 

@@ -8,9 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-
 from index_cases import IndexCase, build_case, cluster_starts, crowded_batches, index_cases, serial_result
-from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, EvictionPolicy, ExpiryConfig
+
+from lightning_sparse.dynamic import (
+    AdmissionConfig,
+    DynamicIdRemapper,
+    DynamicTableConfig,
+    EvictionPolicy,
+    ExpiryConfig,
+)
 from lightning_sparse.dynamic.hashing import index_home
 from lightning_sparse.ops import native_op_for
 

@@ -9,7 +9,13 @@ import torch
 from lightning_sparse.config import SparseOptimizerKind as K
 from lightning_sparse.ops import native_op_for
 from lightning_sparse.optim import init_state, kernels, reference
-from lightning_sparse.optim.row_grads import POOLING_MEAN, POOLING_NONE, POOLING_SUM, embedding_row_grads, embedding_row_grads_reference
+from lightning_sparse.optim.row_grads import (
+    POOLING_MEAN,
+    POOLING_NONE,
+    POOLING_SUM,
+    embedding_row_grads,
+    embedding_row_grads_reference,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,11 +25,15 @@ needs_cuda_kernels = pytest.mark.skipif(
     not torch.cuda.is_available() or native_op_for("embedding_row_grads", torch.device("cuda")) is None,
     reason="lightning_sparse._C built without CUDA kernels",
 )
-needs_cpu_kernels = pytest.mark.skipif(native_op_for("embedding_row_grads", torch.device("cpu")) is None, reason="native extension not built")
+needs_cpu_kernels = pytest.mark.skipif(
+    native_op_for("embedding_row_grads", torch.device("cpu")) is None, reason="native extension not built"
+)
 HP = dict(lr=0.05, eps=1e-6, weight_decay=0.01, beta1=0.9, beta2=0.99, decay=0.9)
 
 
-def row_grads_case(seed: int, mode: int, weighted: bool, index_dtype=torch.int64, num_features=3, batch=64, num_rows=500, dim=16):
+def row_grads_case(
+    seed: int, mode: int, weighted: bool, index_dtype=torch.int64, num_features=3, batch=64, num_rows=500, dim=16
+):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 9, (num_features * batch,), generator=g)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(index_dtype)
@@ -83,7 +93,19 @@ def call(fn, kind, w, state, idx, grad):
     elif kind is K.DECAYED_ADAGRAD:
         fn(w, state["sum"], idx, grad, HP["lr"], HP["eps"], HP["weight_decay"], HP["decay"])
     else:
-        fn(w, state.get("exp_avg"), state["exp_avg_sq"], state["step"], idx, grad, HP["lr"], HP["eps"], HP["weight_decay"], HP["beta1"], HP["beta2"])
+        fn(
+            w,
+            state.get("exp_avg"),
+            state["exp_avg_sq"],
+            state["step"],
+            idx,
+            grad,
+            HP["lr"],
+            HP["eps"],
+            HP["weight_decay"],
+            HP["beta1"],
+            HP["beta2"],
+        )
 
 
 def run_updates(fn, kind, device, first_moment, per_row_step, sorted_unique):
@@ -118,7 +140,9 @@ def test_cuda_optimizer_kernels_equal_cpu_kernels(kind, first_moment, per_row_st
     assert s_gpu.keys() == s_cpu.keys()
     for name in s_cpu:
         torch.testing.assert_close(s_gpu[name], s_cpu[name], rtol=1e-6, atol=1e-6)
-    w_twin, s_twin = run_updates(getattr(reference, f"sparse_opt_{kind.value}"), kind, "cuda", first_moment, per_row_step, sorted_unique)
+    w_twin, s_twin = run_updates(
+        getattr(reference, f"sparse_opt_{kind.value}"), kind, "cuda", first_moment, per_row_step, sorted_unique
+    )
     torch.testing.assert_close(w_twin, w_cpu, rtol=1e-5, atol=1e-5)
     for name in s_cpu:
         torch.testing.assert_close(s_twin[name], s_cpu[name], rtol=1e-5, atol=1e-5)

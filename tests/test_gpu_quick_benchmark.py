@@ -7,7 +7,6 @@ import argparse
 import importlib.util
 
 import pytest
-
 from conftest import REPO
 
 

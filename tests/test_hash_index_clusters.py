@@ -9,8 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from index_cases import (
+    IndexCase,
+    build_case,
+    cluster_starts,
+    crowded_batches,
+    ids_with_homes,
+    index_cases,
+    serial_result,
+)
 
-from index_cases import IndexCase, build_case, cluster_starts, crowded_batches, ids_with_homes, index_cases, serial_result
 from lightning_sparse.dynamic import DynamicIdRemapper, DynamicTableConfig, EvictionPolicy
 from lightning_sparse.dynamic.hashing import index_home
 from lightning_sparse.ops import native_op

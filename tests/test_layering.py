@@ -15,10 +15,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_sparse"
 
 FLOORS = {
     "cli": 0,
-    "strategies": 1, "callbacks": 1,
+    "strategies": 1,
+    "callbacks": 1,
     "distributed": 2,
-    "optim": 3, "serving": 3, "cache": 3, "models": 3,
-    "dynamic": 4, "data": 4, "config": 4, "validation": 4,
+    "optim": 3,
+    "serving": 3,
+    "cache": 3,
+    "models": 3,
+    "dynamic": 4,
+    "data": 4,
+    "config": 4,
+    "validation": 4,
 }
 UTILITIES = 5  # typed_config, ops, table_init, durable, loggers, ...
 
@@ -52,7 +59,9 @@ def upward_imports() -> list[str]:
             for target in targets:
                 target_floor = _floor(target)
                 if target_floor is not None and target_floor < floor:
-                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {target} (floor {target_floor} > {floor})")
+                    found.append(
+                        f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {target} (floor {target_floor} > {floor})"
+                    )
     return found
 
 
@@ -64,7 +73,9 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     """The rule is not vacuous: a distributed/ module importing the strategy is reported."""
     package = tmp_path / "lightning_sparse"
     (package / "distributed").mkdir(parents=True)
-    (package / "distributed" / "bad.py").write_text("def f():\n    from lightning_sparse.strategies import SparseStrategy\n")
+    (package / "distributed" / "bad.py").write_text(
+        "def f():\n    from lightning_sparse.strategies import SparseStrategy\n"
+    )
     monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
     assert upward_imports() == [
         "lightning_sparse/distributed/bad.py:2 imports lightning_sparse.strategies (floor 1 > 2)"

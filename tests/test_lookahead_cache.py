@@ -11,7 +11,13 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from lightning_sparse.cache import BackingFileError, LookaheadPlanner, WorkingSetTooLarge, host_store, mmap_store
 from lightning_sparse.cache.prefetch import LookaheadLoader
-from lightning_sparse.cache.reference import ReferencePlanner, belady_moves, fbgemm_lru_moves, lookahead_moves, lru_moves
+from lightning_sparse.cache.reference import (
+    ReferencePlanner,
+    belady_moves,
+    fbgemm_lru_moves,
+    lookahead_moves,
+    lru_moves,
+)
 from lightning_sparse.cache.scratchpad import CachedTable
 from lightning_sparse.config import CacheConfig, ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed.routes import resolve_tables
@@ -24,7 +30,9 @@ KINDS = ["sgd", "adagrad", "rowwise_adagrad", "decayed_adagrad", "rowwise_adam",
 def zipf_stream(steps: int, rows: int, per_batch: int, seed: int, drift: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     weights = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** 1.05
-    return [(torch.multinomial(weights, per_batch, replacement=True, generator=g) + drift * t) % rows for t in range(steps)]
+    return [
+        (torch.multinomial(weights, per_batch, replacement=True, generator=g) + drift * t) % rows for t in range(steps)
+    ]
 
 
 def drive(planner, batches: list[torch.Tensor], k: int) -> list:
@@ -37,7 +45,9 @@ def drive(planner, batches: list[torch.Tensor], k: int) -> list:
     return moves
 
 
-@pytest.mark.parametrize("slots,k,drift,decay", [(40, 1, 0, 0.99), (62, 4, 3, 1.0), (37, 2, 7, 0.5), (200, 0, 1, 0.99), (40, 2, 1, 1e-9)])
+@pytest.mark.parametrize(
+    "slots,k,drift,decay", [(40, 1, 0, 0.99), (62, 4, 3, 1.0), (37, 2, 7, 0.5), (200, 0, 1, 0.99), (40, 2, 1, 1e-9)]
+)
 def test_planner_matches_its_plain_python_twin_move_by_move(slots, k, drift, decay):
     batches = zipf_stream(30, 200, 12, seed=slots + k, drift=drift)
     ours = drive(LookaheadPlanner(200, slots, score_decay=decay), batches, k)
@@ -90,7 +100,10 @@ def test_a_backing_file_the_disk_cannot_hold_is_an_error_naming_the_file(tmp_pat
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
     try:
-        with pytest.raises(BackingFileError, match=r"backing file '.*t_big\.weight\.bin' could not get its 4000000 bytes .*TableConfig\.cache\.path"):
+        with pytest.raises(
+            BackingFileError,
+            match=r"backing file '.*t_big\.weight\.bin' could not get its 4000000 bytes .*TableConfig\.cache\.path",
+        ):
             mmap_store({"weight": (1000, 1000)}, str(tmp_path), "t_big")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -101,7 +114,10 @@ def test_a_backing_file_the_disk_cannot_hold_is_an_error_naming_the_file(tmp_pat
 def test_window_that_does_not_fit_names_the_batch_and_its_rows():
     planner = LookaheadPlanner(rows=100, slots=8, table="t_items")
     planner.push(0, torch.arange(5))
-    with pytest.raises(WorkingSetTooLarge, match=r"cached table 't_items': batch 1 needs 5 rows .* 10 distinct rows, more than the scratchpad's 8 slots"):
+    with pytest.raises(
+        WorkingSetTooLarge,
+        match=r"cached table 't_items': batch 1 needs 5 rows .* 10 distinct rows, more than the scratchpad's 8 slots",
+    ):
         planner.push(1, torch.arange(5, 10))
 
 
@@ -137,8 +153,16 @@ def test_fbgemm_lru_reads_misses_beyond_a_full_set_from_the_backing_store():
 @pytest.mark.parametrize("kind", KINDS)
 def test_scratchpad_training_is_bit_identical_to_the_full_table(tmp_path, kind, backing):
     rows, slots, dim, k = 60, 16, 4, 2
-    config = SparseOptimizerConfig(kind=kind, lr=0.1, eps=1e-3, weight_decay=0.05, beta1=0.8, beta2=0.95, decay=0.9,
-                                   first_moment=kind == "rowwise_adam")
+    config = SparseOptimizerConfig(
+        kind=kind,
+        lr=0.1,
+        eps=1e-3,
+        weight_decay=0.05,
+        beta1=0.8,
+        beta2=0.95,
+        decay=0.9,
+        first_moment=kind == "rowwise_adam",
+    )
     torch.manual_seed(0)
     full = torch.randn(rows, dim)
     full_state = init_state_for(config, full)
@@ -176,7 +200,10 @@ def test_scratchpad_training_is_bit_identical_to_the_full_table(tmp_path, kind, 
 def test_memory_mapped_store_larger_than_the_free_disk_is_an_error_naming_the_file(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     rows = free // (4 * 1024) + 1
-    with pytest.raises(BackingFileError, match=r"backing file '.*t_big\.weight\.bin' .* need \d+ bytes, but the disk .* has \d+ bytes free"):
+    with pytest.raises(
+        BackingFileError,
+        match=r"backing file '.*t_big\.weight\.bin' .* need \d+ bytes, but the disk .* has \d+ bytes free",
+    ):
         mmap_store({"weight": (rows, 1024)}, str(tmp_path), "t_big")
     assert not list(tmp_path.iterdir())
 
@@ -205,11 +232,14 @@ def _model() -> torch.nn.Module:
     return torch.nn.ModuleDict({"ebc": EmbeddingBagCollection(tables=configs)})
 
 
-@pytest.mark.parametrize("override,reason", [
-    (dict(sharding="data_parallel"), "its sharding is 'data_parallel'; a cached table must be whole on one rank"),
-    (dict(sharding="column_wise"), "its sharding is 'column_wise'"),
-    (dict(dynamic=DynamicTableConfig()), "it is also dynamic"),
-])
+@pytest.mark.parametrize(
+    "override,reason",
+    [
+        (dict(sharding="data_parallel"), "its sharding is 'data_parallel'; a cached table must be whole on one rank"),
+        (dict(sharding="column_wise"), "its sharding is 'column_wise'"),
+        (dict(dynamic=DynamicTableConfig()), "it is also dynamic"),
+    ],
+)
 def test_cache_on_a_table_kind_that_cannot_take_it_is_an_error_at_setup(override, reason):
     tables = {"t_a": TableConfig(cache=CacheConfig(rows=10), **override)}
     with pytest.raises(ValueError, match=rf"Table 't_a': a cache option on a table kind that cannot take it: {reason}"):
@@ -218,17 +248,22 @@ def test_cache_on_a_table_kind_that_cannot_take_it_is_an_error_at_setup(override
 
 def test_a_cached_table_runs_on_the_native_route_whatever_its_kind():
     tables = {"t_a": TableConfig(cache={"rows": 10, "lookahead": 1, "backing": "host"})}
-    resolved = resolve_tables(_model(), "cpu", ShardingType.AUTO, SparseOptimizerConfig(kind="sgd"), tables).tables["t_a"]
+    resolved = resolve_tables(_model(), "cpu", ShardingType.AUTO, SparseOptimizerConfig(kind="sgd"), tables).tables[
+        "t_a"
+    ]
     assert resolved.route.value == "native" and resolved.cache == CacheConfig(rows=10, lookahead=1, backing="host")
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"rows": 0}, "CacheConfig.rows must be an integer >= 1"),
-    ({"rows": 8, "lookahead": -1}, "CacheConfig.lookahead must be an integer >= 0"),
-    ({"rows": 8, "backing": "ssd"}, "CacheConfig.backing='ssd' is not valid"),
-    ({"rows": 8, "size": 3}, r"TableConfig.cache: unknown option\(s\) \['size'\]"),
-    ({"rows": 8, "score_decay": 0.0}, r"CacheConfig.score_decay must be a number in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"rows": 0}, "CacheConfig.rows must be an integer >= 1"),
+        ({"rows": 8, "lookahead": -1}, "CacheConfig.lookahead must be an integer >= 0"),
+        ({"rows": 8, "backing": "ssd"}, "CacheConfig.backing='ssd' is not valid"),
+        ({"rows": 8, "size": 3}, r"TableConfig.cache: unknown option\(s\) \['size'\]"),
+        ({"rows": 8, "score_decay": 0.0}, r"CacheConfig.score_decay must be a number in \(0, 1\]"),
+    ],
+)
 def test_cache_config_errors(values, message):
     with pytest.raises(ValueError, match=message):
         TableConfig(cache=values)
@@ -256,7 +291,9 @@ def test_cache_option_from_yaml_through_the_cli_parser():
         "strategy:\n  tables:\n    t_items:\n      cache: {rows: 50000, lookahead: 2, backing: mmap, path: /mnt/nvme/ls-cache}\n"
     )
     strategy = parser.instantiate_classes(config).strategy
-    assert strategy.table_configs["t_items"].cache == CacheConfig(rows=50000, lookahead=2, backing="mmap", path="/mnt/nvme/ls-cache")
+    assert strategy.table_configs["t_items"].cache == CacheConfig(
+        rows=50000, lookahead=2, backing="mmap", path="/mnt/nvme/ls-cache"
+    )
 
 
 def test_cached_tables_built_on_meta_fill_their_backing_store_from_the_full_initialisation(tmp_path, gloo_world_of_one):
@@ -284,18 +321,28 @@ def test_cached_tables_built_on_meta_fill_their_backing_store_from_the_full_init
     model = torch.nn.Module()
     model.ebc = table_init.meta_embedding_bag_collection(configs())
     cache = {"rows": 8, "backing": "host"}
-    overrides = {"replayed": TableConfig(optimizer=SparseOptimizerConfig(kind="adagrad"), cache=cache),
-                 "pre": TableConfig(pretrained=str(tmp_path / "rows.npy"), cache=cache)}
-    dmp, tables, plan = shard_tables(model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE,
-                                     SparseOptimizerConfig(), overrides)
+    overrides = {
+        "replayed": TableConfig(optimizer=SparseOptimizerConfig(kind="adagrad"), cache=cache),
+        "pre": TableConfig(pretrained=str(tmp_path / "rows.npy"), cache=cache),
+    }
+    dmp, tables, plan = shard_tables(
+        model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE, SparseOptimizerConfig(), overrides
+    )
     sharded = ShardedModel.build(model, dmp, tables, plan, torch.device("cpu"), Collectives())
     assert (tables.tables["replayed"].rows, tables.tables["replayed"].cache_rows) == (8, 50)
     assert not tables.cache_sources, "the full-size initialisation is released once the stores are filled"
     stores = {name: table.store.tensors for name, table in sharded.cache.tables.items()}
     assert torch.equal(stores["replayed"]["weight"], cpu.embedding_bags["replayed"].weight.detach())
     assert torch.equal(stores["pre"]["weight"], torch.from_numpy(rows))
-    planner = {f"{t}.planner.{k}" for t in ("pre", "replayed") for k in ("row_of", "last_use", "slot_score", "score", "origin", "window_seq")}
-    assert set(sharded.cache.state_dict()) == {"pre.weight", "pre.sum", "replayed.weight", "replayed.sum", "progress"} | planner
+    planner = {
+        f"{t}.planner.{k}"
+        for t in ("pre", "replayed")
+        for k in ("row_of", "last_use", "slot_score", "score", "origin", "window_seq")
+    }
+    assert (
+        set(sharded.cache.state_dict())
+        == {"pre.weight", "pre.sum", "replayed.weight", "replayed.sum", "progress"} | planner
+    )
 
 
 def test_a_pipeline_with_a_cached_table_is_a_setup_error_naming_the_table():

@@ -3,7 +3,6 @@ sharded DMP (1 gloo rank) with its fused optimizer."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -154,7 +153,10 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("kinds", [("sgd", "rowwise_adagrad", "adam", "rowwise_adam"), ("adagrad", "decayed_adagrad", "rowwise_adagrad", "adam")])
+@pytest.mark.parametrize(
+    "kinds",
+    [("sgd", "rowwise_adagrad", "adam", "rowwise_adam"), ("adagrad", "decayed_adagrad", "rowwise_adagrad", "adam")],
+)
 def test_every_route_counts_its_optimizer_state_as_allocated(gloo_world_of_one, kinds):
     """fused (fbgemm's buffers), native (our kernels) and data_parallel tables: the report's sparse optimizer
     bytes equal the storage of the tensors that actually hold that state (adam once showed 0.0 MiB)."""
@@ -162,34 +164,53 @@ def test_every_route_counts_its_optimizer_state_as_allocated(gloo_world_of_one, 
     from torchrec.optim.keyed import CombinedOptimizer
 
     from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
+    from lightning_sparse.distributed.planning import shard_tables, table_owners
+    from lightning_sparse.distributed.routes import embedding_parameters
     from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
     from lightning_sparse.optim.row_gradients import find_lookup_kernels
-    from lightning_sparse.distributed.routes import embedding_parameters
-    from lightning_sparse.distributed.planning import shard_tables, table_owners
 
     names = [f"t{i}" for i in range(len(kinds) * 2)]
     model = torch.nn.Module()
     model.ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=n, embedding_dim=4 + 4 * (i % 2), num_embeddings=20 + i, feature_names=[f"f{n}"]) for i, n in enumerate(names)],
+        tables=[
+            EmbeddingBagConfig(name=n, embedding_dim=4 + 4 * (i % 2), num_embeddings=20 + i, feature_names=[f"f{n}"])
+            for i, n in enumerate(names)
+        ],
         device=torch.device("cpu"),
     )
     overrides = {}
     for i, kind in enumerate(kinds):
         overrides[names[2 * i]] = TableConfig(optimizer=SparseOptimizerConfig(kind=kind))
-        overrides[names[2 * i + 1]] = TableConfig(sharding="data_parallel", optimizer=SparseOptimizerConfig(kind=kind, weight_decay=0.1))
-    dmp, tables, _ = shard_tables(model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE, SparseOptimizerConfig(), overrides)
+        overrides[names[2 * i + 1]] = TableConfig(
+            sharding="data_parallel", optimizer=SparseOptimizerConfig(kind=kind, weight_decay=0.1)
+        )
+    dmp, tables, _ = shard_tables(
+        model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE, SparseOptimizerConfig(), overrides
+    )
     routes = {t.route for t in tables.tables.values()}
     assert TableRoute.DATA_PARALLEL in routes and TableRoute.FUSED in routes and TableRoute.NATIVE in routes
     ours = [t for t in tables.tables.values() if t.route is not TableRoute.FUSED]
     gradients, rows = attach_row_captures(dmp, tables.tables)
-    native = NativeKernelOptimizer(ours, embedding_parameters(model), gradients, rows,
-                                   table_owners(dmp, [t.name for t in ours if t.route is TableRoute.NATIVE]), 0,
-                                   lambda r, n: r, torch.device("cpu"))
+    native = NativeKernelOptimizer(
+        ours,
+        embedding_parameters(model),
+        gradients,
+        rows,
+        table_owners(dmp, [t.name for t in ours if t.route is TableRoute.NATIVE]),
+        0,
+        lambda r, n: r,
+        torch.device("cpu"),
+    )
     # as the strategy calls it: the module, not the DMP, and its named CombinedOptimizer (keys get prefixed)
     report = memory_report(model, [CombinedOptimizer([("fused", dmp.fused_optimizer), ("native_kernels", native)])])
 
-    held = [t for kernel in find_lookup_kernels(dmp) if kernel.config.compute_kernel.value == "fused"
-            for states in kernel.emb_module.split_optimizer_states() for t in states]
+    held = [
+        t
+        for kernel in find_lookup_kernels(dmp)
+        if kernel.config.compute_kernel.value == "fused"
+        for states in kernel.emb_module.split_optimizer_states()
+        for t in states
+    ]
     held += [t for state in native._states.values() for t in state.values()]
     assert report.sparse_optimizer_bytes == _storage_bytes(held) > 0
     for table in tables.tables.values():

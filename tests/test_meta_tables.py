@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from conftest import run_worker
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-from conftest import run_worker
 from lightning_sparse import table_init
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableInitKind
 from lightning_sparse.distributed.routes import resolve_tables
@@ -26,8 +26,10 @@ SHAPES = [(3, 2), (1000, 8), (77, 33), (2, 16), (5000, 16)]  # tiny, non-multipl
 
 
 def _configs(shapes=SHAPES) -> list[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=n, feature_names=[f"f{i}"])
-            for i, (n, d) in enumerate(shapes)]
+    return [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=n, feature_names=[f"f{i}"])
+        for i, (n, d) in enumerate(shapes)
+    ]
 
 
 @pytest.mark.parametrize("numel", [1, 7, 15, 16, 17, 32, 33, 1000])
@@ -52,7 +54,11 @@ def test_meta_build_replays_a_cpu_build_block_by_block_and_leaves_the_generator_
     for config in meta.embedding_bag_configs():
         weight = cpu.embedding_bags[config.name].weight
         rows, dim = weight.shape
-        for row, col, n, m in [(0, 0, rows, dim), (1, 0, rows - 1, dim), (rows // 2, dim // 2, rows - rows // 2, dim - dim // 2)]:
+        for row, col, n, m in [
+            (0, 0, rows, dim),
+            (1, 0, rows - 1, dim),
+            (rows // 2, dim // 2, rows - rows // 2, dim - dim // 2),
+        ]:
             block = torch.empty(n, m)
             config.init_fn.fill(block, row, col, dim)
             assert torch.equal(block, weight[row : row + n, col : col + m]), (config.name, row, col)
@@ -81,8 +87,13 @@ def test_dlrm_module_is_built_on_meta_with_todays_weights():
 
 
 def test_a_custom_initialiser_is_not_replayed_but_refused_with_the_fix():
-    config = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"],
-                                init_fn=functools.partial(torch.nn.init.constant_, val=0.5))
+    config = EmbeddingBagConfig(
+        name="t",
+        embedding_dim=4,
+        num_embeddings=10,
+        feature_names=["f"],
+        init_fn=functools.partial(torch.nn.init.constant_, val=0.5),
+    )
     with pytest.raises(ValueError, match=r"Table 't'.*default float32 uniform.*Build this collection on CPU"):
         table_init.meta_embedding_bag_collection([config])
 
@@ -135,8 +146,11 @@ def _resolve(model, overrides):
 def _model(on_meta: bool, init_fn=None) -> torch.nn.Module:
     model = torch.nn.Module()
     config = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"], init_fn=init_fn)
-    model.ebc = (table_init.meta_embedding_bag_collection([config]) if on_meta and init_fn is None
-                 else EmbeddingBagCollection(tables=[config], device=torch.device("meta" if on_meta else "cpu")))
+    model.ebc = (
+        table_init.meta_embedding_bag_collection([config])
+        if on_meta and init_fn is None
+        else EmbeddingBagCollection(tables=[config], device=torch.device("meta" if on_meta else "cpu"))
+    )
     return model
 
 
@@ -183,17 +197,26 @@ def test_a_user_meta_table_gets_its_init_fn_per_shard_and_pretrained_rows_on_one
     model = torch.nn.Module()
     rows = np.arange(30 * 4, dtype=np.float32).reshape(30, 4)
     np.save(tmp_path / "rows.npy", rows)
-    model.ebc = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name="mine", embedding_dim=4, num_embeddings=20, feature_names=["a"],
-                           init_fn=functools.partial(torch.nn.init.constant_, val=0.5)),
-        EmbeddingBagConfig(name="pre", embedding_dim=4, num_embeddings=30, feature_names=["b"]),
-    ], device=torch.device("meta"))
+    model.ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name="mine",
+                embedding_dim=4,
+                num_embeddings=20,
+                feature_names=["a"],
+                init_fn=functools.partial(torch.nn.init.constant_, val=0.5),
+            ),
+            EmbeddingBagConfig(name="pre", embedding_dim=4, num_embeddings=30, feature_names=["b"]),
+        ],
+        device=torch.device("meta"),
+    )
     overrides = {"pre": TableConfig(pretrained=str(tmp_path / "rows.npy"))}
-    _, tables, _ = shard_tables(model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE,
-                                SparseOptimizerConfig(), overrides)
+    _, tables, _ = shard_tables(
+        model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE, SparseOptimizerConfig(), overrides
+    )
     state = model.state_dict()
-    (mine, _, _), = local_pieces(state[tables.tables["mine"].param_path])
-    (pre, _, _), = local_pieces(state[tables.tables["pre"].param_path])
+    ((mine, _, _),) = local_pieces(state[tables.tables["mine"].param_path])
+    ((pre, _, _),) = local_pieces(state[tables.tables["pre"].param_path])
     assert torch.equal(mine, torch.full((20, 4), 0.5)) and torch.equal(pre, torch.from_numpy(rows))
 
 
@@ -202,8 +225,10 @@ def test_pretrained_is_a_per_table_option_in_yaml(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     config = tmp_path / "c.yaml"
-    config.write_text("trainer:\n  strategy:\n    class_path: lightning_sparse.SparseStrategy\n    init_args:\n"
-                      "      tables:\n        t_cat_0: {pretrained: rows.npy, sharding: column_wise}\n")
+    config.write_text(
+        "trainer:\n  strategy:\n    class_path: lightning_sparse.SparseStrategy\n    init_args:\n"
+        "      tables:\n        t_cat_0: {pretrained: rows.npy, sharding: column_wise}\n"
+    )
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(config), "--print_config"])
     assert info.value.code == 0

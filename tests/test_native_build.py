@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -64,7 +63,12 @@ def test_a_failed_compile_stops_the_build_with_the_compilers_message(tmp_path, b
     if backend == "setuptools":
         env["PATH"] = _path_without_ninja(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
@@ -75,6 +79,12 @@ def test_a_failed_compile_stops_the_build_with_the_compilers_message(tmp_path, b
 
 def test_the_installed_extension_matches_the_build_plan():
     """What `make install` ends with (scripts/setup_env.sh): the built _C.so loads and registers its kernels."""
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_native.py")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_native.py")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CPU kernels:" in proc.stdout and "hash_remap" in proc.stdout

@@ -7,9 +7,9 @@ import json
 
 import lightning.pytorch as pl
 import pytest
+from conftest import run_worker
 from torchrec import KeyedJaggedTensor
 
-from conftest import run_worker
 from lightning_sparse import SparseStrategy, TableConfig
 from lightning_sparse.cli import main
 from lightning_sparse.config import CacheConfig, PipelineConfig, PipelineKind
@@ -36,18 +36,40 @@ def _scenarios(tmp_path) -> dict[str, dict]:
         "native_sparse_dist": {**native, "pipeline": "sparse_dist"},
         "native_hybrid_0": {**native, "pipeline": "hybrid", "staleness": 0},
         "native_hybrid_2": {**saving, "ckpt_dir": str(tmp_path / "a")},
-        "native_hybrid_2_resumed": {**saving, "ckpt_dir": str(tmp_path / "b"), "ckpt_in": str(tmp_path / "a" / "step=2.ckpt")},
+        "native_hybrid_2_resumed": {
+            **saving,
+            "ckpt_dir": str(tmp_path / "b"),
+            "ckpt_in": str(tmp_path / "a" / "step=2.ckpt"),
+        },
         "dynamic_none": {**dynamic, "pipeline": "none"},
         "dynamic_sparse_dist": {**dynamic, "pipeline": "sparse_dist"},
         "dynamic_hybrid_0": {**dynamic, "pipeline": "hybrid", "staleness": 0},
-        "dynamic_sparse_dist_saving": {**dynamic, "pipeline": "sparse_dist", "ckpt_every": 2, "ckpt_dir": str(tmp_path / "c")},
+        "dynamic_sparse_dist_saving": {
+            **dynamic,
+            "pipeline": "sparse_dist",
+            "ckpt_every": 2,
+            "ckpt_dir": str(tmp_path / "c"),
+        },
         "dynamic_sparse_dist_resumed": {
-            **dynamic, "pipeline": "sparse_dist", "ckpt_every": 2, "ckpt_dir": str(tmp_path / "d"),
+            **dynamic,
+            "pipeline": "sparse_dist",
+            "ckpt_every": 2,
+            "ckpt_dir": str(tmp_path / "d"),
             "ckpt_in": str(tmp_path / "c" / "step=2.ckpt"),
         },
-        "dynamic_hybrid_2_saving": {**dynamic, "pipeline": "hybrid", "staleness": 2, "ckpt_every": 2, "ckpt_dir": str(tmp_path / "e")},
+        "dynamic_hybrid_2_saving": {
+            **dynamic,
+            "pipeline": "hybrid",
+            "staleness": 2,
+            "ckpt_every": 2,
+            "ckpt_dir": str(tmp_path / "e"),
+        },
         "dynamic_hybrid_2_resumed": {
-            **dynamic, "pipeline": "hybrid", "staleness": 2, "ckpt_every": 2, "ckpt_dir": str(tmp_path / "f"),
+            **dynamic,
+            "pipeline": "hybrid",
+            "staleness": 2,
+            "ckpt_every": 2,
+            "ckpt_dir": str(tmp_path / "f"),
             "ckpt_in": str(tmp_path / "e" / "step=2.ckpt"),
         },
     }
@@ -138,11 +160,15 @@ SIZES = [100, 200, 50]
 
 
 def _data() -> SyntheticClickDataModule:
-    return SyntheticClickDataModule(num_embeddings_per_feature=SIZES, batch_size=16, num_train_batches=2, num_val_batches=1)
+    return SyntheticClickDataModule(
+        num_embeddings_per_feature=SIZES, batch_size=16, num_train_batches=2, num_val_batches=1
+    )
 
 
 def _model() -> DLRMModule:
-    return DLRMModule(num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    return DLRMModule(
+        num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1]
+    )
 
 
 def _fit(strategy: SparseStrategy, model: pl.LightningModule, **kwargs) -> pl.Trainer:
@@ -174,7 +200,10 @@ class ComputedInput(DLRMModule):
 
 
 def test_pipeline_config_errors_name_the_allowed_values():
-    with pytest.raises(ValueError, match="PipelineKind='async' is not valid; allowed values: 'none', 'sparse_dist', 'hybrid', 'semi_sync'"):
+    with pytest.raises(
+        ValueError,
+        match="PipelineKind='async' is not valid; allowed values: 'none', 'sparse_dist', 'hybrid', 'semi_sync'",
+    ):
         PipelineConfig.parse("async", "PipelineKind")
     with pytest.raises(ValueError, match="pipeline 'hybrid' needs an integer staleness >= 0"):
         PipelineConfig(kind="hybrid")
@@ -186,10 +215,15 @@ def test_pipeline_config_errors_name_the_allowed_values():
 
 @pytest.mark.parametrize(
     "model, match",
-    [(Untraceable, "cannot be traced by torch.fx"), (ComputedInput, "do not take the forward's KeyedJaggedTensor argument unchanged")],
+    [
+        (Untraceable, "cannot be traced by torch.fx"),
+        (ComputedInput, "do not take the forward's KeyedJaggedTensor argument unchanged"),
+    ],
 )
 def test_a_forward_the_pipeline_cannot_trace_stops_at_setup(single_process_env, model, match):
-    model = model(num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    model = model(
+        num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1]
+    )
     with pytest.raises(ValueError, match=match):
         _fit(SparseStrategy(pipeline="sparse_dist"), model)
 
@@ -197,8 +231,14 @@ def test_a_forward_the_pipeline_cannot_trace_stops_at_setup(single_process_env, 
 @pytest.mark.parametrize(
     "strategy, match",
     [
-        (SparseStrategy(pipeline="sparse_dist", tables={"t_cat_0": TableConfig(cache=CacheConfig(rows=64))}), "cached tables \\['t_cat_0'\\]"),
-        (SparseStrategy(pipeline="semi_sync", tables={"t_cat_1": TableConfig(sharding="data_parallel")}), "data_parallel tables \\['t_cat_1'\\]"),
+        (
+            SparseStrategy(pipeline="sparse_dist", tables={"t_cat_0": TableConfig(cache=CacheConfig(rows=64))}),
+            "cached tables \\['t_cat_0'\\]",
+        ),
+        (
+            SparseStrategy(pipeline="semi_sync", tables={"t_cat_1": TableConfig(sharding="data_parallel")}),
+            "data_parallel tables \\['t_cat_1'\\]",
+        ),
         (SparseStrategy(pipeline={"kind": "hybrid", "staleness": 2}, bad_ids="drop"), "needs bad_ids: error"),
     ],
 )
@@ -214,7 +254,9 @@ class Manual(DLRMModule):
 
 
 def test_manual_optimization_is_refused(single_process_env):
-    model = Manual(num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    model = Manual(
+        num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1]
+    )
     with pytest.raises(ValueError, match="needs automatic optimization"):
         _fit(SparseStrategy(pipeline="sparse_dist"), model)
 
@@ -239,4 +281,7 @@ def test_pipeline_is_set_in_yaml(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(path)])
     assert info.value.code == 2
-    assert "PipelineKind='asynchronous' is not valid; allowed values: 'none', 'sparse_dist', 'hybrid', 'semi_sync'" in capsys.readouterr().err
+    assert (
+        "PipelineKind='asynchronous' is not valid; allowed values: 'none', 'sparse_dist', 'hybrid', 'semi_sync'"
+        in capsys.readouterr().err
+    )

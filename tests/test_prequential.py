@@ -55,7 +55,10 @@ def test_histogram_auc_is_torchmetrics_auroc_of_the_binned_scores_and_undefined_
     g = torch.Generator().manual_seed(0)
     bins = torch.randint(0, 50, (2000,), generator=g)  # many ties
     labels = (torch.rand(2000, generator=g) < bins / 60).long()
-    positives, negatives = torch.bincount(bins[labels == 1], minlength=50), torch.bincount(bins[labels == 0], minlength=50)
+    positives, negatives = (
+        torch.bincount(bins[labels == 1], minlength=50),
+        torch.bincount(bins[labels == 0], minlength=50),
+    )
     assert histogram_auc(positives, negatives) == pytest.approx(binary_auroc(bins / 50, labels).item(), abs=1e-6)
     assert math.isnan(histogram_auc(positives, torch.zeros(50)))
 
@@ -66,7 +69,10 @@ def test_cumulative_and_window_values_and_an_exact_resume_from_the_state():
     for step, (logits, labels) in enumerate(batches, 1):
         state.update(logits, labels)
         got = state.compute(torch.device("cpu"))
-        check(got, reference(torch.cat([b[0] for b in batches[:step]]), torch.cat([b[1] for b in batches[:step]]), 1 << 12))
+        check(
+            got,
+            reference(torch.cat([b[0] for b in batches[:step]]), torch.cat([b[1] for b in batches[:step]]), 1 << 12),
+        )
         recent = batches[max(0, step - 4) : step]
         check(got, reference(torch.cat([b[0] for b in recent]), torch.cat([b[1] for b in recent]), 1 << 12), "window_")
         if step == 5:
@@ -112,11 +118,19 @@ class Recorder(pl.Callback):
 
 @pytest.mark.parametrize("model_class", [DLRMModule, DCNModule, DeepFMModule])
 def test_models_without_dense_features_train_prequentially_on_one_process(model_class, single_process_env, tmp_path):
-    schema = StreamSchema(sparse=[SparseColumn("cat_0", 200, "none"), SparseColumn("cat_1", 50, "none"), SparseColumn("cat_2", 20, "modulo")])
+    schema = StreamSchema(
+        sparse=[
+            SparseColumn("cat_0", 200, "none"),
+            SparseColumn("cat_1", 50, "none"),
+            SparseColumn("cat_2", 20, "modulo"),
+        ]
+    )
     data = StreamDataModule(SyntheticSource([200, 50, 20], drift_period_records=128, chunk_size=64), schema, batch_size=32,
                             max_records=320, val_source=SyntheticSource([200, 50, 20], seed=1), val_max_records=64)  # fmt: skip
     assert data.num_dense_features == 0
-    kwargs = dict(dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]) if model_class is not DeepFMModule else {}
+    kwargs = (
+        dict(dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]) if model_class is not DeepFMModule else {}
+    )
     model = model_class(num_embeddings_per_feature=data.num_embeddings_per_feature, num_dense_features=0, embedding_dim=8,
                         feature_names=data.feature_names, learning_rate=0.01, **kwargs)  # fmt: skip
     vector = next(m for m in model.modules() if isinstance(m, LearnedDenseVector)).vector
@@ -131,7 +145,10 @@ def test_models_without_dense_features_train_prequentially_on_one_process(model_
     trainer.fit(model, data)
     assert len(recorder.values) == 10  # max_records=320 in batches of 32
     for step in range(1, 11):
-        check(recorder.values[step - 1], reference(torch.cat(recorder.logits[:step]), torch.cat(recorder.labels[:step]), 1 << 12))
+        check(
+            recorder.values[step - 1],
+            reference(torch.cat(recorder.logits[:step]), torch.cat(recorder.labels[:step]), 1 << 12),
+        )
         first = max(0, step - 4)
         window = reference(torch.cat(recorder.logits[first:step]), torch.cat(recorder.labels[first:step]), 1 << 12)
         check(recorder.values[step - 1], window, "window_")
@@ -140,9 +157,15 @@ def test_models_without_dense_features_train_prequentially_on_one_process(model_
     assert not torch.equal(vector.detach(), before)  # the stand-in for the bottom MLP learns
 
 
-def test_models_refuse_dense_features_they_were_not_built_for_and_prequential_needs_the_logits(single_process_env, tmp_path):
-    model = DLRMModule(num_embeddings_per_feature=[10, 10], num_dense_features=0, embedding_dim=8, dense_arch_layer_sizes=[8])
-    with pytest.raises(ValueError, match=r"built with num_dense_features=0, but the batch has dense_features of shape \(4, 3\)"):
+def test_models_refuse_dense_features_they_were_not_built_for_and_prequential_needs_the_logits(
+    single_process_env, tmp_path
+):
+    model = DLRMModule(
+        num_embeddings_per_feature=[10, 10], num_dense_features=0, embedding_dim=8, dense_arch_layer_sizes=[8]
+    )
+    with pytest.raises(
+        ValueError, match=r"built with num_dense_features=0, but the batch has dense_features of shape \(4, 3\)"
+    ):
         model.dlrm.dense_arch(torch.zeros(4, 3))
     with pytest.raises(ValueError, match="num_dense_features must be an int >= 0, got -1"):
         DeepFMModule(num_embeddings_per_feature=[10], num_dense_features=-1)
@@ -171,5 +194,10 @@ def test_the_training_curves_have_a_prequential_panel(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,prequential/auc,prequential/window_ne\n0,9,0.61,0.98\n0,19,0.65,0.95\n")
     assert plot_training_curves(path, tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (title, metrics), = [(t, m) for t, m in PANELS if any(key.startswith("prequential/") for key, _, _ in m)]
-    assert [key for key, _, _ in metrics] == ["prequential/auc", "prequential/window_auc", "prequential/ne", "prequential/window_ne"]
+    ((title, metrics),) = [(t, m) for t, m in PANELS if any(key.startswith("prequential/") for key, _, _ in m)]
+    assert [key for key, _, _ in metrics] == [
+        "prequential/auc",
+        "prequential/window_auc",
+        "prequential/ne",
+        "prequential/window_ne",
+    ]

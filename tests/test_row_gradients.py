@@ -16,10 +16,10 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollec
 from torchrec.modules.embedding_configs import PoolingType
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableRoute
+from lightning_sparse.distributed.planning import shard_tables, table_owners
+from lightning_sparse.distributed.routes import embedding_parameters
 from lightning_sparse.optim import init_state_for, sparse_update_for
 from lightning_sparse.optim.native_kernel_optimizer import NativeKernelOptimizer, attach_row_captures
-from lightning_sparse.distributed.routes import embedding_parameters
-from lightning_sparse.distributed.planning import shard_tables, table_owners
 
 ROWS, DIM, BATCH = 30, 4, 6
 
@@ -33,8 +33,12 @@ class Bags(torch.nn.Module):
         super().__init__()
         self.mean = pooling is PoolingType.MEAN
         tables = [
-            EmbeddingBagConfig(name="t1", num_embeddings=ROWS, embedding_dim=DIM, feature_names=["f1"], pooling=pooling),
-            EmbeddingBagConfig(name="t2", num_embeddings=ROWS, embedding_dim=2 * DIM, feature_names=["f2", "f3"], pooling=pooling),
+            EmbeddingBagConfig(
+                name="t1", num_embeddings=ROWS, embedding_dim=DIM, feature_names=["f1"], pooling=pooling
+            ),
+            EmbeddingBagConfig(
+                name="t2", num_embeddings=ROWS, embedding_dim=2 * DIM, feature_names=["f2", "f3"], pooling=pooling
+            ),
         ]
         self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=weighted, device=torch.device("cpu"))
         self.lookups = lookups
@@ -48,7 +52,11 @@ class Bags(torch.nn.Module):
         for kjt in kjts[: self.lookups]:
             for feature, table in self.FEATURES:
                 jt = kjt[feature]
-                w = jt.weights().double() if jt.weights_or_none() is not None else torch.ones(jt.values().numel(), dtype=torch.float64)
+                w = (
+                    jt.weights().double()
+                    if jt.weights_or_none() is not None
+                    else torch.ones(jt.values().numel(), dtype=torch.float64)
+                )
                 rows = tables[table][jt.values()] * w.unsqueeze(1)
                 bag = torch.repeat_interleave(torch.arange(BATCH), jt.lengths())
                 pooled = torch.zeros(BATCH, tables[table].shape[1], dtype=torch.float64).index_add(0, bag, rows)
@@ -80,8 +88,16 @@ def batch(g: torch.Generator, keys: list[str], weighted: bool) -> KeyedJaggedTen
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths, weights=weights)
 
 
-def train_both(model: torch.nn.Module, keys: list[str], config: SparseOptimizerConfig, *, weighted: bool = False,
-               steps: int = 3, weight_scale: float = 1.0, grad_scale: float = 1.0):
+def train_both(
+    model: torch.nn.Module,
+    keys: list[str],
+    config: SparseOptimizerConfig,
+    *,
+    weighted: bool = False,
+    steps: int = 3,
+    weight_scale: float = 1.0,
+    grad_scale: float = 1.0,
+):
     """Returns (sharded tables, reference tables, captured row grads per step, reference row grads per step)."""
     torch.manual_seed(0)
     with torch.no_grad():
@@ -93,8 +109,14 @@ def train_both(model: torch.nn.Module, keys: list[str], config: SparseOptimizerC
     gradients, rows = attach_row_captures(dmp, tables.tables)
     native = list(tables.tables.values())
     optimizer = NativeKernelOptimizer(
-        native, embedding_parameters(model), gradients, rows, table_owners(dmp, [t.name for t in native]), 0,
-        lambda r, n: r, torch.device("cpu"),
+        native,
+        embedding_parameters(model),
+        gradients,
+        rows,
+        table_owners(dmp, [t.name for t in native]),
+        0,
+        lambda r, n: r,
+        torch.device("cpu"),
     )
     ref_states = {n: init_state_for(config, t) for n, t in ref_tables.items()}
     g = torch.Generator().manual_seed(7)
@@ -112,7 +134,9 @@ def train_both(model: torch.nn.Module, keys: list[str], config: SparseOptimizerC
         step_expected = {}
         for table, leaf in leaves.items():
             used = kjts[: model.lookups]
-            ids = torch.unique(torch.cat([k[f].values() for k in used for f in k.keys() if tables.features[f] == table]))
+            ids = torch.unique(
+                torch.cat([k[f].values() for k in used for f in k.keys() if tables.features[f] == table])
+            )
             step_expected[table] = (ids, leaf.grad[ids])
             sparse_update_for(config, ref_tables[table], ref_states[table], ids, leaf.grad[ids].float())
         expected.append(step_expected)
@@ -157,7 +181,9 @@ CASES = {
 def test_native_route_bags_match_float64_reference(gloo_world_of_one, case):
     pooling, weighted, lookups = CASES[case]
     config = SparseOptimizerConfig(kind="adam", lr=0.05, weight_decay=0.03, eps=1e-6, beta1=0.8, beta2=0.99)
-    sharded, reference, captured, expected = train_both(Bags(pooling, weighted, lookups), ["f1", "f2", "f3"], config, weighted=weighted)
+    sharded, reference, captured, expected = train_both(
+        Bags(pooling, weighted, lookups), ["f1", "f2", "f3"], config, weighted=weighted
+    )
     assert_exact_rows(captured, expected)
     for name, table in reference.items():
         torch.testing.assert_close(sharded[name], table, rtol=1e-6, atol=1e-6)
@@ -173,8 +199,15 @@ def test_native_route_sequence_tables(gloo_world_of_one):
 def test_tiny_gradients_next_to_large_weights_are_exact(gloo_world_of_one):
     """|w| ~ 1e3 and |g| ~ 1e-12: the weight-difference tap lost such gradients entirely."""
     config = SparseOptimizerConfig(kind="rowwise_adam", lr=0.01)
-    _, _, captured, expected = train_both(Bags(PoolingType.MEAN, True, 2), ["f1", "f2", "f3"], config, weighted=True,
-                                          weight_scale=1e3 / 0.2, grad_scale=1e-12, steps=2)
+    _, _, captured, expected = train_both(
+        Bags(PoolingType.MEAN, True, 2),
+        ["f1", "f2", "f3"],
+        config,
+        weighted=True,
+        weight_scale=1e3 / 0.2,
+        grad_scale=1e-12,
+        steps=2,
+    )
     assert_exact_rows(captured, expected)
     assert max(float(g.abs().max()) for step in captured for _, g in step.values()) < 1e-10
 
@@ -182,8 +215,9 @@ def test_tiny_gradients_next_to_large_weights_are_exact(gloo_world_of_one):
 def test_a_native_tbe_leaves_its_weights_to_our_optimizer(gloo_world_of_one):
     """fbgemm's backward never runs for a native TBE: without our step, the tables stay bit-identical."""
     model = Bags(PoolingType.SUM, False, 2)
-    dmp, tables, _ = shard_tables(model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE,
-                                  SparseOptimizerConfig(kind="adam"))
+    dmp, tables, _ = shard_tables(
+        model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE, SparseOptimizerConfig(kind="adam")
+    )
     gradients, _ = attach_row_captures(dmp, tables.tables)
     before = {k: v.local_shards()[0].tensor.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
     g = torch.Generator().manual_seed(3)

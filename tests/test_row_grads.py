@@ -48,9 +48,14 @@ def float64_reference(grad_output, indices, offsets, weights, features, columns,
         bag_starts = off[f * batch : (f + 1) * batch] - start
         if mode == POOLING_MEAN and w is not None:  # torch's mean mode takes no weights: divide the sums
             lengths = (off[f * batch + 1 : (f + 1) * batch + 1] - off[f * batch : (f + 1) * batch]).clamp(min=1)
-            pooled = F.embedding_bag(ids, table, bag_starts, mode="sum", per_sample_weights=w) / lengths.unsqueeze(1).double()
+            pooled = (
+                F.embedding_bag(ids, table, bag_starts, mode="sum", per_sample_weights=w)
+                / lengths.unsqueeze(1).double()
+            )
         else:
-            pooled = F.embedding_bag(ids, table, bag_starts, mode="sum" if mode == POOLING_SUM else "mean", per_sample_weights=w)
+            pooled = F.embedding_bag(
+                ids, table, bag_starts, mode="sum" if mode == POOLING_SUM else "mean", per_sample_weights=w
+            )
         loss = loss + (pooled * grad_output[:, col : col + dim].double()).sum()
     loss.backward()
     rows = torch.unique(torch.cat(read)) if read else torch.empty(0, dtype=torch.int64)
@@ -66,8 +71,23 @@ def assert_exact_enough(rows, grads, expected_rows, expected, magnitude):
     assert bool(((got - want).abs() <= bound).all()), f"max error {(got - want).abs().max()}"
 
 
-def case(seed, *, num_features=3, batch=5, max_len=4, num_rows=9, width=24, dims=6, mode=POOLING_SUM, weighted=False,
-         features=(2, 0), columns=(10, 3), index_dtype=torch.int64, g_scale=1.0, w_scale=1.0):
+def case(
+    seed,
+    *,
+    num_features=3,
+    batch=5,
+    max_len=4,
+    num_rows=9,
+    width=24,
+    dims=6,
+    mode=POOLING_SUM,
+    weighted=False,
+    features=(2, 0),
+    columns=(10, 3),
+    index_dtype=torch.int64,
+    g_scale=1.0,
+    w_scale=1.0,
+):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, max_len + 1, (num_features * batch,), generator=g)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(index_dtype)
@@ -114,10 +134,14 @@ def test_hand_computed_example():
     offsets = torch.tensor([0, 3, 3, 4, 5])
     weights = torch.tensor([1.0, 2.0, 3.0, 0.5, 4.0])
     for fn in implementations():
-        rows, grads = fn(grad_output, indices, offsets, weights, torch.tensor([1, 0]), torch.tensor([2, 0]), 2, 2, POOLING_MEAN)
+        rows, grads = fn(
+            grad_output, indices, offsets, weights, torch.tensor([1, 0]), torch.tensor([2, 0]), 2, 2, POOLING_MEAN
+        )
         assert rows.tolist() == [1, 4]
         # row 1: 2/3 * [1, 2] + 0.5 * [10, 20]; row 4: (1 + 3)/3 * [1, 2] + 4 * [30, 40]
-        torch.testing.assert_close(grads, torch.tensor([[2 / 3 + 5, 4 / 3 + 10], [4 / 3 + 120, 8 / 3 + 160]], dtype=torch.float64))
+        torch.testing.assert_close(
+            grads, torch.tensor([[2 / 3 + 5, 4 / 3 + 10], [4 / 3 + 120, 8 / 3 + 160]], dtype=torch.float64)
+        )
 
 
 @needs_native
@@ -133,7 +157,9 @@ def test_hand_computed_example():
     weighted=st.booleans(),
     data=st.data(),
 )
-def test_native_matches_twin_and_reference_property(seed, num_features, batch, max_len, num_rows, dims, mode, weighted, data):
+def test_native_matches_twin_and_reference_property(
+    seed, num_features, batch, max_len, num_rows, dims, mode, weighted, data
+):
     features = data.draw(st.lists(st.integers(0, num_features - 1), unique=True, max_size=num_features))
     width = dims * (num_features + 1)
     columns = [data.draw(st.integers(0, width - dims)) for _ in features]
@@ -205,7 +231,17 @@ BAD = [
 @pytest.mark.parametrize("fn", implementations(), ids=lambda fn: fn.__name__)
 @pytest.mark.parametrize("change,message", BAD, ids=[message[:24] for _, message in BAD])
 def test_bad_inputs_name_the_problem(fn, change, message):
-    names = ["grad_output", "indices", "offsets", "per_sample_weights", "features", "column_offsets", "dim", "num_features", "pooling_mode"]
+    names = [
+        "grad_output",
+        "indices",
+        "offsets",
+        "per_sample_weights",
+        "features",
+        "column_offsets",
+        "dim",
+        "num_features",
+        "pooling_mode",
+    ]
     kwargs = dict(zip(names, case(1)))
     kwargs.update(change(kwargs))
     with pytest.raises((ValueError, RuntimeError), match=message):
@@ -228,7 +264,10 @@ def test_decreasing_offsets_are_an_error(fn):
 def make_tbe(dims: list[int], num_rows: list[int], feature_table_map: list[int], mode: int, lr: float):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
     specs = [(n, d, EmbeddingLocation.HOST, ComputeDevice.CPU) for n, d in zip(num_rows, dims)]
     return SplitTableBatchedEmbeddingBagsCodegen(
@@ -237,7 +276,9 @@ def make_tbe(dims: list[int], num_rows: list[int], feature_table_map: list[int],
     )  # fmt: skip
 
 
-def tbe_batch(seed: int, num_features: int, batch: int, num_rows: list[int], feature_table_map: list[int], weighted: bool):
+def tbe_batch(
+    seed: int, num_features: int, batch: int, num_rows: list[int], feature_table_map: list[int], weighted: bool
+):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 5, (num_features * batch,), generator=g)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
@@ -290,7 +331,9 @@ def test_matches_fbgemm_tbe(mode, weighted, feature_table_map):
             got = out[_positions(offsets, f, batch)] if mode == POOLING_NONE else out[:, col : col + dims[t]]
             torch.testing.assert_close(got.double(), ref_out[f], rtol=1e-5, atol=1e-5)
         expected_rows, expected = float64_reference(*args, num_rows[t])
-        _, magnitude = float64_reference(grad_output.abs(), indices, offsets, weights, features, columns, dims[t], num_features, mode, num_rows[t])
+        _, magnitude = float64_reference(
+            grad_output.abs(), indices, offsets, weights, features, columns, dims[t], num_features, mode, num_rows[t]
+        )
         for fn in implementations():
             rows, grads = fn(*args)
             assert_exact_enough(rows, grads, expected_rows, expected, magnitude)
@@ -341,7 +384,9 @@ def _positions(offsets: torch.Tensor, f: int, batch: int) -> slice:
     return slice(int(offsets[f * batch]), int(offsets[(f + 1) * batch]))
 
 
-def _pooled(table, indices, offsets, weights: Optional[torch.Tensor], features, columns, dim, num_features, mode) -> dict[int, torch.Tensor]:
+def _pooled(
+    table, indices, offsets, weights: Optional[torch.Tensor], features, columns, dim, num_features, mode
+) -> dict[int, torch.Tensor]:
     """Each listed feature's lookup output in float64 (for the layout check)."""
     batch = (offsets.numel() - 1) // num_features
     result = {}

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import WORKERS, assert_trees_equal, read_checkpoint, run_worker
 from test_comm import assert_row_wise_step_bytes
+
 from lightning_sparse.optim import init_state_for, sparse_update_for
 
 sys.path.insert(0, str(WORKERS))
@@ -63,7 +63,9 @@ def test_sharding_types_share_one_gradient_rule_and_match_the_reference(tmp_path
     tensors, _ = read_checkpoint(tmp_path / "epoch=1.ckpt")
     for name, _, _ in sparse_kinds.tables(ROUTE):
         weight = tensors[f"model.ebc.embedding_bags.{name}.weight"]
-        torch.testing.assert_close(weight, expected_tables[name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{sharding}/{name}: {m}")
+        torch.testing.assert_close(
+            weight, expected_tables[name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{sharding}/{name}: {m}"
+        )
     if counting:
         assert_row_wise_step_bytes(result, steps)
 
@@ -84,7 +86,9 @@ def test_gradient_division_turned_off_is_refused():
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise"])
-def test_every_kind_in_lightning_sparse_kernels_on_row_wise_matches_the_reference_and_resumes(tmp_path, monkeypatch, sharding):
+def test_every_kind_in_lightning_sparse_kernels_on_row_wise_matches_the_reference_and_resumes(
+    tmp_path, monkeypatch, sharding
+):
     """The kinds fbgemm does not fuse on CPU (and every kind with weight decay) run in lightning_sparse's
     kernels on each rank's block of rows; their state is sharded by row blocks like the weights. row_wise:
     trained from scratch against the reference, then resumed at epoch 1 bit for bit; table_row_wise: resumed
@@ -101,7 +105,9 @@ def test_every_kind_in_lightning_sparse_kernels_on_row_wise_matches_the_referenc
     assert set(result["plan"].values()) == {sharding} and set(result["routes"].values()) == {"native"}
     expected = reference_tables("native", 2, 2 * sparse_kinds.BATCHES_PER_EPOCH // 2)
     for name, weight in trained_tables("native", second / "epoch=1.ckpt").items():
-        torch.testing.assert_close(weight, expected[name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            weight, expected[name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     if sharding == "row_wise":
         tensors_a, _ = read_checkpoint(first / "epoch=1.ckpt")
         tensors_b, _ = read_checkpoint(second / "epoch=1.ckpt")
@@ -115,8 +121,12 @@ def test_column_wise_with_a_kind_fbgemm_does_not_fuse_says_why(single_process_en
 
     from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
 
-    strategy = SparseStrategy(tables={"t_cat_0": TableConfig(sharding="column_wise", optimizer=SparseOptimizerConfig(kind="adam"))})
-    with pytest.raises(ValueError, match="'t_cat_0': fbgemm has no fused 'adam' kernel on cpu.*need whole rows.*not 'column_wise'"):
+    strategy = SparseStrategy(
+        tables={"t_cat_0": TableConfig(sharding="column_wise", optimizer=SparseOptimizerConfig(kind="adam"))}
+    )
+    with pytest.raises(
+        ValueError, match="'t_cat_0': fbgemm has no fused 'adam' kernel on cpu.*need whole rows.*not 'column_wise'"
+    ):
         _trainer(strategy).fit(_model(), _data())
 
 
@@ -133,8 +143,12 @@ def test_checkpoints_reshard_between_row_wise_and_other_types(tmp_path):
     row_wise on 2: weights and row-wise Adagrad state come out exactly as written."""
     first, one, back = tmp_path / "rw.ckpt", tmp_path / "tw.ckpt", tmp_path / "rw_again.ckpt"
     run_worker("train.py", "--devices", 2, *ROW_WISE_MIX, "--ckpt-out", first, result=tmp_path / "a.json")
-    run_worker("train.py", "--devices", 1, *TABLE_WISE_MIX, "--ckpt-in", first, "--ckpt-out", one, result=tmp_path / "b.json")
-    result = run_worker("train.py", "--devices", 2, *ROW_WISE_MIX, "--ckpt-in", one, "--ckpt-out", back, result=tmp_path / "c.json")
+    run_worker(
+        "train.py", "--devices", 1, *TABLE_WISE_MIX, "--ckpt-in", first, "--ckpt-out", one, result=tmp_path / "b.json"
+    )
+    result = run_worker(
+        "train.py", "--devices", 2, *ROW_WISE_MIX, "--ckpt-in", one, "--ckpt-out", back, result=tmp_path / "c.json"
+    )
     assert result["plan"]["t_cat_0"][0] == "row_wise" and result["plan"]["t_cat_1"][0] == "table_row_wise"
     tensors = [read_checkpoint(path)[0] for path in (first, one, back)]
     assert any("t_cat_0" in k and "momentum1" in k for k in tensors[0])
@@ -144,16 +158,32 @@ def test_checkpoints_reshard_between_row_wise_and_other_types(tmp_path):
 
 @pytest.mark.multiprocess
 def test_row_wise_dynamic_table_keeps_one_hash_partition_per_row_block(tmp_path):
-    common = ["--devices", 2, "--table-sharding", "t_cat_3=row_wise", "--table-sharding", "t_cat_2=data_parallel", "--dynamic-capacity", 128]
-    result = run_worker("train.py", *common, "--count-communication", "--ckpt-out", tmp_path / "c.ckpt", result=tmp_path / "r.json")
+    common = [
+        "--devices",
+        2,
+        "--table-sharding",
+        "t_cat_3=row_wise",
+        "--table-sharding",
+        "t_cat_2=data_parallel",
+        "--dynamic-capacity",
+        128,
+    ]
+    result = run_worker(
+        "train.py", *common, "--count-communication", "--ckpt-out", tmp_path / "c.ckpt", result=tmp_path / "r.json"
+    )
     assert result["plan"]["t_cat_3"][0] == "row_wise"
-    held = [sorted({k.split(".")[2] for k in keys if k.startswith("partitions.t_cat_3.")}) for keys in result["hash_state_keys_per_rank"]]
+    held = [
+        sorted({k.split(".")[2] for k in keys if k.startswith("partitions.t_cat_3.")})
+        for keys in result["hash_state_keys_per_rank"]
+    ]
     assert held == [["0_of_2"], ["1_of_2"]]  # each rank keeps the partition of its own row block
     counters = result["dynamic_metrics"]["t_cat_3"]
     assert counters["capacity"] == 128 and counters["admitted"] > 0
     # the communication report names the id routing, the data_parallel table's collectives and the dense layers
     for per_step in result["comm_per_step"]:
         sent = {channel: bytes_sent for channel, (bytes_sent, _) in per_step.items()}
-        assert sent["dynamic/t_cat_3/ids"] > 0 and sent["data_parallel/t_cat_2/row_union"] == 50 * 4  # int32 mask, 2 ranks
+        assert (
+            sent["dynamic/t_cat_3/ids"] > 0 and sent["data_parallel/t_cat_2/row_union"] == 50 * 4
+        )  # int32 mask, 2 ranks
         assert sent["data_parallel/t_cat_2/grad_allreduce"] == 50 * 8 * 4  # the dense gradient, 2 (W - 1) / W of it
         assert sent["dense/ddp/grad_allreduce"] > 0 and sent["row_wise/t_cat_3/output_dist_backward"] > 0

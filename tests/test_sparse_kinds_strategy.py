@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import WORKERS, assert_trees_equal, read_checkpoint, run_worker
+
 from lightning_sparse.optim import init_state_for, sparse_update_for
 
 sys.path.insert(0, str(WORKERS))
@@ -50,23 +50,38 @@ def trained_tables(route: str, checkpoint: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("devices", [1, 2])
 @pytest.mark.parametrize("route", sorted(sparse_kinds.ROUTES))
 def test_every_kind_on_every_route_matches_unsharded_reference(tmp_path, route, devices):
-    result = run_worker("sparse_kinds.py", "--route", route, "--devices", devices, "--ckpt-dir", tmp_path, result=tmp_path / "r.json")
+    result = run_worker(
+        "sparse_kinds.py", "--route", route, "--devices", devices, "--ckpt-dir", tmp_path, result=tmp_path / "r.json"
+    )
     assert set(result["routes"].values()) == {route}, result["routes"]
     steps = 2 * sparse_kinds.BATCHES_PER_EPOCH // devices
     expected = reference_tables(route, devices, steps)
     for name, weight in trained_tables(route, tmp_path / "epoch=1.ckpt").items():
         assert not torch.equal(weight, sparse_kinds.make_model(route).ebc.embedding_bags[name].weight.detach()), name
-        torch.testing.assert_close(weight, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{route}/{name}: {m}")
+        torch.testing.assert_close(
+            weight, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{route}/{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("route", sorted(sparse_kinds.ROUTES))
 def test_optimizer_state_resumes_exactly_on_two_processes(tmp_path, route):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_worker("sparse_kinds.py", "--route", route, "--ckpt-dir", straight, result=tmp_path / "a.json")
-    run_worker("sparse_kinds.py", "--route", route, "--ckpt-dir", resumed, "--ckpt-in", straight / "epoch=0.ckpt", result=tmp_path / "b.json")
+    run_worker(
+        "sparse_kinds.py",
+        "--route",
+        route,
+        "--ckpt-dir",
+        resumed,
+        "--ckpt-in",
+        straight / "epoch=0.ckpt",
+        result=tmp_path / "b.json",
+    )
     tensors_a, state_a = read_checkpoint(straight / "epoch=1.ckpt")
     tensors_b, state_b = read_checkpoint(resumed / "epoch=1.ckpt")
     if route != "fused":
         assert [k for k in tensors_a if k.startswith("sparse_optimizer.state.native_kernels.")], sorted(tensors_a)
     assert_trees_equal(tensors_a, tensors_b, f"{route}: weights and sparse optimizer state")
-    assert_trees_equal(state_a["sparse_optimizer_hyperparameters"], state_b["sparse_optimizer_hyperparameters"], "hyper-parameters")
+    assert_trees_equal(
+        state_a["sparse_optimizer_hyperparameters"], state_b["sparse_optimizer_hyperparameters"], "hyper-parameters"
+    )

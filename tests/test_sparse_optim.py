@@ -27,7 +27,8 @@ VARIANTS = [
     (K.ADAM, False, True),
 ]
 needs_native = pytest.mark.skipif(
-    not (ops.native_enabled() and ops.native_available()), reason="native extension not built or LIGHTNING_SPARSE_NATIVE=0"
+    not (ops.native_enabled() and ops.native_available()),
+    reason="native extension not built or LIGHTNING_SPARSE_NATIVE=0",
 )
 
 
@@ -139,7 +140,11 @@ def test_native_matches_reference_property(kind, rows, dim, n, seed, per_row_ste
     for native in (True, False):
         w = w0.clone()
         state = init_state(kind, w, first_moment=True, per_row_step=per_row_step)
-        fn = getattr(torch.ops.lightning_sparse, f"sparse_opt_{kind.value}") if native else getattr(reference, f"sparse_opt_{kind.value}")
+        fn = (
+            getattr(torch.ops.lightning_sparse, f"sparse_opt_{kind.value}")
+            if native
+            else getattr(reference, f"sparse_opt_{kind.value}")
+        )
         for idx, grad in data:
             with torch.no_grad():
                 _call(fn, kind, w, state, idx, grad)
@@ -163,7 +168,19 @@ def _call(fn, kind, w, state, idx, grad):
     elif kind is K.DECAYED_ADAGRAD:
         fn(w, state["sum"], idx, grad, hp["lr"], hp["eps"], hp["weight_decay"], hp["decay"])
     else:
-        fn(w, state.get("exp_avg"), state["exp_avg_sq"], state["step"], idx, grad, hp["lr"], hp["eps"], hp["weight_decay"], hp["beta1"], hp["beta2"])
+        fn(
+            w,
+            state.get("exp_avg"),
+            state["exp_avg_sq"],
+            state["step"],
+            idx,
+            grad,
+            hp["lr"],
+            hp["eps"],
+            hp["weight_decay"],
+            hp["beta1"],
+            hp["beta2"],
+        )
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -38,7 +38,10 @@ class TwoTables(torch.nn.Module):
 
 def _batches(steps, seed):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 40, (24,), generator=g), torch.randint(0, 25, (24,), generator=g), torch.rand(8, generator=g)) for _ in range(steps)]
+    return [
+        (torch.randint(0, 40, (24,), generator=g), torch.randint(0, 25, (24,), generator=g), torch.rand(8, generator=g))
+        for _ in range(steps)
+    ]
 
 
 def _train(model, sparse_opt, dense_opt, data):
@@ -73,7 +76,9 @@ def test_resume_from_state_dict_is_exact(kind, native, monkeypatch):
     model, sparse_opt, dense_opt = _make(config, per_row_step=True)
     _train(model, sparse_opt, dense_opt, data[:3])
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "sparse": sparse_opt.state_dict(), "dense": dense_opt.state_dict()}, buffer)
+    torch.save(
+        {"model": model.state_dict(), "sparse": sparse_opt.state_dict(), "dense": dense_opt.state_dict()}, buffer
+    )
     buffer.seek(0)
     checkpoint = torch.load(buffer)
     resumed, sparse_opt2, dense_opt2 = _make(config, seed=123, per_row_step=True)  # different init: must be overwritten
@@ -114,10 +119,16 @@ def test_step_equals_direct_kernel_calls_and_touches_only_present_rows(native, m
 def test_param_group_override_and_state_layout():
     big = torch.nn.Parameter(torch.zeros(10, 4))
     small = torch.nn.Parameter(torch.zeros(5, 4))
-    opt = SparseRowOptimizer([{"params": [big]}, {"params": [small], "kind": "adam", "lr": 0.5}], kind="rowwise_adagrad")
+    opt = SparseRowOptimizer(
+        [{"params": [big]}, {"params": [small], "kind": "adam", "lr": 0.5}], kind="rowwise_adagrad"
+    )
     assert opt.param_groups[0]["kind"] == "rowwise_adagrad" and opt.param_groups[1]["kind"] == "adam"
     assert {k: tuple(v.shape) for k, v in opt.state[big].items()} == {"sum": (10,)}
-    assert {k: tuple(v.shape) for k, v in opt.state[small].items()} == {"exp_avg": (5, 4), "exp_avg_sq": (5, 4), "step": (1,)}
+    assert {k: tuple(v.shape) for k, v in opt.state[small].items()} == {
+        "exp_avg": (5, 4),
+        "exp_avg_sq": (5, 4),
+        "step": (1,),
+    }
     decayed = SparseRowOptimizer([torch.nn.Parameter(torch.zeros(3, 2))], kind="decayed_adagrad")
     assert torch.equal(next(iter(decayed.state.values()))["sum"], torch.full((3, 2), 0.01))
 
@@ -137,7 +148,11 @@ def test_errors_name_the_fix():
 
 
 def test_state_dict_is_deep_copyable_and_keeps_hyperparameters():
-    opt = SparseRowOptimizer([torch.nn.Parameter(torch.zeros(3, 2))], SparseOptimizerConfig(kind="rowwise_adam", beta2=0.95), per_row_step=True)
+    opt = SparseRowOptimizer(
+        [torch.nn.Parameter(torch.zeros(3, 2))],
+        SparseOptimizerConfig(kind="rowwise_adam", beta2=0.95),
+        per_row_step=True,
+    )
     sd = copy.deepcopy(opt.state_dict())
     assert sd["param_groups"][0]["beta2"] == 0.95 and sd["param_groups"][0]["per_row_step"] is True
     assert sd["state"][0]["step"].shape == (3,)

@@ -7,8 +7,8 @@ import weakref
 
 import lightning.pytorch as pl
 import pytest
-
 from conftest import run_worker
+
 from lightning_sparse import ShardingType, SparseOptimizerConfig, SparseStrategy, TableConfig
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.dynamic import DynamicTableConfig
@@ -37,11 +37,18 @@ def test_each_component_round_trips_exactly_on_two_ranks_mid_epoch(tmp_path):
 
 
 def _model() -> DLRMModule:
-    return DLRMModule(num_embeddings_per_feature=[100, 200, 50], embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    return DLRMModule(
+        num_embeddings_per_feature=[100, 200, 50],
+        embedding_dim=4,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[8, 1],
+    )
 
 
 def _data() -> SyntheticClickDataModule:
-    return SyntheticClickDataModule(num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=3, num_val_batches=1)
+    return SyntheticClickDataModule(
+        num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=3, num_val_batches=1
+    )
 
 
 def _trainer(strategy: SparseStrategy) -> pl.Trainer:
@@ -55,7 +62,9 @@ def _strategy() -> SparseStrategy:
     return SparseStrategy(
         optimizer=SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.1),
         tables={
-            "t_cat_1": TableConfig(sharding=ShardingType.DATA_PARALLEL, optimizer=SparseOptimizerConfig(kind="adam", lr=0.5)),
+            "t_cat_1": TableConfig(
+                sharding=ShardingType.DATA_PARALLEL, optimizer=SparseOptimizerConfig(kind="adam", lr=0.5)
+            ),
             "t_cat_2": TableConfig(dynamic=DynamicTableConfig(admission={"min_count": 1})),
         },
     )
@@ -90,5 +99,7 @@ def test_a_sharded_module_whose_sharded_model_was_released_is_refused_clearly(si
     _trainer(_strategy()).fit(model, _data())
     model.trainer = None  # detaches the only Trainer holding the sharded model
     gc.collect()
-    with pytest.raises(RuntimeError, match="DLRMModule's embedding tables are already sharded, but no SparseStrategy holds"):
+    with pytest.raises(
+        RuntimeError, match="DLRMModule's embedding tables are already sharded, but no SparseStrategy holds"
+    ):
         _trainer(_strategy()).validate(model, _data())

@@ -16,15 +16,27 @@ SIZES = [100, 200, 50]
 
 
 def _data() -> SyntheticClickDataModule:
-    return SyntheticClickDataModule(num_embeddings_per_feature=SIZES, batch_size=32, num_train_batches=3, num_val_batches=1, num_test_batches=1)
+    return SyntheticClickDataModule(
+        num_embeddings_per_feature=SIZES, batch_size=32, num_train_batches=3, num_val_batches=1, num_test_batches=1
+    )
 
 
 def _model() -> DLRMModule:
-    return DLRMModule(num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    return DLRMModule(
+        num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1]
+    )
 
 
 def _trainer(strategy, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     defaults.update(kwargs)
     return pl.Trainer(strategy=strategy, **defaults)
 
@@ -54,7 +66,10 @@ def test_model_without_embedding_tables_is_refused(single_process_env):
 def test_optimizer_kind_without_fbgemm_kernel_names_what_works(single_process_env):
     """adam has no fused fbgemm kernel on CPU: it runs in our kernels, which need table_wise sharding."""
     strategy = SparseStrategy(sharding="column_wise", optimizer=SparseOptimizerConfig(kind="adam"))
-    with pytest.raises(ValueError, match="no fused 'adam' kernel on cpu.*need whole rows on a rank: sharding 'table_wise', 'row_wise'.*sgd, adagrad or rowwise_adagrad"):
+    with pytest.raises(
+        ValueError,
+        match="no fused 'adam' kernel on cpu.*need whole rows on a rank: sharding 'table_wise', 'row_wise'.*sgd, adagrad or rowwise_adagrad",
+    ):
         _trainer(strategy).fit(_model(), _data())
 
 
@@ -62,7 +77,9 @@ def test_weight_decay_on_a_column_wise_table_says_why_it_needs_table_wise(single
     """fbgemm ignores weight_decay on CPU, so such a table runs in our kernels: never silently without decay."""
     optimizer = SparseOptimizerConfig(kind="rowwise_adagrad", weight_decay=0.01)
     strategy = SparseStrategy(sharding="column_wise", optimizer=optimizer)
-    with pytest.raises(ValueError, match="'t_cat_0': fbgemm's fused kernels do not apply weight_decay.*need whole rows on a rank"):
+    with pytest.raises(
+        ValueError, match="'t_cat_0': fbgemm's fused kernels do not apply weight_decay.*need whole rows on a rank"
+    ):
         _trainer(strategy).fit(_model(), _data())
 
 
@@ -104,7 +121,11 @@ def test_dense_optimizer_excludes_fused_tables_and_tables_learn(single_process_e
     before = {k: v.clone() for k, v in initial.state_dict().items() if "embedding_bags" in k}
     strategy = SparseStrategy(
         optimizer=SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.1),
-        tables={"t_cat_1": TableConfig(sharding=ShardingType.DATA_PARALLEL, optimizer=SparseOptimizerConfig(kind="sgd", lr=0.5))},
+        tables={
+            "t_cat_1": TableConfig(
+                sharding=ShardingType.DATA_PARALLEL, optimizer=SparseOptimizerConfig(kind="sgd", lr=0.5)
+            )
+        },
     )
     trainer = _trainer(strategy)
     trainer.fit(model, _data())
@@ -126,7 +147,11 @@ def test_sparse_lr_is_settable_and_reaches_the_kernel(single_process_env):
     trainer = _trainer(strategy)
     trainer.fit(_model(), _data())
     strategy.set_sparse_lr(0.0)
-    weights = {k: v.local_shards()[0].tensor.clone() for k, v in strategy.lightning_module.state_dict().items() if hasattr(v, "local_shards")}
+    weights = {
+        k: v.local_shards()[0].tensor.clone()
+        for k, v in strategy.lightning_module.state_dict().items()
+        if hasattr(v, "local_shards")
+    }
     # A new Trainer reuses the sharded tables and their optimizer, with the lr just set.
     again = SparseStrategy(optimizer=SparseOptimizerConfig(kind="sgd", lr=0.1))
     _trainer(again).fit(strategy.lightning_module, _data())
@@ -156,15 +181,24 @@ def test_dynamic_table_capacity_must_match_its_rows(single_process_env):
     from lightning_sparse.dynamic import DynamicTableConfig
 
     strategy = SparseStrategy(tables={"t_cat_0": TableConfig(dynamic=DynamicTableConfig(capacity=64))})
-    with pytest.raises(ValueError, match="'t_cat_0': dynamic.capacity=64 must equal the table's rows .num_embeddings=100."):
+    with pytest.raises(
+        ValueError, match="'t_cat_0': dynamic.capacity=64 must equal the table's rows .num_embeddings=100."
+    ):
         _trainer(strategy).fit(_model(), _data())
 
 
 def test_dynamic_table_trains_and_logs_its_counters(single_process_env):
     from lightning_sparse.callbacks import DynamicTableMonitor
 
-    data = SyntheticClickDataModule(num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=3, num_val_batches=1)
-    model = DLRMModule(num_embeddings_per_feature=[100, 200, 64], embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    data = SyntheticClickDataModule(
+        num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=3, num_val_batches=1
+    )
+    model = DLRMModule(
+        num_embeddings_per_feature=[100, 200, 64],
+        embedding_dim=4,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[8, 1],
+    )
     strategy = SparseStrategy(tables={"t_cat_2": TableConfig(dynamic={"capacity": 64, "admission": {"min_count": 1}})})
     trainer = _trainer(strategy, callbacks=[DynamicTableMonitor(every_n_steps=1)])
     trainer.fit(model, data)
@@ -176,8 +210,15 @@ def test_dynamic_table_trains_and_logs_its_counters(single_process_env):
 def test_dynamic_table_capacity_is_read_from_the_table(single_process_env):
     from lightning_sparse.callbacks import DynamicTableMonitor
 
-    data = SyntheticClickDataModule(num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=2, num_val_batches=1)
-    model = DLRMModule(num_embeddings_per_feature=[100, 200, 48], embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    data = SyntheticClickDataModule(
+        num_embeddings_per_feature=[100, 200, 5000], batch_size=32, num_train_batches=2, num_val_batches=1
+    )
+    model = DLRMModule(
+        num_embeddings_per_feature=[100, 200, 48],
+        embedding_dim=4,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[8, 1],
+    )
     strategy = SparseStrategy(tables={"t_cat_2": TableConfig(dynamic={"admission": {"min_count": 1}})})
     trainer = _trainer(strategy, callbacks=[DynamicTableMonitor(every_n_steps=1)])
     trainer.fit(model, data)
@@ -187,7 +228,9 @@ def test_dynamic_table_capacity_is_read_from_the_table(single_process_env):
 
 def test_public_api():
     assert lightning_sparse.SparseStrategy is SparseStrategy
-    assert {"ShardingType", "SparseOptimizerConfig", "SparseOptimizerKind", "TableConfig"} <= set(lightning_sparse.__all__)
+    assert {"ShardingType", "SparseOptimizerConfig", "SparseOptimizerKind", "TableConfig"} <= set(
+        lightning_sparse.__all__
+    )
 
 
 def test_rowwise_adam_without_first_moment_never_takes_fbgemms_partial_rowwise_adam():

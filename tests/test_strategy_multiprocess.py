@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import assert_trees_equal, read_checkpoint, run_worker
 
 pytestmark = pytest.mark.multiprocess
@@ -75,11 +74,15 @@ def test_exact_resume_and_resharding(tmp_path):
 
 def test_validate_test_predict_from_checkpoint_on_two_processes(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    run_worker("train.py", "--devices", 2, "--sharding", "table_wise", "--ckpt-dir", ckpt_dir, result=tmp_path / "a.json")
+    run_worker(
+        "train.py", "--devices", 2, "--sharding", "table_wise", "--ckpt-dir", ckpt_dir, result=tmp_path / "a.json"
+    )
     ckpt = ckpt_dir / "epoch=0.ckpt"
     tested = run_worker("train.py", "--devices", 2, "--stage", "test", "--ckpt-in", ckpt, result=tmp_path / "t.json")
     assert {"test/auc", "test/loss", "test/ne", "test/log_loss"} <= set(tested["metrics"])
-    predicted = run_worker("train.py", "--devices", 2, "--stage", "predict", "--ckpt-in", ckpt, result=tmp_path / "p.json")
+    predicted = run_worker(
+        "train.py", "--devices", 2, "--stage", "predict", "--ckpt-in", ckpt, result=tmp_path / "p.json"
+    )
     probabilities = [p for batch in predicted["predictions"] for p in batch]
     assert len(probabilities) == 64  # rank 0's share: 1 of the 2 test batches of 64
     assert all(0.0 < p < 1.0 for p in probabilities)
@@ -98,15 +101,30 @@ def test_dynamic_table_on_two_processes_resumes_exactly(tmp_path):
     (placement 'sharded', one partition for a table_wise table) lives on the rank holding the table.
     Resumed from a mid-epoch checkpoint (step 2 of 3 per epoch), 2 epochs end bit-identical."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["--devices", 2, "--sharding", "table_wise", "--dynamic-capacity", 128, "--dynamic-fallback-rows", 8, "--max-epochs", 2]
+    common = [
+        "--devices",
+        2,
+        "--sharding",
+        "table_wise",
+        "--dynamic-capacity",
+        128,
+        "--dynamic-fallback-rows",
+        8,
+        "--max-epochs",
+        2,
+    ]
     common += ["--ckpt-every-n-steps", 2]
-    result = run_worker("train.py", *common, "--ckpt-dir", straight, "--ckpt-out", straight / "end.ckpt", result=tmp_path / "a.json")
+    result = run_worker(
+        "train.py", *common, "--ckpt-dir", straight, "--ckpt-out", straight / "end.ckpt", result=tmp_path / "a.json"
+    )
     assert result["train_batches_per_rank"] == [{"0": 3, "1": 3}] * 2  # so step 2 is mid-epoch
     counters = result["dynamic_metrics"]["t_cat_3"]
     assert counters["capacity"] == 120 and counters["fallback_rows"] == 8 and 0 < counters["live"] <= 120
     assert counters["admitted"] > 120 and counters["evicted"] > 0  # the table filled and recycled rows
     assert counters["rejected_admission"] > 0  # min_count=2 kept one-off ids out: they read fallback rows
-    held = [[k for k in keys if k.startswith("partitions.t_cat_3.0_of_1.")] for keys in result["hash_state_keys_per_rank"]]
+    held = [
+        [k for k in keys if k.startswith("partitions.t_cat_3.0_of_1.")] for keys in result["hash_state_keys_per_rank"]
+    ]
     assert sorted(map(bool, held)) == [False, True]  # exactly one rank keeps the partition
     run_worker(
         "train.py", *common, "--ckpt-dir", resumed, "--ckpt-in", straight / "step=2.ckpt", "--ckpt-out", resumed / "end.ckpt",
@@ -126,11 +144,28 @@ def test_dynamic_table_on_two_processes_resumes_exactly(tmp_path):
 def test_dynamic_hash_placements_train_identically(tmp_path, sharding):
     """Routed partitions and replicas see the same global batches (fallback rows included), so training ends
     in the same state."""
-    common = ["--devices", 2, "--sharding", sharding, "--dynamic-capacity", 128, "--dynamic-fallback-rows", 8, "--max-epochs", 2]
+    common = [
+        "--devices",
+        2,
+        "--sharding",
+        sharding,
+        "--dynamic-capacity",
+        128,
+        "--dynamic-fallback-rows",
+        8,
+        "--max-epochs",
+        2,
+    ]
     tensors = {}
     for placement in ("sharded", "replicated"):
         result = run_worker(
-            "train.py", *common, "--dynamic-placement", placement, "--ckpt-out", tmp_path / placement, result=tmp_path / f"{placement}.json"
+            "train.py",
+            *common,
+            "--dynamic-placement",
+            placement,
+            "--ckpt-out",
+            tmp_path / placement,
+            result=tmp_path / f"{placement}.json",
         )
         assert result["dynamic_metrics"]["t_cat_3"]["evicted"] > 0
         found, _ = read_checkpoint(tmp_path / placement)

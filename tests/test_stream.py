@@ -40,7 +40,10 @@ SCHEMA = StreamSchema(
 
 
 def records(n: int = 40) -> list[dict]:
-    return [{"label": g % 3 == 0, "price": g * 0.5, "user": f"user{g % 7}", "tags": [g, g + 1] if g % 4 else []} for g in range(n)]
+    return [
+        {"label": g % 3 == 0, "price": g * 0.5, "user": f"user{g % 7}", "tags": [g, g + 1] if g % 4 else []}
+        for g in range(n)
+    ]
 
 
 def tsv_line(r: dict) -> str:
@@ -56,7 +59,9 @@ def batches(dataset: StreamDataset, limit: int | None = None) -> list[tuple]:
     out = []
     for batch in dataset:
         kjt = batch.sparse_features
-        out.append((batch.labels.tolist(), batch.dense_features.tolist(), kjt.values().tolist(), kjt.lengths().tolist()))
+        out.append(
+            (batch.labels.tolist(), batch.dense_features.tolist(), kjt.values().tolist(), kjt.lengths().tolist())
+        )
         if limit is not None and len(out) == limit:
             break
     return out
@@ -72,13 +77,17 @@ def write_files(tmp_path: Path, rs: list[dict]) -> dict[str, object]:
     (tmp_path / "pq").mkdir()
     single = one_tag(rs)
     for name, part in (("a", single[:17]), ("b", single[17:])):
-        pq.write_table(pa.table({k: [r[k] for r in part] for k in COLUMNS}), tmp_path / "pq" / f"{name}.parquet", row_group_size=3)
+        pq.write_table(
+            pa.table({k: [r[k] for r in part] for k in COLUMNS}), tmp_path / "pq" / f"{name}.parquet", row_group_size=3
+        )
     return {
         "tsv": TsvSource(str(tmp_path / "tsv" / "*.tsv"), columns=COLUMNS),
         "parquet": ParquetSource(str(tmp_path / "pq" / "*.parquet"), read_rows=2),
         "iterable": IterableSource(single),
         "function": IterableSource(lambda start: iter(single[start:])),
-        "chained": ChainedSource([IterableSource(single[:11]), ParquetSource(str(tmp_path / "pq" / "*.parquet"), read_rows=4)]),
+        "chained": ChainedSource(
+            [IterableSource(single[:11]), ParquetSource(str(tmp_path / "pq" / "*.parquet"), read_rows=4)]
+        ),
     }
 
 
@@ -122,7 +131,9 @@ def test_a_saved_position_resumes_at_the_next_record_of_every_source(kind, tmp_p
 
 def test_two_workers_per_rank_deal_the_records_between_them_and_the_loader_resumes_them(tmp_path):
     source = write_files(tmp_path, records())["tsv"]
-    loader = ResumableLoader(StreamDataset(source, SCHEMA, 2, rank=0, world_size=1, max_workers=2), batch_size=None, num_workers=2)
+    loader = ResumableLoader(
+        StreamDataset(source, SCHEMA, 2, rank=0, world_size=1, max_workers=2), batch_size=None, num_workers=2
+    )
     got = [b.labels.tolist() for b in loader]
     single = [b[0] for b in batches(StreamDataset(source, SCHEMA, 1, rank=0, world_size=1))]
     # Worker w keeps records w, w + 2, ...; the loader takes one batch from each worker in turn.
@@ -133,24 +144,47 @@ def test_two_workers_per_rank_deal_the_records_between_them_and_the_loader_resum
     for _ in range(7):
         next(iterator)
     state = loader.state_dict()
-    resumed = ResumableLoader(StreamDataset(source, SCHEMA, 2, rank=0, world_size=1, max_workers=2), batch_size=None, num_workers=2)
+    resumed = ResumableLoader(
+        StreamDataset(source, SCHEMA, 2, rank=0, world_size=1, max_workers=2), batch_size=None, num_workers=2
+    )
     resumed.load_state_dict(state)
     assert [b.labels.tolist() for b in resumed] == got[7:]
 
 
 def test_max_records_bounds_an_endless_source_and_counts_malformed_records(tmp_path):
-    schema = StreamSchema(sparse=[SparseColumn("cat_0", 50, transform="none"), SparseColumn("cat_1", 50)], dense=["dense_0"])
-    dataset = StreamDataset(SyntheticSource([50, 50], num_dense_features=1, chunk_size=8), schema, 4, max_records=10, rank=0, world_size=1)
+    schema = StreamSchema(
+        sparse=[SparseColumn("cat_0", 50, transform="none"), SparseColumn("cat_1", 50)], dense=["dense_0"]
+    )
+    dataset = StreamDataset(
+        SyntheticSource([50, 50], num_dense_features=1, chunk_size=8), schema, 4, max_records=10, rank=0, world_size=1
+    )
     got = batches(dataset)
     assert [len(b[0]) for b in got] == [4, 4, 2] and dataset.stats.records == 10
-    lines = ["1\t2.0\tu1\t3\n", "2\t2.0\tu1\t3\n", "1\tnan\tu1\t3\n", "0\t1\tu2\tx7\n", "0\t1\n", b"1\t\xff\tu\t1\n", "0\t\tu3\t\n"]
+    lines = [
+        "1\t2.0\tu1\t3\n",
+        "2\t2.0\tu1\t3\n",
+        "1\tnan\tu1\t3\n",
+        "0\t1\tu2\tx7\n",
+        "0\t1\n",
+        b"1\t\xff\tu\t1\n",
+        "0\t\tu3\t\n",
+    ]
     path = tmp_path / "bad.tsv"
     path.write_bytes(b"".join(line if isinstance(line, bytes) else line.encode() for line in lines))
     dataset = StreamDataset(TsvSource(str(path), columns=COLUMNS), SCHEMA, 8, rank=0, world_size=1)
-    (labels, dense, _, lengths), = batches(dataset)
+    ((labels, dense, _, lengths),) = batches(dataset)
     assert labels == [1.0, 0.0] and dense == [[2.0], [0.0]] and lengths == [1, 1, 1, 0]
-    assert dataset.stats.malformed == {"field_count": 1, "encoding": 1, "missing_field": 0, "label": 1, "dense": 1, "sparse": 1}
-    with pytest.raises(StreamRecordError, match=r"bad.tsv:2: malformed record \(label\): label field 'label' must be 0 or 1, got '2'"):
+    assert dataset.stats.malformed == {
+        "field_count": 1,
+        "encoding": 1,
+        "missing_field": 0,
+        "label": 1,
+        "dense": 1,
+        "sparse": 1,
+    }
+    with pytest.raises(
+        StreamRecordError, match=r"bad.tsv:2: malformed record \(label\): label field 'label' must be 0 or 1, got '2'"
+    ):
         batches(StreamDataset(TsvSource(str(path), columns=COLUMNS), SCHEMA, 8, on_error="raise", rank=0, world_size=1))
 
 
@@ -178,14 +212,22 @@ def test_a_followed_pattern_reads_files_that_appear_later_until_it_is_idle(tmp_p
 
 def test_tsv_columns_default_to_criteo_and_a_criteo_line_becomes_a_record(tmp_path):
     path = tmp_path / "day_0.tsv"
-    path.write_text("1\t" + "\t".join(str(i) for i in range(13)) + "\t" + "\t".join(f"{i:08x}" for i in range(26)) + "\n")
-    (raw, position), = TsvSource(str(path)).read(None)
+    path.write_text(
+        "1\t" + "\t".join(str(i) for i in range(13)) + "\t" + "\t".join(f"{i:08x}" for i in range(26)) + "\n"
+    )
+    ((raw, position),) = TsvSource(str(path)).read(None)
     record = TsvSource(str(path)).decode(raw)
     assert list(record) == ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
     assert record["I13"] == "12" and record["C26"] == "00000019" and position == (str(path), len(raw), 1)
-    schema = StreamSchema(label="label", dense=["I1", "I2"], sparse=[SparseColumn("C26", 1000)], dense_transform="log1p")
+    schema = StreamSchema(
+        label="label", dense=["I1", "I2"], sparse=[SparseColumn("C26", 1000)], dense_transform="log1p"
+    )
     label, dense, sparse = schema.parse(record)
-    assert label == 1.0 and dense == pytest.approx([0.0, 0.6931471805599453]) and sparse == [SparseColumn("C26", 1000).ids(19)]  # a decimal string is that integer
+    assert (
+        label == 1.0
+        and dense == pytest.approx([0.0, 0.6931471805599453])
+        and sparse == [SparseColumn("C26", 1000).ids(19)]
+    )  # a decimal string is that integer
 
 
 def test_the_readme_example_and_files_listed_in_their_own_order(tmp_path, monkeypatch):
@@ -197,18 +239,29 @@ def test_the_readme_example_and_files_listed_in_their_own_order(tmp_path, monkey
     )  # fmt: skip
     source = TsvSource("clicks/day_*.tsv", columns=["label", "price", "user", "item", "ad"], follow=True)  # no file yet
     data = StreamDataModule(source, schema, batch_size=1024)
-    assert (data.num_dense_features, data.feature_names, data.num_embeddings_per_feature) == (1, ["user", "item", "ad"], [1_000_000, 100_000, 50_000])
+    assert (data.num_dense_features, data.feature_names, data.num_embeddings_per_feature) == (
+        1,
+        ["user", "item", "ad"],
+        [1_000_000, 100_000, 50_000],
+    )
     rs = records(6)
     (tmp_path / "b.tsv").write_text("".join(map(tsv_line, rs[:3])))
     (tmp_path / "a.tsv").write_text("".join(map(tsv_line, rs[3:])))
     listed = TsvSource([str(tmp_path / "b.tsv"), str(tmp_path / "a.tsv")], columns=COLUMNS)
-    assert [b[1] for b in batches(StreamDataset(listed, SCHEMA, 6, rank=0, world_size=1))] == [[[r["price"]] for r in rs]]
+    assert [b[1] for b in batches(StreamDataset(listed, SCHEMA, 6, rank=0, world_size=1))] == [
+        [[r["price"]] for r in rs]
+    ]
 
 
 def test_a_parquet_list_column_is_a_multi_hot_feature(tmp_path):
-    rows = [{"label": 1, "price": 1.0, "user": "a", "tags": [12, 3, 25]}, {"label": 0, "price": None, "user": "b", "tags": []}]
+    rows = [
+        {"label": 1, "price": 1.0, "user": "a", "tags": [12, 3, 25]},
+        {"label": 0, "price": None, "user": "b", "tags": []},
+    ]
     pq.write_table(pa.table({k: [r[k] for r in rows] for k in COLUMNS}), tmp_path / "m.parquet")
-    (labels, dense, values, lengths), = batches(StreamDataset(ParquetSource(str(tmp_path / "m.parquet")), SCHEMA, 4, rank=0, world_size=1))
+    ((labels, dense, values, lengths),) = batches(
+        StreamDataset(ParquetSource(str(tmp_path / "m.parquet")), SCHEMA, 4, rank=0, world_size=1)
+    )
     assert lengths == [1, 1, 3, 0] and values[2:] == [2, 3, 5] and dense == [[1.0], [0.0]]  # tags modulo 10
 
 
@@ -225,7 +278,12 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
     assert SparseColumn("t", 10, transform="hash").ids(["x", 12, "12"]) == SparseColumn("t", 10).ids(["x", "12", 12])
     with pytest.raises(Exception, match="'x' is not a 64-bit integer \\(transform modulo needs one\\)"):
         SparseColumn("t", 10, transform="modulo").ids("x")
-    assert SparseColumn("t", 10, transform="modulo").ids(-3) == [7] and SparseColumn("t", 10, transform="none").ids(1 << 40) == [1 << 40]
+    assert SparseColumn("t", 10, transform="modulo").ids(-3) == [7] and SparseColumn("t", 10, transform="none").ids(
+        1 << 40
+    ) == [1 << 40]
     # Integers hash as the Criteo reader hashes its categorical values.
     raw = np.array([0, 7, 0x68FD1E64, (1 << 63) + 5], dtype=np.uint64)
-    assert SparseColumn("t", 1000, seed=5).ids([0, 7, 0x68FD1E64, -(1 << 63) + 5]) == hash_categorical(raw, 5, np.array(1000)).tolist()
+    assert (
+        SparseColumn("t", 1000, seed=5).ids([0, 7, 0x68FD1E64, -(1 << 63) + 5])
+        == hash_categorical(raw, 5, np.array(1000)).tolist()
+    )

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchmetrics.functional.classification import binary_auroc
-
 from conftest import run_worker
+from torchmetrics.functional.classification import binary_auroc
 
 BINS = 1 << 16
 RECORDS = 230
@@ -50,13 +49,19 @@ def write_stream(directory: Path, kind: str) -> str:
 
 def _reference(steps_by_rank: list[list[dict]], upto: int, window: int) -> dict[str, float]:
     """The prequential values after batch ``upto`` (1-based), from the gathered logits with torchmetrics."""
+
     def metrics(first: int) -> dict[str, float]:
-        logits = torch.tensor([x for steps in steps_by_rank for s in steps[first:upto] for x in s["logits"]], dtype=torch.float64)
+        logits = torch.tensor(
+            [x for steps in steps_by_rank for s in steps[first:upto] for x in s["logits"]], dtype=torch.float64
+        )
         labels = torch.tensor([x for steps in steps_by_rank for s in steps[first:upto] for x in s["labels"]])
         probs = torch.sigmoid(logits)
         bins = ((logits.clamp(-16, 16) + 16) * (BINS / 32)).floor().clamp(0, BINS - 1)
         quantized = bins / BINS  # in [0, 1): torchmetrics takes them as probabilities
-        positive, negative = torch.bincount(bins.long()[labels == 1], minlength=BINS), torch.bincount(bins.long()[labels == 0], minlength=BINS)
+        positive, negative = (
+            torch.bincount(bins.long()[labels == 1], minlength=BINS),
+            torch.bincount(bins.long()[labels == 0], minlength=BINS),
+        )
         tied_share = float((positive * negative).sum()) / max(1, int(positive.sum()) * int(negative.sum()))
         loss = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-12, 1 - 1e-12), labels.double()).item()
         p = labels.double().mean().item()

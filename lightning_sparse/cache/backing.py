@@ -39,7 +39,9 @@ class BackingFileError(OSError):
 class BackingStore:
     """Named tensors of ``rows`` rows each; ``read``/``write`` move whole rows of all of them."""
 
-    def __init__(self, tensors: dict[str, Tensor], files: Optional[list[Path]] = None, handles: Optional[list] = None) -> None:
+    def __init__(
+        self, tensors: dict[str, Tensor], files: Optional[list[Path]] = None, handles: Optional[list] = None
+    ) -> None:
         self.tensors = tensors
         self.files = files or []
         self.rows = int(next(iter(tensors.values())).shape[0])
@@ -82,7 +84,9 @@ def _release(files: list[Path], handles: list) -> None:
 
 def host_store(shapes: dict[str, tuple[int, ...]], pin: bool = False) -> BackingStore:
     """Zero-filled host tensors of the given shapes (float32)."""
-    return BackingStore({name: torch.zeros(shape, dtype=torch.float32, pin_memory=pin) for name, shape in shapes.items()})
+    return BackingStore(
+        {name: torch.zeros(shape, dtype=torch.float32, pin_memory=pin) for name, shape in shapes.items()}
+    )
 
 
 def mmap_store(shapes: dict[str, tuple[int, ...]], folder: Optional[str], prefix: str) -> BackingStore:

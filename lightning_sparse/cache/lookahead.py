@@ -72,7 +72,9 @@ class LookaheadPlanner:
         self.last_use = torch.full((slots,), -1, dtype=torch.int64)
         self.window: deque[tuple[int, Tensor]] = deque()  # (seq, sorted unique rows) of batches not yet retired
         self.score = torch.zeros(rows, dtype=torch.float64)  # decayed use counts, times growth ** (seq - origin)
-        self.slot_score = torch.full((self.slots,), -1.0, dtype=torch.float64)  # the score of each slot's row; -1: empty
+        self.slot_score = torch.full(
+            (self.slots,), -1.0, dtype=torch.float64
+        )  # the score of each slot's row; -1: empty
         self.growth = 1.0 / score_decay
         self.decay = score_decay
         self.origin = 0
@@ -85,8 +87,14 @@ class LookaheadPlanner:
         window_seq = torch.full((self.slots,), -1, dtype=torch.int64)
         for seq, rows in self.window:  # in batch order: a later batch overwrites an earlier one
             window_seq[self.slot_of[rows].long()] = seq
-        return {"row_of": self.row_of.clone(), "last_use": self.last_use.clone(), "slot_score": self.slot_score.clone(),
-                "score": self.score, "origin": torch.tensor([self.origin]), "window_seq": window_seq}
+        return {
+            "row_of": self.row_of.clone(),
+            "last_use": self.last_use.clone(),
+            "slot_score": self.slot_score.clone(),
+            "score": self.score,
+            "origin": torch.tensor([self.origin]),
+            "window_seq": window_seq,
+        }
 
     def load_state(self, state: dict[str, Tensor]) -> None:
         """Takes :meth:`state`'s tensors (of a planner of the same rows, slots and ``score_decay``)."""
@@ -100,8 +108,10 @@ class LookaheadPlanner:
         held = (self.row_of >= 0).nonzero().squeeze(1)
         self.slot_of[self.row_of[held]] = held.int()
         window_seq = state["window_seq"]
-        self.window = deque((int(seq), torch.sort(self.row_of[window_seq == seq]).values)
-                            for seq in torch.unique(window_seq[window_seq >= 0]).tolist())
+        self.window = deque(
+            (int(seq), torch.sort(self.row_of[window_seq == seq]).values)
+            for seq in torch.unique(window_seq[window_seq >= 0]).tolist()
+        )
 
     def push(self, seq: int, ids: Tensor) -> Moves:
         """Batch ``seq`` (its ids, any order, duplicates allowed) enters the window; returns the copies."""

@@ -11,8 +11,8 @@ The tests feed both the same batches and compare every move; :func:`lru_moves` a
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import math
+from collections import OrderedDict
 from typing import Iterable, Optional, Sequence
 
 from lightning_sparse.cache.lookahead import rate_unit, use_weight
@@ -74,7 +74,9 @@ class ReferencePlanner:
         self.window = [(s, b) for s, b in self.window if s > seq]
 
 
-def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.997) -> list[int]:
+def lookahead_moves(
+    batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.997
+) -> list[int]:
     """Rows copied (in + back) per training step by the look-forward planner over ``batches``."""
     planner = ReferencePlanner(rows, slots, score_decay)
     per_step = [0] * len(batches)
@@ -89,7 +91,9 @@ def lookahead_moves(batches: Sequence[Sequence[int]], rows: int, slots: int, loo
     return per_step
 
 
-def lru_moves(batches: Sequence[Sequence[int]], slots: int, ahead: int = 0, misses: Optional[list[int]] = None) -> list[int]:
+def lru_moves(
+    batches: Sequence[Sequence[int]], slots: int, ahead: int = 0, misses: Optional[list[int]] = None
+) -> list[int]:
     """Rows copied (in + back) per step by an LRU cache of ``slots`` rows that loads a batch's misses at its
     lookup (``ahead=0``), or one batch ahead with the current batch's rows locked (``ahead=1``: fbgemm's
     ``prefetch_pipeline``). Every trained row is dirty, so an evicted trained row is written back. ``misses``,
@@ -137,7 +141,9 @@ def _murmur_set(row: int, sets: int) -> int:
     return h % sets
 
 
-def fbgemm_lru_moves(batches: Sequence[Sequence[int]], slots: int, ways: int = 32, misses: Optional[list[int]] = None) -> list[int]:
+def fbgemm_lru_moves(
+    batches: Sequence[Sequence[int]], slots: int, ways: int = 32, misses: Optional[list[int]] = None
+) -> list[int]:
     """Rows moved per step by a cache laid out as fbgemm's LRU cache (``CacheAlgorithm.LRU``): ``slots // ways``
     sets of ``ways`` slots, a row's set chosen by fbgemm's hash of its index; a batch's misses in a set take
     the set's least recently used slots (stamped with the batch number), never one the batch itself uses; a

@@ -41,8 +41,15 @@ class CachedTable:
         score_decay: see :class:`~lightning_sparse.config.CacheConfig`.
     """
 
-    def __init__(self, name: str, rows: int, slots: int, scratch: Optional[dict[str, Tensor]], store: Optional[BackingStore],
-                 score_decay: float = 0.997) -> None:
+    def __init__(
+        self,
+        name: str,
+        rows: int,
+        slots: int,
+        scratch: Optional[dict[str, Tensor]],
+        store: Optional[BackingStore],
+        score_decay: float = 0.997,
+    ) -> None:
         self.name = name
         self.planner = LookaheadPlanner(rows, slots, name, score_decay)
         self.scratch = scratch
@@ -68,7 +75,9 @@ class CachedTable:
         self.counters["rows_back"] += int(back_rows.numel())
         self.counters["bytes_moved"] += (int(moves.load_rows.numel()) + int(back_rows.numel())) * self.row_bytes
         if self._executor is not None and (moves.load_rows.numel() or back_rows.numel()):
-            self._pending.append(self._executor.submit(self._copy, back_rows, back_slots, moves.load_rows, moves.load_slots))
+            self._pending.append(
+                self._executor.submit(self._copy, back_rows, back_slots, moves.load_rows, moves.load_slots)
+            )
         return moves
 
     def _copy(self, back_rows: Tensor, back_slots: Tensor, load_rows: Tensor, load_slots: Tensor) -> None:
@@ -80,7 +89,9 @@ class CachedTable:
             if load_rows.numel():
                 values = self.store.read(load_rows)
                 for name, tensor in self.scratch.items():
-                    tensor.index_copy_(0, load_slots.to(tensor.device), values[name].to(tensor.device, non_blocking=True))
+                    tensor.index_copy_(
+                        0, load_slots.to(tensor.device), values[name].to(tensor.device, non_blocking=True)
+                    )
 
     def wait(self) -> None:
         """Joins the copies in flight (re-raising their error, if any)."""

@@ -43,7 +43,9 @@ FillRows = Callable[[ResolvedTable, Tensor, int, int], None]  # rows [row, ...) 
 class CachedTables:
     """Every cached table of a sharded model on this rank (see the module docstring); ``Stateful``."""
 
-    def __init__(self, configs: dict[str, CacheConfig], rows: dict[str, int], rank: int, gather_objects: GatherObjects) -> None:
+    def __init__(
+        self, configs: dict[str, CacheConfig], rows: dict[str, int], rank: int, gather_objects: GatherObjects
+    ) -> None:
         self.configs = configs
         self.rows = rows  # table -> N, the rows its ids range over
         self.rank = rank
@@ -62,21 +64,35 @@ class CachedTables:
 
     # -------------------------------------------------------------- set-up
     @classmethod
-    def build(cls, tables: Any, optimizer: NativeKernelOptimizer, owners: Mapping[str, int], rank: int,
-              gather_objects: GatherObjects, fill: FillRows, device: torch.device) -> "CachedTables":
+    def build(
+        cls,
+        tables: Any,
+        optimizer: NativeKernelOptimizer,
+        owners: Mapping[str, int],
+        rank: int,
+        gather_objects: GatherObjects,
+        fill: FillRows,
+        device: torch.device,
+    ) -> "CachedTables":
         """The cached tables of a freshly sharded model (``tables``: its ``EmbeddingTables``): backing stores on the
         rank holding each table, filled by ``fill`` from ``tables.cache_sources`` (released here), bound to the
         native optimizer's tensors."""
         sources = tables.cache_sources
-        cache = cls({name: source.cache for name, source in sources.items()},
-                    {name: source.rows for name, source in sources.items()}, rank, gather_objects)
+        cache = cls(
+            {name: source.cache for name, source in sources.items()},
+            {name: source.rows for name, source in sources.items()},
+            rank,
+            gather_objects,
+        )
         for name, config in sorted(cache.configs.items()):
             table = tables.tables[name]
             cache.owners[name] = int(owners[name])
             cache.feature_to_table.update({f: name for f, t in tables.features.items() if t == name})
             fresh = init_state_for(table.optimizer, torch.zeros(1, table.dim))
             cache._shapes[name] = {"weight": (cache.rows[name], table.dim)}
-            cache._shapes[name].update({k: (cache.rows[name], *v.shape[1:]) for k, v in fresh.items() if k not in GLOBAL_STATE})
+            cache._shapes[name].update(
+                {k: (cache.rows[name], *v.shape[1:]) for k, v in fresh.items() if k not in GLOBAL_STATE}
+            )
             scratch = store = None
             if cache.owners[name] == rank:
                 weight, state = optimizer.table_tensors(name)
@@ -87,12 +103,20 @@ class CachedTables:
         cache._start_pass()
         return cache
 
-    def _new_store(self, source: ResolvedTable, config: CacheConfig, scratch: dict[str, Tensor], device: torch.device,
-                   fill: FillRows) -> BackingStore:
+    def _new_store(
+        self,
+        source: ResolvedTable,
+        config: CacheConfig,
+        scratch: dict[str, Tensor],
+        device: torch.device,
+        fill: FillRows,
+    ) -> BackingStore:
         n = self.rows[source.name]
         shapes = self._shapes[source.name]
         if set(shapes) != set(scratch):
-            raise RuntimeError(f"cached table {source.name!r}: scratchpad state {sorted(scratch)} != expected {sorted(shapes)}")
+            raise RuntimeError(
+                f"cached table {source.name!r}: scratchpad state {sorted(scratch)} != expected {sorted(shapes)}"
+            )
         backing = config.backing
         if backing is CacheBacking.AUTO:
             backing = CacheBacking.HOST if device.type == "cuda" else CacheBacking.MMAP
@@ -181,12 +205,16 @@ class CachedTables:
         for name, table in self.tables.items():
             table.planner.retire(self._pass_start + step - 1)
             loaded_now = 0
-            for seq in range(self._planned[name] + 1, min(step + self.configs[name].lookahead, max(self._gathered)) + 1):
+            for seq in range(
+                self._planned[name] + 1, min(step + self.configs[name].lookahead, max(self._gathered)) + 1
+            ):
                 try:
                     moves = table.plan(self._pass_start + seq, self._gathered[seq][name])
                 except WorkingSetTooLarge as error:
-                    raise WorkingSetTooLarge(f"{error} (batch {self._pass_start + seq} is batch {seq} of this pass over "
-                                             f"the train loader, planned before the pass's step {step})") from None
+                    raise WorkingSetTooLarge(
+                        f"{error} (batch {self._pass_start + seq} is batch {seq} of this pass over "
+                        f"the train loader, planned before the pass's step {step})"
+                    ) from None
                 self._last_seq = max(self._last_seq, self._pass_start + seq)
                 self._planned[name] = seq
                 if seq == step:

@@ -186,8 +186,10 @@ class CriteoIterableDataset(IterableDataset):
             return builder.build()
 
         builder = BatchBuilder(
-            self.batch_size, np.asarray(self.num_embeddings_per_feature, dtype=np.uint64),
-            self.hash_seed, self.dense_transform,
+            self.batch_size,
+            np.asarray(self.num_embeddings_per_feature, dtype=np.uint64),
+            self.hash_seed,
+            self.dense_transform,
         )
         skip = self.on_error is OnError.SKIP
         start_index, start_offset, start_line, g = position
@@ -307,17 +309,30 @@ class CriteoDataModule(LightningDataModule):
         if paths is None:
             raise ValueError(f"CriteoDataModule has no {stage}_paths; set data.{stage}_paths to run '{stage}'")
         # the Trainer's rank and world size (without a Trainer: the default process group's)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else process_rank_world()
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else process_rank_world()
+        )
         dataset = CriteoIterableDataset(
-            paths, self.batch_size, self._num_embeddings, self.hash_seed, self.on_error,
-            self.dense_transform, self.drop_last, rank=rank, world_size=world,
+            paths,
+            self.batch_size,
+            self._num_embeddings,
+            self.hash_seed,
+            self.on_error,
+            self.dense_transform,
+            self.drop_last,
+            rank=rank,
+            world_size=world,
             max_workers=max(1, self.num_workers),
         )
         self.datasets[stage] = dataset  # kept so that callers can read dataset.stats
         consumed = fit_progress(self.trainer) if stage == "train" and self.trainer is not None else None
         return ResumableLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=False, consumed=consumed,
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            consumed=consumed,
         )
 
     def train_dataloader(self) -> ResumableLoader:

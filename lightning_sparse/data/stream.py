@@ -34,7 +34,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.data.criteo import OnError, SkippedLinesMonitor
 from lightning_sparse.data.loading import ResumableLoader, fit_progress, process_rank_world, reader_of
-from lightning_sparse.data.stream_schema import REASONS, IdTransform, RecordError, SparseColumn, StreamRecordError, StreamSchema
+from lightning_sparse.data.stream_schema import (
+    REASONS,
+    IdTransform,
+    RecordError,
+    SparseColumn,
+    StreamRecordError,
+    StreamSchema,
+)
 from lightning_sparse.data.stream_sources import (
     ChainedSource,
     IterableSource,
@@ -175,7 +182,9 @@ class StreamDataset(IterableDataset):
     def _snapshot(reader: int, readers: int, position: Any, passed: int, counts: List[int]) -> dict[str, Any]:
         return {"reader": reader, "readers": readers, "position": position, "passed": passed, "counts": list(counts)}
 
-    def _read(self, reader: int, readers: int, slot: int, position: Any, passed: int, counts: List[int]) -> Iterator[Batch]:
+    def _read(
+        self, reader: int, readers: int, slot: int, position: Any, passed: int, counts: List[int]
+    ) -> Iterator[Batch]:
         counters = self._counters[slot]
         builder = _Builder(self.schema)
         skip = self.on_error is OnError.SKIP
@@ -283,7 +292,9 @@ class StreamDataModule(LightningDataModule):
         )  # fmt: skip
         self.datasets[stage] = dataset
         consumed = fit_progress(self.trainer) if stage == "train" and self.trainer is not None else None
-        return ResumableLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False, consumed=consumed)
+        return ResumableLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False, consumed=consumed
+        )
 
     def train_dataloader(self) -> ResumableLoader:
         return self._loader("train", self.source, self.max_records)

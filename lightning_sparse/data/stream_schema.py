@@ -93,7 +93,9 @@ class SparseColumn:
     def __post_init__(self) -> None:
         self.transform = IdTransform.parse(self.transform, f"SparseColumn({self.name!r}).transform")
         if isinstance(self.num_embeddings, bool) or not isinstance(self.num_embeddings, int) or self.num_embeddings < 1:
-            raise ValueError(f"SparseColumn({self.name!r}).num_embeddings must be an int >= 1, got {self.num_embeddings!r}")
+            raise ValueError(
+                f"SparseColumn({self.name!r}).num_embeddings must be an int >= 1, got {self.num_embeddings!r}"
+            )
         if self.field is None:
             self.field = self.name
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -121,8 +123,11 @@ class SparseColumn:
             data = v.encode("utf-8") if isinstance(v, str) else v
             return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
         else:
-            raise RecordError("sparse", f"feature {self.name!r} (field {self.field!r}): {v!r} is not a 64-bit integer"
-                              + ("" if self.transform is IdTransform.HASH else f" (transform {self.transform.value} needs one)"))
+            raise RecordError(
+                "sparse",
+                f"feature {self.name!r} (field {self.field!r}): {v!r} is not a 64-bit integer"
+                + ("" if self.transform is IdTransform.HASH else f" (transform {self.transform.value} needs one)"),
+            )
         if not _INT64_MIN <= v <= _INT64_MAX:
             raise RecordError("sparse", f"feature {self.name!r} (field {self.field!r}): {v} does not fit 64 bits")
         return v
@@ -153,7 +158,9 @@ class StreamSchema:
         names = [c.name for c in self.sparse]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"StreamSchema.sparse names the features {duplicates} more than once; feature names must be unique")
+            raise ValueError(
+                f"StreamSchema.sparse names the features {duplicates} more than once; feature names must be unique"
+            )
 
     @property
     def feature_names(self) -> List[str]:
@@ -166,7 +173,9 @@ class StreamSchema:
     def parse(self, record: Mapping[str, Any]) -> tuple[float, List[float], List[List[int]]]:
         """``(label, dense, ids per sparse feature)`` of one record; raises :class:`RecordError`."""
         if not isinstance(record, Mapping):
-            raise RecordError("missing_field", f"a record must be a mapping of field names to values, got {type(record).__name__}")
+            raise RecordError(
+                "missing_field", f"a record must be a mapping of field names to values, got {type(record).__name__}"
+            )
         if self.label not in record:
             raise RecordError("missing_field", f"no label field {self.label!r} (fields: {sorted(record)[:20]})")
         label = record[self.label]

@@ -58,13 +58,17 @@ class RecordSource(ABC):
 class _FileSource(RecordSource):
     """Files in order; ``paths`` is a list (read as given) or a glob pattern (sorted by name, may grow)."""
 
-    def __init__(self, paths: Union[str, List[str]], follow: bool, poll_seconds: float, idle_timeout_s: Optional[float]) -> None:
+    def __init__(
+        self, paths: Union[str, List[str]], follow: bool, poll_seconds: float, idle_timeout_s: Optional[float]
+    ) -> None:
         self.pattern = paths if isinstance(paths, str) and glob.has_magic(paths) else None
         self.fixed = None if self.pattern else ([paths] if isinstance(paths, str) else [os.fspath(p) for p in paths])
         self.follow, self.poll_seconds, self.idle_timeout_s = bool(follow), float(poll_seconds), idle_timeout_s
         name = type(self).__name__
         if self.follow and self.pattern is None:
-            raise ValueError(f"{name}(follow=True) needs a glob pattern (e.g. 'clicks/*.tsv') to find new files in, got {paths!r}")
+            raise ValueError(
+                f"{name}(follow=True) needs a glob pattern (e.g. 'clicks/*.tsv') to find new files in, got {paths!r}"
+            )
         if self.poll_seconds <= 0:
             raise ValueError(f"{name}.poll_seconds must be > 0, got {poll_seconds!r}")
         if not self.follow:
@@ -86,7 +90,9 @@ class _FileSource(RecordSource):
                 following = files
             elif self.fixed is not None:
                 if current not in files:
-                    raise ValueError(f"{type(self).__name__}: the saved position is in {current!r}, which is not among {files}")
+                    raise ValueError(
+                        f"{type(self).__name__}: the saved position is in {current!r}, which is not among {files}"
+                    )
                 following = files[files.index(current) + 1 :]
             else:
                 following = files[bisect.bisect_right(files, current) :]
@@ -102,7 +108,9 @@ class _FileSource(RecordSource):
         if position is not None:
             path, start = position[0], position[1:]
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{type(self).__name__}: the saved position is in {path!r}, which no longer exists")
+                raise FileNotFoundError(
+                    f"{type(self).__name__}: the saved position is in {path!r}, which no longer exists"
+                )
             yield from self._read_file(path, start)
         else:
             path = None
@@ -164,7 +172,9 @@ class TsvSource(_FileSource):
             raise RecordError("encoding", f"byte {error.start + 1} is not UTF-8") from None
         fields = text.rstrip("\r\n").split(self.delimiter)
         if len(fields) != len(self.columns):
-            raise RecordError("field_count", f"expected {len(self.columns)} fields ({self.columns[0]}, ...), got {len(fields)}")
+            raise RecordError(
+                "field_count", f"expected {len(self.columns)} fields ({self.columns[0]}, ...), got {len(fields)}"
+            )
         return dict(zip(self.columns, fields))
 
     def where(self, position: Position) -> str:
@@ -242,7 +252,9 @@ class SyntheticSource(RecordSource):
         from lightning_sparse.data.synthetic import SyntheticClickStream
 
         if drift_period_records % chunk_size:
-            raise ValueError(f"SyntheticSource.drift_period_records={drift_period_records} must be a multiple of chunk_size={chunk_size}")
+            raise ValueError(
+                f"SyntheticSource.drift_period_records={drift_period_records} must be a multiple of chunk_size={chunk_size}"
+            )
         self.num_records = num_records
         self.num_dense_features = num_dense_features
         self.stream = SyntheticClickStream(
@@ -287,7 +299,9 @@ class IterableSource(RecordSource):
     (rank, worker) and every epoch iterates the stream from its start. Position: ``(records read,)``.
     """
 
-    def __init__(self, records: Union[Iterable[Mapping[str, Any]], Callable[[int], Iterable[Mapping[str, Any]]]]) -> None:
+    def __init__(
+        self, records: Union[Iterable[Mapping[str, Any]], Callable[[int], Iterable[Mapping[str, Any]]]]
+    ) -> None:
         if not callable(records) and iter(records) is records:
             raise TypeError(
                 "IterableSource got a one-shot iterator (e.g. a generator object); every reader and every epoch reads "
@@ -303,7 +317,9 @@ class IterableSource(RecordSource):
             iterator = iter(self.records)
             for skipped in range(start):
                 if next(iterator, _END) is _END:
-                    raise ValueError(f"IterableSource: the saved position is after record {start}, but the iterable has only {skipped}")
+                    raise ValueError(
+                        f"IterableSource: the saved position is after record {start}, but the iterable has only {skipped}"
+                    )
         g = start
         for record in iterator:
             g += 1

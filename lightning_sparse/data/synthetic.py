@@ -92,7 +92,9 @@ class SyntheticClickStream(Dataset):
         if num_batches < 1 or batch_size < 1:
             raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}")
         if not num_embeddings_per_feature or min(num_embeddings_per_feature) < 1:
-            raise ValueError(f"num_embeddings_per_feature must be a non-empty list of ints >= 1, got {num_embeddings_per_feature}")
+            raise ValueError(
+                f"num_embeddings_per_feature must be a non-empty list of ints >= 1, got {num_embeddings_per_feature}"
+            )
         if zipf_exponent <= 0:
             raise ValueError(f"zipf_exponent must be > 0, got {zipf_exponent}")
         if pooling_factor < 1:
@@ -131,9 +133,13 @@ class SyntheticClickStream(Dataset):
         if not 0 <= index < self.num_batches:
             raise IndexError(index)
         stream_index = index + self.split_offset
-        base = ((self.seed + 1) << 44) + stream_index * (self.batch_size * (len(self.feature_names) + self.num_dense_features + 1))
+        base = ((self.seed + 1) << 44) + stream_index * (
+            self.batch_size * (len(self.feature_names) + self.num_dense_features + 1)
+        )
         positions = torch.arange(self.batch_size, dtype=torch.long)
-        dense = _gaussian(base + positions.unsqueeze(1) * self.num_dense_features + torch.arange(self.num_dense_features) + (1 << 42))
+        dense = _gaussian(
+            base + positions.unsqueeze(1) * self.num_dense_features + torch.arange(self.num_dense_features) + (1 << 42)
+        )
         logit = (dense @ self._dense_weights) * self._dense_scale
         ids_per_feature = []
         k = self.pooling_factor
@@ -224,7 +230,9 @@ class SyntheticClickDataModule(LightningDataModule):
         # Splits read consecutive stretches of one stream: train, then val, then test.
         self.train_set = SyntheticClickStream(num_train_batches, split_offset=0, **common)
         self.val_set = SyntheticClickStream(num_val_batches, split_offset=num_train_batches, **common)
-        self.test_set = SyntheticClickStream(num_test_batches, split_offset=num_train_batches + num_val_batches, **common)
+        self.test_set = SyntheticClickStream(
+            num_test_batches, split_offset=num_train_batches + num_val_batches, **common
+        )
 
     def _loader(self, dataset: SyntheticClickStream, train: bool = False) -> ResumableLoader:
         """Batches in stream order, split across ranks (rank r reads batches r, r + W, ...).
@@ -235,7 +243,9 @@ class SyntheticClickDataModule(LightningDataModule):
         """
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler: DistributedSampler[Any] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=False
+        )
         consumed = fit_progress(self.trainer) if train and self.trainer is not None else None
         return ResumableLoader(dataset, batch_size=None, sampler=sampler, consumed=consumed)
 

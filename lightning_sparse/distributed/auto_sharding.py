@@ -90,7 +90,9 @@ class AutoShardingDecision:
         return rows
 
 
-def asked_auto(tables: EmbeddingTables, default_sharding: ShardingType, overrides: Optional[dict[str, TableConfig]]) -> list[str]:
+def asked_auto(
+    tables: EmbeddingTables, default_sharding: ShardingType, overrides: Optional[dict[str, TableConfig]]
+) -> list[str]:
     """The tables whose sharding is ``auto`` (by override or default) and that the measured bytes decide."""
     names = []
     for name, table in tables.tables.items():
@@ -118,7 +120,10 @@ def decide(
     """Per table of ``allowed``, the cheapest type by ``hint`` such that ``fits`` the whole assignment (tables
     not yet decided ``row_wise``), deciding the largest tables (``sizes``) first when the cheapest do not fit.
     Returns the choice and the tables that did not get their cheapest type."""
-    ranked = {name: sorted(types, key=lambda t: (hint[name][t.value], AUTO_CANDIDATES.index(t))) for name, types in allowed.items()}
+    ranked = {
+        name: sorted(types, key=lambda t: (hint[name][t.value], AUTO_CANDIDATES.index(t)))
+        for name, types in allowed.items()
+    }
     cheapest = {name: types[0] for name, types in ranked.items()}
     if fits(cheapest):
         return cheapest, []
@@ -163,7 +168,11 @@ def choose_sharding(
         decision.choice, decision.memory_bound = decide(hint, allowed, sizes, fits)
         decision.bytes = {name: hint[name] for name in allowed}
         decision.candidates = {name: [t.value for t in types] for name, types in allowed.items()}
-        decision.widths = {name: tables.tables[name].dim // len(stats) for name, t in decision.choice.items() if t is ShardingType.COLUMN_WISE}
+        decision.widths = {
+            name: tables.tables[name].dim // len(stats)
+            for name, t in decision.choice.items()
+            if t is ShardingType.COLUMN_WISE
+        }
     if process_group is not None and dist.get_world_size(process_group) > 1:
         shared = [decision]
         dist.broadcast_object_list(shared, src=dist.get_global_rank(process_group, 0), group=process_group)
@@ -184,7 +193,9 @@ def plan_fits(
 ) -> bool:
     """Whether TorchRec's planner finds a plan of ``model`` on ``topology`` with the tables of ``assignment``
     sharded so (the others by ``constraints``), counting the optimizer state ``attach_fused_optimizers`` adds."""
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(constraints, tables, assignment, topology.world_size))
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints=_constraints(constraints, tables, assignment, topology.world_size)
+    )
     with _planning_optimizers(tables, device_type):
         try:
             planner.plan(model, sharders)
@@ -193,7 +204,9 @@ def plan_fits(
     return True
 
 
-def _constraints(base: dict[str, ParameterConstraints], tables: EmbeddingTables, assignment: dict[str, ShardingType], world: int) -> dict[str, ParameterConstraints]:
+def _constraints(
+    base: dict[str, ParameterConstraints], tables: EmbeddingTables, assignment: dict[str, ShardingType], world: int
+) -> dict[str, ParameterConstraints]:
     """``base`` with each table of ``assignment`` constrained to its type (column_wise: one shard per rank)."""
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 
@@ -202,7 +215,9 @@ def _constraints(base: dict[str, ParameterConstraints], tables: EmbeddingTables,
         dense = sharding is ShardingType.DATA_PARALLEL
         kernel = EmbeddingComputeKernel.DENSE.value if dense else EmbeddingComputeKernel.FUSED.value
         min_partition = tables.tables[name].dim // world if sharding is ShardingType.COLUMN_WISE else None
-        out[name] = ParameterConstraints(sharding_types=[sharding.value], compute_kernels=[kernel], min_partition=min_partition)
+        out[name] = ParameterConstraints(
+            sharding_types=[sharding.value], compute_kernels=[kernel], min_partition=min_partition
+        )
     return out
 
 
@@ -235,7 +250,9 @@ def check_resumed_choice(saved: Optional[dict[str, str]], tables: EmbeddingTable
     against fbgemm's), so the state would not be found. ``saved``: the checkpoint's choice per table."""
     for name, sharding in (saved or {}).items():
         table = tables.tables.get(name)
-        if table is None or (sharding == ShardingType.DATA_PARALLEL.value) == (table.sharding is ShardingType.DATA_PARALLEL):
+        if table is None or (sharding == ShardingType.DATA_PARALLEL.value) == (
+            table.sharding is ShardingType.DATA_PARALLEL
+        ):
             continue
         raise ValueError(
             f"The checkpoint was written when sharding 'auto' gave table {name!r} {sharding!r}, from the batches it "
@@ -243,4 +260,3 @@ def check_resumed_choice(saved: Optional[dict[str, str]], tables: EmbeddingTable
             "several processes). A data_parallel table's optimizer state is kept apart from a sharded one's, so it "
             f"cannot be resumed into the other: set tables: {{{name}: {{sharding: {sharding}}}}} for this run."
         )
-

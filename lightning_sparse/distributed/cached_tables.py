@@ -61,4 +61,6 @@ def cached_tables_of(
     if not tables.cache_sources:
         return None
     assert native is not None, "cached tables run on the native route, so our kernels' optimizer exists"
-    return CachedTables.build(tables, native, owners, collectives.rank, collectives.all_gather_object, fill_piece, device)
+    return CachedTables.build(
+        tables, native, owners, collectives.rank, collectives.all_gather_object, fill_piece, device
+    )

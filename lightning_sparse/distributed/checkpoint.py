@@ -136,7 +136,11 @@ def save_sharded(
             return
         files = {name: entry for share in shares for name, entry in share.items()}
         _check_metadata_covered(staging, files)
-        info = {"world_size": len(shares), "global_step": trainer_state.get("global_step"), "epoch": trainer_state.get("epoch")}
+        info = {
+            "world_size": len(shares),
+            "global_step": trainer_state.get("global_step"),
+            "epoch": trainer_state.get("epoch"),
+        }
         write_manifest(staging, build_manifest(files, **info))
         publish(staging, path, between=lambda: _fault_injection_point(rank, "swapping"))
 
@@ -155,7 +159,10 @@ def save_sharded(
             ) from error
         shares = _on_every_rank(collectives, "writing and checksumming the files", path, untouched, write_and_checksum)
         _on_every_rank(
-            collectives, "publishing it", path, f"a previous checkpoint is at that path or, complete, in {str(sibling(path, REPLACED))!r}",
+            collectives,
+            "publishing it",
+            path,
+            f"a previous checkpoint is at that path or, complete, in {str(sibling(path, REPLACED))!r}",
             lambda: commit(shares),
         )
     except BaseException:
@@ -210,8 +217,15 @@ def verify_checkpoint(path: Path, collectives: Optional[Collectives] = None) -> 
     for share in collectives.all_gather_object(problems):
         found.extend(problem for problem in share if problem not in found)
     if found:
-        kind = CorruptCheckpointError if any(k is CorruptCheckpointError for k, _ in found) else IncompleteCheckpointError
-        raise kind(f"Refusing to load checkpoint {str(path)!r}: " + "; ".join(message for _, message in found) + ". " + _last_complete_hint(path))
+        kind = (
+            CorruptCheckpointError if any(k is CorruptCheckpointError for k, _ in found) else IncompleteCheckpointError
+        )
+        raise kind(
+            f"Refusing to load checkpoint {str(path)!r}: "
+            + "; ".join(message for _, message in found)
+            + ". "
+            + _last_complete_hint(path)
+        )
     return manifest
 
 
@@ -246,7 +260,9 @@ def _complete_manifest(path: Path) -> dict[str, Any]:
                 "was cut short, or it was written before checkpoints carried manifests. If you know it is complete, "
                 "adopt it once with lightning_sparse.distributed.checkpoint.adopt_checkpoint(path)"
             )
-        raise IncompleteCheckpointError(f"{str(path)!r} has no {MANIFEST_FILE}: its save did not finish, or it is not a checkpoint")
+        raise IncompleteCheckpointError(
+            f"{str(path)!r} has no {MANIFEST_FILE}: its save did not finish, or it is not a checkpoint"
+        )
     manifest = read_manifest(path)
     unlisted = [name for name in (METADATA_FILE, TRAINER_STATE_FILE) if name not in manifest["files"]]
     if unlisted:
@@ -332,7 +348,9 @@ def _write_durably(obj: Any, file: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _on_every_rank(collectives: Collectives, phase: str, path: Path, consequence: str, work: Callable[[], _T]) -> list[_T]:
+def _on_every_rank(
+    collectives: Collectives, phase: str, path: Path, consequence: str, work: Callable[[], _T]
+) -> list[_T]:
     """Runs ``work`` on this rank and gathers results; if it failed anywhere, every rank raises the same
     error (a rank raising alone would leave the others waiting in the next collective)."""
     result: Any = None
@@ -360,8 +378,12 @@ def _fault_injection_point(rank: int, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _tensors(model_state: dict, sparse_optimizer_state: dict, dynamic_tables_state: dict,
-             cached_tables_state: Optional[dict] = None) -> dict[str, Any]:
+def _tensors(
+    model_state: dict,
+    sparse_optimizer_state: dict,
+    dynamic_tables_state: dict,
+    cached_tables_state: Optional[dict] = None,
+) -> dict[str, Any]:
     parts = {MODEL_KEY: model_state}
     sparse_state = _stateful_only(sparse_optimizer_state)
     if sparse_state["state"]:  # sgd everywhere keeps none; DCP would then ask for a key it never wrote
@@ -410,7 +432,9 @@ def _check_dynamic_tables_layout(path: Path, dynamic_tables_state: dict[str, Any
         if not isinstance(tensor, torch.Tensor) or size is None or properties is None:
             continue
         if tuple(size) != tuple(tensor.shape) or properties.dtype != tensor.dtype:
-            changed.append(f"{key} (saved {properties.dtype} {list(size)}, this run {tensor.dtype} {list(tensor.shape)})")
+            changed.append(
+                f"{key} (saved {properties.dtype} {list(size)}, this run {tensor.dtype} {list(tensor.shape)})"
+            )
     if changed:
         raise ValueError(
             f"Checkpoint {str(path)!r} holds dynamic-table hash state in another layout than this run's: "

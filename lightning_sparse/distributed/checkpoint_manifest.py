@@ -63,7 +63,13 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 def build_manifest(files: dict[str, dict[str, Any]], **info: Any) -> dict[str, Any]:
-    body = {"format": MANIFEST_FORMAT, "hash": HASH, "saved_at": time.time(), **info, "files": dict(sorted(files.items()))}
+    body = {
+        "format": MANIFEST_FORMAT,
+        "hash": HASH,
+        "saved_at": time.time(),
+        **info,
+        "files": dict(sorted(files.items())),
+    }
     return {**body, "manifest_sha256": _self_checksum(body)}
 
 
@@ -108,10 +114,18 @@ def verify_files(directory: Path, manifest: dict[str, Any], names: Iterable[str]
         found = file_entry(file)
         if found["bytes"] != expected["bytes"]:
             problems.append(
-                (CorruptCheckpointError, f"{str(file)!r} has {found['bytes']} bytes, {expected['bytes']} were written (truncated or overwritten)")
+                (
+                    CorruptCheckpointError,
+                    f"{str(file)!r} has {found['bytes']} bytes, {expected['bytes']} were written (truncated or overwritten)",
+                )
             )
         elif found[HASH] != expected[HASH]:
-            problems.append((CorruptCheckpointError, f"{str(file)!r} is corrupted: its {HASH} differs from the one recorded at save"))
+            problems.append(
+                (
+                    CorruptCheckpointError,
+                    f"{str(file)!r} is corrupted: its {HASH} differs from the one recorded at save",
+                )
+            )
     return problems
 
 

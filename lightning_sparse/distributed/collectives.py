@@ -54,7 +54,9 @@ def collective_device(group: Optional[dist.ProcessGroup] = None) -> torch.device
         return torch.device("cpu")
     module = getattr(torch, device_type, None)
     if module is None or not hasattr(module, "current_device"):
-        raise RuntimeError(f"process group backend needs {device_type!r} tensors, but torch has no '{device_type}' device module")
+        raise RuntimeError(
+            f"process group backend needs {device_type!r} tensors, but torch has no '{device_type}' device module"
+        )
     return torch.device(device_type, module.current_device())
 
 

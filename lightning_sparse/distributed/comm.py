@@ -72,7 +72,9 @@ def payload(op: str, bound: dict[str, Any], rank: int, world: int) -> tuple[int,
 
     if op == "all_to_all_single":
         out, inp = bound["output"], bound["input"]
-        return _a2a_part(inp, bound.get("input_split_sizes"), rank, world), _a2a_part(out, bound.get("output_split_sizes"), rank, world)
+        return _a2a_part(inp, bound.get("input_split_sizes"), rank, world), _a2a_part(
+            out, bound.get("output_split_sizes"), rank, world
+        )
     if op == "reduce_scatter_tensor":
         return nbytes(bound["input"]) * (world - 1) // world, nbytes(bound["output"]) * (world - 1)
     if op == "reduce_scatter":
@@ -214,7 +216,9 @@ class CommunicationCounter:
                         for sub in dists[i].modules():
                             self._labels[id(sub)] = channel
                         if phase == "output_dist":
-                            dists[i].register_forward_hook(self._tag_output(Channel(sharding_type, tables, "output_dist_backward")))
+                            dists[i].register_forward_hook(
+                                self._tag_output(Channel(sharding_type, tables, "output_dist_backward"))
+                            )
                 for feature in features:
                     self._feature_channel.setdefault(feature, Channel(sharding_type, tables, "input_dist"))
 
@@ -343,7 +347,10 @@ class CommunicationReport:
     def per_step(self) -> dict[str, tuple[float, float]]:
         """Channel key -> (mean bytes sent, mean bytes received) per step."""
         n = max(self.steps, 1)
-        return {channel.key(): (t.sent / n, t.received / n) for channel, t in sorted(self.total.items(), key=lambda kv: kv[0].key())}
+        return {
+            channel.key(): (t.sent / n, t.received / n)
+            for channel, t in sorted(self.total.items(), key=lambda kv: kv[0].key())
+        }
 
     def by_kind(self) -> dict[str, tuple[float, float]]:
         """(sent, received) per step summed by sharding type / ``dense`` / ``dynamic`` / ``other``."""
@@ -357,7 +364,13 @@ class CommunicationReport:
     def as_metrics(self, last_step: bool = True) -> dict[str, float]:
         """``comm/<kind>/<tables>/sent_bytes`` and ``received_bytes`` per channel (phases summed), and
         ``comm/total/...``: this rank's bytes in the last step (or the mean per step)."""
-        source = self.last_step if last_step else {c: Traffic(t.sent / max(self.steps, 1), t.received / max(self.steps, 1)) for c, t in self.total.items()}
+        source = (
+            self.last_step
+            if last_step
+            else {
+                c: Traffic(t.sent / max(self.steps, 1), t.received / max(self.steps, 1)) for c, t in self.total.items()
+            }
+        )
         metrics: dict[str, float] = defaultdict(float)
         for channel, t in source.items():
             prefix = "/".join(p for p in ("comm", channel.kind, channel.tables) if p)
@@ -372,11 +385,15 @@ class CommunicationReport:
         n = max(self.steps, 1)
         rows = [f"{'channel':<52}{'sent KiB/step':>15}{'recv KiB/step':>15}{'calls/step':>12}"]
         for channel, t in sorted(self.total.items(), key=lambda kv: kv[0].key()):
-            rows.append(f"{channel.key():<52}{t.sent / n / 1024:>15.2f}{t.received / n / 1024:>15.2f}{t.calls / n:>12.1f}")
+            rows.append(
+                f"{channel.key():<52}{t.sent / n / 1024:>15.2f}{t.received / n / 1024:>15.2f}{t.calls / n:>12.1f}"
+            )
         return "\n".join(rows)
 
 
-def communication_counter(dmp: nn.Module, tables: Any, dynamic: Any = None, sparse_optimizer: Any = None) -> CommunicationCounter:
+def communication_counter(
+    dmp: nn.Module, tables: Any, dynamic: Any = None, sparse_optimizer: Any = None
+) -> CommunicationCounter:
     """The counter of a sharded model, built once per DistributedModelParallel (later stages reuse it): wraps
     the collectives, indexes the sharded collections, labels the dynamic tables' id routing and the
     data-parallel row union, and registers the counting all-reduce hook on the DDP of the dense layers."""

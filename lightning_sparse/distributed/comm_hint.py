@@ -51,7 +51,9 @@ class BatchStats:
             block = (rows[table] + world - 1) // world
             self.samples[table] = self.samples.get(table, 0) + int(kjt.stride())
             self.ids[table] = self.ids.get(table, 0) + int(values.numel())
-            self.outside_block[table] = self.outside_block.get(table, 0) + int((torch.div(values, block, rounding_mode="floor") != rank).sum())
+            self.outside_block[table] = self.outside_block.get(table, 0) + int(
+                (torch.div(values, block, rounding_mode="floor") != rank).sum()
+            )
 
 
 def sharding_hint(stats: list[BatchStats], tables: dict[str, tuple[int, int]]) -> dict[str, dict[str, float]]:
@@ -72,7 +74,9 @@ def sharding_hint(stats: list[BatchStats], tables: dict[str, tuple[int, int]]) -
         column_wise = sum(
             to_holder[r] + 8 * samples[r] * dim / world for holder in range(world) for r in range(world) if r != holder
         )
-        row_wise = sum(8 * (world - 1) * b + 8 * x for b, x in zip(samples, outside)) + 2 * (world - 1) * 4 * dim * sum(samples)
+        row_wise = sum(8 * (world - 1) * b + 8 * x for b, x in zip(samples, outside)) + 2 * (world - 1) * 4 * dim * sum(
+            samples
+        )
         data_parallel = 8 * (world - 1) * rows * (dim + 1)
         hint[name] = {
             ShardingType.TABLE_WISE.value: table_wise,
@@ -83,6 +87,8 @@ def sharding_hint(stats: list[BatchStats], tables: dict[str, tuple[int, int]]) -
     return hint
 
 
-def cheapest(hint: dict[str, dict[str, float]], allowed: tuple[str, ...] = tuple(t.value for t in HINT_TYPES)) -> dict[str, str]:
+def cheapest(
+    hint: dict[str, dict[str, float]], allowed: tuple[str, ...] = tuple(t.value for t in HINT_TYPES)
+) -> dict[str, str]:
     """Table -> the sharding type among ``allowed`` that sends the fewest bytes per step."""
     return {name: min((t for t in by_type if t in allowed), key=by_type.__getitem__) for name, by_type in hint.items()}

@@ -21,8 +21,14 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig, TableRoute
 from lightning_sparse.distributed.cached_tables import shrink_to_scratchpads
 from lightning_sparse.distributed.materialise import materialise_shards
+from lightning_sparse.distributed.routes import (
+    FUSED_SHARDING_TYPES,
+    EmbeddingTables,
+    RowBlock,
+    resolve_tables,
+    row_blocks,
+)
 from lightning_sparse.distributed.row_wise import ROW_WISE_TYPES, row_wise_sharders
-from lightning_sparse.distributed.routes import FUSED_SHARDING_TYPES, EmbeddingTables, RowBlock, resolve_tables, row_blocks
 from lightning_sparse.optim.fbgemm_kinds import fused_optimizer_for
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,9 @@ def planner_constraints(
         else:
             types, kernels = [table.sharding], [EmbeddingComputeKernel.FUSED.value]
         width = (column_widths or {}).get(name)
-        constraints[name] = ParameterConstraints(sharding_types=[t.value for t in types], compute_kernels=kernels, min_partition=width)
+        constraints[name] = ParameterConstraints(
+            sharding_types=[t.value for t in types], compute_kernels=kernels, min_partition=width
+        )
     return constraints
 
 
@@ -172,7 +180,9 @@ def shard_tables(
     shrink_to_scratchpads(tables)  # cached tables: TorchRec plans and shards their scratchpads
     attach_fused_optimizers(tables, device.type)
     move_dense_modules(model, device, set(tables.modules))
-    plan = plan_sharding(model, tables, device, process_group, local_world_size=local_world_size, column_widths=column_widths)
+    plan = plan_sharding(
+        model, tables, device, process_group, local_world_size=local_world_size, column_widths=column_widths
+    )
     log.info("SparseStrategy sharding plan:\n%s", plan)
     dmp = shard_model(model, plan, device, process_group, static_graph, find_unused_parameters, dense_process_group)
     materialise_shards(model, tables)
@@ -193,7 +203,9 @@ def table_owners(dmp: DistributedModelParallel, tables: list[str]) -> dict[str, 
                 rows = sum(shard.shard_sizes[0] for shard in spec.shards)
                 owners[table] = row_blocks(dmp.plan, table, rows)
             elif sharding != ShardingType.TABLE_WISE.value or not ranks or len(ranks) != 1:
-                raise ValueError(f"table {table!r} must be sharded table_wise or row_wise to use lightning_sparse kernels")
+                raise ValueError(
+                    f"table {table!r} must be sharded table_wise or row_wise to use lightning_sparse kernels"
+                )
             else:
                 owners[table] = ranks[0]
     return owners

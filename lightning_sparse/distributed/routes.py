@@ -20,7 +20,14 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.types import ShardingPlan
 
-from lightning_sparse.config import ResolvedTable, ShardingType, SparseOptimizerConfig, TableConfig, TableInitKind, TableRoute
+from lightning_sparse.config import (
+    ResolvedTable,
+    ShardingType,
+    SparseOptimizerConfig,
+    TableConfig,
+    TableInitKind,
+    TableRoute,
+)
 from lightning_sparse.optim.fbgemm_kinds import fused_blocker
 from lightning_sparse.table_init import TableInit
 
@@ -122,17 +129,24 @@ def resolve_tables(
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(result.weights))
     if unknown:
-        raise ValueError(f"SparseStrategy(tables=...) names unknown table(s) {unknown}; the model's tables are {sorted(result.weights)}")
+        raise ValueError(
+            f"SparseStrategy(tables=...) names unknown table(s) {unknown}; the model's tables are {sorted(result.weights)}"
+        )
     allowed = available_sharding_types(device_type)
     for fqn, module in modules.items():
         weighted = isinstance(module, EmbeddingBagCollection) and module.is_weighted()
         for cfg in _table_configs(module):
             pooling = cfg.pooling.name.lower() if isinstance(module, EmbeddingBagCollection) else "none"
             override = overrides.get(cfg.name, TableConfig())
-            table = _resolve_table(cfg.name, override, device_type, allowed,
-                                   default_sharding, default_optimizer, pooling, weighted)
+            table = _resolve_table(
+                cfg.name, override, device_type, allowed, default_sharding, default_optimizer, pooling, weighted
+            )
             weight = result.weights[cfg.name][1]
-            table.param_path, table.rows, table.dim = _state_key(module, fqn, cfg.name), int(weight.shape[0]), int(weight.shape[1])
+            table.param_path, table.rows, table.dim = (
+                _state_key(module, fqn, cfg.name),
+                int(weight.shape[0]),
+                int(weight.shape[1]),
+            )
             table.init, table.initialiser = _initialisation(table, cfg, weight, override.pretrained)
             if table.dynamic is not None:
                 if table.dynamic.capacity is None:  # read from the table: one number, one place
@@ -181,10 +195,14 @@ def _resolve_table(
             )
         if sharding is ShardingType.AUTO:
             sharding = ShardingType.TABLE_WISE
-    return ResolvedTable(name=name, sharding=sharding, optimizer=optimizer, dynamic=override.dynamic, route=route, route_reason=reason)
+    return ResolvedTable(
+        name=name, sharding=sharding, optimizer=optimizer, dynamic=override.dynamic, route=route, route_reason=reason
+    )
 
 
-def _initialisation(table: ResolvedTable, cfg, weight: nn.Parameter, pretrained: Optional[str]) -> tuple[TableInitKind, object]:
+def _initialisation(
+    table: ResolvedTable, cfg, weight: nn.Parameter, pretrained: Optional[str]
+) -> tuple[TableInitKind, object]:
     """Where ``table``'s initial values come from (see :class:`TableInitKind`), decided once."""
     if pretrained is not None:
         if table.dynamic is not None:
@@ -204,7 +222,9 @@ def _initialisation(table: ResolvedTable, cfg, weight: nn.Parameter, pretrained:
 def check_pretrained(table_name: str, path: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
     """Checks a pretrained-rows file against its table (reads only the ``.npy`` header)."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"Table {table_name!r}: pretrained file {path!r} does not exist (TableConfig.pretrained)")
+        raise FileNotFoundError(
+            f"Table {table_name!r}: pretrained file {path!r} does not exist (TableConfig.pretrained)"
+        )
     try:
         array = np.load(path, mmap_mode="r")
     except ValueError as error:
@@ -216,20 +236,33 @@ def check_pretrained(table_name: str, path: str, shape: tuple[int, int], dtype: 
             f"{array.dtype}; the table needs shape {shape} (num_embeddings x embedding_dim) and dtype {expected_dtype}. "
             f"Save the rows as numpy.save(path, rows.astype(numpy.{expected_dtype}))."
         )
-def _resolve_cached(name: str, override: TableConfig, sharding: ShardingType, optimizer: SparseOptimizerConfig) -> ResolvedTable:
+
+
+def _resolve_cached(
+    name: str, override: TableConfig, sharding: ShardingType, optimizer: SparseOptimizerConfig
+) -> ResolvedTable:
     """A cached table runs on the native route: our kernels update scratchpad rows given slot ids, which
     fbgemm's fused backward (rows = ids) and a replicated data-parallel table cannot do."""
     blocker = ""
     if override.dynamic is not None:
         blocker = "it is also dynamic (its ids are remapped by a hash table; cache a static table)"
     elif sharding not in (ShardingType.AUTO, ShardingType.TABLE_WISE):
-        blocker = f"its sharding is {sharding.value!r}; a cached table must be whole on one rank: 'table_wise' or 'auto'"
+        blocker = (
+            f"its sharding is {sharding.value!r}; a cached table must be whole on one rank: 'table_wise' or 'auto'"
+        )
     if blocker:
-        raise ValueError(f"Table {name!r}: a cache option on a table kind that cannot take it: {blocker}. Remove "
-                         "TableConfig.cache from this table, or change what is named.")
-    return ResolvedTable(name=name, sharding=ShardingType.TABLE_WISE, optimizer=optimizer, route=TableRoute.NATIVE,
-                         route_reason="cached table: lightning_sparse kernels update its scratchpad slots",
-                         cache=override.cache)
+        raise ValueError(
+            f"Table {name!r}: a cache option on a table kind that cannot take it: {blocker}. Remove "
+            "TableConfig.cache from this table, or change what is named."
+        )
+    return ResolvedTable(
+        name=name,
+        sharding=ShardingType.TABLE_WISE,
+        optimizer=optimizer,
+        route=TableRoute.NATIVE,
+        route_reason="cached table: lightning_sparse kernels update its scratchpad slots",
+        cache=override.cache,
+    )
 
 
 def _state_key(module: EmbeddingModule, fqn: str, table_name: str) -> str:

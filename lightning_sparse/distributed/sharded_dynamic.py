@@ -113,7 +113,9 @@ class DynamicTables(nn.Module):
             self.partitions.to(device)
 
     # ------------------------------------------------------------- remapping
-    def remap_for_training(self, kjt: KeyedJaggedTensor, step: int) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
+    def remap_for_training(
+        self, kjt: KeyedJaggedTensor, step: int
+    ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
         """This rank's batch with dynamic ids replaced by rows; also the rows assigned to new ids (global, all ranks')."""
         slots_by_key, assigned = self._remap_replicated(kjt, step)
         for table in self.partitions:
@@ -140,7 +142,9 @@ class DynamicTables(nn.Module):
     def _keys_of(self, kjt: KeyedJaggedTensor, table: str) -> list[str]:
         return [key for key in kjt.keys() if self.feature_to_table.get(key) == table]
 
-    def _remap_replicated(self, kjt: KeyedJaggedTensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _remap_replicated(
+        self, kjt: KeyedJaggedTensor, step: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Replicated tables: every rank remaps the all-gathered batch and keeps its own samples' rows."""
         keys = [k for k in kjt.keys() if self.feature_to_table.get(k) in self.remappers]
         if not keys:
@@ -224,7 +228,9 @@ class DynamicTables(nn.Module):
         ``row_states(param path)``, the sparse optimizer's state tensors of that parameter."""
         missing = sorted(set(self.configs) - set(self.param_paths))
         if missing:
-            raise ValueError(f"DynamicTables has no parameter path for the dynamic table(s) {missing}: pass param_paths")
+            raise ValueError(
+                f"DynamicTables has no parameter path for the dynamic table(s) {missing}: pass param_paths"
+            )
         self._weights = {table: model_state[path] for table, path in self.param_paths.items()}
         self._row_states = {table: list(row_states(path)) for table, path in self.param_paths.items()}
 
@@ -243,7 +249,9 @@ class DynamicTables(nn.Module):
                 continue
             config = self.configs[table]
             if table not in self._weights:
-                raise RuntimeError(f"DynamicTables.recycle_rows: table {table!r} has no bound weight; call bind_rows first")
+                raise RuntimeError(
+                    f"DynamicTables.recycle_rows: table {table!r} has no bound weight; call bind_rows first"
+                )
             weight = self._weights[table]
             generator = torch.Generator().manual_seed((step + 1) * 1_000_003 + self._seed_of[table])
             fresh = torch.empty(rows.numel(), weight.size(1))

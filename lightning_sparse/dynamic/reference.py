@@ -286,6 +286,8 @@ def expire(t: TableTensors, step: int, now: float, ttl_steps: int, ttl_seconds: 
 def check_expire(t: TableTensors, ttl_steps: int, ttl_seconds: float) -> None:
     """A sweep needs the free list (kept only with expiry) and, for a TTL in seconds, the wall-clock stamps."""
     if (ttl_steps > 0 or ttl_seconds > 0) and t.free_list.numel() == 0:
-        raise RuntimeError("hash_expire: this table keeps no free list (its config has no expiry); set expiry.ttl_steps or ttl_seconds")
+        raise RuntimeError(
+            "hash_expire: this table keeps no free list (its config has no expiry); set expiry.ttl_steps or ttl_seconds"
+        )
     if ttl_seconds > 0 and t.slot_last_time.numel() == 0:
         raise RuntimeError("hash_expire: this table keeps no wall-clock stamps (its config has no expiry.ttl_seconds)")

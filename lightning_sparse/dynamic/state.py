@@ -36,7 +36,12 @@ class Counter(IntEnum):
     SKETCH_HALVINGS = 7  # times the admission sketch was halved
 
 
-POLICY_CODE = {EvictionPolicy.LFU: 0, EvictionPolicy.LRU: 1, EvictionPolicy.FEATURE_SCORE: 2, EvictionPolicy.DISTANCE_LFU: 3}
+POLICY_CODE = {
+    EvictionPolicy.LFU: 0,
+    EvictionPolicy.LRU: 1,
+    EvictionPolicy.FEATURE_SCORE: 2,
+    EvictionPolicy.DISTANCE_LFU: 3,
+}
 
 #: Largest per-slot occurrence count: counts are int32 and saturate here.
 MAX_COUNT = (1 << 31) - 1
@@ -65,7 +70,9 @@ class TableTensors(NamedTuple):
     """
 
     slot_ids: torch.Tensor  # int64[C]     raw id held by the slot
-    slot_count: torch.Tensor  # int32[C]     occurrences since admission (+ the estimate at admission), saturating at MAX_COUNT
+    slot_count: (
+        torch.Tensor
+    )  # int32[C]     occurrences since admission (+ the estimate at admission), saturating at MAX_COUNT
     slot_last_step: torch.Tensor  # int32[C]     step the id was last seen (steps are < 2**31)
     slot_last_time: torch.Tensor  # float64[C|0] wall time (s) the id was last seen
     slot_score: torch.Tensor  # float32[C|0] decayed score as of slot_last_step
@@ -191,7 +198,9 @@ def upgrade_state(state_dict: dict, prefix: str, current: TableTensors, config: 
     canonical = torch.arange(capacity - 1, -1, -1, dtype=torch.int32)
     for name, target in zip(TableTensors._fields, current):
         incoming = state_dict.get(key[name])
-        if not isinstance(incoming, torch.Tensor) or (incoming.dtype == target.dtype and incoming.shape == target.shape):
+        if not isinstance(incoming, torch.Tensor) or (
+            incoming.dtype == target.dtype and incoming.shape == target.shape
+        ):
             continue
         where = f"dynamic table state '{key[name]}'"
         if name == "sketch":

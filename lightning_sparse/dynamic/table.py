@@ -104,11 +104,15 @@ class DynamicIdRemapper(nn.Module):
                     self._buffers[name] = buffer.to(device)
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A checkpoint of the earlier layout (int64 counts and steps, float64 scores, every tensor kept
         # whatever the policy) is converted (state.upgrade_state), or refused naming the tensor and why.
         upgrade_state(state_dict, prefix, self.tensors(), self.config)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @property
     def device(self) -> torch.device:
@@ -260,7 +264,9 @@ class DynamicIdRemapper(nn.Module):
 
 
 @torch.no_grad()
-def initial_rows(out: torch.Tensor, config: DynamicTableConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def initial_rows(
+    out: torch.Tensor, config: DynamicTableConfig, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Fills ``out`` (rows of a float tensor) with the initial values of newly assigned rows, per ``config.init``."""
     init = config.init
     scale = init.resolved_scale(config.capacity)

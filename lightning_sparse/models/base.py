@@ -36,9 +36,7 @@ def embedding_bag_collection(
             f"{len(feature_names)} feature names for {len(num_embeddings_per_feature)} table sizes; they must match"
         )
     tables = [
-        EmbeddingBagConfig(
-            name=f"t_{name}", embedding_dim=embedding_dim, num_embeddings=num, feature_names=[name]
-        )
+        EmbeddingBagConfig(name=f"t_{name}", embedding_dim=embedding_dim, num_embeddings=num, feature_names=[name])
         for name, num in zip(feature_names, num_embeddings_per_feature)
     ]
     if torch.device(device).type == "meta":
@@ -81,7 +79,9 @@ def _tables_on_host_before_first_call(module: "ClickModule", args: Any) -> None:
     module._host_tables_hook.remove()
 
 
-def check_dlrm_layer_sizes(embedding_dim: int, dense_arch_layer_sizes: list[int], over_arch_layer_sizes: list[int]) -> None:
+def check_dlrm_layer_sizes(
+    embedding_dim: int, dense_arch_layer_sizes: list[int], over_arch_layer_sizes: list[int]
+) -> None:
     """DLRM-style nets (DLRM, DCN-v2): the bottom MLP ends at the embedding width, the top MLP at one logit."""
     if dense_arch_layer_sizes[-1] != embedding_dim:
         raise ValueError(

@@ -51,7 +51,9 @@ class DCNModule(ClickModule):
         super().__init__(learning_rate=learning_rate)
         check_dlrm_layer_sizes(embedding_dim, dense_arch_layer_sizes, over_arch_layer_sizes)
         if dcn_num_layers < 1 or dcn_low_rank_dim < 1:
-            raise ValueError(f"dcn_num_layers and dcn_low_rank_dim must be >= 1, got {dcn_num_layers}, {dcn_low_rank_dim}")
+            raise ValueError(
+                f"dcn_num_layers and dcn_low_rank_dim must be >= 1, got {dcn_num_layers}, {dcn_low_rank_dim}"
+            )
         self.save_hyperparameters()
         names = feature_names or default_feature_names(len(num_embeddings_per_feature))
         self.dcn = DLRM_DCN(

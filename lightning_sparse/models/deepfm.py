@@ -10,7 +10,12 @@ from torchrec.models.deepfm import DenseArch, FMInteractionArch, SparseArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.data.synthetic import feature_names as default_feature_names
-from lightning_sparse.models.base import ClickModule, LearnedDenseVector, check_num_dense_features, embedding_bag_collection
+from lightning_sparse.models.base import (
+    ClickModule,
+    LearnedDenseVector,
+    check_num_dense_features,
+    embedding_bag_collection,
+)
 
 
 class DeepFMModule(ClickModule):

@@ -98,7 +98,9 @@ class PrequentialState:
         histogram = torch.zeros(2, self.bins, dtype=torch.int64)
         sums = torch.zeros(3, dtype=torch.float64)
         for _, bins, positive, loss in self.recent:
-            histogram.index_put_((positive.long(), bins.long()), torch.ones_like(bins, dtype=torch.int64), accumulate=True)
+            histogram.index_put_(
+                (positive.long(), bins.long()), torch.ones_like(bins, dtype=torch.int64), accumulate=True
+            )
             sums += torch.tensor([loss, float(positive.sum()), float(positive.numel())], dtype=torch.float64)
         return histogram, sums
 
@@ -157,7 +159,11 @@ class PrequentialState:
                 (b, torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries]), sum(e[2] for e in entries))
                 for b, entries in sorted(by_batch.items())
             ]
-            mine = {"histogram": sum(r["histogram"] for r in ranks), "sums": sum(r["sums"] for r in ranks), "recent": merged}
+            mine = {
+                "histogram": sum(r["histogram"] for r in ranks),
+                "sums": sum(r["sums"] for r in ranks),
+                "recent": merged,
+            }
         else:
             return
         self.histogram, self.sums = mine["histogram"].clone(), mine["sums"].clone()

@@ -2,8 +2,8 @@
 for the rest (native and data-parallel routes), and memory accounting."""
 
 from lightning_sparse.optim.fbgemm_kinds import fused_blocker, fused_optimizer_for, supported_kinds
-from lightning_sparse.optim.memory import MemoryReport, TableMemory, memory_report
 from lightning_sparse.optim.kernels import init_state, init_state_for, sparse_update, sparse_update_for
+from lightning_sparse.optim.memory import MemoryReport, TableMemory, memory_report
 from lightning_sparse.optim.sparse_row_optimizer import SparseRowOptimizer, sparse_rows
 
 __all__ = [

@@ -71,7 +71,11 @@ def init_state(
         if first_moment:
             state["exp_avg"] = torch.zeros(tuple(weight.shape), **f32)
         return state
-    return {"exp_avg": torch.zeros(tuple(weight.shape), **f32), "exp_avg_sq": torch.zeros(tuple(weight.shape), **f32), "step": step}
+    return {
+        "exp_avg": torch.zeros(tuple(weight.shape), **f32),
+        "exp_avg_sq": torch.zeros(tuple(weight.shape), **f32),
+        "step": step,
+    }
 
 
 def kernel(kind: "SparseOptimizerKind | str", device: "torch.device | str" = "cpu") -> tuple[Callable[..., None], bool]:
@@ -109,11 +113,25 @@ def sparse_update(
     kind = SparseOptimizerKind.parse(kind, "kind")
     fn, _ = kernel(kind, weight.device)
     with torch.no_grad():
-        _call_update(kind, fn, weight, state, indices, grad.to(torch.float32), lr, eps, weight_decay, beta1, beta2, decay)
+        _call_update(
+            kind, fn, weight, state, indices, grad.to(torch.float32), lr, eps, weight_decay, beta1, beta2, decay
+        )
 
 
-def _call_update(kind: SparseOptimizerKind, fn: Callable[..., None], weight: Tensor, state: dict[str, Tensor], indices: Tensor,
-                 grad: Tensor, lr: float, eps: float, weight_decay: float, beta1: float, beta2: float, decay: float) -> None:
+def _call_update(
+    kind: SparseOptimizerKind,
+    fn: Callable[..., None],
+    weight: Tensor,
+    state: dict[str, Tensor],
+    indices: Tensor,
+    grad: Tensor,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    beta1: float,
+    beta2: float,
+    decay: float,
+) -> None:
     """Calls a ``sparse_opt_<kind>`` function (native op or twin) with the kind's state tensors."""
     if kind is SparseOptimizerKind.SGD:
         fn(weight, indices, grad, lr, weight_decay)
@@ -122,9 +140,33 @@ def _call_update(kind: SparseOptimizerKind, fn: Callable[..., None], weight: Ten
     elif kind is SparseOptimizerKind.DECAYED_ADAGRAD:
         fn(weight, state["sum"], indices, grad, lr, eps, weight_decay, decay)
     elif kind is SparseOptimizerKind.ROWWISE_ADAM:
-        fn(weight, state.get("exp_avg"), state["exp_avg_sq"], state["step"], indices, grad, lr, eps, weight_decay, beta1, beta2)
+        fn(
+            weight,
+            state.get("exp_avg"),
+            state["exp_avg_sq"],
+            state["step"],
+            indices,
+            grad,
+            lr,
+            eps,
+            weight_decay,
+            beta1,
+            beta2,
+        )
     else:
-        fn(weight, state["exp_avg"], state["exp_avg_sq"], state["step"], indices, grad, lr, eps, weight_decay, beta1, beta2)
+        fn(
+            weight,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["step"],
+            indices,
+            grad,
+            lr,
+            eps,
+            weight_decay,
+            beta1,
+            beta2,
+        )
 
 
 def init_state_for(
@@ -144,7 +186,9 @@ def init_state_for(
     )
 
 
-def sparse_update_for(config: SparseOptimizerConfig, weight: Tensor, state: dict[str, Tensor], indices: Tensor, grad: Tensor) -> None:
+def sparse_update_for(
+    config: SparseOptimizerConfig, weight: Tensor, state: dict[str, Tensor], indices: Tensor, grad: Tensor
+) -> None:
     """:func:`sparse_update` with the hyper-parameters of a typed config."""
     sparse_update(
         config.kind,

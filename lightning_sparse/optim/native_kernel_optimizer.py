@@ -39,7 +39,9 @@ HYPERPARAMETERS = ("lr", "eps", "weight_decay", "beta1", "beta2", "decay")
 RowUnion = Callable[[Tensor, int], Tensor]
 
 
-def attach_row_captures(module: nn.Module, tables: dict[str, ResolvedTable]) -> tuple[list[LookupGradients], list[LookupRows]]:
+def attach_row_captures(
+    module: nn.Module, tables: dict[str, ResolvedTable]
+) -> tuple[list[LookupGradients], list[LookupRows]]:
     """Hooks every lookup kernel holding native or data-parallel tables; refuses kernels that mix routes."""
     gradients, rows = [], []
     for kernel in find_lookup_kernels(module):
@@ -99,7 +101,10 @@ class NativeKernelOptimizer(KeyedOptimizer):
                 tensors = init_state_for(table.optimizer, template)
                 owner = owners[table.name]
                 if isinstance(owner, list):  # row-wise: each rank holds the state of its block of rows
-                    state[param] = {f"{table.name}.{key}": _row_sharded(key, value, owner, table.rows, device) for key, value in tensors.items()}
+                    state[param] = {
+                        f"{table.name}.{key}": _row_sharded(key, value, owner, table.rows, device)
+                        for key, value in tensors.items()
+                    }
                 else:
                     state[param] = {
                         f"{table.name}.{key}": _on_rank(value, owner, rank if local is not None else -1, device)
@@ -150,7 +155,9 @@ class NativeKernelOptimizer(KeyedOptimizer):
 def _on_rank(tensor: Tensor, owner: int, rank: int, device: torch.device) -> ShardedTensor:
     """``tensor`` as a ShardedTensor of one shard, the whole tensor, placed on ``owner`` (no collective)."""
     device = str(device) if tensor.device.type == "meta" else str(tensor.device)
-    metadata = ShardMetadata(shard_offsets=[0] * tensor.dim(), shard_sizes=list(tensor.shape), placement=f"rank:{owner}/{device}")
+    metadata = ShardMetadata(
+        shard_offsets=[0] * tensor.dim(), shard_sizes=list(tensor.shape), placement=f"rank:{owner}/{device}"
+    )
     global_metadata = ShardedTensorMetadata(
         shards_metadata=[metadata],
         size=tensor.shape,
@@ -160,7 +167,9 @@ def _on_rank(tensor: Tensor, owner: int, rank: int, device: torch.device) -> Sha
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, global_metadata)
 
 
-def _row_sharded(key: str, tensor: Tensor, blocks: list[Any], rows: int, device: torch.device) -> Union[Tensor, ShardedTensor]:
+def _row_sharded(
+    key: str, tensor: Tensor, blocks: list[Any], rows: int, device: torch.device
+) -> Union[Tensor, ShardedTensor]:
     """This rank's state of a row-wise table as a ShardedTensor with one shard per row block (the weight's
     layout, so checkpoints reshard like fbgemm's). A state without rows (the global ``step`` of Adam kinds,
     one per table and the same on every rank, as every rank updates its block in every step) stays a plain

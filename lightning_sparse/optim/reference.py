@@ -21,7 +21,9 @@ from torch import Tensor
 
 def _check(weight: Tensor, indices: Tensor, grad: Tensor) -> None:
     if indices.device != weight.device or grad.device != weight.device:
-        raise ValueError(f"weight, indices and grad must be on one device, got {weight.device}, {indices.device}, {grad.device}")
+        raise ValueError(
+            f"weight, indices and grad must be on one device, got {weight.device}, {indices.device}, {grad.device}"
+        )
     if weight.dim() != 2 or weight.dtype != torch.float32:
         raise ValueError(f"weight must be a 2-D float32 tensor, got {tuple(weight.shape)} {weight.dtype}")
     if indices.dim() != 1:

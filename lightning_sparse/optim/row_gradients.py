@@ -75,7 +75,9 @@ def tables_in_lookup(kernel: Any) -> tuple[list[TableInLookup], int, int]:
         n = table.num_features()
         dim = table.local_cols
         tables.append(
-            TableInLookup(table.name, tuple(range(feature, feature + n)), tuple(column + i * dim for i in range(n)), dim)
+            TableInLookup(
+                table.name, tuple(range(feature, feature + n)), tuple(column + i * dim for i in range(n)), dim
+            )
         )
         feature += n
         column += n * dim
@@ -160,8 +162,17 @@ class LookupGradients:
         """``embedding_row_grads``' arguments (from ``grad_output`` to ``pooling_mode``) for ``table`` in ``lookup``."""
         features, columns = self._index[table]
         dim = next(t.dim for t in self.tables if t.name == table)
-        return (lookup.grad_output, lookup.indices, lookup.offsets, lookup.per_sample_weights, features, columns, dim,
-                self.num_features, self.pooling)
+        return (
+            lookup.grad_output,
+            lookup.indices,
+            lookup.offsets,
+            lookup.per_sample_weights,
+            features,
+            columns,
+            dim,
+            self.num_features,
+            self.pooling,
+        )
 
     def row_grads(self, table: str, lookup: Lookup) -> tuple[Tensor, Tensor]:
         """Sorted unique rows of ``table`` that ``lookup`` read and their float64 gradients."""
@@ -211,4 +222,3 @@ def merge_row_grads(taken: list[tuple[Tensor, Tensor]]) -> Optional[tuple[Tensor
     summed = torch.zeros(unique.numel(), grads.shape[1], dtype=torch.float64, device=grads.device)
     summed.index_add_(0, inverse, grads)
     return unique, summed.float()
-

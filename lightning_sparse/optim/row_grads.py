@@ -56,7 +56,9 @@ def _check(
         if t.dim() != 1:
             _fail(f"indices and offsets must be 1-D, got {name} of shape {tuple(t.shape)}")
         if t.device != grad_output.device:
-            _fail(f"grad_output, indices and offsets must be on one device, got {grad_output.device} and {name} on {t.device}")
+            _fail(
+                f"grad_output, indices and offsets must be on one device, got {grad_output.device} and {name} on {t.device}"
+            )
     if pooling_mode not in (POOLING_SUM, POOLING_MEAN, POOLING_NONE):
         _fail(f"pooling_mode must be 0 (SUM), 1 (MEAN) or 2 (NONE), got {pooling_mode}")
     if num_features < 1:
@@ -81,13 +83,19 @@ def _check(
     if features.dtype != torch.int64 or column_offsets.dtype != torch.int64:
         _fail(f"features and column_offsets must be int64, got {features.dtype} and {column_offsets.dtype}")
     if features.dim() != 1 or column_offsets.shape != features.shape:
-        _fail(f"features and column_offsets must be 1-D of one length, got shapes {tuple(features.shape)} and {tuple(column_offsets.shape)}")
+        _fail(
+            f"features and column_offsets must be 1-D of one length, got shapes {tuple(features.shape)} and {tuple(column_offsets.shape)}"
+        )
     batch = (offsets.numel() - 1) // num_features
     if pooling_mode == POOLING_NONE:
         if grad_output.shape[0] != n or grad_output.shape[1] < dim:
-            _fail(f"grad_output of a sequence (NONE) lookup must have shape [{n}, >= {dim}] (one row per index), got {tuple(grad_output.shape)}")
+            _fail(
+                f"grad_output of a sequence (NONE) lookup must have shape [{n}, >= {dim}] (one row per index), got {tuple(grad_output.shape)}"
+            )
     elif grad_output.shape[0] != batch:
-        _fail(f"grad_output must have one row per sample (batch {batch} = (offsets.numel() - 1) / num_features), got shape {tuple(grad_output.shape)}")
+        _fail(
+            f"grad_output must have one row per sample (batch {batch} = (offsets.numel() - 1) / num_features), got shape {tuple(grad_output.shape)}"
+        )
     listed = sorted(zip(features.tolist(), column_offsets.tolist()))
     for k, (f, c) in enumerate(listed):
         if not 0 <= f < num_features:
@@ -111,7 +119,9 @@ def embedding_row_grads_reference(
     pooling_mode: int,
 ) -> tuple[Tensor, Tensor]:
     """PyTorch twin of the native op: ``(rows int64 [U] ascending, grads float64 [U, dim])`` on the input's device."""
-    listed = _check(grad_output, indices, offsets, per_sample_weights, features, column_offsets, dim, num_features, pooling_mode)
+    listed = _check(
+        grad_output, indices, offsets, per_sample_weights, features, column_offsets, dim, num_features, pooling_mode
+    )
     device, n = grad_output.device, indices.numel()
     off = offsets.long()
     bags = off.numel() - 1
@@ -120,7 +130,9 @@ def embedding_row_grads_reference(
     lengths = off[1:] - off[:-1]
     if bags and bool((lengths < 0).any()):
         i = int(torch.nonzero(lengths < 0)[0])
-        _fail(f"offsets must be non-decreasing, but offsets[{i}] = {int(off[i])} > offsets[{i + 1}] = {int(off[i + 1])}")
+        _fail(
+            f"offsets must be non-decreasing, but offsets[{i}] = {int(off[i])} > offsets[{i + 1}] = {int(off[i + 1])}"
+        )
     batch = bags // num_features
     positions, sources, columns, scales = [], [], [], []
     for f, col in listed:  # ascending features: ascending positions
@@ -128,7 +140,11 @@ def embedding_row_grads_reference(
         start, end = int(off[f * batch]), int(off[(f + 1) * batch])
         pos = torch.arange(start, end, device=device)
         bag = torch.repeat_interleave(torch.arange(batch, device=device), feature_lengths, output_size=end - start)
-        scale = per_sample_weights[pos].double() if per_sample_weights is not None else torch.ones(end - start, dtype=torch.float64, device=device)
+        scale = (
+            per_sample_weights[pos].double()
+            if per_sample_weights is not None
+            else torch.ones(end - start, dtype=torch.float64, device=device)
+        )
         if pooling_mode == POOLING_MEAN:
             scale = scale / feature_lengths[bag].double()
         positions.append(pos)
@@ -142,7 +158,11 @@ def embedding_row_grads_reference(
         i = int(pos[torch.nonzero(rows < 0)[0]])
         _fail(f"negative row id {int(indices[i])} at indices[{i}]")
     # one gradient row per occurrence: the twin may materialise what the kernel avoids
-    g = torch.cat([grad_output[src, c : c + dim] for src, c in zip(sources, columns)]) if sources else grad_output.new_empty(0, dim)
+    g = (
+        torch.cat([grad_output[src, c : c + dim] for src, c in zip(sources, columns)])
+        if sources
+        else grad_output.new_empty(0, dim)
+    )
     scale = torch.cat(scales) if scales else torch.empty(0, dtype=torch.float64, device=device)
     unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
     grads = torch.zeros(unique.numel(), dim, dtype=torch.float64, device=device)
@@ -171,5 +191,7 @@ def embedding_row_grads(
     """
     op = ops.native_op_for(_OP, grad_output.device)
     fn = op if op is not None else embedding_row_grads_reference
-    rows, grads = fn(grad_output, indices, offsets, per_sample_weights, features, column_offsets, dim, num_features, pooling_mode)
+    rows, grads = fn(
+        grad_output, indices, offsets, per_sample_weights, features, column_offsets, dim, num_features, pooling_mode
+    )
     return rows, grads

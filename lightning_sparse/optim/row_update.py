@@ -54,7 +54,11 @@ def embedding_row_update_reference(
     rows, grads = embedding_row_grads_reference(
         grad_output, indices, offsets, per_sample_weights, features, column_offsets, dim, num_features, pooling_mode
     )
-    state = {k: v for k, v in (("sum", sum), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("step", step)) if v is not None}
+    state = {
+        k: v
+        for k, v in (("sum", sum), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("step", step))
+        if v is not None
+    }
     fn = getattr(reference, f"sparse_opt_{parsed.value}")
     with torch.no_grad():
         _call_update(parsed, fn, weight, state, rows, grads.float(), lr, eps, weight_decay, beta1, beta2, decay)
@@ -83,13 +87,38 @@ def embedding_row_update_for(
     with torch.no_grad():
         if op is None:
             rows, grads = embedding_row_grads(
-                grad_output, indices, offsets, per_sample_weights, features, column_offsets, dim, num_features, pooling_mode
+                grad_output,
+                indices,
+                offsets,
+                per_sample_weights,
+                features,
+                column_offsets,
+                dim,
+                num_features,
+                pooling_mode,
             )
             sparse_update_for(config, weight, state, rows, grads.float())
             return
         op(
-            grad_output, indices, offsets, per_sample_weights, features, column_offsets, dim, num_features, pooling_mode,
-            SparseOptimizerKind.parse(config.kind, "kind").value, weight, state.get("sum"), state.get("exp_avg"),
-            state.get("exp_avg_sq"), state.get("step"), config.lr, config.eps, config.weight_decay, config.beta1,
-            config.beta2, config.decay,
+            grad_output,
+            indices,
+            offsets,
+            per_sample_weights,
+            features,
+            column_offsets,
+            dim,
+            num_features,
+            pooling_mode,
+            SparseOptimizerKind.parse(config.kind, "kind").value,
+            weight,
+            state.get("sum"),
+            state.get("exp_avg"),
+            state.get("exp_avg_sq"),
+            state.get("step"),
+            config.lr,
+            config.eps,
+            config.weight_decay,
+            config.beta1,
+            config.beta2,
+            config.decay,
         )

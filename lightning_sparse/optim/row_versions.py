@@ -49,7 +49,9 @@ class _KernelVersions:
 
     def _count(self, indices: Tensor, offsets: Tensor) -> None:
         batch = (offsets.numel() - 1) // self.num_features
-        ends = offsets[[t.features[0] * batch for t in self.tables] + [(self.tables[-1].features[-1] + 1) * batch]].tolist()
+        ends = offsets[
+            [t.features[0] * batch for t in self.tables] + [(self.tables[-1].features[-1] + 1) * batch]
+        ].tolist()
         read = []
         for i in range(len(self.tables)):
             rows = indices[ends[i] : ends[i + 1]].to(torch.int64)

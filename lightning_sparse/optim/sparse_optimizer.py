@@ -69,7 +69,9 @@ class SparseOptimizer:
         ours = [t for t in tables.values() if t.route is not TableRoute.FUSED]
         if ours:
             gradients, rows = attach_row_captures(model, dict(tables))
-            kernels = NativeKernelOptimizer(ours, dict(parameters), gradients, rows, dict(owners), rank, row_union, device)
+            kernels = NativeKernelOptimizer(
+                ours, dict(parameters), gradients, rows, dict(owners), rank, row_union, device
+            )
             optimizers.append((NATIVE_KERNELS, kernels))
         self.combined = CombinedOptimizer(optimizers)
 
@@ -148,7 +150,10 @@ class SparseOptimizer:
     # ------------------------------------------------------------------ Stateful
     def state_dict(self) -> dict[str, Any]:
         """``optimizer`` (tensors, per rank) and ``hyperparameters`` (every table's, from all ranks: a collective)."""
-        return {"optimizer": self.combined.state_dict(), "hyperparameters": tuple(sorted(self.hyperparameters().items()))}
+        return {
+            "optimizer": self.combined.state_dict(),
+            "hyperparameters": tuple(sorted(self.hyperparameters().items())),
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Loads the optimizer state (tensors copied in place), then the saved hyper-parameters, if any."""

@@ -41,7 +41,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         initial_accumulator_value: Optional[float] = None,
         **overrides: Any,
     ) -> None:
-        config = dataclasses.replace(config or SparseOptimizerConfig(), **_check_fields(overrides, "SparseRowOptimizer"))
+        config = dataclasses.replace(
+            config or SparseOptimizerConfig(), **_check_fields(overrides, "SparseRowOptimizer")
+        )
         defaults = {name: getattr(config, name) for name in _CONFIG_FIELDS}
         defaults["kind"] = config.kind.value
         defaults["per_row_step"] = per_row_step
@@ -54,14 +56,19 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         return SparseOptimizerConfig(**{name: group[name] for name in _CONFIG_FIELDS})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_fields({k: v for k, v in param_group.items() if k not in ("params", "per_row_step", "initial_accumulator_value")}, "param group")
+        _check_fields(
+            {k: v for k, v in param_group.items() if k not in ("params", "per_row_step", "initial_accumulator_value")},
+            "param group",
+        )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         config = self.group_config(group)  # raises a clear error on a bad kind or value
         group["kind"] = config.kind.value
         for p in group["params"]:
             if p.dim() != 2:
-                raise ValueError(f"SparseRowOptimizer updates 2-D embedding weights, got a parameter of shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"SparseRowOptimizer updates 2-D embedding weights, got a parameter of shape {tuple(p.shape)}"
+                )
             if p.dtype != torch.float32:
                 raise ValueError(f"SparseRowOptimizer needs float32 embedding weights, got {p.dtype}")
             self.state[p] = init_state(
@@ -97,7 +104,9 @@ def sparse_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
             "or nn.Embedding(..., sparse=True) (or F.embedding_bag(..., sparse=True))."
         )
     if grad.sparse_dim() != 1 or grad.dense_dim() != 1:
-        raise ValueError(f"expected a row-sparse gradient (sparse_dim=1, dense_dim=1), got {grad.sparse_dim()}/{grad.dense_dim()}")
+        raise ValueError(
+            f"expected a row-sparse gradient (sparse_dim=1, dense_dim=1), got {grad.sparse_dim()}/{grad.dense_dim()}"
+        )
     return grad._indices()[0], grad._values()
 
 

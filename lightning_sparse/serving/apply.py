@@ -43,7 +43,9 @@ def load_version(root: Path, version: int) -> VersionUpdate:
             continue
         for table, records in read_row_file(directory / name, version).items():
             if table not in tables:
-                raise CorruptExportError(f"{str(directory / name)!r} has rows of table {table!r}, which its manifest does not list")
+                raise CorruptExportError(
+                    f"{str(directory / name)!r} has rows of table {table!r}, which its manifest does not list"
+                )
             deletes[table].append(records.tombstones)
             for col, (ids, rows) in records.pieces.items():
                 if rows.size and col + rows.shape[1] > tables[table].dim:
@@ -63,7 +65,10 @@ def load_version(root: Path, version: int) -> VersionUpdate:
 def _join(by_col: dict[int, list[tuple[np.ndarray, np.ndarray]]], deletes: list[np.ndarray], dim: int) -> TableUpdate:
     """Whole rows where the pieces of all columns are present; the rest as patches of stored rows."""
     update = TableUpdate(deletes=np.concatenate(deletes) if deletes else np.zeros(0, np.int64))
-    cols = {col: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])) for col, parts in by_col.items()}
+    cols = {
+        col: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        for col, parts in by_col.items()
+    }
     if not cols:
         update.rows = np.zeros((0, dim), np.float32)
         return update
@@ -114,7 +119,10 @@ def _newest_full(root: Path, latest: int, above: int, store: ServingStore) -> in
 
 
 def apply_pending(
-    store: ServingStore, root: Path, on_applied: Optional[Callable[[VersionUpdate], None]] = None, until: Optional[int] = None
+    store: ServingStore,
+    root: Path,
+    on_applied: Optional[Callable[[VersionUpdate], None]] = None,
+    until: Optional[int] = None,
 ) -> list[int]:
     """Applies every pending version (up to ``until``) in order; returns them. Stops at the first error."""
     applied = []

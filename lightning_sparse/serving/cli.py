@@ -30,7 +30,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     def report(update: VersionUpdate) -> None:
-        line = {"version": update.version, "step": update.step, "full": update.full, "exported_at": update.time, "applied_at": time.time()}
+        line = {
+            "version": update.version,
+            "step": update.step,
+            "full": update.full,
+            "exported_at": update.time,
+            "applied_at": time.time(),
+        }
         print(json.dumps(line), flush=True)
 
     try:

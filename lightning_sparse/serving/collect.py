@@ -64,7 +64,8 @@ def local_pieces(strategy: Any) -> list[Piece]:
 
 def table_schemas(strategy: Any) -> dict[str, TableSchema]:
     return {
-        name: TableSchema(int(t.dim), t.dynamic is not None) for name, t in sorted(strategy.embedding_tables.tables.items())
+        name: TableSchema(int(t.dim), t.dynamic is not None)
+        for name, t in sorted(strategy.embedding_tables.tables.items())
     }
 
 
@@ -153,7 +154,12 @@ class ShardDiff:
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's bits as integers (so -0.0 != 0.0 and NaN == NaN: a change is a change of bits)."""
-    itype = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+    itype = {
+        torch.float32: torch.int32,
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+        torch.float64: torch.int64,
+    }
     return tensor.view(itype[tensor.dtype]) if tensor.dtype in itype else tensor
 
 
@@ -166,7 +172,9 @@ def dense_state(strategy: Any) -> dict[str, torch.Tensor]:
         if key in tables:
             continue
         if isinstance(value, ShardedTensor):
-            raise ValueError(f"DeltaExport: {key!r} is sharded but not an embedding table; it cannot be exported as dense state")
+            raise ValueError(
+                f"DeltaExport: {key!r} is sharded but not an embedding table; it cannot be exported as dense state"
+            )
         out[key] = value.detach().cpu().clone()
     return out
 

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_sparse.serving import collect
 from lightning_sparse.durable import fsync_dir
+from lightning_sparse.serving import collect
 from lightning_sparse.serving.format import (
     CURRENT_FILE,
     DENSE_FILE,
@@ -108,7 +108,11 @@ class DeltaExport(Callback):
                 f"DeltaExport needs SparseStrategy (strategy: sparse), got {type(strategy).__name__}: it exports the "
                 "strategy's sharded embedding tables"
             )
-        with_fallback = {n: t.dynamic.fallback_rows for n, t in strategy.embedding_tables.tables.items() if t.dynamic and t.dynamic.fallback_rows}
+        with_fallback = {
+            n: t.dynamic.fallback_rows
+            for n, t in strategy.embedding_tables.tables.items()
+            if t.dynamic and t.dynamic.fallback_rows
+        }
         if with_fallback:
             raise ExportError(
                 f"DeltaExport: dynamic tables with fallback rows cannot be exported yet ({with_fallback}): an id without a "
@@ -128,11 +132,15 @@ class DeltaExport(Callback):
         self.version, self.export_id = shared[0]
         self._last_time = time.time()
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         due = self.every_n_steps is not None and step % self.every_n_steps == 0
         if self.every_seconds is not None:
-            flag = torch.tensor([int(due or time.time() - self._last_time >= self.every_seconds)], device=_collective_device())
+            flag = torch.tensor(
+                [int(due or time.time() - self._last_time >= self.every_seconds)], device=_collective_device()
+            )
             if _world() > 1:
                 dist.broadcast(flag, src=0)  # rank 0's clock decides for everyone
             due = bool(flag.item())

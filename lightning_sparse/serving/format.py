@@ -185,7 +185,9 @@ def read_manifest(root: Path, version: int) -> dict[str, Any]:
         )
     manifest = read_sealed(directory / MANIFEST_FILE, f"manifest of version {version}")
     if manifest.get("version") != version:
-        raise CorruptExportError(f"{str(directory)!r} holds a manifest of version {manifest.get('version')}, not {version}")
+        raise CorruptExportError(
+            f"{str(directory)!r} holds a manifest of version {manifest.get('version')}, not {version}"
+        )
     return manifest
 
 
@@ -238,7 +240,9 @@ def _rows(batch: RowBatch) -> np.ndarray:
     return batch.rows
 
 
-def write_row_file(path: Path, version: int, step: int, batches: list[RowBatch], tombstones: list[RowBatch], quantize: bool) -> int:
+def write_row_file(
+    path: Path, version: int, step: int, batches: list[RowBatch], tombstones: list[RowBatch], quantize: bool
+) -> int:
     """Writes one rank's rows and tombstones as Parquet (fsynced); returns the number of records.
 
     Columns are built once from concatenated numpy arrays (no per-record Python work), written without

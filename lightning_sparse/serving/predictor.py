@@ -63,9 +63,14 @@ class Predictor:
             )
         meta = self.store.meta()
         stored = meta.tables if meta is not None else {}
-        schema = {name: TableSchema(int(bag.weight.shape[1]), stored.get(name, TableSchema(0, False)).dynamic) for name, bag in bags.items()}
+        schema = {
+            name: TableSchema(int(bag.weight.shape[1]), stored.get(name, TableSchema(0, False)).dynamic)
+            for name, bag in bags.items()
+        }
         if meta is None or schema != meta.tables:
-            raise SchemaMismatchError(f"{self.store.name} vs {dense['class_path']}: {schema_difference(stored, schema, version)}")
+            raise SchemaMismatchError(
+                f"{self.store.name} vs {dense['class_path']}: {schema_difference(stored, schema, version)}"
+            )
         module.eval()
         self.module, self._bags, self.version = module, bags, version
         self._features = _features_of(module)
@@ -97,7 +102,9 @@ class Predictor:
         out: dict[str, list[np.ndarray]] = {}
         for key in kjt.keys():
             if key not in self._features:
-                raise SchemaMismatchError(f"feature {key!r} of the batch is read by no table of the served model ({sorted(self._features)})")
+                raise SchemaMismatchError(
+                    f"feature {key!r} of the batch is read by no table of the served model ({sorted(self._features)})"
+                )
             out.setdefault(self._features[key], []).append(kjt[key].values().numpy())
         return {table: np.concatenate(parts).astype(np.int64) for table, parts in out.items()}
 
@@ -127,7 +134,9 @@ def _build(class_path: str, hparams: dict[str, Any]) -> LightningModule:
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as error:
-        raise SchemaMismatchError(f"the served model's class {class_path!r} cannot be imported here: {error}") from error
+        raise SchemaMismatchError(
+            f"the served model's class {class_path!r} cannot be imported here: {error}"
+        ) from error
     # LightningCLI adds its own entries (``_class_path``, ``_instantiator``), as load_from_checkpoint knows
     arguments = {key: value for key, value in hparams.items() if not key.startswith("_")}
     try:

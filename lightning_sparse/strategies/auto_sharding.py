@@ -35,7 +35,12 @@ from torch.utils.data import DataLoader
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
-from lightning_sparse.distributed.auto_sharding import AutoShardingDecision, asked_auto, check_resumed_choice, choose_sharding
+from lightning_sparse.distributed.auto_sharding import (
+    AutoShardingDecision,
+    asked_auto,
+    check_resumed_choice,
+    choose_sharding,
+)
 from lightning_sparse.distributed.checkpoint import read_trainer_state
 from lightning_sparse.distributed.comm_hint import BatchStats
 from lightning_sparse.distributed.planning import planner_constraints, planning_topology, sharders
@@ -67,7 +72,9 @@ def measured_auto_sharding(
     stats = BatchStats()
     read = read_training_batches(trainer, batches, names)
     for batch in read:
-        apply_to_collection(batch, KeyedJaggedTensor, lambda kjt: stats.add(kjt, dict(tables.features), rows, rank, world))
+        apply_to_collection(
+            batch, KeyedJaggedTensor, lambda kjt: stats.add(kjt, dict(tables.features), rows, rank, world)
+        )
         stats.steps += 1
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, stats, group=process_group)

@@ -99,7 +99,9 @@ class PipelineRemaps:
         for table, rows in assigned.items():
             capacity = self.dynamic.configs[table].capacity
             tensors = [self.dynamic._weights[table]] + [
-                state for state in self.dynamic._row_states.get(table, []) if state.dim() > 0 and state.size(0) == capacity
+                state
+                for state in self.dynamic._row_states.get(table, [])
+                if state.dim() > 0 and state.size(0) == capacity
             ]
             for tensor in tensors:
                 for piece, (row0, _) in _local_pieces(tensor):

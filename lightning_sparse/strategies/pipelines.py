@@ -52,9 +52,9 @@ import torch
 import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSemiSync, TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.pipeline_context import CPUEmbeddingTrainPipelineContext, TrainPipelineContext
 from torchrec.distributed.train_pipeline.runtime_forwards import CPUEmbeddingPipelinedForward, PipelinedForward
+from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineSemiSync, TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.utils import _rewrite_model
 from torchrec.distributed.types import ShardedModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -74,7 +74,9 @@ def embedding_process_group(config: PipelineConfig) -> Optional[dist.ProcessGrou
     return None
 
 
-def check_pipeline_setup(config: PipelineConfig, tables: dict[str, ResolvedTable], unsupported: dict[str, bool]) -> None:
+def check_pipeline_setup(
+    config: PipelineConfig, tables: dict[str, ResolvedTable], unsupported: dict[str, bool]
+) -> None:
     """Refuses combinations a pipeline cannot train correctly, naming the table or option and the fix."""
     kind = config.kind.value
     cached = sorted(t.name for t in tables.values() if t.cache is not None)

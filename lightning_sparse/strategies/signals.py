@@ -137,15 +137,18 @@ class SignalConnector(_SignalConnector):
         self.request.active = False
         pending, self.request.signum = self.request.signum, 0
         if pending and not self.request.stopping:
-            log.warning("%s arrived after the last step boundary: passing it to the process's previous handler",
-                        signal.Signals(pending).name)
+            log.warning(
+                "%s arrived after the last step boundary: passing it to the process's previous handler",
+                signal.Signals(pending).name,
+            )
             signal.raise_signal(pending)
 
 
 def skip_lightning_sigterm_broadcast(trainer: Trainer) -> None:
     """Lightning's training loop broadcasts rank 0's ``received_sigterm`` before every batch; under
     :class:`SignalConnector` it is always False (see the module docstring), so the broadcast only costs a wait."""
-    setattr(trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor", lambda: None)  # an instance attribute
+    # An instance attribute that shadows the loop's method (for this trainer only).
+    vars(trainer.fit_loop.epoch_loop)["_broadcast_sigterm_tensor"] = lambda: None
 
 
 class StopAtStepBoundary(Callback):
@@ -177,8 +180,12 @@ class StopAtStepBoundary(Callback):
             return
         self.request.stopping = True
         name = signal.Signals(signum).name
-        log.warning("rank %d: %s received by a rank: every rank stops at step %d",
-                    trainer.global_rank, name, trainer.global_step)
+        log.warning(
+            "rank %d: %s received by a rank: every rank stops at step %d",
+            trainer.global_rank,
+            name,
+            trainer.global_step,
+        )
         if self.on_signal is OnSignal.CHECKPOINT_AND_STOP and trainer.state.fn == TrainerFn.FITTING:
             path = self.signal_checkpoint_path(trainer)
             trainer.save_checkpoint(path)

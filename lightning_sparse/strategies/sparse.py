@@ -23,9 +23,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.optim import Optimizer
-from lightning_utilities.core.apply_func import apply_to_collection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -34,8 +34,8 @@ from lightning_sparse.cache.prefetch import LookaheadLoader
 from lightning_sparse.cache.tables import CachedTables
 from lightning_sparse.callbacks import CommunicationMonitor
 from lightning_sparse.config import PipelineConfig, ShardingType, SparseOptimizerConfig, TableConfig
-from lightning_sparse.distributed.auto_sharding import AutoShardingDecision
 from lightning_sparse.distributed import checkpoint as sharded_checkpoint
+from lightning_sparse.distributed.auto_sharding import AutoShardingDecision
 from lightning_sparse.distributed.collectives import Collectives, collective_device
 from lightning_sparse.distributed.comm import CommunicationCounter, CommunicationReport, communication_counter
 from lightning_sparse.distributed.planning import shard_tables
@@ -43,7 +43,11 @@ from lightning_sparse.distributed.routes import EmbeddingTables, embedding_param
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
 from lightning_sparse.strategies import pipelines
-from lightning_sparse.strategies.auto_sharding import check_resumed_auto_sharding, checked_batches, measured_auto_sharding
+from lightning_sparse.strategies.auto_sharding import (
+    check_resumed_auto_sharding,
+    checked_batches,
+    measured_auto_sharding,
+)
 from lightning_sparse.strategies.launcher import SparseScriptLauncher
 from lightning_sparse.strategies.signals import (
     OnSignal,
@@ -301,7 +305,9 @@ class SparseStrategy(DDPStrategy):
         cache = self.cached_tables
         if cache is None:
             return dataloader
-        return LookaheadLoader(dataloader, max(c.lookahead for c in cache.configs.values()), cache.new_pass, cache.on_batch_read)
+        return LookaheadLoader(
+            dataloader, max(c.lookahead for c in cache.configs.values()), cache.new_pass, cache.on_batch_read
+        )
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
@@ -349,7 +355,9 @@ class SparseStrategy(DDPStrategy):
 
     def _remap_for_evaluation(self, args: tuple) -> tuple:
         if self.dynamic_tables is not None and args:
-            args = (apply_to_collection(args[0], KeyedJaggedTensor, self.dynamic_tables.remap_for_evaluation),) + args[1:]
+            args = (apply_to_collection(args[0], KeyedJaggedTensor, self.dynamic_tables.remap_for_evaluation),) + args[
+                1:
+            ]
         if self.cached_tables is not None and args:
             args = (self.cached_tables.before_evaluation_step(args[0]),) + args[1:]
         return args
@@ -413,7 +421,11 @@ class SparseStrategy(DDPStrategy):
         dynamic_state = sharded.dynamic.state_dict() if sharded.dynamic is not None else {}
         cache_state = sharded.cache.state_dict() if sharded.cache is not None else None
         trainer_state = sharded_checkpoint.load_sharded(
-            checkpoint_path, model_state, sparse_state, dynamic_state, collectives=self.collectives,
+            checkpoint_path,
+            model_state,
+            sparse_state,
+            dynamic_state,
+            collectives=self.collectives,
             cached_tables_state=cache_state,
         )
         if sharded.dynamic is not None:

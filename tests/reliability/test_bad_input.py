@@ -31,7 +31,9 @@ def make_batch(seed: int = 0, ids: dict[int, int] | None = None) -> Batch:
         values[sample] = value
     return Batch(
         dense_features=torch.randn(B, 13, generator=g),
-        sparse_features=KeyedJaggedTensor(keys=KEYS, values=values, lengths=torch.ones(len(KEYS) * B, dtype=torch.int32)),
+        sparse_features=KeyedJaggedTensor(
+            keys=KEYS, values=values, lengths=torch.ones(len(KEYS) * B, dtype=torch.int32)
+        ),
         labels=torch.randint(0, 2, (B,), generator=g).float(),
     )
 
@@ -52,13 +54,23 @@ class FixedBatches(pl.LightningDataModule):
 
 def fit(batches: list[Batch], validate: bool = False, learning_rate: float = 1e-3, **strategy) -> pl.Trainer:
     model = DLRMModule(
-        num_embeddings_per_feature=SIZES, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1],
+        num_embeddings_per_feature=SIZES,
+        embedding_dim=4,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[8, 1],
         learning_rate=learning_rate,
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, strategy=SparseStrategy(sharding="table_wise", **strategy),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        strategy=SparseStrategy(sharding="table_wise", **strategy),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=None if validate else 0,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, FixedBatches(batches))
     return trainer
@@ -77,7 +89,10 @@ def all_finite(trainer: pl.Trainer) -> bool:
 def test_out_of_range_id_of_a_static_table_is_an_error_naming_table_feature_and_value(bad, single_process_env):
     batch = make_batch(ids={5: bad})
     before = batch.sparse_features.values().clone()
-    with pytest.raises(ValueError, match=rf"(?s)feature 'cat_0' of table 't_cat_0' \(100 rows\): 1 id\(s\) outside \[0, 100\), e.g. {bad}\b.*bad_ids='drop'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"(?s)feature 'cat_0' of table 't_cat_0' \(100 rows\): 1 id\(s\) outside \[0, 100\), e.g. {bad}\b.*bad_ids='drop'",
+    ):
         fit([make_batch(1), batch])
     assert torch.equal(batch.sparse_features.values(), before)  # the caller's batch is never edited
 
@@ -103,7 +118,9 @@ def test_drop_policy_keeps_the_other_ids_of_the_bag():
     from lightning_sparse.validation import InputChecks, StaticTable
 
     checks = InputChecks({"a": StaticTable("t_a", 10), "b": StaticTable("t_b", 5)}, bad_ids="drop")
-    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.tensor([1, 10, 2, 4, 5, -1, 99]), lengths=torch.tensor([3, 0, 2, 1, 1, 0]))
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b", "c"], values=torch.tensor([1, 10, 2, 4, 5, -1, 99]), lengths=torch.tensor([3, 0, 2, 1, 1, 0])
+    )
     out = checks.check_kjt(kjt)
     assert out.values().tolist() == [1, 2, 4, 99]  # 'c' has no static table: not bounds-checked
     assert out.lengths().tolist() == [2, 0, 1, 0, 1, 0]
@@ -122,7 +139,10 @@ def test_kjt_whose_lengths_do_not_sum_to_its_values_is_an_error(single_process_e
     good = make_batch(0)
     kjt = good.sparse_features
     short = KeyedJaggedTensor(keys=KEYS, values=kjt.values()[:-2], lengths=kjt.lengths())
-    with pytest.raises(ValueError, match=r"(?s)malformed KeyedJaggedTensor \(keys \['cat_0', 'cat_1', 'cat_2'\], 46 values\).*48 and 46"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)malformed KeyedJaggedTensor \(keys \['cat_0', 'cat_1', 'cat_2'\], 46 values\).*48 and 46",
+    ):
         fit([Batch(good.dense_features, short, good.labels)])
 
 
@@ -146,7 +166,9 @@ def test_labels_outside_zero_one_are_an_error(label, single_process_env):
 def test_empty_batch_is_an_error(single_process_env):
     empty = Batch(
         dense_features=torch.zeros(0, 13),
-        sparse_features=KeyedJaggedTensor(keys=KEYS, values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int32), stride=0),
+        sparse_features=KeyedJaggedTensor(
+            keys=KEYS, values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int32), stride=0
+        ),
         labels=torch.zeros(0),
     )
     with pytest.raises(ValueError, match=r"empty batch \(0 samples\)"):
@@ -164,7 +186,10 @@ def test_batch_whose_parts_disagree_on_the_sample_count_is_an_error(single_proce
 def test_non_finite_dense_feature_is_an_error_naming_sample_and_feature(value, single_process_env):
     batch = make_batch(0)
     batch.dense_features[7, 4] = value
-    with pytest.raises(ValueError, match=rf"(?s)1 sample\(s\) of the batch are not finite; the first, sample 7: dense feature 4 is {value}.*non_finite='skip'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"(?s)1 sample\(s\) of the batch are not finite; the first, sample 7: dense feature 4 is {value}.*non_finite='skip'",
+    ):
         fit([batch])
 
 

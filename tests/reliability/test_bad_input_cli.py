@@ -13,18 +13,28 @@ import pytest
 import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from test_cli import EXAMPLES, _cli_command, _cli_env, _main_exit, read_csv_metrics, run_cli_process
 
 from lightning_sparse.cli import SparseArgumentParser, SparseCLI
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.loggers import reserve_version
 from lightning_sparse.models import ClickModule
-from test_cli import EXAMPLES, _cli_command, _cli_env, _main_exit, read_csv_metrics, run_cli_process
 
 DLRM = str(EXAMPLES / "dlrm.yaml")
 # The synthetic stream draws cat_0's ids from 10^6 values while its static table has 100000 rows.
 WIDE_IDS = ["--data.init_args.id_space_per_feature", "[1000000, 50000, 20000, 10000, 5000, 1000, 500, 100]"]
-SHORT = ["--data.init_args.num_train_batches", "8", "--data.init_args.batch_size", "256",
-         "--data.init_args.num_val_batches", "2", "--trainer.val_check_interval", "1.0", "--trainer.log_every_n_steps", "1"]
+SHORT = [
+    "--data.init_args.num_train_batches",
+    "8",
+    "--data.init_args.batch_size",
+    "256",
+    "--data.init_args.num_val_batches",
+    "2",
+    "--trainer.val_check_interval",
+    "1.0",
+    "--trainer.log_every_n_steps",
+    "1",
+]
 
 
 @pytest.fixture
@@ -40,18 +50,33 @@ def offline_in(tmp_path, monkeypatch):
 def test_ids_past_a_static_table_stop_a_two_process_run_naming_table_feature_and_value(tmp_path):
     proc = run_cli_process("fit", "--config", DLRM, *SHORT, *WIDE_IDS, cwd=tmp_path)
     assert proc.returncode != 0
-    assert re.search(r"feature 'cat_0' of table 't_cat_0' \(100000 rows\): \d+ id\(s\) outside \[0, 100000\), e\.g\. \d{6}", proc.stderr), proc.stderr[-3000:]
+    assert re.search(
+        r"feature 'cat_0' of table 't_cat_0' \(100000 rows\): \d+ id\(s\) outside \[0, 100000\), e\.g\. \d{6}",
+        proc.stderr,
+    ), proc.stderr[-3000:]
     assert "bad_ids='drop'" in proc.stderr
 
 
 def test_drop_policy_counts_dropped_ids_over_both_processes(tmp_path):
     train_only = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
-    out = run_cli_process("fit", "--config", DLRM, *SHORT, *WIDE_IDS, *train_only, "--trainer.strategy.init_args.bad_ids", "drop", cwd=tmp_path)
+    out = run_cli_process(
+        "fit",
+        "--config",
+        DLRM,
+        *SHORT,
+        *WIDE_IDS,
+        *train_only,
+        "--trainer.strategy.init_args.bad_ids",
+        "drop",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = read_csv_metrics(tmp_path / "outputs" / "dlrm" / "csv" / "version_0" / "metrics.csv")
     # The same 8 batches, generated here: every cat_0 id past the table's 100000 rows is dropped once.
     sizes = [100000, 50000, 20000, 10000, 5000, 1000, 500, 100]
-    data = SyntheticClickDataModule(sizes, id_space_per_feature=[1000000, *sizes[1:]], batch_size=256, num_train_batches=8)
+    data = SyntheticClickDataModule(
+        sizes, id_space_per_feature=[1000000, *sizes[1:]], batch_size=256, num_train_batches=8
+    )
     expected = sum(int((data.train_set[i].sparse_features["cat_0"].values() >= 100000).sum()) for i in range(8))
     assert expected > 0 and metrics["input/dropped_ids"][-1] == expected  # both ranks' counts, summed
     assert metrics["input/dropped_ids/t_cat_0"] == metrics["input/dropped_ids"]
@@ -60,12 +85,18 @@ def test_drop_policy_counts_dropped_ids_over_both_processes(tmp_path):
 
 # ------------------------------------------------------------------------------ config errors, no start-up
 BEFORE_START_UP = {
-    "unknown table": (["--trainer.strategy.init_args.tables", "{t_typo: {sharding: table_wise}}"],
-                      "names unknown table(s) ['t_typo']; the model's tables are ['t_cat_0', 't_cat_1'"),
-    "dynamic capacity": (["--trainer.strategy.init_args.tables", "{t_cat_2: {dynamic: {capacity: 5}}}"],
-                         "Table 't_cat_2': dynamic.capacity=5 must equal the table's rows (num_embeddings=20000)"),
-    "adam on column_wise": (["--trainer.strategy.init_args.tables", "{t_cat_0: {sharding: column_wise, optimizer: {kind: adam}}}"],
-                            "Table 't_cat_0': fbgemm has no fused 'adam' kernel on cpu, so it runs in lightning_sparse kernels, which need whole rows on a rank"),
+    "unknown table": (
+        ["--trainer.strategy.init_args.tables", "{t_typo: {sharding: table_wise}}"],
+        "names unknown table(s) ['t_typo']; the model's tables are ['t_cat_0', 't_cat_1'",
+    ),
+    "dynamic capacity": (
+        ["--trainer.strategy.init_args.tables", "{t_cat_2: {dynamic: {capacity: 5}}}"],
+        "Table 't_cat_2': dynamic.capacity=5 must equal the table's rows (num_embeddings=20000)",
+    ),
+    "adam on column_wise": (
+        ["--trainer.strategy.init_args.tables", "{t_cat_0: {sharding: column_wise, optimizer: {kind: adam}}}"],
+        "Table 't_cat_0': fbgemm has no fused 'adam' kernel on cpu, so it runs in lightning_sparse kernels, which need whole rows on a rank",
+    ),
 }
 
 
@@ -86,7 +117,10 @@ def test_config_errors_that_need_the_model_stop_before_start_up(case, offline_in
     [
         (["--trainer.strategy.init_args.optimizer.lr", "-1"], "SparseOptimizerConfig.lr must be >= 0, got -1.0"),
         (["--data.init_args.batch_size", "0"], "num_batches and batch_size must be >= 1, got 240 and 0"),
-        (["--trainer.strategy.init_args.bad_ids", "ignore"], "BadIdPolicy='ignore' is not valid; allowed values: 'error', 'drop'"),
+        (
+            ["--trainer.strategy.init_args.bad_ids", "ignore"],
+            "BadIdPolicy='ignore' is not valid; allowed values: 'error', 'drop'",
+        ),
     ],
 )
 def test_constructor_errors_lead_with_their_cause_not_the_union_report(override, cause, offline_in, capsys):
@@ -120,9 +154,24 @@ def test_two_runs_started_together_in_one_directory_keep_apart(tmp_path):
     config.yaml (its seed), metrics and checkpoint."""
     procs = [
         subprocess.Popen(
-            [*_cli_command(), "fit", "--config", DLRM, *SHORT, "--trainer.devices", "1", "--seed_everything", str(seed),
-             "--trainer.logger", "[{class_path: lightning_sparse.loggers.CSVLogger, init_args: {name: csv}}]"],
-            cwd=tmp_path, env=_cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                *_cli_command(),
+                "fit",
+                "--config",
+                DLRM,
+                *SHORT,
+                "--trainer.devices",
+                "1",
+                "--seed_everything",
+                str(seed),
+                "--trainer.logger",
+                "[{class_path: lightning_sparse.loggers.CSVLogger, init_args: {name: csv}}]",
+            ],
+            cwd=tmp_path,
+            env=_cli_env(tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for seed in (1, 2)
     ]
@@ -154,7 +203,14 @@ def test_processes_started_by_the_launcher_take_its_versions_and_create_none(off
     root = offline_in / "outputs" / "dlrm" / "csv"
     monkeypatch.setenv("LIGHTNING_SPARSE_LOG_VERSIONS", json.dumps({str(root): 7}))
     monkeypatch.setattr(rank_zero_only, "rank", 1)
-    cli = SparseCLI(ClickModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    parser_class=SparseArgumentParser, run=False, args=["--config", DLRM])
+    cli = SparseCLI(
+        ClickModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_class=SparseArgumentParser,
+        run=False,
+        args=["--config", DLRM],
+    )
     assert cli.trainer.loggers[0].version == 7
     assert not root.exists()

@@ -10,12 +10,17 @@ from lightning_sparse.callbacks import TrainingCurvePlot
 
 
 def _trainer(tmp_path) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path), name="csv", version=0), enable_progress_bar=False)
+    return pl.Trainer(
+        accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path), name="csv", version=0), enable_progress_bar=False
+    )
 
 
 def test_nothing_logged_is_a_warning_naming_log_every_n_steps(tmp_path):
     trainer, plot = _trainer(tmp_path), TrainingCurvePlot()
-    with pytest.warns(UserWarning, match=r"drew no training_curves.png: .*metrics.csv does not exist: nothing was logged.*log_every_n_steps, now 50"):
+    with pytest.warns(
+        UserWarning,
+        match=r"drew no training_curves.png: .*metrics.csv does not exist: nothing was logged.*log_every_n_steps, now 50",
+    ):
         plot.on_fit_end(trainer, None)
     assert plot.path is None
 

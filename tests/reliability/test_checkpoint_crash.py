@@ -7,8 +7,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import assert_trees_equal, read_checkpoint, run_worker, run_worker_expecting_failure
+
 from lightning_sparse.distributed import checkpoint
 
 pytestmark = pytest.mark.multiprocess
@@ -52,7 +52,16 @@ def test_rank_killed_while_last_ckpt_is_rewritten_then_exact_resume(reference, t
         assert_trees_equal(state_survivor[key], state_reference[key], key)
 
     result = run_worker(
-        "train.py", *COMMON, "--ckpt-dir", resumed, "--keep", 1, "--save-last", "--ckpt-in", last, result=tmp_path / "b.json"
+        "train.py",
+        *COMMON,
+        "--ckpt-dir",
+        resumed,
+        "--keep",
+        1,
+        "--save-last",
+        "--ckpt-in",
+        last,
+        result=tmp_path / "b.json",
     )
     assert result["global_step"] == 6
     assert sorted(p.name for p in resumed.iterdir()) == ["epoch=1.ckpt", "last.ckpt"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_worker, run_worker_expecting_failure
+
 from lightning_sparse.distributed import checkpoint
 from lightning_sparse.distributed.checkpoint_manifest import sibling
 
@@ -85,7 +85,10 @@ def test_a_flipped_byte_is_refused_naming_the_file(folder, name):
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0x01
     damaged.write_bytes(bytes(data))
-    with pytest.raises(CorruptCheckpointError, match=rf"Refusing to load checkpoint .*: '{q(damaged)}' is corrupted: its sha256 differs"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=rf"Refusing to load checkpoint .*: '{q(damaged)}' is corrupted: its sha256 differs",
+    ):
         load(folder / "epoch=1.ckpt")
 
 
@@ -93,7 +96,9 @@ def test_a_truncated_file_is_refused_naming_the_file(folder):
     shard = folder / "epoch=1.ckpt" / "__0_0.distcp"
     size = shard.stat().st_size
     os.truncate(shard, size // 2)
-    with pytest.raises(CorruptCheckpointError, match=rf"'{q(shard)}' has {q(size // 2)} bytes, {q(size)} were written \(truncated"):
+    with pytest.raises(
+        CorruptCheckpointError, match=rf"'{q(shard)}' has {q(size // 2)} bytes, {q(size)} were written \(truncated"
+    ):
         load(folder / "epoch=1.ckpt")
 
 
@@ -102,14 +107,19 @@ def test_a_missing_file_or_path_is_refused_naming_it(folder):
     state.unlink()
     with pytest.raises(IncompleteCheckpointError, match=rf"'{q(state)}' is missing \(listed in manifest.json\)"):
         load(folder / "epoch=1.ckpt")
-    with pytest.raises(IncompleteCheckpointError, match=rf"there is no checkpoint at '{q(folder / 'epoch=9.ckpt')}'.*last complete .* is '{q(folder / 'last.ckpt')}'"):
+    with pytest.raises(
+        IncompleteCheckpointError,
+        match=rf"there is no checkpoint at '{q(folder / 'epoch=9.ckpt')}'.*last complete .* is '{q(folder / 'last.ckpt')}'",
+    ):
         load(folder / "epoch=9.ckpt")
 
 
 def test_a_damaged_manifest_is_refused(folder):
     manifest = folder / "epoch=1.ckpt" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"global_step": 12', '"global_step": 13'))
-    with pytest.raises(CorruptCheckpointError, match=rf"'{q(manifest)}' is damaged: its content does not match its own checksum"):
+    with pytest.raises(
+        CorruptCheckpointError, match=rf"'{q(manifest)}' is damaged: its content does not match its own checksum"
+    ):
         load(folder / "epoch=1.ckpt")
 
 
@@ -132,7 +142,9 @@ def test_removal_never_leaves_a_checkpoint_behind(folder):
     # The one intermediate state of a removal: renamed away, not yet deleted. It is no longer at its path
     # and is never offered as the last complete checkpoint.
     os.rename(epoch, sibling(epoch, "removing"))
-    with pytest.raises(IncompleteCheckpointError, match=rf"no checkpoint at '{q(epoch)}'.*is '{q(folder / 'last.ckpt')}'"):
+    with pytest.raises(
+        IncompleteCheckpointError, match=rf"no checkpoint at '{q(epoch)}'.*is '{q(folder / 'last.ckpt')}'"
+    ):
         load(epoch)
     shutil.copytree(sibling(epoch, "removing"), epoch)
     checkpoint.remove_sharded(epoch)  # also clears the leftover of the earlier removal
@@ -153,7 +165,9 @@ def test_trainer_state_is_read_weights_only(tmp_path):
     path = tmp_path / "custom.ckpt"
     state = {"global_step": 1, "callbacks": {"MyCallback": {"record": UserRecord(3)}}}
     checkpoint.save_sharded(path, {}, {"state": {}}, {}, state, is_global_zero=True)
-    with pytest.raises(pickle.UnpicklingError, match=rf"'{q(path / 'trainer_state.pt')}' holds an object .*add_safe_globals"):
+    with pytest.raises(
+        pickle.UnpicklingError, match=rf"'{q(path / 'trainer_state.pt')}' holds an object .*add_safe_globals"
+    ):
         load(path)
     with torch.serialization.safe_globals([UserRecord]):
         assert load(path)["callbacks"]["MyCallback"]["record"].value == 3
@@ -168,8 +182,13 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, limits[1]))
     try:
-        with pytest.raises(checkpoint.CheckpointSaveError, match=rf"Saving checkpoint '{q(path)}' failed while writing .* MiB free in '{q(tmp_path)}'\); the previous checkpoint at that path, if any, is untouched"):
-            checkpoint.save_sharded(path, {"w": torch.ones(1 << 18)}, {"state": {}}, {}, {"global_step": 2}, is_global_zero=True)
+        with pytest.raises(
+            checkpoint.CheckpointSaveError,
+            match=rf"Saving checkpoint '{q(path)}' failed while writing .* MiB free in '{q(tmp_path)}'\); the previous checkpoint at that path, if any, is untouched",
+        ):
+            checkpoint.save_sharded(
+                path, {"w": torch.ones(1 << 18)}, {"state": {}}, {}, {"global_step": 2}, is_global_zero=True
+            )
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
@@ -182,11 +201,15 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
 def test_killed_between_the_renames_both_checkpoints_stay_complete(tmp_path):
     """The one moment the path is empty: the previous checkpoint renamed away, the new one not yet in."""
     path = tmp_path / "last.ckpt"
-    run_worker_expecting_failure("checkpoint_saves.py", "--path", path, "--saves", 2, env={checkpoint.FAULT_ENV: "0:2:swapping"})
+    run_worker_expecting_failure(
+        "checkpoint_saves.py", "--path", path, "--saves", 2, env={checkpoint.FAULT_ENV: "0:2:swapping"}
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.partial", ".last.ckpt.replaced"]
     assert load(tmp_path / ".last.ckpt.replaced")["global_step"] == 1
     newest = tmp_path / ".last.ckpt.partial"
-    with pytest.raises(IncompleteCheckpointError, match=rf"no checkpoint at '{q(path)}'.*is '{q(newest)}' \(global_step 2\)"):
+    with pytest.raises(
+        IncompleteCheckpointError, match=rf"no checkpoint at '{q(path)}'.*is '{q(newest)}' \(global_step 2\)"
+    ):
         load(path)
     # The next save to that path first finishes the interrupted one (publishes the complete .partial), then
     # replaces it; nothing else is left.

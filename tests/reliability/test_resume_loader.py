@@ -80,7 +80,9 @@ def _fit(tmp: Path, kind: str, ckpt: Path | None = None, plain: bool = False, sa
     if save:
         callbacks = [
             ModelCheckpoint(dirpath=tmp, filename="{epoch}-{step}", every_n_train_steps=1, save_top_k=-1),
-            ModelCheckpoint(dirpath=tmp, filename="end-{epoch}", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True),
+            ModelCheckpoint(
+                dirpath=tmp, filename="end-{epoch}", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True
+            ),
         ]
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,

@@ -11,13 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_trees_equal, read_checkpoint, run_worker
 
 pytestmark = pytest.mark.multiprocess
 
 # Adam everywhere (row state on the tables, dense Adam with a step scheduler), as in the report.
-COMMON = ["--devices", 2, "--sharding", "table_wise", "--optimizer", "adam", "--max-epochs", 2, "--ckpt-every-n-steps", 3]
+COMMON = [
+    "--devices",
+    2,
+    "--sharding",
+    "table_wise",
+    "--optimizer",
+    "adam",
+    "--max-epochs",
+    2,
+    "--ckpt-every-n-steps",
+    3,
+]
 COMPARED = ("optimizer_states", "lr_schedulers", "sparse_optimizer_hyperparameters", "global_step", "epoch", "loops")
 
 
@@ -32,7 +42,9 @@ def _criteo_lines(n: int) -> list[str]:
 
 def _straight_then_resumed(tmp_path: Path, args: list, steps: int) -> tuple[Path, Path]:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    a = run_worker("train.py", *args, "--ckpt-dir", straight, "--ckpt-out", straight / "final.ckpt", result=tmp_path / "a.json")
+    a = run_worker(
+        "train.py", *args, "--ckpt-dir", straight, "--ckpt-out", straight / "final.ckpt", result=tmp_path / "a.json"
+    )
     assert a["global_step"] == steps
     ranks = a["train_batches_per_rank"]
     assert ranks[0] == ranks[1], f"ranks ran different numbers of batches per epoch: {ranks}"

@@ -13,9 +13,9 @@ from datetime import timedelta
 import lightning.pytorch as pl
 import pytest
 import yaml
+from conftest import REPO, _worker_env
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from conftest import REPO, _worker_env
 from lightning_sparse import SparseStrategy
 from lightning_sparse.cli import main
 from lightning_sparse.data import SyntheticClickDataModule
@@ -31,14 +31,17 @@ def test_strategy_defaults_stop_on_signal_and_a_five_minute_collective_timeout()
 
 
 def test_bad_on_signal_names_the_allowed_values():
-    with pytest.raises(ValueError, match="SparseStrategy.on_signal='pause' is not valid; allowed values: 'stop', 'checkpoint_and_stop'"):
+    with pytest.raises(
+        ValueError, match="SparseStrategy.on_signal='pause' is not valid; allowed values: 'stop', 'checkpoint_and_stop'"
+    ):
         SparseStrategy(on_signal="pause")
 
 
 def test_stop_options_are_set_from_yaml(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     config = tmp_path / "stops.yaml"
-    config.write_text(textwrap.dedent("""\
+    config.write_text(
+        textwrap.dedent("""\
         trainer:
           strategy:
             class_path: lightning_sparse.SparseStrategy
@@ -46,7 +49,8 @@ def test_stop_options_are_set_from_yaml(tmp_path, capsys, monkeypatch):
               timeout: 0:02:00
               on_signal: checkpoint_and_stop
               signal_checkpoint_path: /tmp/run/preempted.ckpt
-    """))
+    """)
+    )
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(config), "--print_config"])
     assert info.value.code == 0
@@ -69,7 +73,9 @@ def test_a_second_signal_ends_the_process_at_once():
         os.kill(os.getpid(), signal.SIGTERM)
         print("still alive", flush=True)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.stdout == f"recorded {int(signal.SIGTERM)}\n", proc.stderr[-3000:]
     assert proc.returncode == -signal.SIGTERM
 
@@ -86,10 +92,14 @@ def test_exit_descriptions(returncode, text):
     assert describe_exit(returncode) == text
 
 
-def _one_process_run(callback: pl.Callback, test_batches: int) -> tuple[pl.Trainer, DLRMModule, SyntheticClickDataModule]:
+def _one_process_run(
+    callback: pl.Callback, test_batches: int
+) -> tuple[pl.Trainer, DLRMModule, SyntheticClickDataModule]:
     sizes = [100, 200]
     data = SyntheticClickDataModule(num_embeddings_per_feature=sizes, batch_size=16, num_test_batches=test_batches)
-    model = DLRMModule(num_embeddings_per_feature=sizes, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    model = DLRMModule(
+        num_embeddings_per_feature=sizes, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1]
+    )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, strategy=SparseStrategy(), logger=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[callback],

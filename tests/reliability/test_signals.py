@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, WORKERS, _worker_env
 
 pytestmark = pytest.mark.multiprocess

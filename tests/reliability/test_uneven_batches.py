@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, _worker_env
 from test_cli import read_csv_metrics
 

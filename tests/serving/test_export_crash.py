@@ -14,9 +14,25 @@ import pytest
 from conftest import REPO, WORKERS, _worker_env, read_checkpoint
 from replay import checkpoint_tensors, live_tables, max_difference
 
-from lightning_sparse.serving import CorruptExportError, DeltaExport, IncompleteExportError, apply_pending, load_version, open_store
+from lightning_sparse.serving import (
+    CorruptExportError,
+    DeltaExport,
+    IncompleteExportError,
+    apply_pending,
+    load_version,
+    open_store,
+)
 from lightning_sparse.serving.export import FAULT_ENV
-from lightning_sparse.serving.format import TableSchema, file_entry, partial_dir, read_current, read_manifest, sealed, version_dir, write_json_atomically
+from lightning_sparse.serving.format import (
+    TableSchema,
+    file_entry,
+    partial_dir,
+    read_current,
+    read_manifest,
+    sealed,
+    version_dir,
+    write_json_atomically,
+)
 
 
 def train(tmp: Path, exports: Path, run: int, fault: str = "") -> int:
@@ -106,7 +122,9 @@ def test_an_export_directory_of_another_model_is_refused(crashed_runs):
     export = DeltaExport(str(crashed_runs["exports"]))
     export._tables = {"t_cat_0": TableSchema(16, True)}  # what on_train_start reads from the strategy
     refusal = export._prepare_directory()
-    assert refusal.startswith("error:") and "holds versions of another model (tables t_cat_0 (width 8, dynamic)" in refusal
+    assert (
+        refusal.startswith("error:") and "holds versions of another model (tables t_cat_0 (width 8, dynamic)" in refusal
+    )
     assert "this model has t_cat_0 (width 16, dynamic). Export into another directory." in refusal
 
 

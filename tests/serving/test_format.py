@@ -13,7 +13,9 @@ def test_rows_and_tombstones_round_trip(tmp_path):
     rows = rng.normal(size=(50, 6)).astype(np.float32)
     ids = rng.integers(-(1 << 62), 1 << 62, 50)
     path = tmp_path / "rank00000.parquet"
-    written = write_row_file(path, 7, 70, [RowBatch("t", ids, 2, rows)], [RowBatch("t", np.array([5, -5]))], quantize=False)
+    written = write_row_file(
+        path, 7, 70, [RowBatch("t", ids, 2, rows)], [RowBatch("t", np.array([5, -5]))], quantize=False
+    )
     assert written == 52 and pq.read_schema(path).equals(ROW_SCHEMA)
     records = read_row_file(path, 7)["t"]
     got_ids, got_rows = records.pieces[2]

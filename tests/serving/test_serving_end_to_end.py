@@ -33,7 +33,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_replayed_versions_equal_live_tables_and_dead_ids_are_tombstoned(trained, store_spec):
     result, exports = trained["result"], trained["exports"]
-    assert result["plan"] == {"t_cat_0": "table_wise", "t_cat_1": "column_wise", "t_cat_2": "table_wise", "t_cat_3": "data_parallel"}
+    assert result["plan"] == {
+        "t_cat_0": "table_wise",
+        "t_cat_1": "column_wise",
+        "t_cat_2": "table_wise",
+        "t_cat_3": "data_parallel",
+    }
     assert result["exported_steps"] == list(range(10, 101, 10)) and result["version"] == 10
     with open_store(store_spec) as store:
         assert apply_pending(store, exports) == list(range(1, 11))
@@ -65,7 +70,9 @@ def test_exported_rows_per_version_are_the_ids_touched(trained):
     for version in range(2, 11):
         update = load_version(exports, version)
         assert not update.full
-        since = set().union(*(touched[s].get("t_cat_0", set()) for s in range(steps[version - 2] + 1, steps[version - 1] + 1)))
+        since = set().union(
+            *(touched[s].get("t_cat_0", set()) for s in range(steps[version - 2] + 1, steps[version - 1] + 1))
+        )
         for table in STATIC:
             expected = set().union(*(touched[s][table] for s in range(steps[version - 2] + 1, steps[version - 1] + 1)))
             assert set(update.updates[table].ids.tolist()) == expected, (version, table)

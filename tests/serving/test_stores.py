@@ -25,12 +25,18 @@ IDS = np.arange(-1000, 1000, dtype=np.int64) * 7919  # raw ids anywhere in int64
 TABLES = {"items": TableSchema(4, True), "users": TableSchema(3, False)}
 
 
-def version(v: int, full: bool = False, export_id: str = "e1", tables=TABLES, dead: np.ndarray = IDS[:0]) -> VersionUpdate:
+def version(
+    v: int, full: bool = False, export_id: str = "e1", tables=TABLES, dead: np.ndarray = IDS[:0]
+) -> VersionUpdate:
     """Version ``v``: every row of both tables holds the value ``v`` (so a reader can tell a torn read)."""
     updates = {}
     for name, schema in tables.items():
         ids = np.setdiff1d(IDS, dead) if name == "items" else np.arange(50, dtype=np.int64)
-        updates[name] = TableUpdate(ids=ids, rows=np.full((len(ids), schema.dim), float(v), np.float32), deletes=dead if name == "items" else IDS[:0])
+        updates[name] = TableUpdate(
+            ids=ids,
+            rows=np.full((len(ids), schema.dim), float(v), np.float32),
+            deletes=dead if name == "items" else IDS[:0],
+        )
     return VersionUpdate(v, 10 * v, full, export_id, time.time(), dict(tables), f"dense {v}".encode(), updates)
 
 
@@ -61,7 +67,9 @@ def test_versions_apply_in_order_with_tombstones(store_spec):
 
 
 def test_unreachable_redis_is_a_clear_error(redis_url):
-    with pytest.raises(StoreUnavailableError, match=r"cannot reach the Redis store redis://127.0.0.1:1 .*Start redis-server"):
+    with pytest.raises(
+        StoreUnavailableError, match=r"cannot reach the Redis store redis://127.0.0.1:1 .*Start redis-server"
+    ):
         open_store("redis://127.0.0.1:1")
     with pytest.raises(ValueError, match="use lmdb:PATH"):
         open_store("memcached://x")

@@ -40,13 +40,20 @@ def collate(items: list[dict]) -> dict:
     values = torch.cat([torch.cat([it["ids"][t] for it in items]) for t in POOLING])
     lengths = torch.tensor([p for p in POOLING.values() for _ in items], dtype=torch.int64)
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
-    return {"index": torch.tensor([it["index"] for it in items]), "kjt": kjt, "label": torch.tensor([it["label"] for it in items])}
+    return {
+        "index": torch.tensor([it["index"] for it in items]),
+        "kjt": kjt,
+        "label": torch.tensor([it["label"] for it in items]),
+    }
 
 
 class Model(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        configs = [EmbeddingBagConfig(name=t, embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{t}"]) for t in POOLING]
+        configs = [
+            EmbeddingBagConfig(name=t, embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{t}"])
+            for t in POOLING
+        ]
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         self.head = torch.nn.Linear(DIM * len(POOLING), 1)
         self.seen: list[list[int]] = []
@@ -105,7 +112,9 @@ def main() -> None:
     decision = strategy.auto_sharding
     allowed = {t: tuple(decision.candidates[t]) for t in POOLING}
     seen = [None] * world
-    torch.distributed.all_gather_object(seen, {"seen": model.seen, "expected": [expected_order(rank, world, e) for e in (0, 1)]})
+    torch.distributed.all_gather_object(
+        seen, {"seen": model.seen, "expected": [expected_order(rank, world, e) for e in (0, 1)]}
+    )
     if trainer.is_global_zero:
         plan = {t: s.sharding_type for p in strategy.distributed_model.plan.plan.values() for t, s in p.items()}
         result = {

@@ -10,6 +10,7 @@ import json
 
 import lightning.pytorch as pl
 import torch
+from leave import leave_and_exit
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import Dataset, DistributedSampler
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
@@ -17,7 +18,6 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
 from lightning_sparse.config import CacheConfig
 from lightning_sparse.data.loading import ResumableLoader, fit_progress
-from leave import leave_and_exit
 
 KINDS = ["sgd", "adagrad", "rowwise_adagrad", "decayed_adagrad", "rowwise_adam", "rowwise_adam_m", "adam"]
 ROWS, BATCH, BATCHES = 120, 6, 8
@@ -25,15 +25,26 @@ ROWS, BATCH, BATCHES = 120, 6, 8
 
 def optimizer_config(kind: str) -> SparseOptimizerConfig:
     first_moment = kind == "rowwise_adam_m"
-    return SparseOptimizerConfig(kind="rowwise_adam" if first_moment else kind, lr=0.05, eps=1e-3, weight_decay=0.05,
-                                 beta1=0.8, beta2=0.95, decay=0.9, first_moment=first_moment)
+    return SparseOptimizerConfig(
+        kind="rowwise_adam" if first_moment else kind,
+        lr=0.05,
+        eps=1e-3,
+        weight_decay=0.05,
+        beta1=0.8,
+        beta2=0.95,
+        decay=0.9,
+        first_moment=first_moment,
+    )
 
 
 def table_configs(kinds: list[str], cache: int, lookahead: int, folder: str) -> dict[str, TableConfig]:
     configs = {}
     for kind in kinds:
-        configs[f"t_{kind}"] = TableConfig(sharding="table_wise", optimizer=optimizer_config(kind),
-                                           cache=CacheConfig(rows=cache, lookahead=lookahead, path=folder))
+        configs[f"t_{kind}"] = TableConfig(
+            sharding="table_wise",
+            optimizer=optimizer_config(kind),
+            cache=CacheConfig(rows=cache, lookahead=lookahead, path=folder),
+        )
         configs[f"t_{kind}_plain"] = TableConfig(sharding="table_wise", optimizer=optimizer_config(kind))
     return configs
 
@@ -43,8 +54,13 @@ class TinyModule(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.features = [f"f_{kind}" for kind in kinds]
-        configs = [EmbeddingBagConfig(name=f"t_{k}{twin}", num_embeddings=ROWS, embedding_dim=4, feature_names=[f"f_{k}{twin}"])
-                   for k in kinds for twin in ("", "_plain")]
+        configs = [
+            EmbeddingBagConfig(
+                name=f"t_{k}{twin}", num_embeddings=ROWS, embedding_dim=4, feature_names=[f"f_{k}{twin}"]
+            )
+            for k in kinds
+            for twin in ("", "_plain")
+        ]
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         with torch.no_grad():
             for k in kinds:
@@ -73,10 +89,14 @@ def batch_at(kinds: list[str], index: int) -> tuple[KeyedJaggedTensor, torch.Ten
     """Batch ``index``: ids from a band of 16 rows that moves 11 rows a batch (eviction and reloads)."""
     g = torch.Generator().manual_seed(1000 + index)
     lengths = torch.randint(1, 4, (len(kinds) * BATCH,), generator=g)
-    values = [(11 * index + torch.randint(0, 16, (int(lengths[t * BATCH:(t + 1) * BATCH].sum()),), generator=g)) % ROWS
-              for t in range(len(kinds))]
+    values = [
+        (11 * index + torch.randint(0, 16, (int(lengths[t * BATCH : (t + 1) * BATCH].sum()),), generator=g)) % ROWS
+        for t in range(len(kinds))
+    ]
     keys = [f"f_{k}" for k in kinds] + [f"f_{k}_plain" for k in kinds]  # the twins read the same ids
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values + values), lengths=torch.cat([lengths, lengths]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat(values + values), lengths=torch.cat([lengths, lengths])
+    )
     return kjt, torch.randn(BATCH, generator=g)
 
 
@@ -97,8 +117,12 @@ class Data(pl.LightningDataModule):
         self.kinds = kinds
 
     def _loader(self, dataset: Dataset, train: bool):
-        sampler = DistributedSampler(dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
-        return ResumableLoader(dataset, batch_size=None, sampler=sampler, consumed=fit_progress(self.trainer) if train else None)
+        sampler = DistributedSampler(
+            dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+        return ResumableLoader(
+            dataset, batch_size=None, sampler=sampler, consumed=fit_progress(self.trainer) if train else None
+        )
 
     def train_dataloader(self):
         return self._loader(Stream(self.kinds), True)
@@ -132,18 +156,34 @@ def main() -> None:
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     kinds = args.kinds.split(",")
-    strategy = SparseStrategy(sharding="table_wise", tables=table_configs(kinds, args.cache, args.lookahead, args.ckpt_dir))
+    strategy = SparseStrategy(
+        sharding="table_wise", tables=table_configs(kinds, args.cache, args.lookahead, args.ckpt_dir)
+    )
     metrics = CacheMetrics()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.max_steps, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0 if args.no_val else 2,
-        val_check_interval=3, check_val_every_n_epoch=None,
-        callbacks=[metrics, ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=3,
-                                            save_last=True)],
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0 if args.no_val else 2,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        callbacks=[
+            metrics,
+            ModelCheckpoint(
+                dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=3, save_last=True
+            ),
+        ],
     )
     trainer.fit(TinyModule(kinds), Data(kinds), ckpt_path=args.ckpt_in)
     # each rank's backing files (deleted when the process ends) and their sizes
-    stores = {name: table.store for name, table in trainer.strategy.cached_tables.tables.items() if table.store is not None}
+    stores = {
+        name: table.store for name, table in trainer.strategy.cached_tables.tables.items() if table.store is not None
+    }
     with open(f"{args.result}.rank{trainer.global_rank}", "w") as f:
         json.dump({str(file): file.stat().st_size for store in stores.values() for file in store.files}, f)
     if trainer.is_global_zero:

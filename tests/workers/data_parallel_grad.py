@@ -9,13 +9,13 @@ import json
 
 import torch
 import torch.distributed as dist
+from gloo_spawn import spawn_gloo
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from gloo_spawn import spawn_gloo
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
-from lightning_sparse.distributed.routes import embedding_parameters, resolve_tables
 from lightning_sparse.distributed.materialise import materialise_shards
 from lightning_sparse.distributed.planning import attach_fused_optimizers, plan_sharding, shard_model
+from lightning_sparse.distributed.routes import embedding_parameters, resolve_tables
 
 WORLD_SIZE = 2
 BATCH = 16
@@ -40,7 +40,9 @@ def batch_of(rank: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
     lengths = torch.randint(0, 3, (2 * BATCH,), generator=g)
     dp_ids = torch.randint(0, 20, (int(lengths[:BATCH].sum()),), generator=g)
     tw_ids = torch.randint(0, 30, (int(lengths[BATCH:].sum()),), generator=g)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f_dp", "f_tw"], values=torch.cat([dp_ids, tw_ids]), lengths=lengths)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f_dp", "f_tw"], values=torch.cat([dp_ids, tw_ids]), lengths=lengths
+    )
     return kjt, torch.randn(BATCH, generator=g)
 
 

@@ -13,14 +13,14 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from gloo_spawn import spawn_gloo
 from partition_replay import replay_partitions
-from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, ExpiryConfig, shard_of
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from lightning_sparse.distributed import checkpoint
-from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.routes import RowBlock
+from lightning_sparse.distributed.sharded_dynamic import DynamicTables
+from lightning_sparse.dynamic import AdmissionConfig, DynamicIdRemapper, DynamicTableConfig, ExpiryConfig, shard_of
 
 WORLD_SIZE = 2
 STEPS = 10

@@ -16,10 +16,10 @@ import tempfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from gloo_spawn import spawn_gloo
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-from gloo_spawn import spawn_gloo
 from lightning_sparse import table_init
 from lightning_sparse.config import ShardingType, SparseOptimizerConfig, TableConfig
 from lightning_sparse.distributed.materialise import local_pieces
@@ -41,9 +41,13 @@ class Model(torch.nn.Module):
     def __init__(self, on_meta: bool, pretrained: str) -> None:
         super().__init__()
         self.bottom = torch.nn.Linear(3, 8)
-        configs = [EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=[f"f_{n}"])
-                   for n, (r, d, _) in TABLES.items()]
-        self.ebc = table_init.meta_embedding_bag_collection(configs) if on_meta else EmbeddingBagCollection(tables=configs)
+        configs = [
+            EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=[f"f_{n}"])
+            for n, (r, d, _) in TABLES.items()
+        ]
+        self.ebc = (
+            table_init.meta_embedding_bag_collection(configs) if on_meta else EmbeddingBagCollection(tables=configs)
+        )
         self.top = torch.nn.Linear(8 + 8 + 256 + 4 + 256, 1)
 
 
@@ -52,15 +56,23 @@ def build_and_shard(on_meta: bool, pretrained: str):
     model = Model(on_meta, pretrained)
     overrides = {n: TableConfig(sharding=s) for n, (_, _, s) in TABLES.items()}
     overrides["pre"].pretrained = pretrained
-    dmp, tables, plan = shard_tables(model, torch.device("cpu"), dist.group.WORLD, ShardingType.TABLE_WISE,
-                                     SparseOptimizerConfig(kind="rowwise_adagrad"), overrides)
+    dmp, tables, plan = shard_tables(
+        model,
+        torch.device("cpu"),
+        dist.group.WORLD,
+        ShardingType.TABLE_WISE,
+        SparseOptimizerConfig(kind="rowwise_adagrad"),
+        overrides,
+    )
     return model, tables, plan
 
 
 def local_shards(model, tables) -> dict[str, list]:
     state = model.state_dict(keep_vars=True)
-    return {name: [(row, col, piece.detach().clone()) for piece, row, col in local_pieces(state[t.param_path])]
-            for name, t in tables.tables.items()}
+    return {
+        name: [(row, col, piece.detach().clone()) for piece, row, col in local_pieces(state[t.param_path])]
+        for name, t in tables.tables.items()
+    }
 
 
 def dense(model) -> dict[str, torch.Tensor]:
@@ -86,8 +98,13 @@ def setup(on_meta: bool, pretrained: str) -> dict:
     """Builds and shards the model one way, recording allocations; what the comparison needs."""
     with Allocations() as seen:
         model, tables, _ = build_and_shard(on_meta, pretrained)
-    return {"shards": local_shards(model, tables), "dense": dense(model), "rng": torch.get_rng_state(),
-            "inits": {n: t.init.value for n, t in tables.tables.items()}, "largest": seen.largest}
+    return {
+        "shards": local_shards(model, tables),
+        "dense": dense(model),
+        "rng": torch.get_rng_state(),
+        "inits": {n: t.init.value for n, t in tables.tables.items()},
+        "largest": seen.largest,
+    }
 
 
 def worker(rank: int, out: str, pretrained: str) -> None:
@@ -100,14 +117,19 @@ def worker(rank: int, out: str, pretrained: str) -> None:
         "inits": new["inits"],
         "old_inits": old["inits"],
         "shards": {n: [(r, c, list(p.shape)) for r, c, p in shards[n]] for n in TABLES},
-        "tables_equal": {n: len(old["shards"][n]) == len(shards[n]) and all(
-            (a[0], a[1]) == (b[0], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(old["shards"][n], shards[n]))
-            for n in TABLES},
+        "tables_equal": {
+            n: len(old["shards"][n]) == len(shards[n])
+            and all(
+                (a[0], a[1]) == (b[0], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(old["shards"][n], shards[n])
+            )
+            for n in TABLES
+        },
         "dense_equal": old["dense"].keys() == new["dense"].keys()
         and all(torch.equal(old["dense"][k], new["dense"][k]) for k in old["dense"]),
         "rng_equal": torch.equal(old["rng"], new["rng"]),
-        "pretrained_equal": all(torch.equal(p, torch.from_numpy(file[r : r + p.shape[0], c : c + p.shape[1]]))
-                                for r, c, p in shards["pre"]),
+        "pretrained_equal": all(
+            torch.equal(p, torch.from_numpy(file[r : r + p.shape[0], c : c + p.shape[1]])) for r, c, p in shards["pre"]
+        ),
         "not_all_zero": all(bool(p.abs().sum() > 0) for n in TABLES for _, _, p in shards[n]),
         "largest": {"host": old["largest"], "meta": new["largest"]},
     }

@@ -18,7 +18,10 @@ def main() -> None:
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", init_method=f"file://{args.store}", rank=0, world_size=1)
     try:
-        result = {"collective_device": str(collective_device()), "all_reduce_bytes": SparseStrategy().all_reduce_bytes(12345)}
+        result = {
+            "collective_device": str(collective_device()),
+            "all_reduce_bytes": SparseStrategy().all_reduce_bytes(12345),
+        }
     finally:
         dist.destroy_process_group()
     with open(args.result, "w") as f:

@@ -5,7 +5,9 @@ import torch
 from lightning_sparse.dynamic import DynamicIdRemapper, shard_of
 
 
-def replay_partitions(reference: list[DynamicIdRemapper], ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def replay_partitions(
+    reference: list[DynamicIdRemapper], ids: torch.Tensor, step: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What routed partitions must produce for ``ids``: each partition's plain remapper remaps the ids whose
     hash picks it. Returns (rows in training, rows of an evaluation lookup afterwards, assigned rows)."""
     part = shard_of(ids, len(reference))

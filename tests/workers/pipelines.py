@@ -13,6 +13,7 @@ import os
 
 import lightning.pytorch as pl
 import torch
+from leave import leave_and_exit
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
@@ -21,7 +22,6 @@ from lightning_sparse.config import SparseOptimizerConfig, TableConfig
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig
 from lightning_sparse.models import DLRMModule
-from leave import leave_and_exit
 
 
 class Losses(pl.Callback):
@@ -90,11 +90,15 @@ def fit(spec: dict, devices: int) -> dict:
             "t_cat_0": TableConfig(dynamic=DynamicTableConfig(admission=admit, eviction="lru")),
             "t_cat_2": TableConfig(dynamic=DynamicTableConfig(admission=admit, eviction="lru", placement="replicated")),
         }
-    strategy = lightning_sparse.SparseStrategy(sharding="table_wise", optimizer=optimizer, pipeline=pipeline, tables=tables)
+    strategy = lightning_sparse.SparseStrategy(
+        sharding="table_wise", optimizer=optimizer, pipeline=pipeline, tables=tables
+    )
     losses = Losses()
     callbacks = [losses]
     if spec.get("ckpt_dir"):
-        every = ModelCheckpoint(dirpath=spec["ckpt_dir"], filename="{step}", save_top_k=-1, every_n_train_steps=spec["ckpt_every"])
+        every = ModelCheckpoint(
+            dirpath=spec["ckpt_dir"], filename="{step}", save_top_k=-1, every_n_train_steps=spec["ckpt_every"]
+        )
         callbacks.append(every)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=spec.get("epochs", 1),

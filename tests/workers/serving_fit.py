@@ -14,6 +14,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from leave import leave_and_exit
 
 import lightning_sparse
 from lightning_sparse.config import SparseOptimizerConfig, TableConfig
@@ -21,7 +22,6 @@ from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig, ExpiryConfig
 from lightning_sparse.models import DLRMModule
 from lightning_sparse.serving import DeltaExport
-from leave import leave_and_exit
 
 SIZES = [40, 30, 20, 10]
 
@@ -62,9 +62,14 @@ def main() -> None:
     args = parser.parse_args()
     pl.seed_everything(0)
     data = SyntheticClickDataModule(**data_args(args.batches, args.batch_size))
-    model = DLRMModule(num_embeddings_per_feature=SIZES, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
-    dynamic = DynamicTableConfig(admission=AdmissionConfig(min_count=1), expiry=ExpiryConfig(ttl_steps=6, sweep_every_steps=3),
-                                 fallback_rows=args.fallback_rows)
+    model = DLRMModule(
+        num_embeddings_per_feature=SIZES, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]
+    )
+    dynamic = DynamicTableConfig(
+        admission=AdmissionConfig(min_count=1),
+        expiry=ExpiryConfig(ttl_steps=6, sweep_every_steps=3),
+        fallback_rows=args.fallback_rows,
+    )
     strategy = lightning_sparse.SparseStrategy(
         sharding="table_wise",
         optimizer=SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.1),

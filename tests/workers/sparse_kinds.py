@@ -8,12 +8,12 @@ import json
 
 import lightning.pytorch as pl
 import torch
+from leave import leave_and_exit
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from lightning_sparse import SparseOptimizerConfig, SparseStrategy, TableConfig
-from leave import leave_and_exit
 
 BATCH = 8
 BATCHES_PER_EPOCH = 4
@@ -51,7 +51,10 @@ def optimizer_config(route: str, kind: str) -> SparseOptimizerConfig:
 
 def table_configs(route: str, sharding: str = "table_wise") -> dict[str, TableConfig]:
     sharding = "data_parallel" if route == "data_parallel" else sharding
-    return {name: TableConfig(sharding=sharding, optimizer=optimizer_config(route, name[2:])) for name, _, _ in tables(route)}
+    return {
+        name: TableConfig(sharding=sharding, optimizer=optimizer_config(route, name[2:]))
+        for name, _, _ in tables(route)
+    }
 
 
 def make_model(route: str) -> torch.nn.Module:
@@ -62,7 +65,10 @@ def make_model(route: str) -> torch.nn.Module:
 class TinyModule(pl.LightningModule):
     def __init__(self, route: str) -> None:
         super().__init__()
-        configs = [EmbeddingBagConfig(name=n, num_embeddings=rows, embedding_dim=dim, feature_names=[f"f_{n}"]) for n, rows, dim in tables(route)]
+        configs = [
+            EmbeddingBagConfig(name=n, num_embeddings=rows, embedding_dim=dim, feature_names=[f"f_{n}"])
+            for n, rows, dim in tables(route)
+        ]
         self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         self.features = [f"f_{n}" for n, _, _ in tables(route)]
         self.head = torch.nn.Linear(sum(dim for _, _, dim in tables(route)), 1)
@@ -93,7 +99,9 @@ def batch_at(route: str, index: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
         n = int(lengths[t * BATCH : (t + 1) * BATCH].sum())
         high = rows if IDS_OVER_ALL_ROWS else rows // 3  # a third of the rows: many repeats
         values.append(torch.randint(0, high, (n,), generator=g))
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f_{n}" for n, _, _ in specs], values=torch.cat(values), lengths=lengths)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=[f"f_{n}" for n, _, _ in specs], values=torch.cat(values), lengths=lengths
+    )
     return kjt, torch.randn(BATCH, generator=g)
 
 
@@ -115,7 +123,9 @@ class Data(pl.LightningDataModule):
 
     def train_dataloader(self):
         dataset = Stream(self.route)
-        sampler = DistributedSampler(dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
+        sampler = DistributedSampler(
+            dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
         return DataLoader(dataset, batch_size=None, sampler=sampler)
 
 
@@ -142,7 +152,9 @@ def main() -> None:
     global IDS_OVER_ALL_ROWS
     IDS_OVER_ALL_ROWS = args.ids_over_all_rows
     strategy = SparseStrategy(
-        sharding="table_wise", tables=table_configs(args.route, args.sharding), count_communication=args.count_communication
+        sharding="table_wise",
+        tables=table_configs(args.route, args.sharding),
+        count_communication=args.count_communication,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -152,19 +164,28 @@ def main() -> None:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ChangeSparseLr(), ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)],
+        callbacks=[
+            ChangeSparseLr(),
+            ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1),
+        ],
     )
     model = make_model(args.route)
     trainer.fit(model, Data(args.route), ckpt_path=args.ckpt_in)
     routes = {t.name: t.route.value for t in trainer.strategy.embedding_tables.tables.values()}
-    plan = {t: s.sharding_type for module_plan in strategy.distributed_model.plan.plan.values() for t, s in module_plan.items()}
+    plan = {
+        t: s.sharding_type
+        for module_plan in strategy.distributed_model.plan.plan.values()
+        for t, s in module_plan.items()
+    }
     predictions = [None] * trainer.world_size
     torch.distributed.all_gather_object(predictions, model.predictions)
     comm = [None] * trainer.world_size
     if args.count_communication:
         report = strategy.communication_report()
         stats = dataclasses.asdict(report.batch_stats)
-        torch.distributed.all_gather_object(comm, {"steps": report.steps, "per_step": report.per_step(), "batch_stats": stats})
+        torch.distributed.all_gather_object(
+            comm, {"steps": report.steps, "per_step": report.per_step(), "batch_stats": stats}
+        )
     if trainer.is_global_zero:
         result = {"world_size": trainer.world_size, "global_step": trainer.global_step, "routes": routes, "plan": plan}
         with open(args.result, "w") as f:

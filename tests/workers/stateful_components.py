@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from leave import leave_and_exit
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 import lightning_sparse
@@ -24,7 +25,6 @@ from lightning_sparse.config import SparseOptimizerConfig, TableConfig
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig
 from lightning_sparse.models import DLRMModule
-from leave import leave_and_exit
 
 SAVE_AT, BATCHES = 2, 8  # global step of the save; batches per epoch of the two ranks together (4 steps)
 
@@ -91,10 +91,16 @@ def main() -> None:
     data = SyntheticClickDataModule(
         num_embeddings_per_feature=[200, 300, 50, 1000], batch_size=32, num_train_batches=BATCHES, num_val_batches=1
     )
-    model = DLRMModule(num_embeddings_per_feature=sizes, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    model = DLRMModule(
+        num_embeddings_per_feature=sizes, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1]
+    )
     tables = {
-        "t_cat_0": TableConfig(dynamic=DynamicTableConfig(admission=AdmissionConfig(min_count=1), placement="replicated")),
-        "t_cat_1": TableConfig(optimizer=SparseOptimizerConfig(kind="adam", lr=0.01)),  # no fused adam on CPU: native route
+        "t_cat_0": TableConfig(
+            dynamic=DynamicTableConfig(admission=AdmissionConfig(min_count=1), placement="replicated")
+        ),
+        "t_cat_1": TableConfig(
+            optimizer=SparseOptimizerConfig(kind="adam", lr=0.01)
+        ),  # no fused adam on CPU: native route
         "t_cat_2": TableConfig(sharding="data_parallel", optimizer=SparseOptimizerConfig(kind="adagrad", lr=0.05)),
         "t_cat_3": TableConfig(dynamic=DynamicTableConfig(admission=AdmissionConfig(min_count=1))),
     }

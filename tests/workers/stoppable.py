@@ -16,12 +16,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
+from leave import leave_and_exit
 
 import lightning_sparse
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.models import DLRMModule
-from leave import leave_and_exit
 
 
 class PhaseMarkers(pl.Callback):
@@ -77,7 +76,9 @@ def main() -> None:
         num_val_batches=args.val_batches,
         num_test_batches=2,
     )
-    model = DLRMModule(num_embeddings_per_feature=sizes, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    model = DLRMModule(
+        num_embeddings_per_feature=sizes, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]
+    )
     strategy = lightning_sparse.SparseStrategy(
         sharding="table_wise",
         timeout=timedelta(seconds=args.timeout_s),

@@ -11,6 +11,7 @@ import os
 
 import lightning.pytorch as pl
 import torch
+from leave import leave_and_exit
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_sparse
@@ -18,7 +19,6 @@ from lightning_sparse.callbacks import PrequentialEvaluation
 from lightning_sparse.config import SparseOptimizerConfig
 from lightning_sparse.data import ParquetSource, SparseColumn, StreamDataModule, StreamSchema, TsvSource
 from lightning_sparse.models import DLRMModule
-from leave import leave_and_exit
 
 SCHEMA = StreamSchema(
     label="label",
@@ -73,7 +73,11 @@ def main() -> None:
     recorder = Recorder(prequential)
     callbacks = [prequential, recorder]
     if args.ckpt_dir:
-        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=args.ckpt_every))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=args.ckpt_every
+            )
+        )
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, max_steps=args.max_steps, max_epochs=-1,
         strategy=lightning_sparse.SparseStrategy(optimizer=SparseOptimizerConfig(kind="rowwise_adagrad", lr=0.1)),

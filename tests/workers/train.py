@@ -9,16 +9,16 @@ import json
 import os
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
+from leave import leave_and_exit
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_sparse
 from lightning_sparse.config import SparseOptimizerConfig, TableConfig
-from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig, ExpiryConfig
 from lightning_sparse.data import SyntheticClickDataModule
 from lightning_sparse.data.criteo import CriteoDataModule
+from lightning_sparse.dynamic import AdmissionConfig, DynamicTableConfig, ExpiryConfig
 from lightning_sparse.models import DLRMModule
-from leave import leave_and_exit
 
 
 class StepLR(DLRMModule):
@@ -77,8 +77,12 @@ def main() -> None:
     parser.add_argument("--ckpt-out", default=None, help="save a checkpoint here after the stage")
     parser.add_argument("--ckpt-dir", default=None, help="ModelCheckpoint directory: a checkpoint every epoch")
     parser.add_argument("--keep", type=int, default=-1, help="ModelCheckpoint save_top_k (0: none of the epoch files)")
-    parser.add_argument("--save-last", action="store_true", help="ModelCheckpoint also (re)writes last.ckpt every epoch")
-    parser.add_argument("--ckpt-every-n-steps", type=int, default=0, help="with --ckpt-dir: every n steps instead ({step}.ckpt)")
+    parser.add_argument(
+        "--save-last", action="store_true", help="ModelCheckpoint also (re)writes last.ckpt every epoch"
+    )
+    parser.add_argument(
+        "--ckpt-every-n-steps", type=int, default=0, help="with --ckpt-dir: every n steps instead ({step}.ckpt)"
+    )
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--data", default="synthetic", choices=["synthetic", "criteo"])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -86,7 +90,9 @@ def main() -> None:
     parser.add_argument("--criteo-val", default=None)
     parser.add_argument("--on-error", default="skip", choices=["skip", "raise"])
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--dynamic-capacity", type=int, default=0, help="make t_cat_3 a dynamic table of this many rows")
+    parser.add_argument(
+        "--dynamic-capacity", type=int, default=0, help="make t_cat_3 a dynamic table of this many rows"
+    )
     parser.add_argument("--dynamic-placement", default="sharded", choices=["sharded", "replicated"])
     parser.add_argument("--dynamic-fallback-rows", type=int, default=0)
     parser.add_argument("--count-communication", action="store_true")
@@ -123,11 +129,19 @@ def main() -> None:
     )
     checkpointing = []
     if args.ckpt_dir and args.ckpt_every_n_steps:
-        every = ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=args.ckpt_every_n_steps)
+        every = ModelCheckpoint(
+            dirpath=args.ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=args.ckpt_every_n_steps
+        )
         checkpointing.append(every)
     elif args.ckpt_dir:
         checkpointing.append(
-            ModelCheckpoint(dirpath=args.ckpt_dir, filename="{epoch}", save_top_k=args.keep, save_last=args.save_last, every_n_epochs=1)
+            ModelCheckpoint(
+                dirpath=args.ckpt_dir,
+                filename="{epoch}",
+                save_top_k=args.keep,
+                save_last=args.save_last,
+                every_n_epochs=1,
+            )
         )
     counter = BatchCounter()
     trainer = pl.Trainer(
@@ -165,7 +179,9 @@ def main() -> None:
         global_step=trainer.global_step,
         sparse_lr=strategy.sparse_param_groups()[0]["lr"],
         routes={t.name: t.route.value for t in strategy.embedding_tables.tables.values()},
-        auto_sharding={t: s.value for t, s in strategy.auto_sharding.choice.items()} if strategy.auto_sharding else None,
+        auto_sharding={t: s.value for t, s in strategy.auto_sharding.choice.items()}
+        if strategy.auto_sharding
+        else None,
     )
     if args.count_communication and args.stage == "fit":
         per_step = [None] * trainer.world_size

@@ -107,7 +107,9 @@ def check_can_apply(meta: Optional[StoreMeta], update: VersionUpdate, store: str
             f"belongs to export {update.export_id!r}. Use a fresh store for another export directory."
         )
     if update.version <= meta.version:
-        raise VersionAlreadyAppliedError(f"{store} is at version {meta.version}; version {update.version} is already applied")
+        raise VersionAlreadyAppliedError(
+            f"{store} is at version {meta.version}; version {update.version} is already applied"
+        )
     if not update.full and update.version != meta.version + 1:
         raise VersionGapError(
             f"{store} is at version {meta.version}; applying delta {update.version} would skip versions "
@@ -123,9 +125,13 @@ def schema_difference(have: dict[str, TableSchema], new: dict[str, TableSchema],
         elif name not in have:
             problems.append(f"version {version} has table {name!r}, which the store does not")
         elif have[name].dim != new[name].dim:
-            problems.append(f"table {name!r} has width {new[name].dim} in version {version}, {have[name].dim} in the store")
+            problems.append(
+                f"table {name!r} has width {new[name].dim} in version {version}, {have[name].dim} in the store"
+            )
         elif have[name].dynamic != new[name].dynamic:
-            problems.append(f"table {name!r} is {'dynamic' if new[name].dynamic else 'static'} in version {version} but not in the store")
+            problems.append(
+                f"table {name!r} is {'dynamic' if new[name].dynamic else 'static'} in version {version} but not in the store"
+            )
     return "schema mismatch (another model's export?): " + "; ".join(problems)
 
 

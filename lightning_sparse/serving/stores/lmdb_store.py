@@ -72,7 +72,11 @@ class LMDBStore(ServingStore):
                 for ids, col, rows in change.patches:
                     for raw_id, piece in zip(ids.tolist(), rows):
                         key = row_key(table, raw_id)
-                        txn.put(key, patched(txn.get(key, db=self._rows_db), col, piece, dim, table, raw_id), db=self._rows_db)
+                        txn.put(
+                            key,
+                            patched(txn.get(key, db=self._rows_db), col, piece, dim, table, raw_id),
+                            db=self._rows_db,
+                        )
             txn.put(b"dense", update.dense, db=self._meta_db)
             txn.put(b"meta", StoreMeta.of(update).to_json(), db=self._meta_db)
 
@@ -101,7 +105,9 @@ class LMDBStore(ServingStore):
         with self.env.begin(db=self._meta_db) as txn:
             data, dense = txn.get(b"meta"), txn.get(b"dense")
         if data is None or dense is None:
-            raise StoreUnavailableError(f"the {self.name} is empty: apply an export first (lightning-sparse serve-apply)")
+            raise StoreUnavailableError(
+                f"the {self.name} is empty: apply an export first (lightning-sparse serve-apply)"
+            )
         return StoreMeta.from_json(data).version, bytes(dense)
 
     def close(self) -> None:

@@ -58,14 +58,19 @@ class RedisStore(ServingStore):
         try:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise StoreUnavailableError(f"lost the {self.name} while {what}: {error}; nothing half-applied stays") from error
+            raise StoreUnavailableError(
+                f"lost the {self.name} while {what}: {error}; nothing half-applied stays"
+            ) from error
 
     def meta(self) -> Optional[StoreMeta]:
         data = self._call("reading its version", lambda: self.client.get(self._meta_key))
         return StoreMeta.from_json(data) if data is not None else None
 
     def apply(self, update: VersionUpdate) -> None:
-        self._call(f"applying version {update.version}", lambda: self.client.transaction(lambda pipe: self._apply(pipe, update), self._meta_key))
+        self._call(
+            f"applying version {update.version}",
+            lambda: self.client.transaction(lambda pipe: self._apply(pipe, update), self._meta_key),
+        )
 
     def _apply(self, pipe: "redis.client.Pipeline", update: VersionUpdate) -> None:
         data = pipe.get(self._meta_key)  # immediate mode: the key is watched
@@ -75,7 +80,10 @@ class RedisStore(ServingStore):
             dim = update.tables[table].dim
             for ids, col, rows in change.patches:
                 # bytes, as the client does not decode responses (redis-py's types also allow str)
-                current = cast("list[Optional[bytes]]", pipe.hmget(self._rows_key(table), [id_bytes(i) for i in ids.tolist()]) if len(ids) else [])
+                current = cast(
+                    "list[Optional[bytes]]",
+                    pipe.hmget(self._rows_key(table), [id_bytes(i) for i in ids.tolist()]) if len(ids) else [],
+                )
                 for raw_id, piece, existing in zip(ids.tolist(), rows, current):
                     existing = patches.get((table, raw_id), existing)
                     patches[(table, raw_id)] = patched(existing, col, piece, dim, table, raw_id)
@@ -121,7 +129,9 @@ class RedisStore(ServingStore):
         pipe.get(self._dense_key)
         data, dense = self._call("reading the dense model", pipe.execute)
         if data is None:
-            raise StoreUnavailableError(f"the {self.name} is empty: apply an export first (lightning-sparse serve-apply)")
+            raise StoreUnavailableError(
+                f"the {self.name} is empty: apply an export first (lightning-sparse serve-apply)"
+            )
         return StoreMeta.from_json(data).version, dense
 
     def close(self) -> None:
