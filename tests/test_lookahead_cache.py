@@ -218,6 +218,36 @@ def test_memory_mapped_store_reads_back_what_it_wrote(tmp_path):
     assert not (tmp_path / "t.weight.bin").exists()
 
 
+def test_memory_mapped_store_asks_for_the_pages_of_its_rows_ahead_in_runs(tmp_path, monkeypatch):
+    import os
+
+    from lightning_sparse.cache import backing
+
+    store = mmap_store({"weight": (8, 1030), "sum": (8,)}, str(tmp_path), "t")  # a weight row spans two pages
+    asked: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length, advice)))
+    store.prefetch(torch.tensor([0, 1, 5]))
+    page, need = backing.PAGE, os.POSIX_FADV_WILLNEED
+    rows_end = 6 * 1030 * 4 - 1  # last byte of row 5
+    assert asked == [(0, 3 * page, need), (5 * page, (rows_end // page - 4) * page, need), (0, page, need)]
+    store.close()
+
+
+def test_memory_mapped_store_reads_and_writes_in_chunks_like_host_memory(tmp_path, monkeypatch):
+    from lightning_sparse.cache import backing
+
+    monkeypatch.setattr(backing, "PREFETCH_ROWS", 3)  # 11 rows: four chunks, the pages of two asked for ahead
+    mapped = mmap_store({"weight": (40, 1030), "sum": (40,)}, str(tmp_path), "t")
+    host = host_store({"weight": (40, 1030), "sum": (40,)})
+    rows = torch.tensor([0, 1, 2, 5, 9, 10, 17, 18, 30, 38, 39])
+    values = {"weight": torch.randn(11, 1030), "sum": torch.rand(11)}
+    for store in (mapped, host):
+        store.write(rows, values)
+    for name, tensor in mapped.read(rows).items():
+        assert torch.equal(tensor, values[name]) and torch.equal(mapped.tensors[name], host.tensors[name])
+    mapped.close()
+
+
 def test_a_backing_file_in_use_by_another_store_is_an_error(tmp_path):
     first = mmap_store({"weight": (10, 3)}, str(tmp_path), "t")
     with pytest.raises(BackingFileError, match=r"backing file '.*t\.weight\.bin' is in use by another process"):
