@@ -61,6 +61,12 @@ def test_planner_matches_its_plain_python_twin_move_by_move(slots, k, drift, dec
     assert evictions > 0 or slots == 200
 
 
+def test_planner_keeps_eight_bytes_a_row_a_slot_map_and_a_float32_count():
+    planner = LookaheadPlanner(1000, 10)
+    assert planner.slot_of.element_size() + planner.score.element_size() == 8
+    assert planner.slot_of.numel() == planner.score.numel() == 1000
+
+
 def test_victim_is_a_slot_unused_in_the_window_least_recently_used_first():
     planner = LookaheadPlanner(rows=10, slots=3)
     planner.push(0, torch.tensor([0]))  # slot 0

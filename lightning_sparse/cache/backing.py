@@ -19,6 +19,9 @@ table's optimizer kind (``sum``, ``exp_avg``, ``exp_avg_sq``). Two kinds of memo
   before touching a chunk, ask the kernel to start reading the pages of the next ``PREFETCH_DEPTH`` chunks
   (``posix_fadvise(POSIX_FADV_WILLNEED)``, which queues the reads and returns): many reads are in flight
   at once instead of one, and the pages ahead are bounded (a budget smaller than the file keeps them).
+  Once a chunk is copied its pages are let go (``POSIX_FADV_DONTNEED``: a clean page leaves the page cache
+  now, a written one starts its write-back), so the pages asked for ahead find room without the kernel
+  reclaiming, and waiting on, pages no longer needed.
 
 The tensors of both are plain torch tensors: the checkpoint writes and reads them in place.
 """
@@ -39,7 +42,7 @@ import torch
 from torch import Tensor
 
 PAGE = mmap.PAGESIZE
-PREFETCH_ROWS = 1024  # rows a chunk of read/write on a memory-mapped store
+PREFETCH_ROWS = 512  # rows a chunk of read/write on a memory-mapped store
 PREFETCH_DEPTH = 2  # chunks whose pages are requested ahead of the one being copied
 
 
@@ -73,6 +76,7 @@ class BackingStore:
         for start, end in self._chunks(rows):
             for name, tensor in self.tensors.items():
                 torch.index_select(tensor, 0, rows[start:end], out=out[name][start:end])
+            self._advise(rows[start:end], os.POSIX_FADV_DONTNEED)
         return out
 
     def write(self, rows: Tensor, values: dict[str, Tensor]) -> None:
@@ -83,6 +87,7 @@ class BackingStore:
         for start, end in self._chunks(rows):
             for name, tensor in self.tensors.items():
                 tensor.index_copy_(0, rows[start:end], values[name][start:end])
+            self._advise(rows[start:end], os.POSIX_FADV_DONTNEED)
 
     def _chunks(self, rows: Tensor):
         """``(start, end)`` of each chunk of ``rows``, after the pages of the chunks ``PREFETCH_DEPTH`` ahead were
@@ -98,8 +103,11 @@ class BackingStore:
             yield start, end
 
     def prefetch(self, rows: Tensor) -> None:
-        """Starts reading the file pages holding ``rows`` (``POSIX_FADV_WILLNEED``; nothing for host memory):
-        runs of consecutive pages are one request each."""
+        """Starts reading the file pages holding ``rows`` (``POSIX_FADV_WILLNEED``; nothing for host memory)."""
+        self._advise(rows, os.POSIX_FADV_WILLNEED)
+
+    def _advise(self, rows: Tensor, advice: int) -> None:
+        """``posix_fadvise`` of the file pages holding ``rows``, one call a run of consecutive pages."""
         for fd, tensor in zip(self._fds, self.tensors.values()):
             row_bytes = tensor[0].numel() * tensor.element_size()
             first = rows * row_bytes // PAGE
@@ -111,7 +119,7 @@ class BackingStore:
             starts = torch.cat([pages[:1], pages[breaks]]).tolist()
             ends = torch.cat([pages[breaks - 1], pages[-1:]]).tolist()
             for begin, end in zip(starts, ends):
-                os.posix_fadvise(fd, begin * PAGE, (end - begin + 1) * PAGE, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, begin * PAGE, (end - begin + 1) * PAGE, advice)
 
     def flush(self) -> None:
         """Pushes memory-mapped pages to their files (nothing for host memory)."""
