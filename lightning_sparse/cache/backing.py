@@ -19,9 +19,6 @@ table's optimizer kind (``sum``, ``exp_avg``, ``exp_avg_sq``). Two kinds of memo
   before touching a chunk, ask the kernel to start reading the pages of the next ``PREFETCH_DEPTH`` chunks
   (``posix_fadvise(POSIX_FADV_WILLNEED)``, which queues the reads and returns): many reads are in flight
   at once instead of one, and the pages ahead are bounded (a budget smaller than the file keeps them).
-  Once a chunk is copied its pages are let go (``POSIX_FADV_DONTNEED``: a clean page leaves the page cache
-  now, a written one starts its write-back), so the pages asked for ahead find room without the kernel
-  reclaiming, and waiting on, pages no longer needed.
 
 The tensors of both are plain torch tensors: the checkpoint writes and reads them in place.
 """
@@ -76,7 +73,6 @@ class BackingStore:
         for start, end in self._chunks(rows):
             for name, tensor in self.tensors.items():
                 torch.index_select(tensor, 0, rows[start:end], out=out[name][start:end])
-            self._advise(rows[start:end], os.POSIX_FADV_DONTNEED)
         return out
 
     def write(self, rows: Tensor, values: dict[str, Tensor]) -> None:
@@ -87,7 +83,6 @@ class BackingStore:
         for start, end in self._chunks(rows):
             for name, tensor in self.tensors.items():
                 tensor.index_copy_(0, rows[start:end], values[name][start:end])
-            self._advise(rows[start:end], os.POSIX_FADV_DONTNEED)
 
     def _chunks(self, rows: Tensor):
         """``(start, end)`` of each chunk of ``rows``, after the pages of the chunks ``PREFETCH_DEPTH`` ahead were
