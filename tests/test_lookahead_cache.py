@@ -254,6 +254,28 @@ def test_memory_mapped_store_reads_and_writes_in_chunks_like_host_memory(tmp_pat
     mapped.close()
 
 
+def test_memory_mapped_files_are_deleted_when_the_process_ends_without_closing_the_store(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lightning_sparse.cache import mmap_store; "
+        "store = mmap_store({'weight': (10, 3)}, sys.argv[1], 't'); print(store.files[0].exists())"
+    )
+    import os
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    assert not list(tmp_path.glob("*.bin"))
+
+
 def test_a_backing_file_in_use_by_another_store_is_an_error(tmp_path):
     first = mmap_store({"weight": (10, 3)}, str(tmp_path), "t")
     with pytest.raises(BackingFileError, match=r"backing file '.*t\.weight\.bin' is in use by another process"):
