@@ -64,7 +64,7 @@ def test_every_kind_cached_trains_bit_identically_to_uncached_on_one_process(tmp
         str(tmp_path / "t_adam.rank0.exp_avg_sq.bin") in files
         and str(tmp_path / "t_rowwise_adagrad.rank0.sum.bin") in files
     )
-    assert not list(tmp_path.glob("*.bin"))  # deleted when the process ended
+    assert not list(tmp_path.glob("*.bin"))  # deleted when the stores were closed (at the process's end, too)
     assert "cache/t_adam/rows_back" in metrics
     tensors, _ = read_checkpoint(tmp_path / "last.ckpt")
     assert tensors["model.ebc.embedding_bags.t_adam.weight"].shape == (40, 4)  # the scratchpad, not read back

@@ -61,6 +61,12 @@ def test_planner_matches_its_plain_python_twin_move_by_move(slots, k, drift, dec
     assert evictions > 0 or slots == 200
 
 
+def test_planner_keeps_eight_bytes_a_row_a_slot_map_and_a_float32_count():
+    planner = LookaheadPlanner(1000, 10)
+    assert planner.slot_of.element_size() + planner.score.element_size() == 8
+    assert planner.slot_of.numel() == planner.score.numel() == 1000
+
+
 def test_victim_is_a_slot_unused_in_the_window_least_recently_used_first():
     planner = LookaheadPlanner(rows=10, slots=3)
     planner.push(0, torch.tensor([0]))  # slot 0
@@ -216,6 +222,58 @@ def test_memory_mapped_store_reads_back_what_it_wrote(tmp_path):
     assert (tmp_path / "t.weight.bin").stat().st_size == 10 * 3 * 4 and store.row_bytes == 16
     store.close()
     assert not (tmp_path / "t.weight.bin").exists()
+
+
+def test_memory_mapped_store_asks_for_the_pages_of_its_rows_ahead_in_runs(tmp_path, monkeypatch):
+    import os
+
+    from lightning_sparse.cache import backing
+
+    store = mmap_store({"weight": (8, 1030), "sum": (8,)}, str(tmp_path), "t")  # a weight row spans two pages
+    asked: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length, advice)))
+    store.prefetch(torch.tensor([0, 1, 5]))
+    page, need = backing.PAGE, os.POSIX_FADV_WILLNEED
+    rows_end = 6 * 1030 * 4 - 1  # last byte of row 5
+    assert asked == [(0, 3 * page, need), (5 * page, (rows_end // page - 4) * page, need), (0, page, need)]
+    store.close()
+
+
+def test_memory_mapped_store_reads_and_writes_in_chunks_like_host_memory(tmp_path, monkeypatch):
+    from lightning_sparse.cache import backing
+
+    monkeypatch.setattr(backing, "PREFETCH_ROWS", 3)  # 11 rows: four chunks, the pages of two asked for ahead
+    mapped = mmap_store({"weight": (40, 1030), "sum": (40,)}, str(tmp_path), "t")
+    host = host_store({"weight": (40, 1030), "sum": (40,)})
+    rows = torch.tensor([0, 1, 2, 5, 9, 10, 17, 18, 30, 38, 39])
+    values = {"weight": torch.randn(11, 1030), "sum": torch.rand(11)}
+    for store in (mapped, host):
+        store.write(rows, values)
+    for name, tensor in mapped.read(rows).items():
+        assert torch.equal(tensor, values[name]) and torch.equal(mapped.tensors[name], host.tensors[name])
+    mapped.close()
+
+
+def test_memory_mapped_files_are_deleted_when_the_process_ends_without_closing_the_store(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lightning_sparse.cache import mmap_store; "
+        "store = mmap_store({'weight': (10, 3)}, sys.argv[1], 't'); print(store.files[0].exists())"
+    )
+    import os
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    assert not list(tmp_path.glob("*.bin"))
 
 
 def test_a_backing_file_in_use_by_another_store_is_an_error(tmp_path):

@@ -22,9 +22,10 @@ with :class:`WorkingSetTooLarge`, naming the batch and its rows.
 
 The ids of a cached table are rows ``[0, N)``, so the map row -> slot is a dense int32 tensor of ``N``
 entries (4 bytes a row, against ``4 * dim`` and more for the row itself) rather than the dynamic tables' hash
-index, whose admission and expiry policies have no role here. The decayed counts are one float64 per row,
-kept as counts of growing weight (``1 / score_decay`` to the batch number, rescaled when large) so that a
-use adds one number instead of decaying all rows. :mod:`lightning_sparse.cache.reference` is a
+index, whose admission and expiry policies have no role here. The decayed counts are one float32 per row
+(4 bytes: on a table larger than its memory budget the planner's bytes a row are taken from the scratchpad
+and the page cache), kept as counts of growing weight (``1 / score_decay`` to the batch number, rescaled
+when large) so that a use adds one number instead of decaying all rows. :mod:`lightning_sparse.cache.reference` is a
 plain-Python twin of this planner; the tests compare their moves batch by batch.
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,7 +73,7 @@ class LookaheadPlanner:
         self.row_of = torch.full((slots,), -1, dtype=torch.int64)
         self.last_use = torch.full((slots,), -1, dtype=torch.int64)
         self.window: deque[tuple[int, Tensor]] = deque()  # (seq, sorted unique rows) of batches not yet retired
-        self.score = torch.zeros(rows, dtype=torch.float64)  # decayed use counts, times growth ** (seq - origin)
+        self.score = torch.zeros(rows, dtype=torch.float32)  # decayed use counts, times growth ** (seq - origin)
         self.slot_score = torch.full(
             (self.slots,), -1.0, dtype=torch.float64
         )  # the score of each slot's row; -1: empty
@@ -132,7 +134,7 @@ class LookaheadPlanner:
         self.row_of[victims] = missing
         slots = self.slot_of[rows].long()
         self.last_use[slots] = seq
-        self.slot_score[slots] = self.score[rows]
+        self.slot_score[slots] = self.score[rows].double()
         self.window.append((seq, rows))
         return Moves(seq, missing, victims, evict_rows, evict_slots)
 
@@ -179,15 +181,19 @@ class LookaheadPlanner:
         needed -= int(empty.numel())
         if needed == 0:
             return empty
-        unit = rate_unit(self, seq)
-        rate = self.slot_score.clamp(min=0.0) * unit
-        key = rate * torch.exp(-rate * (seq - self.last_use).double())
+        key = self.expected_use(seq)
         key.masked_fill_(protected, float("inf"))
         key[empty] = float("inf")
         threshold = torch.topk(key, needed, largest=False, sorted=False).values.max()
         chosen = (key <= threshold).nonzero().squeeze(1)
         chosen = chosen[torch.sort(self.last_use[chosen], stable=True).indices]
         return torch.cat([empty, chosen[torch.sort(key[chosen], stable=True).indices[:needed]]])
+
+    def expected_use(self, seq: int) -> Tensor:
+        """Each slot's ``rate * exp(-rate * age)`` at batch ``seq`` (module docstring), float64 [C]; the lowest
+        is evicted first (``benchmarks/planner_estimators.py`` measures other rules in its place)."""
+        rate = self.slot_score.clamp(min=0.0) * rate_unit(self, seq)
+        return rate * torch.exp(-rate * (seq - self.last_use).double())
 
 
 def rate_unit(planner: "LookaheadPlanner | object", seq: int) -> float:
@@ -198,21 +204,22 @@ def rate_unit(planner: "LookaheadPlanner | object", seq: int) -> float:
     return (1.0 - planner.decay) / planner.growth ** (seq - planner.origin)
 
 
-RESCALE_AT = 2.0**400  # use weights stay far from float64's overflow
+RESCALE_AT = 2.0**64  # use weights (and counts, up to 1 / (1 - score_decay) of them) stay far from float32's overflow
 
 
 def use_weight(planner: "LookaheadPlanner | object", seq: int) -> float:
     """The weight a use at batch ``seq`` adds to a row's count: ``growth ** (seq - origin)``; when it would
-    pass ``RESCALE_AT`` every count is divided by it first (the same on ``planner.score``, a tensor or a dict)."""
+    pass ``RESCALE_AT`` every count is divided by it first (the same on ``planner.score``, a float32 tensor or
+    a dict of floats the twin rounds to float32)."""
     weight = planner.growth ** (seq - planner.origin)
     if weight > RESCALE_AT:
         scores = planner.score
         if isinstance(scores, dict):
             for row in scores:
-                scores[row] /= weight
+                scores[row] = float(np.float32(scores[row]) / np.float32(weight))
         else:
             scores /= weight
-            held = planner.slot_score >= 0
-            planner.slot_score[held] = planner.slot_score[held] / weight
+            held = (planner.slot_score >= 0).nonzero().squeeze(1)
+            planner.slot_score[held] = scores[planner.row_of[held]].double()  # a held row's score, as at its use
         planner.origin, weight = seq, 1.0
     return weight

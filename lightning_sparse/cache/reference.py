@@ -15,6 +15,8 @@ import math
 from collections import OrderedDict
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
+
 from lightning_sparse.cache.lookahead import rate_unit, use_weight
 
 
@@ -35,7 +37,7 @@ class ReferencePlanner:
         rows = sorted(set(int(i) for i in ids))
         weight = use_weight(self, seq)
         for row in rows:
-            self.score[row] = self.score.get(row, 0.0) + weight
+            self.score[row] = float(np.float32(self.score.get(row, 0.0)) + np.float32(weight))  # float32, as stored
         missing = [r for r in rows if r not in self.slot_of]
 
         def next_use(slot: int) -> float:

@@ -190,6 +190,8 @@ def main() -> None:
         routes = {t.name: t.route.value for t in trainer.strategy.embedding_tables.tables.values()}
         with open(args.result, "w") as f:
             json.dump({"global_step": trainer.global_step, "routes": routes, "metrics": metrics.seen}, f)
+    for store in stores.values():
+        store.close()  # what the interpreter's exit would do; leave_and_exit's os._exit skips it
     leave_and_exit()  # see leave.py
 
 
