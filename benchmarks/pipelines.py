@@ -4,9 +4,9 @@
    TorchRec's TrainPipelineSparseDist.progress() over the same model, optimizers and pre-built batches.
    Goal (a)/(b) >= 0.97.
 2. hybrid: SparseStrategy(pipeline={kind: hybrid, staleness: 4}) vs pipeline "none", both through Lightning,
-   with a fixed delay of --delay-ms per step injected in the embedding lookup (one sleep in a forward pre-hook
-   of the first lookup kernel, as a remote embedding store or a slow all_to_all would add; under hybrid it
-   runs on the pipeline's worker thread, with the other embedding work). Goal >= 1.5x steps/s,
+   with a fixed latency of --delay-ms per step in the embedding path, modelled as an asynchronous cross-node
+   all-to-all (AsyncExchangeDelay: issued after the lookup, ready --delay-ms later, waited for by the forward
+   that consumes it; several batches' exchanges may be in flight under hybrid). Goal >= 1.5x steps/s,
    and validation AUC on the drifting synthetic stream, after the same training samples, within 0.005.
 
     python benchmarks/pipelines.py [--steps 40] [--batch-size 2048] [--pooling-factor 1] [--repeats 2]
@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import DENSE_FEATURES, TABLE_SIZES, _free_port, _init, _RankSampler, dlrm_module, sparse_config
+from throughput import DENSE_FEATURES, TABLE_SIZES, _free_port, _init, _RankSampler, dlrm_module
 
 WARMUP_STEPS = 5
 DRIFT_PERIOD = 16  # batches per drift phase of the synthetic stream
@@ -47,6 +47,13 @@ def stream(args, num_batches: int, split_offset: int = 0):
     )  # fmt: skip
 
 
+def sparse_config(args):
+    """The tables' update rule of benchmarks/throughput.py (row-wise Adagrad), with --table-lr (0.05 there)."""
+    from lightning_sparse import SparseOptimizerConfig
+
+    return SparseOptimizerConfig(kind="rowwise_adagrad", lr=args.table_lr)
+
+
 def rank_batches(args, rank: int) -> list:
     train = stream(args, 2 * args.steps)
     return [train[i] for i in range(rank, 2 * args.steps, 2)]
@@ -58,7 +65,6 @@ def run_lightning(args) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from lightning_sparse import SparseStrategy
-    from lightning_sparse.optim.row_gradients import find_lookup_kernels
 
     class InMemory(pl.LightningDataModule):
         def train_dataloader(self):
@@ -74,40 +80,80 @@ def run_lightning(args) -> None:
         """Steps/s after the warm-up steps; an optional sleep in every training lookup."""
 
         def on_fit_start(self, trainer, pl_module):
-            # One sleep per step, before the first lookup kernel: a sleep per kernel overshoots once per kernel
-            # on a loaded machine (the split 20 ms added ~50 ms to a step of pipeline none, --delay-check).
-            kernel = find_lookup_kernels(trainer.strategy.distributed_model)[0]
-
-            def sleep(module, inputs):
-                if torch.is_grad_enabled():  # training lookups only
-                    time.sleep(args.delay_ms / 1000)
-
             if args.delay_ms:
-                kernel.emb_module.register_forward_pre_hook(sleep)
+                self.delay = AsyncExchangeDelay(trainer.strategy.distributed_model, args.delay_ms / 1000)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == WARMUP_STEPS:
                 self.start = time.perf_counter()
+                self.waited_before = self.delay.waited if self.delay else 0.0
                 _profile_start(args, trainer.global_rank)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.end = time.perf_counter()
+            self.waited_after = self.delay.waited if self.delay else 0.0
             if batch_idx == args.steps - 1:
                 _profile_stop(args, trainer.global_rank)
 
     pl.seed_everything(0)
     clock = Clock()
+    clock.delay = None
     pipeline = {"kind": args.pipeline, **({"staleness": args.staleness} if args.pipeline == "hybrid" else {})}
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[clock],
-        strategy=SparseStrategy(sharding="table_wise", optimizer=sparse_config(), pipeline=pipeline),
+        strategy=SparseStrategy(sharding="table_wise", optimizer=sparse_config(args), pipeline=pipeline),
         limit_val_batches=1.0 if args.auc else 0, use_distributed_sampler=False,  # each rank reads its own list
     )  # fmt: skip
     trainer.fit(dlrm_module(), InMemory())
     if trainer.is_global_zero:
         steps_per_sec = (args.steps - WARMUP_STEPS) / (clock.end - clock.start)
-        _write(args.result, steps_per_sec, float(trainer.callback_metrics.get("val/auc", float("nan"))))
+        waited = 1000 * (clock.waited_after - clock.waited_before) / (args.steps - WARMUP_STEPS)
+        _write(args.result, steps_per_sec, float(trainer.callback_metrics.get("val/auc", float("nan"))), waited)
+
+
+class AsyncExchangeDelay:
+    """A cross-node all-to-all of ``delay`` seconds latency, modelled as an asynchronous collective.
+
+    A real exchange is issued and returns a handle (TorchRec's output dist returns an Awaitable; c10d's
+    ``async_op=True`` a Work); the issuing thread goes on and whoever consumes the result waits on the handle.
+    Here the exchange of a training batch is *issued* when its first lookup kernel has run (a forward hook of
+    that kernel, on whatever thread runs the lookup) and its result is *ready* ``delay`` seconds later; the
+    ready time joins a FIFO. The *consumer* is the sharded embedding module's call in the model's forward on
+    the main thread (a forward hook): it takes the oldest ready time and sleeps until it. No thread ever
+    sleeps at the issue. Under ``none`` issue and consumption are in the same forward, so each step waits the
+    whole delay; under ``hybrid`` S the worker issues the lookups of up to S + 1 batches (the pipeline's own
+    bound) and each becomes ready ``delay`` after its own issue, so the latencies of batches in flight overlap,
+    as several outstanding asynchronous all-to-alls would. Batches are issued and consumed in the same order
+    (the pipeline's queue), which the FIFO relies on; a drain in mid-training (none in these runs) would leave
+    the dropped lookups' ready times behind. Only latency is modelled, not the bandwidth a real exchange uses.
+    Training lookups only (grad enabled; the worker thread's grad mode is the default, enabled).
+    """
+
+    def __init__(self, dmp: torch.nn.Module, delay: float) -> None:
+        from collections import deque
+
+        from torchrec.distributed.types import ShardedModule
+
+        from lightning_sparse.optim.row_gradients import find_lookup_kernels
+
+        self.delay = delay
+        self.ready: deque[float] = deque()
+        self.waited = 0.0  # seconds the consumer slept for exchanges not ready yet (rank 0's figure is printed)
+        find_lookup_kernels(dmp)[0].emb_module.register_forward_hook(self._issue)
+        consumer = next(m for m in dmp.modules() if isinstance(m, ShardedModule))
+        consumer.register_forward_hook(self._consume)
+
+    def _issue(self, module, inputs, output) -> None:
+        if torch.is_grad_enabled():
+            self.ready.append(time.perf_counter() + self.delay)
+
+    def _consume(self, module, inputs, output) -> None:
+        if torch.is_grad_enabled() and self.ready:
+            wait = self.ready.popleft() - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+                self.waited += wait
 
 
 # ------------------------------------------------------------------------ (b) TorchRec's pipeline class
@@ -134,7 +180,7 @@ def run_torchrec(rank: int, port: int, args) -> None:
     _init(rank, port)
     torch.manual_seed(0)
     model = WithLoss(dlrm_module().dlrm)
-    tables = resolve_tables(model, "cpu", ShardingType.TABLE_WISE, sparse_config(), None)
+    tables = resolve_tables(model, "cpu", ShardingType.TABLE_WISE, sparse_config(args), None)
     attach_fused_optimizers(tables, "cpu")
     plan = plan_sharding(model, tables, torch.device("cpu"), dist.group.WORLD)
     dmp = shard_model(model, plan, torch.device("cpu"), dist.group.WORLD)
@@ -176,9 +222,9 @@ def _profile_stop(args, rank: int) -> None:
         _PROFILER = None
 
 
-def _write(path: str, steps_per_sec: float, auc: float) -> None:
+def _write(path: str, steps_per_sec: float, auc: float, waited_ms: float = float("nan")) -> None:
     with open(path, "w") as f:
-        json.dump({"steps_per_sec": steps_per_sec, "auc": auc}, f)
+        json.dump({"steps_per_sec": steps_per_sec, "auc": auc, "waited_ms": waited_ms}, f)
 
 
 def _run(variant: dict, args) -> dict:
@@ -186,7 +232,7 @@ def _run(variant: dict, args) -> dict:
         result = os.path.join(tmp, "r.json")
         cmd = [
             sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--pooling-factor", str(args.pooling_factor), "--result", result,
+            "--pooling-factor", str(args.pooling_factor), "--table-lr", str(args.table_lr), "--result", result,
         ] + [f"--{k.replace('_', '-')}={v}" for k, v in variant.items()]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -220,6 +266,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2048, help="samples per rank per step")
     parser.add_argument("--pooling-factor", type=int, default=1, help="ids per feature per sample (1 = one-hot)")
     parser.add_argument("--delay-ms", type=float, default=20.0, help="injected delay per step in the lookup (part 2)")
+    parser.add_argument("--table-lr", type=float, default=0.05, help="the tables' row-wise Adagrad lr, every variant")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the best is kept")
     parser.add_argument(
         "--auc-only",
@@ -258,11 +305,13 @@ def main() -> None:
         f"model: DLRM, {len(TABLE_SIZES)} tables ({sum(TABLE_SIZES):,} rows x 64), pooling factor {args.pooling_factor}, "
         f"batch {args.batch_size}/rank, {args.steps} steps ({WARMUP_STEPS} warm-up), best of {args.repeats}"
     )
-    print("\n| variant | steps/s | val AUC |\n|---|---:|---:|")
+    print("\n| variant | steps/s | val AUC | ms/step waiting for the exchange |\n|---|---:|---:|---:|")
     for name, got in best.items():
         auc = f"{got['auc']:.4f}" if got["auc"] == got["auc"] else "-"
+        waited = got.get("waited_ms", float("nan"))
+        waited_text = f"{waited:.1f}" if waited == waited and name.endswith(", delay") else "-"
         print(
-            f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} |"
+            f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} | {waited_text} |"
         )
     names = list(best)
     ab = best[names[0]]["steps_per_sec"] / best[names[1]]["steps_per_sec"]
@@ -284,7 +333,7 @@ def auc_only(args) -> None:
     """Validation AUC after the same training samples: none vs hybrid with each staleness (deterministic runs)."""
     base = _run({"variant": "lightning", "pipeline": "none", "auc": 1, "delay_ms": 0}, args)["auc"]
     print(
-        f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps, 2 processes"
+        f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps, table lr {args.table_lr:g}, 2 processes"
     )
     print(f"\n| pipeline | val AUC | AUC - none |\n|---|---:|---:|\n| none | {base:.4f} | |")
     for staleness in (int(s) for s in args.auc_only.split(",")):

@@ -17,7 +17,9 @@ around the user's unchanged ``training_step``:
   (``TrainPipelineSemiSync.embedding_backward``: fbgemm's fused update) and our kernels' row update. The
   forward reads the looked-up embeddings through TorchRec's ``CPUEmbeddingPipelinedForward``, detached, so
   the user's backward stops at them and the dense layers (DDP) stay synchronous on the main thread.
-  The worker runs its tasks in order, and the lookup of batch ``j`` is queued only after the update of
+  The worker issues a batch's output dist (an asynchronous all-to-all) without waiting for it; the main thread
+  waits for it when it trains that batch, so the exchanges of the batches in flight overlap each other and
+  the worker's next lookups, as PERSIA's outstanding requests do. The worker runs its tasks in order, and the lookup of batch ``j`` is queued only after the update of
   batch ``j - S - 1``: a lookup misses at most ``S`` updates (PERSIA's semaphore of ``S + 1`` in-flight
   batches, expressed as queue order, which also makes runs deterministic). ``S = 0`` gives the same bits as
   ``none``; ``semi_sync`` is ``S = 1``, which is TorchRec's semi-sync staleness (its lookup of batch
@@ -304,7 +306,7 @@ class PipelineDriver:
                 self._updates.popleft().result()  # re-raises a failed row update
             self._schedule_lookups()
             self._current = self._lookups.popleft()
-            context = self._current.result()  # re-raises a failure of the worker
+            context = self._current.result().received()  # re-raises a failure of the worker or of the exchange
             self._stages._set_module_context(context)
             return
         stages = self._stages
@@ -336,7 +338,7 @@ class PipelineDriver:
         """After the dense step: the batch's row update (now, or queued on the worker), then the next lookups."""
         if self._asynchronous:
             assert self._current is not None  # before_forward took this batch's lookups
-            context = self._current.result()
+            context = self._current.result().received()
             self._updates.append(self._submit(self._update, context, self._step))
             self._current = None
             self._trained += 1
@@ -366,10 +368,10 @@ class PipelineDriver:
             entry = self._entries[len(self._lookups)]
             self._lookups.append(self._submit(self._lookup, entry.features, entry.remapped, index))
 
-    def _lookup(
-        self, features: KeyedJaggedTensor, remapped: Optional[Remapped], index: int
-    ) -> CPUEmbeddingTrainPipelineContext:
-        """Worker: input dist, lookup and output dist of one batch; the embeddings are kept detached."""
+    def _lookup(self, features: KeyedJaggedTensor, remapped: Optional[Remapped], index: int) -> "_InFlight":
+        """Worker: input dist and lookup of one batch, and its output dist *issued*: the worker does not wait for
+        the exchange (an asynchronous all-to-all) but goes on to the next task; the main thread waits for it
+        when it trains the batch (:meth:`_InFlight.received`), so the exchanges of batches in flight overlap."""
         stages = self._stages
         if remapped is not None:  # its new rows, just before its lookup (pipeline_dynamic.py)
             assert self.remaps is not None  # a batch is remapped only when the pipeline has dynamic tables
@@ -384,12 +386,12 @@ class PipelineDriver:
         else:  # the first lookup after attaching rewrites the forwards (the main thread waits for it)
             stages._init_pipelined_modules(features, context, stages._pipelined_forward_type)
         stages.wait_sparse_data_dist(context)
+        exchanges: dict[str, Any] = {}
         for module in stages._pipelined_modules:
             name = module.forward.name
             distributed = context.input_dist_tensors_requests.pop(name).wait()
-            embeddings = module.compute_and_output_dist(context.module_contexts.pop(name), distributed).wait()
-            context.gpu_embedding_outputs[name] = _detach_into(embeddings, context)
-        return context
+            exchanges[name] = module.compute_and_output_dist(context.module_contexts.pop(name), distributed)
+        return _InFlight(context, exchanges)
 
     def _update(self, context: CPUEmbeddingTrainPipelineContext, step: int) -> None:
         """Worker: the batch's embedding backward (fbgemm's fused update), then our kernels' update."""
@@ -415,7 +417,13 @@ class PipelineDriver:
         failures: list[BaseException] = []
         if self._worker is not None:
             self.settle()
-            raised = (f.exception() for f in (*self._updates, *self._lookups))
+            raised = [f.exception() for f in (*self._updates, *self._lookups)]
+            for lookup in self._lookups:  # no exchange left in flight: wait for those of the dropped lookups
+                if lookup.exception() is None:
+                    try:
+                        lookup.result().received()
+                    except Exception as error:
+                        raised.append(error)
             failures = [error for error in raised if error is not None]
             self._lookups.clear()
             self._updates.clear()
@@ -440,6 +448,23 @@ class PipelineDriver:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+
+
+class _InFlight:
+    """A batch looked up by the worker whose output dist (the all-to-all of its embeddings) was issued and may
+    still be in flight; the main thread waits for it once, when it trains the batch (or when a drain drops it)."""
+
+    def __init__(self, context: CPUEmbeddingTrainPipelineContext, exchanges: dict[str, Any]) -> None:
+        self.context = context
+        self._exchanges = exchanges
+
+    def received(self) -> CPUEmbeddingTrainPipelineContext:
+        """The context with the batch's embeddings (detached leaves), after waiting for its exchanges."""
+        while self._exchanges:
+            name, exchange = next(iter(self._exchanges.items()))
+            self.context.gpu_embedding_outputs[name] = _detach_into(exchange.wait(), self.context)
+            del self._exchanges[name]
+        return self.context
 
 
 def _detach_into(embeddings: Any, context: CPUEmbeddingTrainPipelineContext) -> Any:
