@@ -229,22 +229,28 @@ def test_a_forward_the_pipeline_cannot_trace_stops_at_setup(single_process_env, 
 
 
 @pytest.mark.parametrize(
-    "strategy, match",
+    "make_strategy, match",
     [
-        (
-            SparseStrategy(pipeline="sparse_dist", tables={"t_cat_0": TableConfig(cache=CacheConfig(rows=64))}),
+        (  # the backing files in this test's folder: the default folder may be locked by another run
+            lambda tmp: SparseStrategy(
+                pipeline="sparse_dist", tables={"t_cat_0": TableConfig(cache=CacheConfig(rows=64, path=str(tmp)))}
+            ),
             "cached tables \\['t_cat_0'\\]",
         ),
         (
-            SparseStrategy(pipeline="semi_sync", tables={"t_cat_1": TableConfig(sharding="data_parallel")}),
+            lambda tmp: SparseStrategy(pipeline="semi_sync", tables={"t_cat_1": TableConfig(sharding="data_parallel")}),
             "data_parallel tables \\['t_cat_1'\\]",
         ),
-        (SparseStrategy(pipeline={"kind": "hybrid", "staleness": 2}, bad_ids="drop"), "needs bad_ids: error"),
+        (
+            lambda tmp: SparseStrategy(pipeline={"kind": "hybrid", "staleness": 2}, bad_ids="drop"),
+            "needs bad_ids: error",
+        ),
     ],
+    ids=["cached tables", "data_parallel", "bad_ids"],
 )
-def test_unsupported_combinations_stop_at_setup(single_process_env, strategy, match):
+def test_unsupported_combinations_stop_at_setup(single_process_env, tmp_path, make_strategy, match):
     with pytest.raises(ValueError, match=match):
-        _fit(strategy, _model())
+        _fit(make_strategy(tmp_path), _model())
 
 
 class Manual(DLRMModule):
