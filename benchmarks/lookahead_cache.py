@@ -329,13 +329,18 @@ def throughput(args: argparse.Namespace) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shape of the rows-moved streams, shared with ``planner_estimators.py`` so both measure the same batches."""
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--ids", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--warm", type=int, default=100)
     parser.add_argument("--drift", type=int, default=37)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_stream_arguments(parser)
     parser.add_argument("--big-rows", type=int, default=2_000_000)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--big-ids", type=int, default=32_768)

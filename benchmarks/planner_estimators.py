@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from lookahead_cache import stream  # benchmarks/, next to this script
+from lookahead_cache import add_stream_arguments, stream  # benchmarks/, next to this script
 from torch import Tensor
 
 from lightning_sparse.cache import LookaheadPlanner, Moves, WorkingSetTooLarge
@@ -99,11 +99,7 @@ def moved(batches: list[Tensor], rows: int, slots: int, k: int, warm: int, rule:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--ids", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--warm", type=int, default=100)
-    parser.add_argument("--drift", type=int, default=37)
+    add_stream_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
