@@ -6,7 +6,9 @@
    of the rows; look-ahead k = 1, 2, 4. Each contender is fed the same batches and trains every row it reads
    (so an evicted trained row is written back):
    - ours: :class:`~lightning_sparse.cache.scratchpad.CachedTable`'s planner, with the strategy's schedule
-     (batch t + k planned before step t); hit rate at lookup = the step's distinct rows copied in before the step;
+     (batch t + k planned before step t, the batches after it up to t + K as its ``ahead``; K = ``--horizon``,
+     ``CacheConfig.horizon``'s default; a column with K = k shows the window alone); hit rate at lookup = the
+     step's distinct rows copied in before the step;
    - LRU: a fully associative cache of the same slots that loads a batch's misses at its lookup;
    - fbgemm LRU: the same laid out as fbgemm's LRU cache (32-way sets, fbgemm's hash of the row picks the set,
      a miss that finds no free way in its set is read and updated in the backing store directly);
@@ -24,7 +26,8 @@
    scratchpad (``--slot-fraction``: 1/32 of the rows), planner, the page cache of the files. A third
    contender runs the same without the budget. A step: embedding bags of the batch (``F.embedding_bag``), an
    MLP forward and backward on them, then the rows' rowwise_adagrad update (our native kernel); the cached
-   step also plans k = 2 batches ahead and copies on the side thread. Each pass of each contender is a
+   step also plans k = 2 batches ahead (victims chosen with K = ``--horizon`` batches' ids) and copies on the
+   side thread. Each pass of each contender is a
    process of its own, with ``MALLOC_MMAP_THRESHOLD_=65536`` (without it glibc kept freed step buffers and
    the resident set grew until the budget's limit killed the process).
    Round-robin passes, median of the per-pass throughputs, each timed after ``WARM_STEPS`` steps (the first
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 from lightning_sparse.cache import WorkingSetTooLarge, mmap_store
 from lightning_sparse.cache.reference import belady_moves, fbgemm_lru_moves, lru_moves
 from lightning_sparse.cache.scratchpad import CachedTable
-from lightning_sparse.config import SparseOptimizerConfig
+from lightning_sparse.config import DEFAULT_HORIZON, SparseOptimizerConfig
 from lightning_sparse.optim import init_state_for, sparse_update_for
 
 WARM_STEPS = 4
@@ -66,15 +69,22 @@ def stream(kind: str, steps: int, rows: int, ids: int, drift: int, seed: int = 0
     ]
 
 
-def ours(batches: list[torch.Tensor], rows: int, slots: int, k: int, warm: int) -> tuple[float, float]:
-    """(hit rate at lookup, rows moved per step) after warm-up; raises WorkingSetTooLarge if the window does not fit."""
+def ours(
+    batches: list[torch.Tensor], rows: int, slots: int, k: int, warm: int, horizon: int = DEFAULT_HORIZON
+) -> tuple[float, float]:
+    """(hit rate at lookup, rows moved per step) after warm-up, copies ``k`` batches ahead and victims chosen with
+    the ids of ``max(k, horizon)`` batches (CachedTables' schedule); raises WorkingSetTooLarge if the window does
+    not fit."""
     table = CachedTable("bench", rows, slots, None, None)
+    unique = [torch.unique(b) for b in batches]
+    horizon = max(k, horizon)
     hits = lookups = moved = 0
     for t, ids in enumerate(batches):
         table.planner.retire(t - 1)
         loaded_now = 0
         for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
-            moves = table.plan(seq, batches[seq])
+            ahead = [(s, unique[s]) for s in range(seq + 1, min(t + horizon, len(batches) - 1) + 1)]
+            moves = table.plan(seq, unique[seq], ahead)
             if seq == t:
                 loaded_now = int(moves.load_rows.numel())
         table.mark_trained(ids)
@@ -101,16 +111,19 @@ def fbgemm_lru(batches: list[list[int]], slots: int, warm: int) -> tuple[float, 
 
 
 def moves_table(args: argparse.Namespace) -> None:
+    K = args.horizon
     print(
         f"## rows moved per step: {args.rows} rows, {args.ids} ids a batch, {args.steps} steps ({args.warm} warm-up "
-        f"not counted), drift {args.drift} rows/batch\n"
+        f"not counted), drift {args.drift} rows/batch; ours: copies k batches ahead, victims chosen with the ids of "
+        f"K = {K} batches (CacheConfig.horizon), and, for comparison, with the window's only (K = k)\n"
     )
     print("Rows moved per step (rows copied in + dirty rows written back):\n")
     print(
-        "| stream | C | LRU | fbgemm LRU (32-way sets) | prefetch-1 | ours k=1 | ours k=2 | ours k=4 | k=1 / LRU | k=2 / LRU | "
-        "k=4 / LRU | k=2 / fbgemm LRU | k=2 / prefetch-1 | Belady, whole stream known | Belady / LRU |"
+        "| stream | C | LRU | fbgemm LRU (32-way sets) | prefetch-1 | ours k=1 | ours k=2 | ours k=4 | ours k=2, K=2 | "
+        "k=1 / LRU | k=2 / LRU | k=4 / LRU | k=2, K=2 / LRU | k=2 / fbgemm LRU | k=2 / prefetch-1 | "
+        "Belady, whole stream known | Belady / LRU |"
     )
-    print("|---|---:|" + "---:|" * 13)
+    print("|---|---:|" + "---:|" * 15)
     hits = []
     for kind in ("zipf", "drifting"):
         batches = stream(kind, args.steps, args.rows, args.ids, args.drift)
@@ -122,17 +135,18 @@ def moves_table(args: argparse.Namespace) -> None:
             pre_hit, pre_moved = lru(plain, slots, 1, args.warm)
             bound = sum(belady_moves(plain, slots)[args.warm :]) / (len(plain) - args.warm)
             moved, hit = {}, {}
-            for k in (1, 2, 4):
+            for key, k, horizon in ((1, 1, K), (2, 2, K), (4, 4, K), ("blind", 2, 2)):
                 try:
-                    hit[k], moved[k] = ours(batches, args.rows, slots, k, args.warm)
+                    hit[key], moved[key] = ours(batches, args.rows, slots, k, args.warm, horizon)
                 except WorkingSetTooLarge:
                     pass
             cell = lambda k, moved=moved: f"{moved[k]:.0f}" if k in moved else "window does not fit"  # noqa: E731
             ratio = lambda k, base, moved=moved: f"{moved[k] / base:.2f}x" if k in moved else "-"  # noqa: E731
             print(
-                f"| {kind} | {fraction:.0%} | {lru_moved:.0f} | {fb_moved:.0f} | {pre_moved:.0f} | {cell(1)} | {cell(2)} | {cell(4)} | "
-                f"{ratio(1, lru_moved)} | {ratio(2, lru_moved)} | {ratio(4, lru_moved)} | {ratio(2, fb_moved)} | "
-                f"{ratio(2, pre_moved)} | {bound:.0f} | {bound / lru_moved:.2f}x |",
+                f"| {kind} | {fraction:.0%} | {lru_moved:.0f} | {fb_moved:.0f} | {pre_moved:.0f} | {cell(1)} | {cell(2)} | "
+                f"{cell(4)} | {cell('blind')} | {ratio(1, lru_moved)} | {ratio(2, lru_moved)} | {ratio(4, lru_moved)} | "
+                f"{ratio('blind', lru_moved)} | {ratio(2, fb_moved)} | {ratio(2, pre_moved)} | {bound:.0f} | "
+                f"{bound / lru_moved:.2f}x |",
                 flush=True,
             )
             hits.append((kind, fraction, lru_hit, fb_hit, pre_hit, hit))
@@ -212,13 +226,18 @@ def one_pass(args: argparse.Namespace) -> dict:
     table = CachedTable("big", rows, slots, scratch, store)
     if budget is not None and budget.version == 1:
         (budget.folder / "memory.max_usage_in_bytes").write_text("0")
+    unique: dict[int, torch.Tensor] = {}
     for t, ids in enumerate(batches):
         if t == WARM_STEPS:
             begin = time.perf_counter()
         table.wait()
         table.planner.retire(t - 1)
         for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
-            table.plan(seq, batches[seq])
+            later = range(seq + 1, min(t + args.horizon, len(batches) - 1) + 1)
+            for s in later:  # each batch's rows once, when it is read (as CachedTables does)
+                if s not in unique:
+                    unique[s] = torch.unique(batches[s])
+            table.plan(seq, batches[seq], [(s, unique[s]) for s in later])
         if t == 0:
             table.wait()
         table.mark_trained(ids)
@@ -253,6 +272,7 @@ def throughput(args: argparse.Namespace) -> None:
         f"--big-steps={args.big_steps}",
         f"--slot-fraction={args.slot_fraction}",
         f"--threads={args.threads}",
+        f"--horizon={args.horizon}",
     ] + ([f"--folder={args.folder}"] if args.folder else [])
     results: dict[str, list[dict]] = {name: [] for name in args.contenders.split(",")}
     for _ in range(args.passes):
@@ -288,7 +308,7 @@ def throughput(args: argparse.Namespace) -> None:
         f"\n## CPU throughput: table {args.big_rows} x {args.dim} + rowwise_adagrad sum = {mib(first['table_bytes'])}, "
         + (f"memory budget of the cached contender {mib(first['budget'])} (1/4), " if "cached" in results else "")
         + f"scratchpad {first['slots']} rows "
-        f"(1/{args.slot_fraction} of the rows), k = 2, batch {args.big_ids} ids (Zipf 1.05, bags of 16), {args.threads} "
+        f"(1/{args.slot_fraction} of the rows), k = 2, K = {args.horizon}, batch {args.big_ids} ids (Zipf 1.05, bags of 16), {args.threads} "
         f"thread(s), {args.passes} round-robin passes of {args.big_steps} steps (each a fresh process), the first "
         f"{WARM_STEPS} not timed\n"
     )
@@ -336,6 +356,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--warm", type=int, default=100)
     parser.add_argument("--drift", type=int, default=37)
+    parser.add_argument("--horizon", type=int, default=DEFAULT_HORIZON, help="K: batches of ids choosing victims")
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ Run: ``OMP_NUM_THREADS=1 PYTHONPATH=.. python planner_estimators.py`` (about 3 m
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 import torch
 from lookahead_cache import add_stream_arguments, stream  # benchmarks/, next to this script
@@ -46,8 +47,8 @@ class Estimating(LookaheadPlanner):
         self.slot_gap = torch.full((self.slots,), float("inf"), dtype=torch.float64)
         self.slot_uses = torch.zeros(self.slots, dtype=torch.int32)
 
-    def push(self, seq: int, ids: Tensor) -> Moves:
-        moves = super().push(seq, ids)
+    def push(self, seq: int, ids: Tensor, ahead: Sequence[tuple[int, Tensor]] = ()) -> Moves:
+        moves = super().push(seq, ids, ahead)
         rows = torch.unique(ids.reshape(-1).long())
         before = self.seen[rows].double()
         slots = self.slot_of[rows].long()
@@ -82,7 +83,8 @@ RULES = {
 
 
 def moved(batches: list[Tensor], rows: int, slots: int, k: int, warm: int, rule: dict) -> float:
-    """Rows moved per step after the warm-up, by the schedule of ``lookahead_cache.ours``."""
+    """Rows moved per step after the warm-up, by the schedule of ``lookahead_cache.ours`` with the window's ids
+    alone (K = k): every slot beyond the window is then ordered by the estimate under test."""
     table = CachedTable("bench", rows, slots, None, None)
     table.planner = Estimating(rows, slots, **rule)
     total = 0

@@ -94,6 +94,9 @@ class CacheBacking(NamedEnum):
     MMAP = "mmap"
 
 
+DEFAULT_HORIZON = 16  # batches of ids read ahead to choose victims (benchmarks/lookahead_cache.py measures 2-64)
+
+
 @dataclass
 class CacheConfig:
     """A look-forward (ScratchPipe) cache: the table's rows live in a backing store, the kernels train a
@@ -101,7 +104,11 @@ class CacheConfig:
 
     Args:
         rows: scratchpad slots C; the ids of any ``lookahead + 1`` consecutive batches must fit.
-        lookahead: k, how many batches ahead the planner reads ids (0: copies wait for the lookup).
+        lookahead: k, how many batches ahead the planner copies rows in (0: copies wait for the lookup).
+        horizon: K >= k, how many batches ahead the loader reads ids to choose victims: a slot whose row a
+            batch within K is next to need is kept over one no batch within K needs, and among those the
+            furthest next use goes first (Belady's rule over K batches). ``None``: ``max(lookahead, 16)``.
+            The loader holds K batches read ahead; it changes which rows are copied, never the results.
         backing: :class:`CacheBacking`.
         path: folder of the memory-mapped backing files (default: the system's temporary folder).
         score_decay: per-batch decay of the use counts that order the eviction of rows no batch of the
@@ -110,6 +117,7 @@ class CacheConfig:
 
     rows: int
     lookahead: int = 2
+    horizon: Optional[int] = None
     backing: CacheBacking = CacheBacking.AUTO
     path: Optional[str] = None
     score_decay: float = 0.997
@@ -119,6 +127,13 @@ class CacheConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"CacheConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.horizon is not None and (
+            isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < self.lookahead
+        ):
+            raise ValueError(
+                f"CacheConfig.horizon must be an integer >= lookahead ({self.lookahead}) or None "
+                f"(max(lookahead, {DEFAULT_HORIZON})), got {self.horizon!r}"
+            )
         self.backing = CacheBacking.parse(self.backing, "CacheConfig.backing")
         if (
             isinstance(self.score_decay, bool)
@@ -127,6 +142,11 @@ class CacheConfig:
         ):
             raise ValueError(f"CacheConfig.score_decay must be a number in (0, 1], got {self.score_decay!r}")
         self.score_decay = float(self.score_decay)
+
+    @property
+    def batches_ahead(self) -> int:
+        """K: the horizon, resolved (see ``horizon``)."""
+        return self.horizon if self.horizon is not None else max(self.lookahead, DEFAULT_HORIZON)
 
 
 @dataclass

@@ -35,23 +35,39 @@ def zipf_stream(steps: int, rows: int, per_batch: int, seed: int, drift: int = 0
     ]
 
 
-def drive(planner, batches: list[torch.Tensor], k: int) -> list:
-    """The strategy's schedule: before step t, retire t - 1 and push batch t + k (batches 0..k at step 0)."""
+def drive(planner, batches: list, k: int, horizon: int = 0) -> list:
+    """The strategy's schedule: before step t, retire t - 1 and push batch t + k (batches 0..k at step 0), with
+    the batches after it up to t + horizon as ``ahead`` (unique rows for the planner, as CachedTables passes)."""
     moves = []
     for t in range(len(batches)):
         planner.retire(t - 1)
         for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
-            moves.append(planner.push(seq, batches[seq]))
+            later = range(seq + 1, min(t + horizon, len(batches) - 1) + 1)
+            if isinstance(planner, LookaheadPlanner):
+                ahead = [(s, torch.unique(batches[s])) for s in later]
+            else:
+                ahead = [(s, batches[s]) for s in later]
+            moves.append(planner.push(seq, batches[seq], ahead))
     return moves
 
 
 @pytest.mark.parametrize(
-    "slots,k,drift,decay", [(40, 1, 0, 0.99), (62, 4, 3, 1.0), (37, 2, 7, 0.5), (200, 0, 1, 0.99), (40, 2, 1, 1e-9)]
+    "slots,k,horizon,drift,decay",
+    [
+        (40, 1, 0, 0, 0.99),
+        (62, 4, 0, 3, 1.0),
+        (37, 2, 0, 7, 0.5),
+        (200, 0, 0, 1, 0.99),
+        (40, 2, 0, 1, 1e-9),
+        (40, 1, 6, 0, 0.99),
+        (62, 2, 9, 3, 1.0),
+        (37, 0, 3, 7, 0.5),
+    ],
 )
-def test_planner_matches_its_plain_python_twin_move_by_move(slots, k, drift, decay):
+def test_planner_matches_its_plain_python_twin_move_by_move(slots, k, horizon, drift, decay):
     batches = zipf_stream(30, 200, 12, seed=slots + k, drift=drift)
-    ours = drive(LookaheadPlanner(200, slots, score_decay=decay), batches, k)
-    theirs = drive(ReferencePlanner(200, slots, decay), [b.tolist() for b in batches], k)
+    ours = drive(LookaheadPlanner(200, slots, score_decay=decay), batches, k, horizon)
+    theirs = drive(ReferencePlanner(200, slots, decay), [b.tolist() for b in batches], k, horizon)
     assert len(ours) == len(theirs) == 30
     evictions = 0
     for a, (loads, load_slots, evicted, evicted_slots) in zip(ours, theirs):
@@ -78,6 +94,25 @@ def test_victim_is_a_slot_unused_in_the_window_least_recently_used_first():
     assert moves.load_rows.tolist() == [5] and moves.load_slots.tolist() == [0]
     assert moves.evict_rows.tolist() == [0] and moves.evict_slots.tolist() == [0]
     assert planner.lookup(torch.tensor([5, 2, 1])).tolist() == [0, 2, 1]
+
+
+def test_victims_beyond_the_window_are_unneeded_rows_first_then_the_furthest_next_use_ahead():
+    planner = LookaheadPlanner(rows=10, slots=4)
+    for seq, row in enumerate([0, 1, 2, 3]):
+        planner.push(seq, torch.tensor([row]))
+    planner.retire(3)
+    # rows 0 and 2 are needed ahead (2 at batch 6, 0 at batch 9): rows 1 and 3, which no batch ahead needs, go
+    # first, then row 0, whose next use is further than row 2's (least recent use alone would take row 2)
+    ahead = [(6, torch.tensor([2])), (9, torch.tensor([0, 2]))]
+    moves = planner.push(4, torch.tensor([5, 6, 7]), ahead)
+    assert sorted(moves.evict_rows.tolist()) == [0, 1, 3]
+    assert planner.resident(torch.tensor([2])).item()
+    # without the batches ahead the least recently used rows 0, 1, 2 would have gone
+    blind = LookaheadPlanner(rows=10, slots=4)
+    for seq, row in enumerate([0, 1, 2, 3]):
+        blind.push(seq, torch.tensor([row]))
+    blind.retire(3)
+    assert sorted(blind.push(4, torch.tensor([5, 6, 7])).evict_rows.tolist()) == [0, 1, 2]
 
 
 def test_a_planner_loaded_from_its_state_mid_stream_moves_the_same_rows_as_the_one_that_went_on():
@@ -139,6 +174,14 @@ def test_lookahead_moves_fewer_rows_than_lru_on_a_zipf_stream_once_warm():
     ours, lru = lookahead_moves(batches, 4000, 400, lookahead=2), lru_moves(batches, 400)
     assert sum(ours[20:]) < 0.9 * sum(lru[20:])
     assert lru_moves(batches, 400, ahead=1)[0] > lru[0]  # one batch ahead: step 0 also loads batch 1
+
+
+def test_ids_read_further_ahead_than_the_copies_move_fewer_rows():
+    # the claim of CacheConfig.horizon: the same copies k = 2 ahead, victims chosen with 12 batches' ids
+    batches = [b.tolist() for b in zipf_stream(60, 4000, 128, seed=5, drift=3)]
+    blind = lookahead_moves(batches, 4000, 400, lookahead=2)
+    sighted = lookahead_moves(batches, 4000, 400, lookahead=2, horizon=12)
+    assert sum(sighted[20:]) < 0.95 * sum(blind[20:])
 
 
 def test_belady_keeps_the_row_needed_soonest_and_lru_the_one_used_last():
@@ -320,6 +363,8 @@ def test_a_cached_table_runs_on_the_native_route_whatever_its_kind():
         ({"rows": 8, "backing": "ssd"}, "CacheConfig.backing='ssd' is not valid"),
         ({"rows": 8, "size": 3}, r"TableConfig.cache: unknown option\(s\) \['size'\]"),
         ({"rows": 8, "score_decay": 0.0}, r"CacheConfig.score_decay must be a number in \(0, 1\]"),
+        ({"rows": 8, "lookahead": 4, "horizon": 3}, r"CacheConfig.horizon must be an integer >= lookahead \(4\)"),
+        ({"rows": 8, "horizon": True}, "CacheConfig.horizon must be an integer"),
     ],
 )
 def test_cache_config_errors(values, message):
@@ -346,11 +391,15 @@ def test_cache_option_from_yaml_through_the_cli_parser():
     parser = ArgumentParser()
     parser.add_class_arguments(SparseStrategy, "strategy")
     config = parser.parse_string(
-        "strategy:\n  tables:\n    t_items:\n      cache: {rows: 50000, lookahead: 2, backing: mmap, path: /mnt/nvme/ls-cache}\n"
+        "strategy:\n  tables:\n    t_items:\n      cache: {rows: 50000, lookahead: 3, horizon: 24, backing: mmap, path: /mnt/nvme/ls-cache}\n"
     )
     strategy = parser.instantiate_classes(config).strategy
     assert strategy.table_configs["t_items"].cache == CacheConfig(
-        rows=50000, lookahead=2, backing="mmap", path="/mnt/nvme/ls-cache"
+        rows=50000, lookahead=3, horizon=24, backing="mmap", path="/mnt/nvme/ls-cache"
+    )
+    assert strategy.table_configs["t_items"].cache.batches_ahead == 24
+    assert (
+        CacheConfig(rows=8, lookahead=3).batches_ahead == 16 and CacheConfig(rows=8, lookahead=20).batches_ahead == 20
     )
 
 

@@ -8,8 +8,12 @@ current step computes. At the lookup every row is already in the scratchpad: a g
 
 Eviction is Belady's rule within the window: the victim is the slot whose next use is furthest ahead. A slot
 whose row some batch of the window needs is never a victim (evicting it would cost a copy back within the
-window). All other slots are next needed somewhere beyond the horizon, a tie Belady cannot break; the planner
-breaks it by an estimate of how soon each row is needed again. A row's rate of use (batches using it, per
+window). Copying a row in ``k`` batches early pins its slot for those batches, so the window is kept short;
+the loader reads ids further, ``K`` batches ahead (``CacheConfig.horizon``), and those batches, known but not
+yet planned, are passed to :meth:`LookaheadPlanner.push` as ``ahead``. Belady's rule continues over them: a
+slot whose row no batch within ``K`` needs is evicted before one whose row is needed there, and among the
+latter the furthest next use goes first. The slots no batch within ``K`` needs are a tie Belady cannot
+break; the planner breaks it by an estimate of how soon each row is needed again. A row's rate of use (batches using it, per
 batch) is estimated from its use count decayed by ``score_decay`` per batch (Kraken's feature score):
 ``rate = (1 - score_decay) * count`` (with ``score_decay`` 1, the plain count over the batches so far). Its
 use is then expected within ``1 / rate`` batches; a row not used for ``a`` batches since has probability
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -115,8 +120,10 @@ class LookaheadPlanner:
             for seq in torch.unique(window_seq[window_seq >= 0]).tolist()
         )
 
-    def push(self, seq: int, ids: Tensor) -> Moves:
-        """Batch ``seq`` (its ids, any order, duplicates allowed) enters the window; returns the copies."""
+    def push(self, seq: int, ids: Tensor, ahead: Sequence[tuple[int, Tensor]] = ()) -> Moves:
+        """Batch ``seq`` (its ids, any order, duplicates allowed) enters the window; returns the copies.
+        ``ahead``: ``(batch, rows)`` of later batches already read (rows unique, batches ascending), whose next
+        uses order the victims (module docstring); they do not enter the window."""
         rows = torch.unique(ids.reshape(-1).long().cpu())
         weight = use_weight(self, seq)  # first: it may rescale every count
         self.score[rows] += weight
@@ -125,7 +132,7 @@ class LookaheadPlanner:
         empty = torch.empty(0, dtype=torch.int64)
         victims = empty
         if missing.numel():
-            victims = self._victims(seq, rows, int(missing.numel()))
+            victims = self._victims(seq, rows, int(missing.numel()), ahead)
         evicted_rows = self.row_of[victims]
         held = evicted_rows >= 0
         evict_rows, evict_slots = evicted_rows[held], victims[held]
@@ -158,8 +165,9 @@ class LookaheadPlanner:
         """Whether each id has a slot now."""
         return self.slot_of[ids.long().cpu()] >= 0
 
-    def _victims(self, seq: int, rows: Tensor, needed: int) -> Tensor:
-        """``needed`` slots holding no row of the window (nor of ``rows``): empty ones, then least recently used."""
+    def _victims(self, seq: int, rows: Tensor, needed: int, ahead: Sequence[tuple[int, Tensor]] = ()) -> Tensor:
+        """``needed`` slots holding no row of the window (nor of ``rows``): empty ones, then the rows no batch of
+        ``ahead`` needs by their expected use, then those rows by their next use there, furthest first."""
         protected = torch.zeros(self.slots, dtype=torch.bool)
         for _, window_rows in self.window:
             held = self.slot_of[window_rows].long()
@@ -182,6 +190,13 @@ class LookaheadPlanner:
         if needed == 0:
             return empty
         key = self.expected_use(seq)
+        if ahead:
+            known = torch.full((self.slots,), -1, dtype=torch.int64)
+            for later, later_rows in reversed(ahead):  # the earliest use last: it overwrites later ones
+                held = self.slot_of[later_rows].long()
+                known[held[held >= 0]] = later
+            next_use = known >= 0
+            key[next_use] = KNOWN_USE - known[next_use].double()
         key.masked_fill_(protected, float("inf"))
         key[empty] = float("inf")
         threshold = torch.topk(key, needed, largest=False, sorted=False).values.max()
@@ -203,6 +218,8 @@ def rate_unit(planner: "LookaheadPlanner | object", seq: int) -> float:
         return 1.0 / (seq + 1)
     return (1.0 - planner.decay) / planner.growth ** (seq - planner.origin)
 
+
+KNOWN_USE = 2.0**52  # key of a slot next used at batch b of ``ahead``: KNOWN_USE - b, above every expected use (<= 1)
 
 RESCALE_AT = 2.0**64  # use weights (and counts, up to 1 / (1 - score_decay) of them) stay far from float32's overflow
 

@@ -20,7 +20,7 @@ class LookaheadLoader:
 
     Args:
         loader: the train loader.
-        ahead: batches read ahead of the one handed out (the largest ``cache.lookahead``).
+        ahead: batches read ahead of the one handed out (the largest ``cache.horizon``, resolved).
         on_pass: called when a pass starts (the batches read ahead in the last pass are void).
         on_read: called with every batch as it is read, in order.
     """

@@ -2,9 +2,10 @@
 
 It states the planner's rule in the most literal form: for each missing row of the new batch, the victim
 is the slot with the furthest next use within the window (no use in the window counts as beyond it; a
-slot some window batch needs is never taken), beyond the window the lowest ``rate * exp(-rate * age)`` first
-(``rate`` from the decayed use count, ``age`` the batches since the last use), ties broken by the least
-recent use, then the lowest slot.
+slot some window batch needs is never taken); beyond the window, first the slots whose row no batch of
+``ahead`` needs, the lowest ``rate * exp(-rate * age)`` first (``rate`` from the decayed use count, ``age``
+the batches since the last use), then those a batch of ``ahead`` needs, the furthest next use first; ties
+broken by the least recent use, then the lowest slot.
 The tests feed both the same batches and compare every move; :func:`lru_moves` and
 :func:`prefetch_moves` are the baselines of ``benchmarks/lookahead_cache.py``.
 """
@@ -32,8 +33,11 @@ class ReferencePlanner:
         self.last_use: list[int] = [-1] * self.slots
         self.window: list[tuple[int, set[int]]] = []
 
-    def push(self, seq: int, ids: Iterable[int]) -> tuple[list[int], list[int], list[int], list[int]]:
-        """(load rows, load slots, evicted rows, their slots), rows ascending as the planner returns them."""
+    def push(
+        self, seq: int, ids: Iterable[int], ahead: Sequence[tuple[int, Iterable[int]]] = ()
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(load rows, load slots, evicted rows, their slots), rows ascending as the planner returns them.
+        ``ahead``: ``(batch, ids)`` of later batches known but not in the window."""
         rows = sorted(set(int(i) for i in ids))
         weight = use_weight(self, seq)
         for row in rows:
@@ -53,13 +57,21 @@ class ReferencePlanner:
             raise ValueError(f"batch {seq}: the window's rows do not fit in {self.slots} slots")
         unit = rate_unit(self, seq)
 
-        def expected_use(slot: int) -> float:
-            if self.row_of[slot] is None:
-                return -1.0
-            rate = self.score[self.row_of[slot]] * unit
-            return rate * math.exp(-rate * (seq - self.last_use[slot]))
+        known: dict[int, int] = {}
+        for later, later_ids in ahead:
+            for row in later_ids:
+                known.setdefault(int(row), later)
 
-        candidates.sort(key=lambda s: (expected_use(s), self.last_use[s], s))
+        def order(slot: int) -> tuple:
+            row = self.row_of[slot]
+            if row is None:
+                return (0, -1.0, self.last_use[slot], slot)
+            if row in known:
+                return (1, -known[row], self.last_use[slot], slot)
+            rate = self.score[row] * unit
+            return (0, rate * math.exp(-rate * (seq - self.last_use[slot])), self.last_use[slot], slot)
+
+        candidates.sort(key=order)
         victims = candidates[: len(missing)]
         evicted = [(self.row_of[s], s) for s in victims if self.row_of[s] is not None]
         for row, _ in evicted:
@@ -77,16 +89,24 @@ class ReferencePlanner:
 
 
 def lookahead_moves(
-    batches: Sequence[Sequence[int]], rows: int, slots: int, lookahead: int, score_decay: float = 0.997
+    batches: Sequence[Sequence[int]],
+    rows: int,
+    slots: int,
+    lookahead: int,
+    score_decay: float = 0.997,
+    horizon: Optional[int] = None,
 ) -> list[int]:
-    """Rows copied (in + back) per training step by the look-forward planner over ``batches``."""
+    """Rows copied (in + back) per training step by the look-forward planner over ``batches``, copying
+    ``lookahead`` batches ahead and choosing victims with the ids ``horizon`` (default: ``lookahead``) ahead."""
+    horizon = lookahead if horizon is None else horizon
     planner = ReferencePlanner(rows, slots, score_decay)
     per_step = [0] * len(batches)
     dirty: set[int] = set()
     for step in range(len(batches)):
         planner.retire(step - 1)
         for seq in range(step if step == 0 else step + lookahead, min(step + lookahead, len(batches) - 1) + 1):
-            loads, _, evicted, _ = planner.push(seq, batches[seq])
+            ahead = [(s, batches[s]) for s in range(seq + 1, min(step + horizon, len(batches) - 1) + 1)]
+            loads, _, evicted, _ = planner.push(seq, batches[seq], ahead)
             per_step[step] += len(loads) + sum(1 for r in evicted if r in dirty)
             dirty -= set(evicted)
         dirty |= set(int(i) for i in batches[step])

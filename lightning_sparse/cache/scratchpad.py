@@ -17,7 +17,7 @@ or updates; the thread is joined before the next plan, a checkpoint or an evalua
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -65,9 +65,10 @@ class CachedTable:
         return self.store is not None
 
     # ------------------------------------------------------------ planning
-    def plan(self, seq: int, ids: Tensor) -> Moves:
-        """Batch ``seq`` (all ranks' ids) enters the window; its copies start on the side thread."""
-        moves = self.planner.push(seq, ids)
+    def plan(self, seq: int, ids: Tensor, ahead: Sequence[tuple[int, Tensor]] = ()) -> Moves:
+        """Batch ``seq`` (all ranks' ids) enters the window; its copies start on the side thread. ``ahead``: the
+        later batches read (:meth:`LookaheadPlanner.push`)."""
+        moves = self.planner.push(seq, ids, ahead)
         dirty = self.dirty[moves.evict_slots]
         self.dirty[moves.load_slots] = False
         back_rows, back_slots = moves.evict_rows[dirty], moves.evict_slots[dirty]

@@ -7,9 +7,10 @@ store filled from that initialisation (any kind: host weight, recorded draw, ``i
 and fresh optimizer state, and the scratchpad tensors (the TBE's weights and the optimizer's state) are
 handed to a :class:`CachedTable`.
 
-Each step, the :class:`~lightning_sparse.cache.prefetch.LookaheadLoader` has already read the next batches;
-:meth:`before_training_step` plans the batch ``k`` steps ahead (every rank's ids, one ``all_gather``) and
-replaces this batch's ids by slots. :class:`CachedTables` is ``Stateful``: :meth:`state_dict` writes dirty
+Each step, the :class:`~lightning_sparse.cache.prefetch.LookaheadLoader` has already read the next ``K``
+batches (``CacheConfig.horizon``); :meth:`before_training_step` gathers every rank's ids of the batches read
+(one ``all_gather``), plans the batch ``k`` steps ahead with the batches after it up to ``K`` as the
+planner's ``ahead``, and replaces this batch's ids by slots. :class:`CachedTables` is ``Stateful``: :meth:`state_dict` writes dirty
 slots back and returns the backing stores and the planners; :meth:`load_state_dict` takes them (read in
 place by the checkpoint), and the next pass over the train loader resumes the checkpoint's: every row sits
 in the slot it had (the scratchpads are loaded with the model and the optimizer), so a run resumed in the
@@ -189,13 +190,13 @@ class CachedTables:
         """Plans each table's window up to ``k`` batches ahead of this step's and returns the batch with slots."""
         self.wait()
         step = self._step
-        horizon = step + max(cfg.lookahead for cfg in self.configs.values())
+        horizon = step + max(cfg.batches_ahead for cfg in self.configs.values())
         first = max(self._gathered, default=step - 1) + 1
         local = [self._read.popleft() for _ in range(min(horizon + 1 - first, len(self._read)))]
         gathered = self._gather_objects(local)
         for i in range(min(len(part) for part in gathered)):
             self._gathered[first + i] = {
-                name: torch.cat([part[i].get(name, _EMPTY) for part in gathered]) for name in self.tables
+                name: torch.unique(torch.cat([part[i].get(name, _EMPTY) for part in gathered])) for name in self.tables
             }
         if step not in self._gathered:
             raise RuntimeError(
@@ -209,7 +210,7 @@ class CachedTables:
                 self._planned[name] + 1, min(step + self.configs[name].lookahead, max(self._gathered)) + 1
             ):
                 try:
-                    moves = table.plan(self._pass_start + seq, self._gathered[seq][name])
+                    moves = table.plan(self._pass_start + seq, self._gathered[seq][name], self._ahead(name, seq, step))
                 except WorkingSetTooLarge as error:
                     raise WorkingSetTooLarge(
                         f"{error} (batch {self._pass_start + seq} is batch {seq} of this pass over "
@@ -221,12 +222,18 @@ class CachedTables:
                     loaded_now = int(moves.load_rows.numel())
                     table.wait()  # this batch's own rows are being copied: the lookup needs them
             table.mark_trained(self._gathered[step][name])
-            distinct = int(torch.unique(self._gathered[step][name]).numel())
+            distinct = int(self._gathered[step][name].numel())
             table.counters["lookups"] += distinct
             table.counters["hits"] += distinct - loaded_now
         del self._gathered[step]
         self._step += 1
         return apply_to_collection(batch, KeyedJaggedTensor, self._remap)
+
+    def _ahead(self, name: str, seq: int, step: int) -> list[tuple[int, Tensor]]:
+        """``(batch, rows)`` of the batches after ``seq`` read by step ``step``'s horizon (all ranks' ids, unique):
+        the same on every rank, and in a resumed run the same as in the run that went on."""
+        last = min(step + self.configs[name].batches_ahead, max(self._gathered, default=-1))
+        return [(self._pass_start + s, self._gathered[s][name]) for s in range(seq + 1, last + 1)]
 
     def before_evaluation_step(self, batch: Any) -> Any:
         """Copies an evaluation batch's missing rows in (all ranks' ids) and returns it with slots."""
@@ -243,7 +250,8 @@ class CachedTables:
         apply_to_collection(batch, KeyedJaggedTensor, collect)
         gathered = self._gather_objects({name: torch.cat(parts) for name, parts in ids.items()})
         for name, table in self.tables.items():
-            table.plan(max(self._last_seq, 0), torch.cat([part.get(name, _EMPTY) for part in gathered]))
+            ahead = self._ahead(name, self._planned[name], self._step)
+            table.plan(max(self._last_seq, 0), torch.cat([part.get(name, _EMPTY) for part in gathered]), ahead)
             table.planner.window.pop()  # an evaluation batch holds no slot beyond its own lookup
             table.wait()
         return apply_to_collection(batch, KeyedJaggedTensor, self._remap)

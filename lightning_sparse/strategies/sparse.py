@@ -306,7 +306,7 @@ class SparseStrategy(DDPStrategy):
         if cache is None:
             return dataloader
         return LookaheadLoader(
-            dataloader, max(c.lookahead for c in cache.configs.values()), cache.new_pass, cache.on_batch_read
+            dataloader, max(c.batches_ahead for c in cache.configs.values()), cache.new_pass, cache.on_batch_read
         )
 
     def on_validation_start(self) -> None:
