@@ -230,6 +230,7 @@ def one_pass(args: argparse.Namespace) -> dict:
     for t, ids in enumerate(batches):
         if t == WARM_STEPS:
             begin = time.perf_counter()
+            table.take_counters()
         table.wait()
         table.planner.retire(t - 1)
         for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
@@ -245,6 +246,11 @@ def one_pass(args: argparse.Namespace) -> dict:
     table.wait()
     out["rate"] = (len(batches) - WARM_STEPS) / (time.perf_counter() - begin)
     out["rss"] = memory_budget.rss()
+    counters = table.take_counters()
+    out["rows_in"] = counters["rows_in"] / (len(batches) - WARM_STEPS)  # per timed step
+    out["rows_back"] = counters["rows_back"] / (len(batches) - WARM_STEPS)
+    out["planner_bytes"] = table.planner.slot_of.nbytes + table.planner.score.nbytes
+    out["scratch_bytes"] = sum(t.nbytes for t in scratch.values())
     if budget is not None:
         stat = budget.stat()
         out.update(
@@ -347,6 +353,36 @@ def throughput(args: argparse.Namespace) -> None:
             f"{', '.join(f'{r:.1f}' for r in rates['cached-unlimited'])} | {median['cached-unlimited'] / f:.2f}x | "
             f"resident set {mib(results['cached-unlimited'][0]['rss'])} |"
         )
+    if "cached" in results and "peak" in first:
+        io_bound(args, first, f)
+
+
+def io_bound(args: argparse.Namespace, cached: dict, ram_rate: float) -> None:
+    """The most steps/s the budgeted table can reach on this disk (``benchmarks/disk_iops.py``): each step copies
+    ``rows_in`` rows in, and a row not in the page cache is a page read; the page cache holds at most what the
+    budget leaves after the scratchpad and planner, so at least ``rows_in * (1 - that / table bytes)`` reads a
+    step, at the disk's best rate, with nothing else (write-backs, compute) in the way."""
+    import disk_iops  # benchmarks/, next to this script
+
+    size = min(cached["table_bytes"], 1 << 30)
+    rates = {n: disk_iops.random_read_iops(args.folder, size, n) for n in (1, 16, 64)}
+    if not all(rates.values()):
+        print("\nThe folder of the files refuses O_DIRECT (tmpfs?): no disk bound measured.")
+        return
+    best = max(rates.values())
+    left = cached["budget"] - cached["scratch_bytes"] - cached["planner_bytes"]
+    share = min(1.0, max(0, left) / cached["table_bytes"])
+    reads = cached["rows_in"] * (1 - share)
+    bound = min(ram_rate, best / reads) if reads else ram_rate
+    print(
+        f"\nThe disk's bound. Random 4 KiB reads without the page cache (O_DIRECT, disk_iops.py) from the files' "
+        f"folder: {', '.join(f'{r:,.0f}/s with {n} in flight' for n, r in rates.items())}. The cached contender "
+        f"copied {cached['rows_in']:,.0f} rows in and {cached['rows_back']:,.0f} back a step; its page cache can "
+        f"hold at most {share:.0%} of the files (the budget less the scratchpad, "
+        f"{cached['scratch_bytes'] / 2**20:.1f} MiB, and the planner, {cached['planner_bytes'] / 2**20:.1f} MiB), so a "
+        f"step reads at least {reads:,.0f} pages: at {best:,.0f} reads/s, at most {bound:.1f} steps/s, "
+        f"{bound / ram_rate:.2f}x the table in RAM, before any write-back."
+    )
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
