@@ -306,6 +306,8 @@ def throughput(args: argparse.Namespace) -> None:
     first = next(
         (r for name in ("cached", "cached-unlimited") for r in results.get(name, []) if not r.get("killed")), None
     )
+    if first is None and len(results) == 1:
+        first = results["ram"][0]
     if first is None:
         print("\nEvery cached pass was killed at the memory limit: the budget cannot hold the planner and scratchpad.")
         return
