@@ -34,7 +34,6 @@ from dlrm_setup import DENSE_FEATURES, TABLE_SIZES, RankSampler, dlrm_module, fr
 ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "throughput.py")
 
 WARMUP_STEPS = 5
-DRIFT_PERIOD = 16  # batches per drift phase of the synthetic stream
 
 
 def stream(args, num_batches: int, split_offset: int = 0):
@@ -42,7 +41,7 @@ def stream(args, num_batches: int, split_offset: int = 0):
 
     return SyntheticClickStream(
         num_batches=num_batches, batch_size=args.batch_size, num_embeddings_per_feature=TABLE_SIZES,
-        num_dense_features=DENSE_FEATURES, pooling_factor=args.pooling_factor, drift_period=DRIFT_PERIOD,
+        num_dense_features=DENSE_FEATURES, pooling_factor=args.pooling_factor, drift_period=args.drift_period,
         split_offset=split_offset, seed=args.seed,
     )  # fmt: skip
 
@@ -201,7 +200,9 @@ def run_torchrec(rank: int, port: int, args) -> None:
     dmp = shard_model(model, plan, torch.device("cpu"), dist.group.WORLD)
     dense = [p for p in dmp.parameters() if not hasattr(p, "_in_backward_optimizers")]
     pipeline = TrainPipelineSparseDist(dmp, torch.optim.Adam(dense, lr=1e-3), torch.device("cpu"))
-    batches = iter(rank_batches(args, rank))
+    # The same loader as (a)'s (a DataLoader over the pre-built batches): both pay for reading them alike.
+    loader = torch.utils.data.DataLoader(rank_batches(args, rank), batch_size=None, sampler=RankSampler(args.steps))
+    batches = iter(loader)
     for i in range(args.steps):
         if i == WARMUP_STEPS:
             start = time.perf_counter()
@@ -219,9 +220,30 @@ def run_torchrec(rank: int, port: int, args) -> None:
 _PROFILER = None
 
 
+class _GcPauses:
+    """Seconds the garbage collector ran in this process while ``on`` (both contenders' measured steps)."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.on, self.seconds, self.collections, self._start = False, 0.0, 0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self.on:
+            self.seconds += time.perf_counter() - self._start
+            self.collections += info["generation"] == 2
+
+
+_GC = _GcPauses()
+
+
 def _profile_start(args, rank: int) -> None:
-    """--profile PATH: cProfile of rank 0's measured steps, written to PATH (pstats)."""
+    """The measured steps begin: GC pauses are counted; --profile PATH: cProfile of rank 0's, written to PATH."""
     global _PROFILER
+    _GC.on = True
     if args.profile and rank == 0:
         import cProfile
 
@@ -231,6 +253,7 @@ def _profile_start(args, rank: int) -> None:
 
 def _profile_stop(args, rank: int) -> None:
     global _PROFILER
+    _GC.on = False
     if _PROFILER is not None:
         _PROFILER.disable()
         _PROFILER.dump_stats(args.profile)
@@ -239,7 +262,16 @@ def _profile_stop(args, rank: int) -> None:
 
 def _write(path: str, steps_per_sec: float, auc: float, waited_ms: float = float("nan")) -> None:
     with open(path, "w") as f:
-        json.dump({"steps_per_sec": steps_per_sec, "auc": auc, "waited_ms": waited_ms}, f)
+        json.dump(
+            {
+                "steps_per_sec": steps_per_sec,
+                "auc": auc,
+                "waited_ms": waited_ms,
+                "gc_s": _GC.seconds,
+                "gc_full": _GC.collections,
+            },
+            f,
+        )
 
 
 def _run(variant: dict, args) -> dict:
@@ -248,7 +280,7 @@ def _run(variant: dict, args) -> dict:
         cmd = [
             sys.executable, ENTRY, "--pipelines", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--pooling-factor", str(args.pooling_factor), "--table-lr", str(args.table_lr), "--result", result,
-            "--val-batches", str(args.val_batches),
+            "--val-batches", str(args.val_batches), "--drift-period", str(args.drift_period),
         ] + [f"--{k.replace('_', '-')}={v}" for k, v in variant.items()]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -298,6 +330,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seeds", default="0", help="--auc-study: seeds of the stream and the model, e.g. 0,1,2")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--lazy", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--drift-period", type=int, default=16, help="batches per drift phase of the stream (0: none)")
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches after the training stretch")
     parser.add_argument("--variant", choices=["lightning", "torchrec"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="none", help=argparse.SUPPRESS)
@@ -331,13 +364,17 @@ def main(argv: list[str]) -> None:
         f"model: DLRM, {len(TABLE_SIZES)} tables ({sum(TABLE_SIZES):,} rows x 64), pooling factor {args.pooling_factor}, "
         f"batch {args.batch_size}/rank, {args.steps} steps ({WARMUP_STEPS} warm-up), best of {args.repeats}"
     )
-    print("\n| variant | steps/s | val AUC | ms/step waiting for the exchange |\n|---|---:|---:|---:|")
+    print(
+        "\n| variant | steps/s | val AUC | ms/step waiting for the exchange | GC: ms/step (full collections) |"
+        "\n|---|---:|---:|---:|---:|"
+    )
     for name, got in best.items():
         auc = f"{got['auc']:.4f}" if got["auc"] == got["auc"] else "-"
         waited = got.get("waited_ms", float("nan"))
         waited_text = f"{waited:.1f}" if waited == waited and name.endswith(", delay") else "-"
         print(
-            f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} | {waited_text} |"
+            f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} "
+            f"| {waited_text} | {1000 * got['gc_s'] / (args.steps - WARMUP_STEPS):.1f} ({got['gc_full']}) |"
         )
     names = list(best)
     ab = best[names[0]]["steps_per_sec"] / best[names[1]]["steps_per_sec"]
@@ -362,7 +399,8 @@ def auc_study(args) -> None:
     print(
         f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps "
         f"(x 2 ranks x {args.batch_size} = {2 * args.steps * args.batch_size:,} samples), table lr {args.table_lr:g}, "
-        f"validation: the {args.val_batches} batches after the training stretch, 2 processes"
+        f"drift period {args.drift_period} batches, validation: the {args.val_batches} batches after the training "
+        "stretch, 2 processes"
     )
     print(f"\n| seed | none | hybrid S={args.staleness} | AUC - none |\n|---:|---:|---:|---:|")
     gaps = []
