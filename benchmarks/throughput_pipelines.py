@@ -2,8 +2,8 @@
 processes, the DLRM of benchmarks/throughput.py (``dlrm_setup.py``):
 
 1. sparse_dist: (a) Lightning + SparseStrategy(pipeline="sparse_dist") vs (b) a hand-written loop calling
-   TorchRec's TrainPipelineSparseDist.progress() over the same model, optimizers and pre-built batches.
-   Goal (a)/(b) >= 0.97.
+   TorchRec's TrainPipelineSparseDist.progress() over the same model, optimizers and pre-built batches, read
+   through the same kind of DataLoader. Goal (a)/(b) >= 0.97.
 2. hybrid: SparseStrategy(pipeline={kind: hybrid, staleness: 4}) vs pipeline "none", both through Lightning,
    with a fixed latency of --delay-ms per step in the embedding path, modelled as an asynchronous cross-node
    all-to-all (AsyncExchangeDelay: issued after the lookup, ready --delay-ms later, waited for by the forward
@@ -14,7 +14,9 @@ processes, the DLRM of benchmarks/throughput.py (``dlrm_setup.py``):
     python benchmarks/throughput.py --pipelines --delay-check ...  # also none and hybrid without the delay
     python benchmarks/throughput.py --pipelines --auc-study --seeds 0,1,2 --steps 600 ...  # AUC only, per seed
 
-Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end.
+Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end,
+with the time rank 0 spent in the garbage collector during the measured steps (a full collection there moves
+a run by several ms per step).
 """
 
 from __future__ import annotations
