@@ -7,6 +7,8 @@
 Goals: (a)/(b) >= 0.95 (Lightning costs nothing), (a)/(c) >= 3.0.
 
     python benchmarks/throughput.py [--steps 60] [--batch-size 2048] [--pooling-factor 1]
+    python benchmarks/throughput.py --pipelines [...]   # the pipeline comparisons of issue 14 instead
+                                                        # (benchmarks/throughput_pipelines.py; --pipelines --help)
 
 Each variant runs in its own processes; the table is printed at the end.
 """
@@ -17,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,13 +26,10 @@ import time
 
 import torch
 
-# Criteo-like: a few large tables, many small ones (26 sparse features), scaled to a 24 GiB, 2-core machine.
-TABLE_SIZES = [400_000, 200_000, 100_000, 100_000, 50_000, 50_000, 20_000, 20_000, 10_000, 10_000,
-               5_000, 5_000, 2_000, 2_000, 1_000, 1_000, 500, 500, 200, 200, 100, 100, 50, 50, 20, 10]  # fmt: skip
-EMBEDDING_DIM = 64
-DENSE_FEATURES = 13
-DENSE_ARCH = [256, 64]
-OVER_ARCH = [256, 128, 1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dlrm_setup import DENSE_FEATURES, EMBEDDING_DIM, TABLE_SIZES, RankSampler, dlrm_module, free_port
+from dlrm_setup import init_process_group as _init
+
 WARMUP_STEPS = 5
 
 
@@ -46,19 +44,6 @@ def make_batches(rank: int, steps: int, batch_size: int, pooling_factor: int) ->
         pooling_factor=pooling_factor,
     )
     return [stream[i] for i in range(rank, 2 * steps, 2)]
-
-
-def dlrm_module():
-    from lightning_sparse.models import DLRMModule
-
-    return DLRMModule(
-        num_embeddings_per_feature=TABLE_SIZES,
-        embedding_dim=EMBEDDING_DIM,
-        num_dense_features=DENSE_FEATURES,
-        dense_arch_layer_sizes=DENSE_ARCH,
-        over_arch_layer_sizes=OVER_ARCH,
-        learning_rate=1e-3,
-    )
 
 
 def sparse_config():
@@ -81,7 +66,7 @@ def run_lightning(args) -> None:
             return DataLoader(
                 make_batches(rank, args.steps, args.batch_size, args.pooling_factor),
                 batch_size=None,
-                sampler=_RankSampler(args.steps),
+                sampler=RankSampler(args.steps),
             )
 
     pl.seed_everything(0)
@@ -101,19 +86,6 @@ def run_lightning(args) -> None:
     trainer.fit(dlrm_module(), InMemory())
     if trainer.is_global_zero:
         _write(args.result, throughput.mean_samples_per_sec)
-
-
-class _RankSampler(torch.utils.data.Sampler):
-    """Every rank reads its own pre-built list in order (a DistributedSampler keeps Lightning from adding one)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __iter__(self):
-        return iter(range(self.n))
-
-    def __len__(self) -> int:
-        return self.n
 
 
 # --------------------------------------------------------------------------- (b) TorchRec loop
@@ -194,15 +166,6 @@ def run_torch(rank: int, port: int, args) -> None:
 
 
 # --------------------------------------------------------------------------- shared
-def _init(rank: int, port: int) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # Lightning gives each of its processes cores/processes threads; the hand-written loops get the same.
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-
-
 def _timed_loop(rank: int, batches: list, step, args) -> None:
     import torch.distributed as dist
 
@@ -222,12 +185,6 @@ def _timed_loop(rank: int, batches: list, step, args) -> None:
 def _write(path: str, samples_per_sec: float) -> None:
     with open(path, "w") as f:
         json.dump({"samples_per_sec": samples_per_sec}, f)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CRASHES: dict[str, int] = {}
@@ -253,6 +210,13 @@ def _run_variant(variant: str, args, attempts: int = 3) -> float:
 
 
 def main() -> None:
+    pipelines = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pipelines.add_argument("--pipelines", action="store_true")
+    chosen, rest = pipelines.parse_known_args()
+    if chosen.pipelines:
+        from throughput_pipelines import main as pipelines_main
+
+        return pipelines_main(rest)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="steps per rank (the first 5 are warm-up)")
     parser.add_argument("--batch-size", type=int, default=2048, help="samples per rank per step")
@@ -260,6 +224,11 @@ def main() -> None:
         "--pooling-factor", type=int, default=1, help="ids per feature per sample (1 = one-hot, Criteo-like)"
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the best is kept")
+    parser.add_argument(
+        "--pipelines",
+        action="store_true",
+        help="run the pipeline comparisons of issue 14 instead (options: --pipelines --help)",
+    )
     parser.add_argument("--variant", choices=["lightning", "torchrec", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,7 +237,7 @@ def main() -> None:
         return run_lightning(args)
     if args.variant in ("torchrec", "torch"):
         target = run_torchrec if args.variant == "torchrec" else run_torch
-        return torch.multiprocessing.spawn(target, args=(_free_port(), args), nprocs=2)
+        return torch.multiprocessing.spawn(target, args=(free_port(), args), nprocs=2)
 
     names = {
         "lightning": "(a) Lightning + SparseStrategy",

@@ -12,7 +12,9 @@ step; a KeyedJaggedTensor whose lengths do not add up to its values is read out 
 - :func:`check_click_batch` / :func:`check_loss` (called by ``ClickModule``, under any strategy): a
   non-empty batch whose sizes agree, labels in [0, 1], finite dense features, a finite loss.
 
-The checks cost a few vectorised comparisons and one host synchronisation per batch.
+A valid batch costs one pass over its ids (each key's smallest and largest id against its table's rows) and
+one sum over its dense features and labels; the per-value masks that name a bad id or sample are built only
+when there is one.
 """
 
 from __future__ import annotations
@@ -158,7 +160,12 @@ class InputChecks:
     def __call__(self, batch: Any) -> Any:
         """The batch checked: every KJT in it (ids of static tables), then, for a torchrec ``Batch``, its
         dense features and labels. Returns the same object when nothing is dropped."""
-        batch = apply_to_collection(batch, KeyedJaggedTensor, self.check_kjt)
+        if isinstance(batch, Batch):  # the common case, without apply_to_collection's walk and copy
+            sparse = self.check_kjt(batch.sparse_features)
+            if sparse is not batch.sparse_features:
+                batch = Batch(dense_features=batch.dense_features, sparse_features=sparse, labels=batch.labels)
+        else:
+            batch = apply_to_collection(batch, KeyedJaggedTensor, self.check_kjt)
         if isinstance(batch, Batch):
             check_batch_sizes(batch)
             batch = self._check_finite(batch)
@@ -171,13 +178,14 @@ class InputChecks:
         if values.numel() == 0 or not any(key in self.static_tables for key in kjt.keys()):
             return kjt
         lower, upper = self._per_key_bounds(kjt.keys(), values.device)
-        per_key = torch.tensor(kjt.length_per_key(), device=values.device)
         ids = values.long()
+        lowest, highest = _per_key_min_max(ids, kjt.length_per_key())
+        if not bool(((lowest < lower) | (highest > upper)).any()):  # the common case: one pass, one host sync
+            return kjt
+        per_key = torch.tensor(kjt.length_per_key(), device=values.device)
         bad = (ids < lower.repeat_interleave(per_key, output_size=ids.numel())) | (
             ids > upper.repeat_interleave(per_key, output_size=ids.numel())
         )
-        if not bool(bad.any()):
-            return kjt
         key_of_value = torch.arange(len(kjt.keys()), device=values.device).repeat_interleave(
             per_key, output_size=ids.numel()
         )
@@ -260,9 +268,29 @@ class InputChecks:
         return metrics
 
 
+def _per_key_min_max(ids: torch.Tensor, length_per_key: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and largest id of each key's values (0 for a key without values), in one pass over ``ids``:
+    a ``[keys, length]`` view when every key has as many values (fixed pooling), else one reduction per key.
+    Comparing these with the tables' bounds is what a batch of valid ids costs; the per-value mask that names
+    the bad ids is built only when some key is out of range."""
+    if len(set(length_per_key)) == 1:
+        return torch.aminmax(ids.view(len(length_per_key), -1), dim=1)
+    lowest = torch.zeros(len(length_per_key), dtype=ids.dtype, device=ids.device)
+    highest = torch.zeros_like(lowest)
+    for k, part in enumerate(torch.split(ids, length_per_key)):
+        if part.numel():
+            lowest[k], highest[k] = torch.aminmax(part)
+    return lowest, highest
+
+
 def finite_samples(batch: Batch) -> Optional[torch.Tensor]:
     """A mask of the samples whose dense features and label are finite, or None when all are."""
     dense, labels = batch.dense_features, batch.labels
+    # One reduction first: a sum is finite only if every term is (a finite sum that overflows falls through
+    # to the exact per-sample check below, which then finds every sample finite).
+    total = labels.sum(dtype=torch.float64) + (dense.sum(dtype=torch.float64) if dense.is_floating_point() else 0)
+    if bool(torch.isfinite(total)):
+        return None
     finite = torch.isfinite(labels.reshape(labels.shape[0], -1)).all(dim=1) if labels.numel() else None
     if dense.is_floating_point() and dense.numel():
         dense_ok = torch.isfinite(dense.reshape(dense.shape[0], -1)).all(dim=1)

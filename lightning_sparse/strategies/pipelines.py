@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
+from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline.pipeline_context import CPUEmbeddingTrainPipelineContext, TrainPipelineContext
 from torchrec.distributed.train_pipeline.runtime_forwards import CPUEmbeddingPipelinedForward, PipelinedForward
@@ -131,6 +132,8 @@ def check_traceable(dmp: DistributedModelParallel) -> None:
 
 
 def _features_of(batch: Any) -> KeyedJaggedTensor:
+    if isinstance(batch, Batch):  # the common case, without apply_to_collection's walk of every field
+        return batch.sparse_features
     found: list[KeyedJaggedTensor] = []
     apply_to_collection(batch, KeyedJaggedTensor, found.append)
     if len(found) != 1:

@@ -75,6 +75,7 @@ class StopRequest:
         self.active = False  # the flag-only handlers are installed (a trainer stage is running)
         self._previous: dict[int, _Handler] = {}
         self._pending: Optional[tuple[Any, torch.Tensor]] = None  # the all_reduce started at the last boundary
+        self._flags: Optional[torch.Tensor] = None  # its buffer
 
     def install(self, previous: Optional[dict[int, _Handler]] = None) -> None:
         """Installs the flag-only handlers (main thread only: Python delivers signals there)."""
@@ -104,7 +105,10 @@ class StopRequest:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.signum
         agreed = self.finish()
-        flags = torch.tensor([self.signum], dtype=torch.int32, device=device)
+        flags = self._flags  # one buffer, reused: the all_reduce that used it last is finished
+        if flags is None or flags.device != device:
+            flags = self._flags = torch.zeros(1, dtype=torch.int32, device=device)
+        flags.fill_(self.signum)
         self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), flags)
         return agreed
 

@@ -42,6 +42,7 @@ from lightning_sparse.distributed.planning import shard_tables
 from lightning_sparse.distributed.routes import EmbeddingTables, embedding_parameters
 from lightning_sparse.distributed.sharded_dynamic import DynamicTables
 from lightning_sparse.distributed.sharded_model import ShardedModel, sharded_model_of
+from lightning_sparse.frozen_heap import FrozenHeap
 from lightning_sparse.strategies import pipelines
 from lightning_sparse.strategies.auto_sharding import (
     check_resumed_auto_sharding,
@@ -147,6 +148,7 @@ class SparseStrategy(DDPStrategy):
         self.auto_sharding_batches = checked_batches(auto_sharding_batches)
         # what ``auto`` chose from the batches read at setup (None: nothing was read), for the fit summary
         self.auto_sharding: Optional[AutoShardingDecision] = None
+        self._heap = FrozenHeap()  # kept out of full GC collections while fitting (frozen_heap.py)
 
     # ------------------------------------------------------------------ setup
     @property
@@ -185,6 +187,7 @@ class SparseStrategy(DDPStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+            self._heap.freeze()  # no full GC pass over the model and libraries in mid-step (frozen_heap.py)
 
     @property
     def collectives(self) -> Collectives:
@@ -458,6 +461,7 @@ class SparseStrategy(DDPStrategy):
         if self._pipeline is not None:
             self._pipeline.close()
             self._pipeline = None
+        self._heap.release()
         self.model = self.lightning_module
         if self._comm is not None:
             self._comm.uninstall()

@@ -127,6 +127,32 @@ def test_drop_policy_keeps_the_other_ids_of_the_bag():
     assert checks.dropped_ids == {"t_a": 1, "t_b": 2}
 
 
+@pytest.mark.parametrize("lengths", [[2, 2, 2, 2, 2, 2], [1, 0, 2, 1, 4, 2], [0, 0, 3, 2, 1, 4]])
+def test_the_one_pass_id_check_finds_every_out_of_range_id(lengths):
+    """The per-key min/max pass (a [keys, length] view under fixed pooling, one reduction per key otherwise,
+    empty keys included) lets no bad id through, wherever it sits, and passes every valid batch."""
+    from lightning_sparse.validation import InputChecks, StaticTable
+
+    checks = InputChecks({"a": StaticTable("t_a", 10), "b": StaticTable("t_b", 5)})
+    per_key = [lengths[0] + lengths[1], lengths[2] + lengths[3], lengths[4] + lengths[5]]  # 2 samples per key
+    owner = [key for key, n in zip("abc", per_key) for _ in range(n)]
+    for position, key in enumerate(owner):
+        for bad in (-1, 10, 2**40):
+            values = torch.zeros(len(owner), dtype=torch.int64)
+            values[position] = bad
+            kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=values, lengths=torch.tensor(lengths))
+            if key == "c":
+                assert checks.check_kjt(kjt) is kjt  # 'c' has no static table: any id
+                continue
+            rows = {"a": 10, "b": 5}[key]
+            with pytest.raises(
+                ValueError, match=rf"feature '{key}' of table 't_{key}' \({rows} rows\): 1 id\(s\).*e.g. {bad}\b"
+            ):
+                checks.check_kjt(kjt)
+    valid = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.full((len(owner),), 4), lengths=torch.tensor(lengths))
+    assert checks.check_kjt(valid) is valid
+
+
 def test_dynamic_tables_take_any_raw_id(single_process_env):
     batch = make_batch(0, ids={0: 2**40, 1: -7, 2: 10**7})
     trainer = fit([batch], tables={"t_cat_0": TableConfig(dynamic=DynamicTableConfig(capacity=100))})

@@ -1,19 +1,22 @@
-"""Pipelines (issue 14), side by side in one run, on 2 CPU gloo processes, DLRM of benchmarks/throughput.py:
+"""Pipelines (issue 14), run by ``benchmarks/throughput.py --pipelines``: side by side in one run, on 2 CPU gloo
+processes, the DLRM of benchmarks/throughput.py (``dlrm_setup.py``):
 
 1. sparse_dist: (a) Lightning + SparseStrategy(pipeline="sparse_dist") vs (b) a hand-written loop calling
-   TorchRec's TrainPipelineSparseDist.progress() over the same model, optimizers and pre-built batches.
-   Goal (a)/(b) >= 0.97.
+   TorchRec's TrainPipelineSparseDist.progress() over the same model, optimizers and pre-built batches, read
+   through the same kind of DataLoader. Goal (a)/(b) >= 0.97.
 2. hybrid: SparseStrategy(pipeline={kind: hybrid, staleness: 4}) vs pipeline "none", both through Lightning,
    with a fixed latency of --delay-ms per step in the embedding path, modelled as an asynchronous cross-node
    all-to-all (AsyncExchangeDelay: issued after the lookup, ready --delay-ms later, waited for by the forward
    that consumes it; several batches' exchanges may be in flight under hybrid). Goal >= 1.5x steps/s,
    and validation AUC on the drifting synthetic stream, after the same training samples, within 0.005.
 
-    python benchmarks/pipelines.py [--steps 40] [--batch-size 2048] [--pooling-factor 1] [--repeats 2]
-    python benchmarks/pipelines.py --auc-only 1,2,4 [--steps 120]     # AUC of none vs hybrid S only
-    python benchmarks/pipelines.py --delay-check ...   # also none and hybrid without the delay: what the delay costs each
+    python benchmarks/throughput.py --pipelines [--steps 40] [--batch-size 2048] [--pooling-factor 1] [--repeats 2]
+    python benchmarks/throughput.py --pipelines --delay-check ...  # also none and hybrid without the delay
+    python benchmarks/throughput.py --pipelines --auc-study --seeds 0,1,2 --steps 600 ...  # AUC only, per seed
 
-Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end.
+Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end,
+with the time rank 0 spent in the garbage collector during the measured steps (a full collection there moves
+a run by several ms per step).
 """
 
 from __future__ import annotations
@@ -28,13 +31,11 @@ import tempfile
 import time
 
 import torch
+from dlrm_setup import DENSE_FEATURES, TABLE_SIZES, RankSampler, dlrm_module, free_port, init_process_group
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import DENSE_FEATURES, TABLE_SIZES, _free_port, _init, _RankSampler, dlrm_module
+ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "throughput.py")
 
 WARMUP_STEPS = 5
-DRIFT_PERIOD = 16  # batches per drift phase of the synthetic stream
-VAL_BATCHES = 8
 
 
 def stream(args, num_batches: int, split_offset: int = 0):
@@ -42,8 +43,8 @@ def stream(args, num_batches: int, split_offset: int = 0):
 
     return SyntheticClickStream(
         num_batches=num_batches, batch_size=args.batch_size, num_embeddings_per_feature=TABLE_SIZES,
-        num_dense_features=DENSE_FEATURES, pooling_factor=args.pooling_factor, drift_period=DRIFT_PERIOD,
-        split_offset=split_offset,
+        num_dense_features=DENSE_FEATURES, pooling_factor=args.pooling_factor, drift_period=args.drift_period,
+        split_offset=split_offset, seed=args.seed,
     )  # fmt: skip
 
 
@@ -54,9 +55,24 @@ def sparse_config(args):
     return SparseOptimizerConfig(kind="rowwise_adagrad", lr=args.table_lr)
 
 
-def rank_batches(args, rank: int) -> list:
+def rank_batches(args, rank: int):
+    """Rank ``rank``'s training batches (2 ranks, interleaved): built before the timed runs, so that no step
+    waits for data; built when read in the AUC study (``--lazy``: hundreds of multi-hot batches do not fit)."""
     train = stream(args, 2 * args.steps)
+    if args.lazy:
+        return _Every2nd(train, rank)
     return [train[i] for i in range(rank, 2 * args.steps, 2)]
+
+
+class _Every2nd(torch.utils.data.Dataset):
+    def __init__(self, train, rank: int) -> None:
+        self.train, self.rank = train, rank
+
+    def __getitem__(self, index: int):
+        return self.train[self.rank + 2 * index]
+
+    def __len__(self) -> int:
+        return len(self.train) // 2
 
 
 # ------------------------------------------------------------------------------------- (a) Lightning
@@ -69,10 +85,10 @@ def run_lightning(args) -> None:
     class InMemory(pl.LightningDataModule):
         def train_dataloader(self):
             batches = rank_batches(args, self.trainer.global_rank)
-            return DataLoader(batches, batch_size=None, sampler=_RankSampler(args.steps))
+            return DataLoader(batches, batch_size=None, sampler=RankSampler(args.steps))
 
         def val_dataloader(self):
-            val = stream(args, VAL_BATCHES, split_offset=2 * args.steps)
+            val = stream(args, args.val_batches, split_offset=2 * args.steps)
             sampler = DistributedSampler(val, num_replicas=2, rank=self.trainer.global_rank, shuffle=False)
             return DataLoader(val, batch_size=None, sampler=sampler)
 
@@ -95,7 +111,7 @@ def run_lightning(args) -> None:
             if batch_idx == args.steps - 1:
                 _profile_stop(args, trainer.global_rank)
 
-    pl.seed_everything(0)
+    pl.seed_everything(args.seed)
     clock = Clock()
     clock.delay = None
     pipeline = {"kind": args.pipeline, **({"staleness": args.staleness} if args.pipeline == "hybrid" else {})}
@@ -177,7 +193,7 @@ def run_torchrec(rank: int, port: int, args) -> None:
     from lightning_sparse.distributed.planning import attach_fused_optimizers, plan_sharding, shard_model
     from lightning_sparse.distributed.routes import resolve_tables
 
-    _init(rank, port)
+    init_process_group(rank, port)
     torch.manual_seed(0)
     model = WithLoss(dlrm_module().dlrm)
     tables = resolve_tables(model, "cpu", ShardingType.TABLE_WISE, sparse_config(args), None)
@@ -186,7 +202,9 @@ def run_torchrec(rank: int, port: int, args) -> None:
     dmp = shard_model(model, plan, torch.device("cpu"), dist.group.WORLD)
     dense = [p for p in dmp.parameters() if not hasattr(p, "_in_backward_optimizers")]
     pipeline = TrainPipelineSparseDist(dmp, torch.optim.Adam(dense, lr=1e-3), torch.device("cpu"))
-    batches = iter(rank_batches(args, rank))
+    # The same loader as (a)'s (a DataLoader over the pre-built batches): both pay for reading them alike.
+    loader = torch.utils.data.DataLoader(rank_batches(args, rank), batch_size=None, sampler=RankSampler(args.steps))
+    batches = iter(loader)
     for i in range(args.steps):
         if i == WARMUP_STEPS:
             start = time.perf_counter()
@@ -204,9 +222,30 @@ def run_torchrec(rank: int, port: int, args) -> None:
 _PROFILER = None
 
 
+class _GcPauses:
+    """Seconds the garbage collector ran in this process while ``on`` (both contenders' measured steps)."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.on, self.seconds, self.collections, self._start = False, 0.0, 0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self.on:
+            self.seconds += time.perf_counter() - self._start
+            self.collections += info["generation"] == 2
+
+
+_GC = _GcPauses()
+
+
 def _profile_start(args, rank: int) -> None:
-    """--profile PATH: cProfile of rank 0's measured steps, written to PATH (pstats)."""
+    """The measured steps begin: GC pauses are counted; --profile PATH: cProfile of rank 0's, written to PATH."""
     global _PROFILER
+    _GC.on = True
     if args.profile and rank == 0:
         import cProfile
 
@@ -216,6 +255,7 @@ def _profile_start(args, rank: int) -> None:
 
 def _profile_stop(args, rank: int) -> None:
     global _PROFILER
+    _GC.on = False
     if _PROFILER is not None:
         _PROFILER.disable()
         _PROFILER.dump_stats(args.profile)
@@ -224,15 +264,25 @@ def _profile_stop(args, rank: int) -> None:
 
 def _write(path: str, steps_per_sec: float, auc: float, waited_ms: float = float("nan")) -> None:
     with open(path, "w") as f:
-        json.dump({"steps_per_sec": steps_per_sec, "auc": auc, "waited_ms": waited_ms}, f)
+        json.dump(
+            {
+                "steps_per_sec": steps_per_sec,
+                "auc": auc,
+                "waited_ms": waited_ms,
+                "gc_s": _GC.seconds,
+                "gc_full": _GC.collections,
+            },
+            f,
+        )
 
 
 def _run(variant: dict, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "r.json")
         cmd = [
-            sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+            sys.executable, ENTRY, "--pipelines", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--pooling-factor", str(args.pooling_factor), "--table-lr", str(args.table_lr), "--result", result,
+            "--val-batches", str(args.val_batches), "--drift-period", str(args.drift_period),
         ] + [f"--{k.replace('_', '-')}={v}" for k, v in variant.items()]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -255,13 +305,21 @@ def variants(staleness: int, delay_check: bool) -> dict[str, dict]:
         },
     }
     if delay_check:  # the same two without the delay: how much of it each one pays
-        out["none, no delay"] = {"variant": "lightning", "pipeline": "none"}
-        out[f"hybrid S={staleness}, no delay"] = {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness}
+        # with their AUCs, which show that the delay changes no number (it only sleeps; the order is the queue's)
+        out["none, no delay"] = {"variant": "lightning", "pipeline": "none", "auc": 1}
+        out[f"hybrid S={staleness}, no delay"] = {
+            "variant": "lightning",
+            "pipeline": "hybrid",
+            "staleness": staleness,
+            "auc": 1,
+        }
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="throughput.py --pipelines", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=40, help="steps per rank (the first 5 are warm-up)")
     parser.add_argument("--batch-size", type=int, default=2048, help="samples per rank per step")
     parser.add_argument("--pooling-factor", type=int, default=1, help="ids per feature per sample (1 = one-hot)")
@@ -269,10 +327,13 @@ def main() -> None:
     parser.add_argument("--table-lr", type=float, default=0.05, help="the tables' row-wise Adagrad lr, every variant")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the best is kept")
     parser.add_argument(
-        "--auc-only",
-        default=None,
-        help="e.g. 1,2,4: only validation AUC of none and hybrid with these staleness bounds, no delay",
+        "--auc-study", action="store_true", help="only validation AUC of none vs hybrid S per seed (--seeds), no delay"
     )
+    parser.add_argument("--seeds", default="0", help="--auc-study: seeds of the stream and the model, e.g. 0,1,2")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--lazy", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--drift-period", type=int, default=16, help="batches per drift phase of the stream (0: none)")
+    parser.add_argument("--val-batches", type=int, default=8, help="validation batches after the training stretch")
     parser.add_argument("--variant", choices=["lightning", "torchrec"], help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=4, help="staleness of the hybrid variant (part 2)")
@@ -282,14 +343,14 @@ def main() -> None:
     parser.add_argument(
         "--profile", default=None, help="with --variant: cProfile rank 0's measured steps into this file"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.variant == "lightning":
         return run_lightning(args)
     if args.variant == "torchrec":
-        return torch.multiprocessing.spawn(run_torchrec, args=(_free_port(), args), nprocs=2)
+        return torch.multiprocessing.spawn(run_torchrec, args=(free_port(), args), nprocs=2)
 
-    if args.auc_only:
-        return auc_only(args)
+    if args.auc_study:
+        return auc_study(args)
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name, variant in variants(args.staleness, args.delay_check).items():
@@ -305,13 +366,17 @@ def main() -> None:
         f"model: DLRM, {len(TABLE_SIZES)} tables ({sum(TABLE_SIZES):,} rows x 64), pooling factor {args.pooling_factor}, "
         f"batch {args.batch_size}/rank, {args.steps} steps ({WARMUP_STEPS} warm-up), best of {args.repeats}"
     )
-    print("\n| variant | steps/s | val AUC | ms/step waiting for the exchange |\n|---|---:|---:|---:|")
+    print(
+        "\n| variant | steps/s | val AUC | ms/step waiting for the exchange | GC: ms/step (full collections) |"
+        "\n|---|---:|---:|---:|---:|"
+    )
     for name, got in best.items():
         auc = f"{got['auc']:.4f}" if got["auc"] == got["auc"] else "-"
         waited = got.get("waited_ms", float("nan"))
         waited_text = f"{waited:.1f}" if waited == waited and name.endswith(", delay") else "-"
         print(
-            f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} | {waited_text} |"
+            f"| {name}{f' {args.delay_ms:g} ms' if name.endswith(', delay') else ''} | {got['steps_per_sec']:.2f} | {auc} "
+            f"| {waited_text} | {1000 * got['gc_s'] / (args.steps - WARMUP_STEPS):.1f} ({got['gc_full']}) |"
         )
     names = list(best)
     ab = best[names[0]]["steps_per_sec"] / best[names[1]]["steps_per_sec"]
@@ -329,19 +394,27 @@ def main() -> None:
         )
 
 
-def auc_only(args) -> None:
-    """Validation AUC after the same training samples: none vs hybrid with each staleness (deterministic runs)."""
-    base = _run({"variant": "lightning", "pipeline": "none", "auc": 1, "delay_ms": 0}, args)["auc"]
+def auc_study(args) -> None:
+    """Validation AUC after the same training samples, ``none`` vs ``hybrid`` S, for each seed of the stream and
+    of the model's initialisation (``--seeds``); no delay (it changes no number: see ``--delay-check``)."""
+    seeds = [int(s) for s in args.seeds.split(",")]
     print(
-        f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps, table lr {args.table_lr:g}, 2 processes"
+        f"model: DLRM, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, {args.steps} steps "
+        f"(x 2 ranks x {args.batch_size} = {2 * args.steps * args.batch_size:,} samples), table lr {args.table_lr:g}, "
+        f"drift period {args.drift_period} batches, validation: the {args.val_batches} batches after the training "
+        "stretch, 2 processes"
     )
-    print(f"\n| pipeline | val AUC | AUC - none |\n|---|---:|---:|\n| none | {base:.4f} | |")
-    for staleness in (int(s) for s in args.auc_only.split(",")):
-        auc = _run(
-            {"variant": "lightning", "pipeline": "hybrid", "staleness": staleness, "auc": 1, "delay_ms": 0}, args
-        )["auc"]
-        print(f"| hybrid S={staleness} | {auc:.4f} | {auc - base:+.4f} |")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"\n| seed | none | hybrid S={args.staleness} | AUC - none |\n|---:|---:|---:|---:|")
+    gaps = []
+    for seed in seeds:
+        common = {"variant": "lightning", "auc": 1, "delay_ms": 0, "seed": seed, "lazy": 1}
+        base = _run({**common, "pipeline": "none"}, args)["auc"]
+        auc = _run({**common, "pipeline": "hybrid", "staleness": args.staleness}, args)["auc"]
+        gaps.append(auc - base)
+        print(f"| {seed} | {base:.4f} | {auc:.4f} | {auc - base:+.4f} |", flush=True)
+    mean = sum(gaps) / len(gaps)
+    worst = max(abs(g) for g in gaps)
+    print(
+        f"\nmean AUC - none = {mean:+.4f}, largest |gap| {worst:.4f} over {len(gaps)} seeds   goal |gap| <= 0.005   "
+        f"{'met' if abs(mean) <= 0.005 else 'NOT met'} (mean), {'met' if worst <= 0.005 else 'NOT met'} (every seed)"
+    )
