@@ -190,6 +190,16 @@ def fill_chunks(rows: int, dim: int, chunk: int = 1 << 13):
         yield start, end, torch.randn(end - start, dim, generator=torch.Generator().manual_seed(start)) * 0.01
 
 
+def filled_store(rows: int, dim: int, slots: int, folder: str) -> tuple:
+    """The big table's memory-mapped store (weight and rowwise_adagrad's sum) filled with its initial rows, and an
+    empty scratchpad of ``slots`` rows."""
+    store = mmap_store({"weight": (rows, dim), "sum": (rows,)}, folder, "big")
+    for start, end, values in fill_chunks(rows, dim):
+        store.tensors["weight"][start:end] = values
+    store.flush()
+    return store, {"weight": torch.zeros(slots, dim), "sum": torch.zeros(slots)}
+
+
 def one_pass(args: argparse.Namespace) -> dict:
     """One timed pass of one contender, in a process of its own (``--one-pass ram|cached``): the cached one joins
     a cgroup limited to a quarter of the table's bytes before it allocates anything of the table."""
@@ -218,11 +228,7 @@ def one_pass(args: argparse.Namespace) -> dict:
     else:
         out["no_cgroup"] = why
     folder = tempfile.mkdtemp(prefix="lookahead_bench_", dir=args.folder)
-    store = mmap_store({"weight": (rows, dim), "sum": (rows,)}, folder, "big")
-    for start, end, values in fill_chunks(rows, dim):
-        store.tensors["weight"][start:end] = values
-    store.flush()
-    scratch = {"weight": torch.zeros(slots, dim), "sum": torch.zeros(slots)}
+    store, scratch = filled_store(rows, dim, slots, folder)
     table = CachedTable("big", rows, slots, scratch, store)
     if budget is not None and budget.version == 1:
         (budget.folder / "memory.max_usage_in_bytes").write_text("0")

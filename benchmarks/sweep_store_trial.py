@@ -32,10 +32,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import memory_budget  # benchmarks/, next to this script
 import numpy as np
 import torch
-from lookahead_cache import WARM_STEPS, Step, fill_chunks, stream
+from lookahead_cache import WARM_STEPS, Step, filled_store, stream
 from torch import Tensor
 
-from lightning_sparse.cache import mmap_store
 from lightning_sparse.cache.lookahead import LookaheadPlanner
 
 CHUNK = 1 << 15  # rows a sweep reads and writes at once
@@ -143,11 +142,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"no memory budget: {why} (run as root, or --no-budget)")
         budget.limit(table_bytes // 4)
     folder = tempfile.mkdtemp(prefix="sweep_trial_", dir=args.folder)
-    store = mmap_store({"weight": (rows, dim), "sum": (rows,)}, folder, "big")
-    for start, end, values in fill_chunks(rows, dim):
-        store.tensors["weight"][start:end] = values
-    store.flush()
-    scratch = {"weight": torch.zeros(slots, dim), "sum": torch.zeros(slots)}
+    store, scratch = filled_store(rows, dim, slots, folder)
     sweeps = SweepStore(store, scratch)
     planner = LookaheadPlanner(rows, slots)
     dirty = torch.zeros(slots, dtype=torch.bool)
