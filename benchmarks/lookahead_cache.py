@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_sparse.cache import WorkingSetTooLarge, mmap_store
-from lightning_sparse.cache.reference import belady_moves, fbgemm_lru_moves, lru_moves
+from lightning_sparse.cache.reference import belady_moves, fbgemm_lru_moves, lru_moves, schedule
 from lightning_sparse.cache.scratchpad import CachedTable
 from lightning_sparse.config import DEFAULT_HORIZON, SparseOptimizerConfig
 from lightning_sparse.optim import init_state_for, sparse_update_for
@@ -79,12 +79,12 @@ def ours(
     unique = [torch.unique(b) for b in batches]
     horizon = max(k, horizon)
     hits = lookups = moved = 0
-    for t, ids in enumerate(batches):
+    for t, plans in schedule(len(batches), k, horizon):
+        ids = batches[t]
         table.planner.retire(t - 1)
         loaded_now = 0
-        for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
-            ahead = [(s, unique[s]) for s in range(seq + 1, min(t + horizon, len(batches) - 1) + 1)]
-            moves = table.plan(seq, unique[seq], ahead)
+        for seq, later in plans:
+            moves = table.plan(seq, unique[seq], [(s, unique[s]) for s in later])
             if seq == t:
                 loaded_now = int(moves.load_rows.numel())
         table.mark_trained(ids)
@@ -233,14 +233,14 @@ def one_pass(args: argparse.Namespace) -> dict:
     if budget is not None and budget.version == 1:
         (budget.folder / "memory.max_usage_in_bytes").write_text("0")
     unique: dict[int, torch.Tensor] = {}
-    for t, ids in enumerate(batches):
+    for t, plans in schedule(len(batches), k, args.horizon):
+        ids = batches[t]
         if t == WARM_STEPS:
             begin = time.perf_counter()
             table.take_counters()
         table.wait()
         table.planner.retire(t - 1)
-        for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
-            later = range(seq + 1, min(t + args.horizon, len(batches) - 1) + 1)
+        for seq, later in plans:
             for s in later:  # each batch's rows once, when it is read (as CachedTables does)
                 if s not in unique:
                     unique[s] = torch.unique(batches[s])

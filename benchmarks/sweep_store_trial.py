@@ -36,6 +36,7 @@ from lookahead_cache import WARM_STEPS, Step, filled_store, stream
 from torch import Tensor
 
 from lightning_sparse.cache.lookahead import LookaheadPlanner
+from lightning_sparse.cache.reference import schedule
 
 CHUNK = 1 << 15  # rows a sweep reads and writes at once
 Rows = tuple[Tensor, dict[str, Tensor]]  # rows ascending, their values per tensor name
@@ -149,7 +150,8 @@ def run(args: argparse.Namespace) -> dict:
     copier, sweeper = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     copies: list[Future] = []
     sweeping: "Future | None" = None
-    for t, ids in enumerate(batches):
+    for t, plans in schedule(len(batches), k, horizon):
+        ids = batches[t]
         if t == WARM_STEPS:
             begin = time.perf_counter()
             sweeps.direct = sweeps.loads = 0
@@ -169,9 +171,8 @@ def run(args: argparse.Namespace) -> dict:
                 sweeping = sweeper.submit(sweeps.sweep, written, wanted)
                 if t == 0:
                     sweeping.result()
-        for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
-            ahead = [(s, unique[s]) for s in range(seq + 1, min(t + horizon, len(batches) - 1) + 1)]
-            moves = planner.push(seq, unique[seq], ahead)
+        for seq, later in plans:
+            moves = planner.push(seq, unique[seq], [(s, unique[s]) for s in later])
             back = dirty[moves.evict_slots]
             dirty[moves.load_slots] = False
             copies.append(

@@ -17,6 +17,7 @@ from lightning_sparse.cache.reference import (
     fbgemm_lru_moves,
     lookahead_moves,
     lru_moves,
+    schedule,
 )
 from lightning_sparse.cache.scratchpad import CachedTable
 from lightning_sparse.config import CacheConfig, ShardingType, SparseOptimizerConfig, TableConfig
@@ -39,10 +40,9 @@ def drive(planner, batches: list, k: int, horizon: int = 0) -> list:
     """The strategy's schedule: before step t, retire t - 1 and push batch t + k (batches 0..k at step 0), with
     the batches after it up to t + horizon as ``ahead`` (unique rows for the planner, as CachedTables passes)."""
     moves = []
-    for t in range(len(batches)):
+    for t, plans in schedule(len(batches), k, horizon):
         planner.retire(t - 1)
-        for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
-            later = range(seq + 1, min(t + horizon, len(batches) - 1) + 1)
+        for seq, later in plans:
             if isinstance(planner, LookaheadPlanner):
                 ahead = [(s, torch.unique(batches[s])) for s in later]
             else:
@@ -227,9 +227,10 @@ def test_scratchpad_training_is_bit_identical_to_the_full_table(tmp_path, kind, 
     table = CachedTable("t", rows, slots, scratch, store)
     batches = zipf_stream(20, rows, 5, seed=3, drift=5)
     g = torch.Generator().manual_seed(1)
-    for t, ids in enumerate(batches):
+    for t, plans in schedule(len(batches), k, 0):
+        ids = batches[t]
         table.planner.retire(t - 1)
-        for seq in range(0 if t == 0 else t + k, min(t + k, len(batches) - 1) + 1):
+        for seq, _ in plans:
             table.plan(seq, batches[seq])
         if t == 0:
             table.wait()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -88,6 +88,17 @@ class ReferencePlanner:
         self.window = [(s, b) for s, b in self.window if s > seq]
 
 
+def schedule(num_batches: int, lookahead: int, horizon: int) -> Iterator[tuple[int, list[tuple[int, range]]]]:
+    """CachedTables' planning schedule over a known list of ``num_batches`` batches (the twin, the tests and the
+    benchmarks replay it): before step ``t`` the planner retires batch ``t - 1`` (the caller does), then plans
+    batch ``t + lookahead`` (batches ``0 .. lookahead`` at step 0), each with the batches after it up to
+    ``t + horizon`` as ``ahead``. Yields ``(t, [(seq, its ahead batch numbers), ...])``."""
+    last = num_batches - 1
+    for t in range(num_batches):
+        seqs = range(0 if t == 0 else t + lookahead, min(t + lookahead, last) + 1)
+        yield t, [(seq, range(seq + 1, min(t + horizon, last) + 1)) for seq in seqs]
+
+
 def lookahead_moves(
     batches: Sequence[Sequence[int]],
     rows: int,
@@ -102,11 +113,10 @@ def lookahead_moves(
     planner = ReferencePlanner(rows, slots, score_decay)
     per_step = [0] * len(batches)
     dirty: set[int] = set()
-    for step in range(len(batches)):
+    for step, plans in schedule(len(batches), lookahead, horizon):
         planner.retire(step - 1)
-        for seq in range(step if step == 0 else step + lookahead, min(step + lookahead, len(batches) - 1) + 1):
-            ahead = [(s, batches[s]) for s in range(seq + 1, min(step + horizon, len(batches) - 1) + 1)]
-            loads, _, evicted, _ = planner.push(seq, batches[seq], ahead)
+        for seq, later in plans:
+            loads, _, evicted, _ = planner.push(seq, batches[seq], [(s, batches[s]) for s in later])
             per_step[step] += len(loads) + sum(1 for r in evicted if r in dirty)
             dirty -= set(evicted)
         dirty |= set(int(i) for i in batches[step])
