@@ -18,10 +18,11 @@ DENSE_ARCH = [256, 64]
 OVER_ARCH = [256, 128, 1]
 
 
-def dlrm_module():
+def dlrm_module(module_class=None):
+    """The benchmarks' DLRM: a ``DLRMModule``, or the given subclass of it."""
     from lightning_sparse.models import DLRMModule
 
-    return DLRMModule(
+    return (module_class or DLRMModule)(
         num_embeddings_per_feature=TABLE_SIZES,
         embedding_dim=EMBEDDING_DIM,
         num_dense_features=DENSE_FEATURES,

@@ -1,24 +1,30 @@
 """Pipelines (issue 14), run by ``benchmarks/throughput.py --pipelines``: side by side in one run, on 2 CPU gloo
 processes, the DLRM of benchmarks/throughput.py (``dlrm_setup.py``):
 
-1. For P = sparse_dist and none: (a) Lightning + SparseStrategy(pipeline=P) vs (b) a hand-written loop calling
-   TorchRec's TrainPipelineSparseDist.progress() (TrainPipelineBase.progress() for none) over the same model,
-   optimizers and pre-built batches, read through the same kind of DataLoader. Goal (a)/(b) >= 0.97. semi_sync
-   and hybrid have no (b): TrainPipelineSemiSync does not run on CPU as it is (strategies/pipelines.py says
-   why), and TorchRec has no hybrid pipeline.
+1. ``--ab-study``, for P = sparse_dist and none: (a) Lightning + SparseStrategy(pipeline=P) vs (b) a
+   hand-written loop calling TorchRec's TrainPipelineSparseDist.progress() (TrainPipelineBase.progress() for
+   none) over its own copy of the model, with the same optimizers, reading the same pre-built batches through
+   the same kind of DataLoader. Goal (a)/(b) >= 0.97. Both run in the same two processes, in alternating chunks
+   of steps (``run_interleaved``): separate runs of one contender spread by up to 25% on this VM, more than the
+   difference measured. (a) is run with the shipped DLRMModule (which also checks the batch and the loss and
+   logs the loss every step) and with a module doing only what (b)'s model does. Also printed: the fixed cost
+   per step of Lightning's own loop on this machine (``lightning_loop_cost``). semi_sync and hybrid have no (b):
+   TrainPipelineSemiSync does not run on CPU as it is (strategies/pipelines.py says why), and TorchRec has no
+   hybrid pipeline.
 2. hybrid: SparseStrategy(pipeline={kind: hybrid, staleness: 4}) vs pipeline "none", both through Lightning,
    with a fixed latency of --delay-ms per step in the embedding path, modelled as an asynchronous cross-node
    all-to-all (AsyncExchangeDelay: issued after the lookup, ready --delay-ms later, waited for by the forward
    that consumes it; several batches' exchanges may be in flight under hybrid). Goal >= 1.5x steps/s,
    and validation AUC on the drifting synthetic stream, after the same training samples, within 0.005.
 
+    python benchmarks/throughput.py --pipelines --ab-study --steps 200 [--batch-size 2048] [--repeats 2]  # part 1
     python benchmarks/throughput.py --pipelines [--steps 40] [--batch-size 2048] [--pooling-factor 1] [--repeats 2]
     python benchmarks/throughput.py --pipelines --delay-check ...  # also none and hybrid without the delay
     python benchmarks/throughput.py --pipelines --auc-study --seeds 0,1,2 --steps 600 ...  # AUC only, per seed
 
-Each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the end,
-with the time rank 0 spent in the garbage collector during the measured steps (a full collection there moves
-a run by several ms per step).
+In part 2 each variant runs in its own processes (best of --repeats, interleaved); the tables are printed at the
+end, with the time rank 0 spent in the garbage collector during the measured steps (a full collection there
+moves a run by several ms per step).
 """
 
 from __future__ import annotations
@@ -187,7 +193,10 @@ class WithLoss(torch.nn.Module):
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels), logits
 
 
-def run_torchrec(rank: int, port: int, args) -> None:
+def torchrec_pipeline(args, rank: int):
+    """(b): the DLRM (``WithLoss``), sharded by our planning code with the same fused row-wise Adagrad, Adam on
+    the dense part, driven by TorchRec's pipeline class for P (TrainPipelineBase for ``none``), and an iterator
+    over the same kind of DataLoader as (a)'s; on the default process group, which must exist."""
     import torch.distributed as dist
     from torchrec.distributed.train_pipeline.train_pipelines import TrainPipelineBase, TrainPipelineSparseDist
 
@@ -195,7 +204,6 @@ def run_torchrec(rank: int, port: int, args) -> None:
     from lightning_sparse.distributed.planning import attach_fused_optimizers, plan_sharding, shard_model
     from lightning_sparse.distributed.routes import resolve_tables
 
-    init_process_group(rank, port)
     torch.manual_seed(0)
     model = WithLoss(dlrm_module().dlrm)
     tables = resolve_tables(model, "cpu", ShardingType.TABLE_WISE, sparse_config(args), None)
@@ -207,7 +215,14 @@ def run_torchrec(rank: int, port: int, args) -> None:
     pipeline = kind(dmp, torch.optim.Adam(dense, lr=1e-3), torch.device("cpu"))
     # The same loader as (a)'s (a DataLoader over the pre-built batches): both pay for reading them alike.
     loader = torch.utils.data.DataLoader(rank_batches(args, rank), batch_size=None, sampler=RankSampler(args.steps))
-    batches = iter(loader)
+    return pipeline, iter(loader)
+
+
+def run_torchrec(rank: int, port: int, args) -> None:
+    import torch.distributed as dist
+
+    init_process_group(rank, port)
+    pipeline, batches = torchrec_pipeline(args, rank)
     for i in range(args.steps):
         if i == WARMUP_STEPS:
             start = time.perf_counter()
@@ -219,6 +234,92 @@ def run_torchrec(rank: int, port: int, args) -> None:
     if rank == 0:
         _write(args.result, (args.steps - WARMUP_STEPS) / seconds, float("nan"))
     dist.destroy_process_group()
+
+
+# ------------------------------------------------------------- (a) and (b) interleaved in the same processes
+def loss_only_module():
+    """The DLRM of (a) with a ``training_step`` that does what (b)'s ``WithLoss`` does and nothing more: forward,
+    binary cross-entropy, the loss returned. The shipped DLRMModule also checks the batch and the loss and calls
+    ``self.log`` every step, work (b) does not do; the interleaved comparison is run with both modules."""
+    from lightning_sparse.models import DLRMModule
+
+    class DLRMLossOnly(DLRMModule):
+        def training_step(self, batch, batch_idx):
+            logits = self(batch.dense_features, batch.sparse_features).reshape(-1)
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+
+    return dlrm_module(DLRMLossOnly)
+
+
+def run_interleaved(args) -> None:
+    """(a) and (b) in the same two processes, in alternating chunks of ``--chunk`` steps: Lightning trains
+    ``--chunk`` steps of (a); at the end of the last of them a callback runs ``--chunk`` ``progress()`` calls
+    of (b) (its own model, pipeline and loader, on the same process group); then Lightning goes on. (a)'s time
+    is measured from the end of the (b) chunk before to the ``on_train_batch_end`` of each of its steps, so it
+    holds all of Lightning's work between steps; (b)'s is the time of its ``progress()`` calls. Both see the
+    same machine at the same minutes, so a slow spell of the VM slows both alike (separate runs spread by up
+    to 25%). The first chunk of each is warm-up. Reports steps/s of each and the median of the chunk ratios."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_sparse import SparseStrategy
+
+    class InMemory(pl.LightningDataModule):
+        def train_dataloader(self):
+            batches = rank_batches(args, self.trainer.global_rank)
+            return DataLoader(batches, batch_size=None, sampler=RankSampler(args.steps))
+
+    class Interleave(pl.Callback):
+        def __init__(self) -> None:
+            self.a_chunks: list[float] = []
+            self.b_chunks: list[float] = []
+            self.a_seconds = 0.0
+
+        def on_fit_start(self, trainer, pl_module):
+            self.pipeline, self.batches = torchrec_pipeline(args, trainer.global_rank)
+            self.last = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.last is None:  # the first step of the first chunk: from its start
+                self.last = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            now = time.perf_counter()
+            self.a_seconds += now - self.last
+            self.last = now
+            if (batch_idx + 1) % args.chunk:
+                return
+            self.a_chunks.append(self.a_seconds)
+            start = time.perf_counter()
+            for _ in range(args.chunk):
+                self.pipeline.progress(self.batches)
+            self.b_chunks.append(time.perf_counter() - start)
+            self.a_seconds = 0.0
+            self.last = time.perf_counter()
+
+    pl.seed_everything(args.seed)
+    interleave = Interleave()
+    module = loss_only_module() if args.module == "loss-only" else dlrm_module()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[interleave],
+        strategy=SparseStrategy(sharding="table_wise", optimizer=sparse_config(args), pipeline={"kind": args.pipeline}),
+        limit_val_batches=0, use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(module, InMemory())
+    if trainer.is_global_zero:
+        a, b = interleave.a_chunks[1:], interleave.b_chunks[1:]  # the first chunk of each: warm-up
+        ratios = sorted(tb / ta for ta, tb in zip(a, b))  # (a) steps/s over (b) steps/s, per chunk pair
+        with open(args.result, "w") as f:
+            json.dump(
+                {
+                    "a_steps_per_sec": args.chunk * len(a) / sum(a),
+                    "b_steps_per_sec": args.chunk * len(b) / sum(b),
+                    "median_ratio": ratios[len(ratios) // 2],
+                    "ratios": ratios,
+                },
+                f,
+            )
 
 
 # ------------------------------------------------------------------------------------------ shared
@@ -279,7 +380,7 @@ def _write(path: str, steps_per_sec: float, auc: float, waited_ms: float = float
         )
 
 
-def _run(variant: dict, args) -> dict:
+def _run(variant: dict, args, attempts: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "r.json")
         cmd = [
@@ -288,19 +389,28 @@ def _run(variant: dict, args) -> dict:
             "--val-batches", str(args.val_batches), "--drift-period", str(args.drift_period),
         ] + [f"--{k.replace('_', '-')}={v}" for k, v in variant.items()]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
-        with open(result) as f:
-            return json.load(f)
+        for _ in range(attempts):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode == 0:
+                with open(result) as f:
+                    return json.load(f)
+            key = json.dumps(variant, sort_keys=True)
+            CRASHES[key] = CRASHES.get(key, 0) + 1
+        raise RuntimeError(f"{variant} failed {attempts} times:\n{proc.stderr[-4000:]}")
+
+
+# Runs that failed and were run again (printed with the tables): one interleaved run at 256 samples per rank
+# exited with "terminate called without an active exception" after `Trainer.fit` had finished, once in ~20.
+CRASHES: dict[str, int] = {}
+
+
+def print_crashes() -> None:
+    for key, count in CRASHES.items():
+        print(f"note: {key} failed {count} time(s) and was run again")
 
 
 def variants(staleness: int, delay_check: bool) -> dict[str, dict]:
     out = {
-        "(a) Lightning + SparseStrategy(pipeline=sparse_dist)": {"variant": "lightning", "pipeline": "sparse_dist"},
-        "(b) TorchRec TrainPipelineSparseDist.progress loop": {"variant": "torchrec", "pipeline": "sparse_dist"},
-        "(a) Lightning + SparseStrategy(pipeline=none)": {"variant": "lightning", "pipeline": "none"},
-        "(b) TorchRec TrainPipelineBase.progress loop": {"variant": "torchrec", "pipeline": "none"},
         "none, delay": {"variant": "lightning", "pipeline": "none", "auc": 1},
         f"hybrid S={staleness}, delay": {
             "variant": "lightning",
@@ -334,12 +444,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--auc-study", action="store_true", help="only validation AUC of none vs hybrid S per seed (--seeds), no delay"
     )
+    parser.add_argument(
+        "--ab-study", action="store_true", help="only (a)/(b) for P = sparse_dist and none, interleaved (part 1)"
+    )
     parser.add_argument("--seeds", default="0", help="--auc-study: seeds of the stream and the model, e.g. 0,1,2")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--lazy", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--drift-period", type=int, default=16, help="batches per drift phase of the stream (0: none)")
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches after the training stretch")
-    parser.add_argument("--variant", choices=["lightning", "torchrec"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["lightning", "torchrec", "interleaved"], help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, default=10, help="steps per chunk of the interleaved (a)/(b) runs")
+    parser.add_argument("--module", choices=["shipped", "loss-only"], default="shipped", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=4, help="staleness of the hybrid variant (part 2)")
     parser.add_argument("--delay-check", action="store_true", help="also none and hybrid without the delay (part 2)")
@@ -351,11 +466,15 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.variant == "lightning":
         return run_lightning(args)
+    if args.variant == "interleaved":
+        return run_interleaved(args)
     if args.variant == "torchrec":
         return torch.multiprocessing.spawn(run_torchrec, args=(free_port(), args), nprocs=2)
 
     if args.auc_study:
         return auc_study(args)
+    if args.ab_study:
+        return ab_study(args)
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name, variant in variants(args.staleness, args.delay_check).items():
@@ -388,13 +507,12 @@ def main(argv: list[str]) -> None:
     speedup = rate[hybrid] / rate[none]
     auc_gap = abs(best[hybrid]["auc"] - best[none]["auc"])
     print()
-    for kind, loop in (("sparse_dist", "TrainPipelineSparseDist"), ("none", "TrainPipelineBase")):
-        ab = rate[f"(a) Lightning + SparseStrategy(pipeline={kind})"] / rate[f"(b) TorchRec {loop}.progress loop"]
-        print(f"(a)/(b), P = {kind}: {ab:.3f}   goal >= 0.97   {'met' if ab >= 0.97 else 'NOT met'}")
     print(
         f"hybrid S={args.staleness} / none = {speedup:.2f}x   goal >= 1.5    {'met' if speedup >= 1.5 else 'NOT met'}"
     )
+    print_crashes()
     print(f"|AUC gap| = {auc_gap:.4f} after these steps (the goal is measured by --auc-study, after learning)")
+    print("(a)/(b) for P = sparse_dist and none: --ab-study (both in the same processes, interleaved)")
     if args.delay_check:
         ms = [1000 / rate[name] for name in (none, hybrid, "none, no delay", f"hybrid S={args.staleness}, no delay")]
         print(
@@ -426,3 +544,101 @@ def auc_study(args) -> None:
         f"\nmean AUC - none = {mean:+.4f}, largest |gap| {worst:.4f} over {len(gaps)} seeds   goal |gap| <= 0.005   "
         f"{'met' if abs(mean) <= 0.005 else 'NOT met'} (mean), {'met' if worst <= 0.005 else 'NOT met'} (every seed)"
     )
+
+
+# ------------------------------------------------------------------------------------ (a)/(b), part 1
+_LOOPS = {"sparse_dist": "TrainPipelineSparseDist", "none": "TrainPipelineBase"}
+_MODULES = {"shipped": "DLRMModule as shipped", "loss-only": "loss only, as (b)"}
+
+
+def ab_study(args) -> None:
+    """(a)/(b) for P = sparse_dist and none, each with the shipped DLRMModule and with a module doing only what
+    (b)'s model does (``loss_only_module``), ``--repeats`` interleaved runs each (``run_interleaved``)."""
+    rows = []
+    for _ in range(args.repeats):
+        for kind in _LOOPS:
+            for module in _MODULES:
+                got = _run({"variant": "interleaved", "pipeline": kind, "module": module, "chunk": args.chunk}, args)
+                rows.append((kind, module, got))
+    lightning_ms, plain_ms = lightning_loop_cost()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+        f"torch {torch.__version__}, 2 gloo processes"
+    )
+    print(
+        f"model: DLRM, {len(TABLE_SIZES)} tables, pooling factor {args.pooling_factor}, batch {args.batch_size}/rank, "
+        f"{args.steps} steps of (a) and {args.steps} of (b) per run, in alternating chunks of {args.chunk} "
+        "(the first chunk of each is warm-up)"
+    )
+    print(
+        "\n| P | (a)'s module | (a) steps/s | (b) TorchRec loop | (b) steps/s | (a)/(b) | median of chunk ratios |"
+        "\n|---|---|---:|---|---:|---:|---:|"
+    )
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for kind, module, got in rows:
+        ratio = got["a_steps_per_sec"] / got["b_steps_per_sec"]
+        ratios.setdefault((kind, module), []).append(ratio)
+        print(
+            f"| {kind} | {_MODULES[module]} | {got['a_steps_per_sec']:.2f} | {_LOOPS[kind]}.progress | "
+            f"{got['b_steps_per_sec']:.2f} | {ratio:.3f} | {got['median_ratio']:.3f} |"
+        )
+    print()
+    for (kind, module), values in ratios.items():
+        mean = sum(values) / len(values)
+        print(
+            f"(a)/(b), P = {kind}, {_MODULES[module]}: mean {mean:.3f} over {len(values)} run(s)   goal >= 0.97   "
+            f"{'met' if mean >= 0.97 else 'NOT met'}"
+        )
+    print_crashes()
+    print(
+        f"Lightning's own loop on this machine (1 process, a 4-to-1 linear model): {lightning_ms:.3f} ms/step, "
+        f"a hand-written loop {plain_ms:.3f} ms/step: {lightning_ms - plain_ms:.3f} ms/step that every "
+        "Lightning run pays"
+    )
+
+
+def lightning_loop_cost(steps: int = 2000) -> tuple[float, float]:
+    """ms/step of Lightning's training loop and of a hand-written loop over the same tiny model and batches, in
+    this process: the fixed cost per step that (a) pays whatever the strategy (next to (b)'s step time)."""
+    import lightning.pytorch as pl
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == steps // 10:
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.end = time.perf_counter()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = [torch.randn(8, 4) for _ in range(steps)]
+    measured = steps - steps // 10
+    clock = Clock()
+    pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+    ).fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=None))  # fmt: skip
+    lightning_ms = 1000 * (clock.end - clock.start) / measured
+    model = Tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for i, batch in enumerate(torch.utils.data.DataLoader(data, batch_size=None)):
+        if i == steps // 10:
+            start = time.perf_counter()
+        optimizer.zero_grad()
+        model.training_step(batch, i).backward()
+        optimizer.step()
+    plain_ms = 1000 * (time.perf_counter() - start) / measured
+    torch.set_num_threads(threads)
+    return lightning_ms, plain_ms
