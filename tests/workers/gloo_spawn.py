@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from leave import leave_and_exit
 
 
 def _free_port() -> int:
@@ -19,9 +20,13 @@ def _run(rank: int, world_size: int, port: int, fn: Callable[..., None], args: t
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, *args)
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # A rank that finished: the same ending as the Lightning-launched workers (see leave.py). A plain return
+    # let the interpreter's finalisation abort a finished rank now and then ("terminate called without an
+    # active exception", SIGABRT: CI of 2026-11-30, test_meta_tables, after the results were written).
+    leave_and_exit()
 
 
 def spawn_gloo(fn: Callable[..., None], world_size: int, *args: Any) -> None:
