@@ -72,6 +72,11 @@ def rank_batches(args, rank: int):
     return [train[i] for i in range(rank, 2 * args.steps, 2)]
 
 
+def train_loader(args, rank: int) -> torch.utils.data.DataLoader:
+    """Rank ``rank``'s training loader, the same for (a) and (b): its batches in order, one per step."""
+    return torch.utils.data.DataLoader(rank_batches(args, rank), batch_size=None, sampler=RankSampler(args.steps))
+
+
 class _Every2nd(torch.utils.data.Dataset):
     def __init__(self, train, rank: int) -> None:
         self.train, self.rank = train, rank
@@ -92,8 +97,7 @@ def run_lightning(args) -> None:
 
     class InMemory(pl.LightningDataModule):
         def train_dataloader(self):
-            batches = rank_batches(args, self.trainer.global_rank)
-            return DataLoader(batches, batch_size=None, sampler=RankSampler(args.steps))
+            return train_loader(args, self.trainer.global_rank)
 
         def val_dataloader(self):
             val = stream(args, args.val_batches, split_offset=2 * args.steps)
@@ -214,8 +218,7 @@ def torchrec_pipeline(args, rank: int):
     kind = TrainPipelineBase if args.pipeline == "none" else TrainPipelineSparseDist  # (b) of each P
     pipeline = kind(dmp, torch.optim.Adam(dense, lr=1e-3), torch.device("cpu"))
     # The same loader as (a)'s (a DataLoader over the pre-built batches): both pay for reading them alike.
-    loader = torch.utils.data.DataLoader(rank_batches(args, rank), batch_size=None, sampler=RankSampler(args.steps))
-    return pipeline, iter(loader)
+    return pipeline, iter(train_loader(args, rank))
 
 
 def run_torchrec(rank: int, port: int, args) -> None:
@@ -260,14 +263,12 @@ def run_interleaved(args) -> None:
     same machine at the same minutes, so a slow spell of the VM slows both alike (separate runs spread by up
     to 25%). The first chunk of each is warm-up. Reports steps/s of each and the median of the chunk ratios."""
     import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
 
     from lightning_sparse import SparseStrategy
 
     class InMemory(pl.LightningDataModule):
         def train_dataloader(self):
-            batches = rank_batches(args, self.trainer.global_rank)
-            return DataLoader(batches, batch_size=None, sampler=RankSampler(args.steps))
+            return train_loader(args, self.trainer.global_rank)
 
     class Interleave(pl.Callback):
         def __init__(self) -> None:
